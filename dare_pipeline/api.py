@@ -1,0 +1,111 @@
+"""The Python entry points: `Pipeline` (a model plus a recipe) and `generate`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import attrs
+import torch
+
+from .loop import denoise
+from .recipe import Recipe
+from .registry import make_manager
+
+
+@attrs.define
+class GenerationOutput:
+    sequences: list[list[int]]  # prompt + answer token ids per prompt (no padding)
+    answers: list[list[int]]  # answer token ids, cut before the first stop token
+    text: list[str] | None  # decoded answers cut at stop strings (None without a tokenizer)
+    stats: object  # stats.GenerationStats
+    unmask_step: list[list[int]]  # per prompt, per answer position: forward after which it was committed
+
+    def to_dict(self) -> dict:
+        return {"sequences": self.sequences, "answers": self.answers, "text": self.text,
+                "unmask_step": self.unmask_step, "stats": self.stats.to_dict()}
+
+
+def _as_recipe(recipe) -> Recipe:
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, dict):
+        return Recipe.from_dict(recipe)
+    return Recipe.from_yaml(Path(recipe))
+
+
+class Pipeline:
+    """A loaded model with a recipe's plugin stack; `generate` may be called any number of times."""
+
+    def __init__(self, model, recipe):
+        self.model = model
+        self.recipe = _as_recipe(recipe)
+        self.plugins = self.recipe.instantiate_plugins()
+        self.manager = make_manager(self.plugins)
+
+    @classmethod
+    def from_recipe(cls, recipe, model_path: str | None = None) -> "Pipeline":
+        from .models import load_model
+
+        recipe = _as_recipe(recipe)
+        return cls(load_model(model_path or recipe.model, dtype=recipe.dtype, device=recipe.device), recipe)
+
+    def encode(self, prompts, chat: bool = False) -> list[list[int]]:
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        ids = []
+        tok = self.model.tokenizer
+        for p in prompts:
+            if isinstance(p, str):
+                if tok is None:
+                    raise ValueError(f"{self.model.source}: this checkpoint has no tokenizer; pass token ids")
+                if chat:
+                    p = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                                tokenize=False)
+                ids.append(tok(p, add_special_tokens=False)["input_ids"])
+            else:
+                ids.append([int(t) for t in p])
+        if not ids or any(len(p) == 0 for p in ids):
+            raise ValueError("every prompt needs at least one token")
+        return ids
+
+    def generate(self, prompts, chat: bool = False, **generation_overrides) -> GenerationOutput:
+        """Decode one prompt or a batch (strings or token id lists) as one batch."""
+        gen = self.recipe.generation
+        if generation_overrides:
+            gen = attrs.evolve(gen, **generation_overrides)
+        ids = self.encode(prompts, chat)
+        cfg = self.model.config
+        longest = max(len(p) for p in ids)
+        if longest + gen.gen_length > cfg.max_sequence_length:
+            raise ValueError(f"prompt of {longest} tokens + gen_length {gen.gen_length} exceeds the model's "
+                             f"max_sequence_length {cfg.max_sequence_length}")
+        with torch.inference_mode():
+            state = denoise(self.model, ids, gen, self.manager.hook)
+        return self._output(state, ids, gen)
+
+    def _output(self, state, ids, gen) -> GenerationOutput:
+        stops = set(self.model.config.stop_token_ids)
+        canvas = state.x[:, state.prompt_end:].tolist()
+        answers = []
+        for row in canvas:
+            cut = next((i for i, t in enumerate(row) if t in stops), len(row))
+            answers.append(row[:cut])
+        state.stats.generated_tokens = [len(a) for a in answers]
+        tok = self.model.tokenizer
+        text = None
+        if tok is not None:
+            text = [_cut_at_stop(tok.decode(a, skip_special_tokens=True), gen.stop) for a in answers]
+        return GenerationOutput(sequences=[p + row for p, row in zip(ids, canvas)], answers=answers, text=text,
+                                stats=state.stats, unmask_step=state.unmask_step.tolist())
+
+
+def _cut_at_stop(text: str, stops) -> str:
+    for s in stops:
+        if s and s in text:
+            text = text[: text.index(s)]
+    return text
+
+
+def generate(model, prompts, recipe, **generation_overrides) -> GenerationOutput:
+    """One-shot: build a Pipeline for `recipe` (a Recipe, a dict or a YAML path) and decode `prompts`."""
+    return Pipeline(model, recipe).generate(prompts, **generation_overrides)

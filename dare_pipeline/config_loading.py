@@ -1,0 +1,115 @@
+"""Strict conversion of plain YAML data into attrs classes, with errors that name the key path.
+
+Written here rather than taken from cattrs because every message must carry the file, the dotted
+key path, the bad value and what is allowed (the allowed keys for an unknown key, the allowed
+choices for a bad choice); cattrs' grouped exceptions do not list allowed keys.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+
+import attrs
+
+
+class ConfigError(ValueError):
+    """Bad configuration; the message names the source file, the key path and the value."""
+
+
+def _describe(tp) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def convert(tp, value, path: str, source: str):
+    """`value` converted to annotation `tp`, or a ConfigError naming `path`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return convert(arg, value, path, source)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise errors[0]
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: {path} = {value!r}: expected a list")
+        (item,) = typing.get_args(tp)[:1] or (typing.Any,)
+        return tuple(convert(item, v, f"{path}[{i}]", source) for i, v in enumerate(value))
+    if attrs.has(tp):
+        return structure(tp, value, path, source)
+    if tp is typing.Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is dict:
+        if isinstance(value, dict):
+            return value
+    else:
+        return value
+    raise ConfigError(f"{source}: {path} = {value!r}: expected {_describe(tp)}, got {type(value).__name__}")
+
+
+def structure(cls, data, path: str, source: str):
+    """An instance of attrs class `cls` from mapping `data`; unknown keys and bad values are errors."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: {path or 'top level'}: expected a mapping, got {type(data).__name__} {data!r}")
+    attrs.resolve_types(cls)
+    fields = {f.name: f for f in attrs.fields(cls) if f.init}
+    prefix = f"{path}." if path else ""
+    for key in data:
+        if key not in fields:
+            raise ConfigError(f"{source}: {prefix}{key}: unknown key; allowed keys: {sorted(fields)}")
+    kwargs = {k: convert(fields[k].type, v, f"{prefix}{k}", source) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{source}: {path or 'top level'}: {exc}") from exc
+
+
+def choice(*allowed):
+    """attrs validator: the value is one of `allowed`."""
+
+    def check(instance, attribute, value):
+        if value not in allowed:
+            raise ValueError(f"{attribute.name} = {value!r}: allowed values: {list(allowed)}")
+
+    return check
+
+
+def at_least(bound, strict: bool = False):
+    """attrs validator: value >= bound (> bound when strict); None passes."""
+
+    def check(instance, attribute, value):
+        if value is None:
+            return
+        if value < bound or (strict and value == bound):
+            raise ValueError(f"{attribute.name} = {value!r}: must be {'>' if strict else '>='} {bound}")
+
+    return check
+
+
+def in_range(low, high):
+    """attrs validator: low <= value <= high."""
+
+    def check(instance, attribute, value):
+        if not low <= value <= high:
+            raise ValueError(f"{attribute.name} = {value!r}: must be between {low} and {high}")
+
+    return check

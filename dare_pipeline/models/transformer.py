@@ -1,0 +1,243 @@
+"""The bidirectional transformer behind LLaDA and Dream, written so rows can be computed selectively.
+
+Two entry points:
+- `forward(input_ids, attention_mask)`: every row, every layer; returns raw logits (B, L, V).
+  For Dream these are NOT shifted: row i is the model output at position i, which predicts token
+  i+1 (the decoding loop applies the shift through `prediction_rows`).
+- `forward_rows(...)`: the decoding loop's call. Only the fed columns enter the model; attention
+  reads keys/values from the activation store (full canvas length) after the fed rows' fresh K/V
+  are written into it; reuse objects may skip work per layer and per row (see reuse.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..reuse import LayerCall, ReuseSet
+from ..store import ATTN_OUT, FFN_OUT, ActivationStore
+from .config import ModelConfig
+from .rope import apply_rope, rope_cos_sin
+
+# Columns of the per-layer row counters (see stats.py).
+COUNT_Q, COUNT_KV, COUNT_ATTN, COUNT_FFN = range(4)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # float32 statistics whatever the model dtype, cast back before the gain (as both references)
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class TransformerLayer(nn.Module):
+    """Pre-norm attention + SwiGLU block; each sub-operation is a public method reuse code can call."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, hd = cfg.d_model, cfg.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, hd
+        self.attn_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.q_proj = nn.Linear(d, cfg.n_heads * hd, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(d, cfg.n_kv_heads * hd, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(d, cfg.n_kv_heads * hd, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_heads * hd, d, bias=False)
+        self.ffn_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.gate_proj = nn.Linear(d, cfg.ffn_hidden, bias=False)
+        self.up_proj = nn.Linear(d, cfg.ffn_hidden, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_hidden, d, bias=False)
+
+    def _heads(self, t: torch.Tensor, heads: int) -> torch.Tensor:
+        b, n, _ = t.shape
+        return t.view(b, n, heads, self.head_dim).transpose(1, 2)
+
+    def project_q(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotated queries (B, heads, n, hd) from normed rows h (B, n, d)."""
+        return apply_rope(self._heads(self.q_proj(h), self.n_heads), cos, sin)
+
+    def project_v(self, h: torch.Tensor) -> torch.Tensor:
+        """Values (B, kv_heads, n, hd): no rotation, so they can be compared across steps directly."""
+        return self._heads(self.v_proj(h), self.n_kv_heads)
+
+    def project_kv(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotated keys and values (B, kv_heads, n, hd)."""
+        return apply_rope(self._heads(self.k_proj(h), self.n_kv_heads), cos, sin), self.project_v(h)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention rows for queries q over keys k/v, through the output projection: (B, n, d)."""
+        rep = self.n_heads // self.n_kv_heads
+        if rep > 1:  # head j reads kv head j // rep (the references' repeat_kv layout)
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        mask = None if key_mask is None else key_mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        b, _, n, _ = out.shape
+        return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
+
+    def ffn(self, x: torch.Tensor) -> torch.Tensor:
+        """The feed-forward block's residual delta for residual rows x."""
+        h = self.ffn_norm(x)
+        return self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+
+    def forward(self, x, cos, sin, key_mask):
+        h = self.attn_norm(x)
+        q = self.project_q(h, cos, sin)
+        k, v = self.project_kv(h, cos, sin)
+        x = x + self.attend(q, k, v, key_mask)
+        return x + self.ffn(x)
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """RoPE positions for left-padded rows: the first real token is position 0."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _pick(mask: torch.Tensor) -> torch.Tensor:
+    """Indices of rows that at least one batch element needs (computed once for the whole batch)."""
+    return mask.any(0).nonzero().squeeze(1)
+
+
+class DiffusionTransformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.embedding_size, cfg.d_model)
+        self.layers = nn.ModuleList(TransformerLayer(cfg) for _ in range(cfg.n_layers))
+        self.final_norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.embedding_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    def _rope(self, positions):
+        return rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.final_norm(x))[..., : self.config.vocab_size]
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Raw logits (B, L, vocab) of every row; attention_mask (B, L), 1 = real token, 0 = padding."""
+        key_mask = None
+        if attention_mask is not None:
+            attention_mask = attention_mask.bool()
+            key_mask = None if bool(attention_mask.all()) else attention_mask
+        if position_ids is None:
+            position_ids = (positions_from_mask(attention_mask) if attention_mask is not None
+                            else torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids))
+        cos, sin = self._rope(position_ids)
+        x = self.embed(input_ids)
+        for layer in self.layers:
+            x = layer(x, cos, sin, key_mask)
+        return self._head(x)
+
+    def new_store(self, batch: int, length: int) -> ActivationStore:
+        c = self.config
+        return ActivationStore(c.n_layers, batch, length, c.n_kv_heads, c.head_dim, self.device, self.dtype)
+
+    @torch.no_grad()
+    def forward_rows(self, tokens: torch.Tensor, fed: slice, positions: torch.Tensor, key_mask: torch.Tensor | None,
+                     store: ActivationStore | None, reuse: ReuseSet, head_rows: torch.Tensor | None = None,
+                     counters: torch.Tensor | None = None, refresh: bool = False, step: int = 0) -> torch.Tensor:
+        """Logits (B, r, V) for the fed canvas columns `fed`.
+
+        tokens: (B, n) token ids of the fed columns; positions, key_mask: (B, L) over the whole canvas.
+        store: None only when every column is fed and no reuse object is active (plain forward).
+        head_rows: fed-relative row indices whose logits are wanted (None = all fed rows).
+        counters: (n_layers, 4) long tensor, incremented by the rows computed per sub-operation.
+        """
+        cos, sin = self._rope(positions[:, fed])
+        x = self.embed(tokens)
+        n = x.shape[1]
+        for i, layer in enumerate(self.layers):
+            if store is None:
+                x = layer(x, cos, sin, key_mask)
+                if counters is not None:
+                    counters[i] += x.shape[0] * n
+                continue
+            call = LayerCall(layer=i, module=layer, store=store, fed=fed, tokens=tokens, refresh=refresh, step=step)
+            x = self._layer_rows(layer, call, x, cos, sin, key_mask, reuse, counters)
+        if head_rows is not None:
+            x = x[:, head_rows]
+        return self._head(x)
+
+    def _layer_rows(self, layer, call, x, cos, sin, key_mask, reuse: ReuseSet, counters):
+        """One layer over the fed rows with the store as key/value source; see module docstring."""
+        i, store, fed = call.layer, call.store, call.fed
+        batch, n = x.shape[:2]
+        fed_cols = torch.arange(fed.start, fed.stop, device=x.device)
+
+        # 1. which rows run this layer (the rest add cached deltas at the end)
+        run = reuse.layer_rows(call, x)
+        if run is None:
+            idx, xa, cols, run_sub, cos_a, sin_a = None, x, fed_cols, None, cos, sin
+        else:
+            idx = _pick(run)
+            xa, cols, run_sub = x[:, idx], fed_cols[idx], run[:, idx]
+            cos_a, sin_a = cos[:, :, idx], sin[:, :, idx]
+        call.active = cols
+        h = layer.attn_norm(xa)
+        q = layer.project_q(h, cos_a, sin_a)
+
+        # 2. keys and values: recompute the chosen rows, write them into the store, attend over it
+        kv = reuse.kv_rows(call, q)
+        if kv is None:
+            k, v = layer.project_kv(h, cos_a, sin_a)
+            store.write_kv(i, cols, k, v, run_sub)
+            kv_count = _count(run_sub, batch, cols.numel())
+        else:
+            if run_sub is not None:
+                kv = kv & run_sub
+            sel = _pick(kv)
+            k, v = layer.project_kv(h[:, sel], cos_a[:, :, sel], sin_a[:, :, sel])
+            store.write_kv(i, cols[sel], k, v, kv[:, sel])
+            kv_count = kv.sum()
+
+        # 3. attention rows: recompute the chosen rows, take the cached delta for the rest
+        attn = reuse.attn_rows(call, q)
+        if attn is None:
+            delta = layer.attend(q, store.keys(i), store.values(i), key_mask)
+            attn_count = _count(run_sub, batch, cols.numel())
+        else:
+            if run_sub is not None:
+                attn = attn & run_sub
+            sel = _pick(attn)
+            delta = store.read(ATTN_OUT, i, cols).clone()
+            fresh = layer.attend(q[:, :, sel], store.keys(i), store.values(i), key_mask)
+            delta[:, sel] = torch.where(attn[:, sel, None], fresh, delta[:, sel])
+            attn_count = attn.sum()
+        if store.tracks(ATTN_OUT):
+            store.write(ATTN_OUT, i, cols, delta, run_sub)
+        xa = xa + delta
+
+        # 4. feed-forward for every running row
+        f = layer.ffn(xa)
+        if store.tracks(FFN_OUT):
+            store.write(FFN_OUT, i, cols, f, run_sub)
+        xa = xa + f
+        if counters is not None:
+            q_count = _count(run_sub, batch, cols.numel())
+            counters[i] += torch.stack([torch.as_tensor(c, device=counters.device)
+                                        for c in (q_count, kv_count, attn_count, q_count)])
+        if idx is None:
+            return xa
+        out = x + store.read(ATTN_OUT, i, fed) + store.read(FFN_OUT, i, fed)
+        out[:, idx] = torch.where(run_sub[..., None], xa, out[:, idx])
+        return out
+
+
+def _count(mask: torch.Tensor | None, batch: int, rows: int):
+    return batch * rows if mask is None else mask.sum()

@@ -1,0 +1,19 @@
+"""ForwardPlan: which canvas columns enter the model at one step (the row feeder's decision)."""
+
+from __future__ import annotations
+
+import attrs
+
+
+@attrs.frozen
+class ForwardPlan:
+    # contiguous absolute canvas columns fed to the model; attention still spans the whole canvas
+    # through the activation store
+    fed: slice
+    # every cached row is recomputed by this forward (a cache refresh); reuse objects must not
+    # serve cached rows at a refresh
+    refresh: bool = False
+
+    @classmethod
+    def full(cls, length: int, refresh: bool = True) -> "ForwardPlan":
+        return cls(fed=slice(0, length), refresh=refresh)

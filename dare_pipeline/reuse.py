@@ -1,0 +1,88 @@
+"""Layer-level reuse: objects a plugin hands over once per generation, called by the model directly.
+
+Per layer and per forward the model asks three questions, each answered by at most one object:
+
+  layer_rows(call, x)  which fed rows run this layer at all; the others add their cached attention
+                       and FFN deltas to the (fresh) residual stream          (dLLM-Cache)
+  kv_rows(call, q)     which running rows recompute K and V; the others keep the cached rows (DARE-KV)
+  attn_rows(call, q)   which running rows recompute their attention row and output projection; the
+                       others add the cached attention delta                   (DARE-O)
+
+Each answer is a bool mask (B, rows) or None for "all". Asking per layer through pluggy would cost
+microseconds per call on a hot path; these are plain method calls.
+"""
+
+from __future__ import annotations
+
+import attrs
+import torch
+
+from .store import ActivationStore
+
+DECISIONS = ("layer_rows", "kv_rows", "attn_rows")
+
+
+@attrs.define(slots=True)
+class LayerCall:
+    """What a reuse object sees at one layer of one forward."""
+
+    layer: int
+    module: torch.nn.Module  # the TransformerLayer: its norms and projections are public
+    store: ActivationStore
+    fed: slice  # absolute canvas columns fed to this forward
+    tokens: torch.Tensor  # (B, n) token ids of the fed rows
+    refresh: bool  # the row feeder declared this forward a full cache refresh
+    step: int  # decoding step (0-based, counted over the whole generation)
+    # absolute columns of the rows that run this layer (set by the model after layer_rows)
+    active: torch.Tensor | None = None
+
+
+class LayerReuse:
+    """Base class: override the decisions you own and list them in `decisions`."""
+
+    decisions: frozenset[str] = frozenset()
+    # store fields (store.ATTN_OUT, store.FFN_OUT) the core must keep written for this object
+    fields: frozenset[str] = frozenset()
+
+    def layer_rows(self, call: LayerCall, x: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    def kv_rows(self, call: LayerCall, q: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    def attn_rows(self, call: LayerCall, q: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+
+class ReuseSet:
+    """The reuse objects of one generation, with each decision routed to its single owner."""
+
+    def __init__(self, objects: list[LayerReuse]):
+        self.objects = list(objects)
+        owners: dict[str, LayerReuse] = {}
+        for obj in self.objects:
+            unknown = set(obj.decisions) - set(DECISIONS)
+            if unknown:
+                raise ValueError(f"{type(obj).__name__} claims unknown decisions {sorted(unknown)}; known: {DECISIONS}")
+            for decision in obj.decisions:
+                if decision in owners:
+                    raise ValueError(f"both {type(owners[decision]).__name__} and {type(obj).__name__} "
+                                     f"decide {decision!r}; only one may")
+                owners[decision] = obj
+        self._owner = owners
+        self.fields = frozenset().union(*(obj.fields for obj in self.objects)) if self.objects else frozenset()
+
+    def __bool__(self) -> bool:
+        return bool(self.objects)
+
+    def layer_rows(self, call, x):
+        owner = self._owner.get("layer_rows")
+        return None if owner is None else owner.layer_rows(call, x)
+
+    def kv_rows(self, call, q):
+        owner = self._owner.get("kv_rows")
+        return None if owner is None else owner.kv_rows(call, q)
+
+    def attn_rows(self, call, q):
+        owner = self._owner.get("attn_rows")
+        return None if owner is None else owner.attn_rows(call, q)

@@ -1,0 +1,65 @@
+"""Turning logits into a proposal: a token per candidate position and a confidence to rank it by."""
+
+from __future__ import annotations
+
+import attrs
+import torch
+
+# Confidence precision of each family's reference decoder: LLaDA ranks by float64 softmax, Dream by
+# float32. Ranking in the other precision can reorder candidates whose confidences tie at 1e-8.
+CONFIDENCE_DTYPE = {"llada": torch.float64, "dream": torch.float32}
+CONFIDENCES = ("probability", "margin", "neg_entropy")
+
+
+@attrs.define
+class Proposal:
+    """What the model proposes for the candidate columns of this step (all tensors (B, c))."""
+
+    columns: slice  # absolute canvas columns the tensors cover (the current block, or the whole answer)
+    tokens: torch.Tensor  # proposed token per column (the current token where not masked)
+    confidence: torch.Tensor  # ranking score; -inf where the column is not a candidate
+    candidates: torch.Tensor  # bool: masked and eligible this step
+    probability: torch.Tensor  # softmax probability of the proposed token (threshold rules read this)
+
+
+def gumbel_argmax(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Sample with the Gumbel-max trick in float64 (exp(l) / (-log u)^T, then argmax); argmax when T == 0."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.to(torch.float64)
+    u = torch.rand(logits.shape, dtype=torch.float64, device=logits.device, generator=generator)
+    return (logits.exp() / (-torch.log(u)) ** temperature).argmax(-1)
+
+
+def propose(logits: torch.Tensor, canvas: torch.Tensor, candidates: torch.Tensor, columns: slice, *,
+            family: str, temperature: float, remasking: str, confidence: str,
+            generator: torch.Generator | None) -> Proposal:
+    """Proposal for `columns` from their logits (B, c, V); `canvas` (B, c) holds the current tokens."""
+    tokens = gumbel_argmax(logits, temperature, generator)
+    probs = torch.softmax(logits.to(CONFIDENCE_DTYPE.get(family, torch.float32)), dim=-1)
+    prob = torch.gather(probs, -1, tokens[..., None]).squeeze(-1)
+    if remasking == "random":
+        score = torch.rand(tokens.shape, device=tokens.device, generator=generator, dtype=torch.float64)
+    elif confidence == "probability":
+        score = prob
+    elif confidence == "margin":
+        top2 = probs.topk(2, dim=-1).values
+        score = top2[..., 0] - top2[..., 1]
+    elif confidence == "neg_entropy":
+        score = (probs * torch.log(probs + 1e-10)).sum(-1)
+    else:
+        raise ValueError(f"unknown confidence {confidence!r}; known: {CONFIDENCES}")
+    tokens = torch.where(candidates, tokens, canvas)
+    score = torch.where(candidates, score, torch.full_like(score, -torch.inf))
+    return Proposal(columns=columns, tokens=tokens, confidence=score, candidates=candidates, probability=prob)
+
+
+def top_k_mask(confidence: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Bool (B, c): the counts[b] highest-confidence columns of each row (never a -inf column)."""
+    mask = torch.zeros_like(confidence, dtype=torch.bool)
+    for b in range(confidence.shape[0]):
+        k = int(counts[b])
+        if k > 0:
+            idx = torch.topk(confidence[b], k).indices
+            mask[b, idx] = True
+    return mask & torch.isfinite(confidence)
