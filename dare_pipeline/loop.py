@@ -43,7 +43,11 @@ def denoise(model, prompts: list[list[int]], gen, hooks, seed: int | None = None
             hooks.dare_step_start(state=state)
             state.plan = hooks.dare_plan_forward(state=state) or ForwardPlan.full(state.length)
             proposal = _forward_and_propose(state, reuse)
-            committed = hooks.dare_select_commits(state=state, proposal=proposal)
+            if state.plan.commit_block_head:
+                committed = torch.zeros_like(proposal.candidates)
+                committed[:, 0] = True
+            else:
+                committed = hooks.dare_select_commits(state=state, proposal=proposal)
             _commit(state, proposal, committed)
             state.step += 1
             state.step_in_block += 1

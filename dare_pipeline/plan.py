@@ -13,6 +13,10 @@ class ForwardPlan:
     # every cached row is recomputed by this forward (a cache refresh); reuse objects must not
     # serve cached rows at a refresh
     refresh: bool = False
+    # commit the current block's first column with its proposed token and nothing else, without
+    # asking the decoding policy: Dream's reference does this at every cache refresh, because that
+    # column is the next-token prediction of the column before it
+    commit_block_head: bool = False
 
     @classmethod
     def full(cls, length: int, refresh: bool = True) -> "ForwardPlan":
