@@ -1,0 +1,46 @@
+"""Synthetic task suite for the embedded diffusion LM (see docs/tasks.md)."""
+
+from .families import FAMILIES, FINAL_MARKER
+from .suite import (
+    DEFAULT_MAX_SHOTS,
+    DEFAULT_TARGET_PROMPT_CHARS,
+    FAMILY_NAMES,
+    cut_answer,
+    extract_final,
+    family_stream,
+    format_example,
+    format_prompt,
+    generate_data,
+    heldout_problems,
+    heldout_records,
+    is_heldout,
+    read_jsonl,
+    score,
+    select_shots,
+    shot_pool,
+    train_stream,
+    training_pairs,
+)
+
+__all__ = [
+    "DEFAULT_MAX_SHOTS",
+    "DEFAULT_TARGET_PROMPT_CHARS",
+    "FAMILIES",
+    "FAMILY_NAMES",
+    "FINAL_MARKER",
+    "cut_answer",
+    "extract_final",
+    "family_stream",
+    "format_example",
+    "format_prompt",
+    "generate_data",
+    "heldout_problems",
+    "heldout_records",
+    "is_heldout",
+    "read_jsonl",
+    "score",
+    "select_shots",
+    "shot_pool",
+    "train_stream",
+    "training_pairs",
+]

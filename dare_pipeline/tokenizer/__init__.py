@@ -1,0 +1,43 @@
+"""Character-level tokenizer of the embedded diffusion LM (layout in build.py)."""
+
+from .build import (
+    BOS_ID,
+    BOS_TOKEN,
+    CHARS,
+    CHAT_TEMPLATE,
+    EOS_ID,
+    EOS_TOKEN,
+    EOT_ID,
+    EOT_TOKEN,
+    MASK_ID,
+    MASK_TOKEN,
+    NEWLINE_ID,
+    PAD_ID,
+    PAD_TOKEN,
+    SPECIAL_TOKENS,
+    VOCAB,
+    VOCAB_SIZE,
+    build_tokenizer,
+    save_tokenizer,
+)
+
+__all__ = [
+    "BOS_ID",
+    "BOS_TOKEN",
+    "CHARS",
+    "CHAT_TEMPLATE",
+    "EOS_ID",
+    "EOS_TOKEN",
+    "EOT_ID",
+    "EOT_TOKEN",
+    "MASK_ID",
+    "MASK_TOKEN",
+    "NEWLINE_ID",
+    "PAD_ID",
+    "PAD_TOKEN",
+    "SPECIAL_TOKENS",
+    "VOCAB",
+    "VOCAB_SIZE",
+    "build_tokenizer",
+    "save_tokenizer",
+]
