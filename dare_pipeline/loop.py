@@ -19,9 +19,7 @@ class StepBudgetExceeded(RuntimeError):
 def denoise(model, prompts: list[list[int]], gen, hooks, seed: int | None = None) -> DecodeState:
     """Decode `prompts` (token id lists) with generation config `gen` and the plugins behind `hooks`
     (a pluggy HookRelay). Returns the final DecodeState (canvas in `state.x`, stats in `state.stats`)."""
-    generator = torch.Generator(device=model.device)
-    generator.manual_seed(gen.seed if seed is None else seed)
-    state = DecodeState.create(model, gen, prompts, generator)
+    state = DecodeState.create(model, gen, prompts, gen.seed if seed is None else seed)
     started = time.perf_counter()
 
     hooks.dare_generation_start(state=state)
@@ -89,7 +87,7 @@ def _forward_and_propose(state: DecodeState, reuse: ReuseSet):
     gen = state.gen
     return propose(logits, state.x[:, cols], state.masked[:, cols], cols, family=state.family,
                    temperature=gen.temperature, remasking=gen.remasking, confidence=gen.confidence,
-                   generator=state.generator)
+                   generators=state.generators)
 
 
 def _prediction_rows(shifted: bool, cols: slice, fed: slice, device) -> torch.Tensor:

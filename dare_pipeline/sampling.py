@@ -22,24 +22,30 @@ class Proposal:
     probability: torch.Tensor  # softmax probability of the proposed token (threshold rules read this)
 
 
-def gumbel_argmax(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+def row_uniform(shape, generators: list[torch.Generator], device) -> torch.Tensor:
+    """float64 uniforms of `shape` (B, ...), row b drawn from generators[b]: a prompt's random
+    numbers depend on its own seed, never on the other prompts of the batch."""
+    return torch.stack([torch.rand(shape[1:], dtype=torch.float64, device=device, generator=g) for g in generators])
+
+
+def gumbel_argmax(logits: torch.Tensor, temperature: float, generators: list[torch.Generator]) -> torch.Tensor:
     """Sample with the Gumbel-max trick in float64 (exp(l) / (-log u)^T, then argmax); argmax when T == 0."""
     if temperature <= 0:
         return logits.argmax(-1)
     logits = logits.to(torch.float64)
-    u = torch.rand(logits.shape, dtype=torch.float64, device=logits.device, generator=generator)
+    u = row_uniform(logits.shape, generators, logits.device)
     return (logits.exp() / (-torch.log(u)) ** temperature).argmax(-1)
 
 
 def propose(logits: torch.Tensor, canvas: torch.Tensor, candidates: torch.Tensor, columns: slice, *,
             family: str, temperature: float, remasking: str, confidence: str,
-            generator: torch.Generator | None) -> Proposal:
+            generators: list[torch.Generator]) -> Proposal:
     """Proposal for `columns` from their logits (B, c, V); `canvas` (B, c) holds the current tokens."""
-    tokens = gumbel_argmax(logits, temperature, generator)
+    tokens = gumbel_argmax(logits, temperature, generators)
     probs = torch.softmax(logits.to(CONFIDENCE_DTYPE.get(family, torch.float32)), dim=-1)
     prob = torch.gather(probs, -1, tokens[..., None]).squeeze(-1)
     if remasking == "random":
-        score = torch.rand(tokens.shape, device=tokens.device, generator=generator, dtype=torch.float64)
+        score = row_uniform(tokens.shape, generators, tokens.device)
     elif confidence == "probability":
         score = prob
     elif confidence == "margin":

@@ -7,6 +7,8 @@ so each row sees exactly the positions it would see decoded alone.
 
 from __future__ import annotations
 
+import hashlib
+
 import attrs
 import torch
 
@@ -24,7 +26,7 @@ class DecodeState:
     positions: torch.Tensor  # (B, L) RoPE positions
     prompt_end: int  # P: first answer column
     mask_id: int
-    generator: torch.Generator
+    generators: list[torch.Generator]  # one per prompt, see prompt_generators
     stats: GenerationStats
     prompt_lengths: list[int]
     # classifier-free guidance doubles the model batch: rows B.. are the prompt-masked copies
@@ -38,7 +40,7 @@ class DecodeState:
     scratch: dict = attrs.Factory(dict)  # per-generation notes plugins may share with the loop
 
     @classmethod
-    def create(cls, model, gen, prompts: list[list[int]], generator: torch.Generator) -> "DecodeState":
+    def create(cls, model, gen, prompts: list[list[int]], seed: int) -> "DecodeState":
         cfg = model.config
         device = model.device
         batch = len(prompts)
@@ -56,7 +58,7 @@ class DecodeState:
         stats = GenerationStats(batch=batch, n_layers=cfg.n_layers)
         stats.layer_rows = stats.layer_rows.to(device)  # counted on the device: no sync per layer
         state = cls(model=model, gen=gen, x=x, attention_mask=attention_mask, positions=positions, prompt_end=p_end,
-                    mask_id=cfg.mask_token_id, generator=generator, stats=stats,
+                    mask_id=cfg.mask_token_id, generators=prompt_generators(seed, prompts, device), stats=stats,
                     prompt_lengths=[len(p) for p in prompts], cfg_scale=gen.cfg_scale)
         state.unmask_step = torch.zeros(batch, gen.gen_length, dtype=torch.long, device=device)
         return state
@@ -132,3 +134,15 @@ class DecodeState:
         if self.store is None:
             self.store = self.model.new_store(self.model_batch, self.length)
         return self.store
+
+
+def prompt_generators(seed: int, prompts: list[list[int]], device) -> list[torch.Generator]:
+    """A generator per prompt, seeded from the seed and the prompt's tokens, so that sampling is
+    reproducible and a prompt decodes the same alone or in any batch."""
+    gens = []
+    for prompt in prompts:
+        digest = hashlib.sha256(f"{seed}:{','.join(map(str, prompt))}".encode()).digest()
+        g = torch.Generator(device=device)
+        g.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+        gens.append(g)
+    return gens

@@ -78,7 +78,7 @@ class TransformerLayer(nn.Module):
         mask = None if key_mask is None else key_mask[:, None, None, :]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         b, _, n, _ = out.shape
-        return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
+        return self.o_proj(out.transpose(1, 2).reshape(b, n, self.n_heads * self.head_dim))
 
     def ffn(self, x: torch.Tensor) -> torch.Tensor:
         """The feed-forward block's residual delta for residual rows x."""

@@ -1,0 +1,54 @@
+"""Helpers for tests of the core and of plugins (third-party ones included): tiny random models."""
+
+from __future__ import annotations
+
+import torch
+
+from .models.config import ModelConfig
+from .models.transformer import DiffusionTransformer
+
+
+def tiny_config(family: str = "llada", *, d_model: int = 48, n_layers: int = 2, n_heads: int = 4,
+                n_kv_heads: int | None = None, vocab_size: int = 64, max_sequence_length: int = 1024) -> ModelConfig:
+    """A small config of either family; the last two ids are EOS and the mask."""
+    return ModelConfig(
+        family=family, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
+        n_kv_heads=n_kv_heads or (n_heads // 2 if family == "dream" else n_heads), ffn_hidden=2 * d_model,
+        vocab_size=vocab_size, embedding_size=vocab_size, rope_theta=10000.0,
+        max_sequence_length=max_sequence_length, qkv_bias=family == "dream", logits_shift=family == "dream",
+        mask_token_id=vocab_size - 1, eos_token_id=vocab_size - 2, pad_token_id=vocab_size - 2,
+    )
+
+
+def tiny_model(family: str = "llada", seed: int = 0, sharpness: float = 4.0, **config) -> DiffusionTransformer:
+    """A seeded random model with peaked output distributions (LM head scaled by `sharpness`) that
+    never proposes the mask token (its LM-head row is zero, as in a trained model)."""
+    cfg = tiny_config(family, **config)
+    gen = torch.Generator().manual_seed(seed)
+    model = DiffusionTransformer(cfg)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen))
+            elif p.dim() == 1:
+                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5)
+        model.lm_head.weight.mul_(sharpness)
+        model.lm_head.weight[cfg.mask_token_id] = 0
+    model.eval().requires_grad_(False)
+    model.tokenizer = None
+    model.source = f"<tiny {family} seed={seed}>"
+    return model
+
+
+def random_prompts(n: int, vocab_size: int, seed: int, min_len: int = 3, max_len: int = 12,
+                   exclude: tuple[int, ...] = ()) -> list[list[int]]:
+    """n prompts of random lengths over ids that are not special."""
+    gen = torch.Generator().manual_seed(seed)
+    allowed = torch.tensor([i for i in range(vocab_size) if i not in exclude])
+    prompts = []
+    for _ in range(n):
+        length = int(torch.randint(min_len, max_len + 1, (1,), generator=gen))
+        prompts.append(allowed[torch.randint(len(allowed), (length,), generator=gen)].tolist())
+    return prompts

@@ -1,0 +1,51 @@
+"""A complete third-party plugin: writes one JSON line per decoding step.
+
+    plugins:
+      - {name: step_logger, path: steps.jsonl}
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import attrs
+
+from dare_pipeline.hookspecs import hookimpl
+from dare_pipeline.plugin import Plugin
+
+
+@attrs.frozen
+class StepLoggerOptions:
+    path: str = ""  # file to append JSON lines to; empty = standard error
+    every: int = attrs.field(default=1, validator=attrs.validators.ge(1))  # log every n-th step
+
+
+class StepLogger(Plugin):
+    name = "step_logger"
+    Options = StepLoggerOptions
+    exact_options = {}  # it only observes: decoding with it must equal decoding without it
+
+    @hookimpl
+    def dare_generation_start(self, state):
+        self.lines = 0
+        self.stream = open(self.options.path, "a") if self.options.path else sys.stderr
+
+    @hookimpl
+    def dare_step_end(self, state, committed):
+        if state.step % self.options.every:
+            return
+        record = {"step": state.step, "block": state.block, "nfe": state.stats.nfe,
+                  "fed": [state.plan.fed.start, state.plan.fed.stop],
+                  "committed": committed.sum(-1).tolist()}
+        self.stream.write(json.dumps(record) + "\n")
+        self.lines += 1
+
+    @hookimpl
+    def dare_generation_end(self, state):
+        if self.stream is not sys.stderr:
+            self.stream.close()
+
+    @hookimpl
+    def dare_report_stats(self, state):
+        return {"lines_written": self.lines}
