@@ -1,0 +1,194 @@
+"""Training batches: (prompt, answer) pairs from the task suite turned into left-padded canvases.
+
+A row is `[PAD ...] prompt answer EOS ... EOS`: prompts are left-padded to the batch's longest
+prompt (attention_mask 0 on the padding, so RoPE positions start at the first real token, exactly
+as the decoding loop lays out a batch), and the answer is padded with EOS up to the canvas length,
+so the answer region is the same columns [P, P + canvas) for every row.
+
+The curriculum is a list of phases (by fraction of the run); each phase draws a batch kind by
+weight (its own pair stream: number of shots, prompt length, canvas lengths). A batch is filled
+with pairs until the padded size would exceed a token budget, so short-context batches hold many
+rows and long-canvas batches few. Everything is seeded, and the sampler's state (random state,
+pairs consumed per stream, the pending pair) is saved in checkpoints so a resumed run draws
+exactly the batches an uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from typing import Iterator, Sequence
+
+import attrs
+import torch
+
+from ..tasks import training_pairs
+from ..tokenizer import EOS_ID, PAD_ID, VOCAB
+
+
+def encode(text: str) -> list[int]:
+    """Character-level ids, identical to the embedded tokenizer (characters outside the vocab are dropped)."""
+    return [VOCAB[c] for c in text if c in VOCAB]
+
+
+@attrs.frozen
+class Batch:
+    input_ids: torch.Tensor  # (B, P + canvas) clean tokens
+    attention_mask: torch.Tensor  # (B, P + canvas) bool, False on left padding
+    answer_mask: torch.Tensor  # (B, P + canvas) bool, True on the answer region (answer + EOS tail)
+    canvas: int
+    kind: str
+
+    @property
+    def real_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+    @property
+    def rows(self) -> int:
+        return self.input_ids.shape[0]
+
+
+def make_batch(pairs: Sequence[tuple[str, str]], canvas: int, kind: str = "", pad_id: int = PAD_ID,
+               eos_id: int = EOS_ID) -> Batch:
+    prompts = [encode(p) for p, _ in pairs]
+    answers = [encode(a) for _, a in pairs]
+    for a in answers:
+        if len(a) > canvas:
+            raise ValueError(f"answer of {len(a)} tokens does not fit the canvas of {canvas}")
+    p_len = max(len(p) for p in prompts)
+    rows, attn = [], []
+    for p, a in zip(prompts, answers):
+        pad = p_len - len(p)
+        rows.append([pad_id] * pad + p + a + [eos_id] * (canvas - len(a)))
+        attn.append([False] * pad + [True] * (len(p) + canvas))
+    input_ids = torch.tensor(rows, dtype=torch.long)
+    attention_mask = torch.tensor(attn, dtype=torch.bool)
+    answer_mask = torch.zeros_like(attention_mask)
+    answer_mask[:, p_len:] = True
+    return Batch(input_ids=input_ids, attention_mask=attention_mask, answer_mask=answer_mask, canvas=canvas, kind=kind)
+
+
+@attrs.frozen
+class BatchKind:
+    name: str
+    weight: float
+    max_shots: int
+    max_prompt_chars: int = 512
+    canvases: tuple[int, ...] = (64,)
+    canvas_weights: tuple[float, ...] | None = None
+
+
+@attrs.frozen
+class Phase:
+    until: float  # fraction of the total steps where this phase ends
+    kinds: tuple[BatchKind, ...]
+
+
+# the default curriculum: the algorithms on short contexts first (mostly zero-shot: the prompt costs
+# compute but carries no loss), then held-out-like few-shot prompts (up to 512 characters) and long
+# EOS tails so that generation lengths 64..1024 decode cleanly
+DEFAULT_CURRICULUM = (
+    Phase(0.5, (BatchKind("zero_shot", 0.6, max_shots=0), BatchKind("short", 0.4, max_shots=2))),
+    Phase(1.0, (
+        BatchKind("short", 0.2, max_shots=2),
+        BatchKind("fewshot", 0.55, max_shots=8, max_prompt_chars=512),
+        BatchKind("long_canvas", 0.25, max_shots=8, max_prompt_chars=512, canvases=(128, 256, 512, 1024),
+                  canvas_weights=(0.35, 0.3, 0.2, 0.15)),
+    )),
+)
+
+
+def _stream_seed(seed: int, kind: BatchKind) -> int:
+    key = f"{seed}/{kind.name}/{kind.max_shots}/{kind.max_prompt_chars}".encode()
+    return int.from_bytes(hashlib.sha256(key).digest()[:4], "big")
+
+
+class _PairStream:
+    """A training_pairs iterator that counts what it handed out, so it can be fast-forwarded."""
+
+    def __init__(self, seed: int, kind: BatchKind):
+        self.seed = _stream_seed(seed, kind)
+        self.kind = kind
+        self._it: Iterator[tuple[str, str]] = training_pairs(self.seed, max_shots=kind.max_shots,
+                                                             max_prompt_chars=kind.max_prompt_chars)
+        self.consumed = 0
+        self.pending: tuple[str, str] | None = None  # drawn but did not fit the previous batch
+
+    def next(self) -> tuple[str, str]:
+        if self.pending is not None:
+            pair, self.pending = self.pending, None
+            return pair
+        self.consumed += 1
+        return next(self._it)
+
+    def skip_to(self, consumed: int) -> None:
+        while self.consumed < consumed:
+            next(self._it)
+            self.consumed += 1
+
+
+class BatchSampler:
+    """Seeded curriculum sampler; `next_batch(step, total_steps)` draws the batch of that step."""
+
+    def __init__(self, seed: int, curriculum: Sequence[Phase] = DEFAULT_CURRICULUM, token_budget: int = 3072,
+                 min_rows: int = 1, max_rows: int = 64):
+        self.seed, self.curriculum = seed, tuple(curriculum)
+        self.token_budget, self.min_rows, self.max_rows = token_budget, min_rows, max_rows
+        self.rng = random.Random(seed)
+        self.streams: dict[str, _PairStream] = {}
+
+    def phase_index(self, step: int, total_steps: int) -> int:
+        frac = step / max(1, total_steps)
+        for i, phase in enumerate(self.curriculum):
+            if frac < phase.until:
+                return i
+        return len(self.curriculum) - 1
+
+    def _stream(self, kind: BatchKind) -> _PairStream:
+        key = f"{kind.name}/{kind.max_shots}/{kind.max_prompt_chars}"
+        if key not in self.streams:
+            self.streams[key] = _PairStream(self.seed, kind)
+        return self.streams[key]
+
+    def next_batch(self, step: int, total_steps: int) -> Batch:
+        phase = self.curriculum[self.phase_index(step, total_steps)]
+        kind = self.rng.choices(phase.kinds, weights=[k.weight for k in phase.kinds])[0]
+        canvas = self.rng.choices(kind.canvases, weights=kind.canvas_weights)[0]
+        stream = self._stream(kind)
+        pairs, p_max = [], 0
+        while len(pairs) < self.max_rows:
+            pair = stream.next()
+            p_len = len(encode(pair[0]))
+            new_max = max(p_max, p_len)
+            if len(pairs) >= self.min_rows and (len(pairs) + 1) * (new_max + canvas) > self.token_budget:
+                stream.pending = pair
+                break
+            pairs.append(pair)
+            p_max = new_max
+        return make_batch(pairs, canvas, kind=kind.name)
+
+    def state_dict(self) -> dict:
+        return {
+            "rng": self.rng.getstate(),
+            "streams": {key: {"kind": attrs.asdict(s.kind), "consumed": s.consumed, "pending": s.pending}
+                        for key, s in self.streams.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.setstate(_as_rng_state(state["rng"]))
+        self.streams = {}
+        for key, s in state["streams"].items():
+            raw = dict(s["kind"])
+            raw["canvases"] = tuple(raw["canvases"])
+            if raw.get("canvas_weights") is not None:
+                raw["canvas_weights"] = tuple(raw["canvas_weights"])
+            stream = _PairStream(self.seed, BatchKind(**raw))
+            stream.skip_to(s["consumed"])
+            stream.pending = tuple(s["pending"]) if s["pending"] is not None else None
+            self.streams[key] = stream
+
+
+def _as_rng_state(state):
+    """random.Random state with its inner list turned back into a tuple (after a round trip)."""
+    version, internal, gauss = state
+    return version, tuple(internal), gauss

@@ -1,0 +1,231 @@
+"""The training loop of the embedded default models: AdamW, warmup + cosine decay, gradient
+clipping, a JSONL loss log, and periodic resumable checkpoints.
+
+Layout of an output directory:
+    checkpoint.pt     model + optimizer + step + sampler/RNG states (what --resume reads)
+    model/            the latest weights as an HF-format checkpoint (load_model reads it)
+    train_log.jsonl   one line per logged step: step, loss, tokens, lr, elapsed, ...
+    train_config.json the run's configuration
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import attrs
+import torch
+
+from ..models.config import ModelConfig
+from ..models.saving import save_checkpoint
+from ..models.transformer import DiffusionTransformer
+from ..tokenizer import BOS_ID, EOS_ID, MASK_ID, PAD_ID, VOCAB_SIZE
+from .batches import DEFAULT_CURRICULUM, BatchSampler, Phase
+from .objective import DEFAULT_EPS, diffusion_loss
+
+CHECKPOINT = "checkpoint.pt"
+LOG = "train_log.jsonl"
+
+
+@attrs.define
+class TrainConfig:
+    family: str = "llada"
+    d_model: int = 256
+    n_layers: int = 6
+    n_heads: int = 8
+    n_kv_heads: int = 8
+    ffn_hidden: int = 768
+    embedding_size: int = 128
+    max_sequence_length: int = 2048
+    rope_theta: float = 10000.0
+    steps: int = 4000
+    lr: float = 1.5e-3
+    min_lr_ratio: float = 0.05
+    warmup_steps: int = 200
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.98)
+    grad_clip: float = 1.0
+    token_budget: int = 3072
+    eps: float = DEFAULT_EPS
+    init_std: float = 0.02
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 200
+
+    def model_config(self) -> ModelConfig:
+        dream = self.family == "dream"
+        return ModelConfig(
+            family=self.family, d_model=self.d_model, n_layers=self.n_layers, n_heads=self.n_heads,
+            n_kv_heads=self.n_kv_heads, ffn_hidden=self.ffn_hidden, vocab_size=VOCAB_SIZE,
+            embedding_size=VOCAB_SIZE if dream else self.embedding_size, rope_theta=self.rope_theta,
+            rms_norm_eps=1e-6 if dream else 1e-5, max_sequence_length=self.max_sequence_length, qkv_bias=dream,
+            tie_word_embeddings=False, logits_shift=dream, mask_token_id=MASK_ID, eos_token_id=EOS_ID,
+            pad_token_id=PAD_ID, bos_token_id=BOS_ID,
+        )
+
+
+def init_weights(model: DiffusionTransformer, std: float, generator: torch.Generator) -> None:
+    """Normal(0, std) matrices, output projections scaled by 1/sqrt(2 n_layers), zero biases, unit norms."""
+    out_std = std / math.sqrt(2 * model.config.n_layers)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                s = out_std if name.endswith(("o_proj.weight", "down_proj.weight")) else std
+                p.normal_(0.0, s, generator=generator)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _param_groups(model, weight_decay: float):
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (decay if p.ndim >= 2 and "embed" not in name else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, out_dir: str | os.PathLike, curriculum: tuple[Phase, ...] = DEFAULT_CURRICULUM,
+                 progress: bool = True):
+        self.cfg, self.out = cfg, Path(out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.progress = progress
+        self.model = DiffusionTransformer(cfg.model_config())
+        init_weights(self.model, cfg.init_std, torch.Generator().manual_seed(cfg.seed))
+        self.model.train()
+        self.optimizer = torch.optim.AdamW(_param_groups(self.model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+        self.sampler = BatchSampler(cfg.seed, curriculum, token_budget=cfg.token_budget)
+        self.noise_gen = torch.Generator().manual_seed(cfg.seed + 1)
+        self.step = 0
+        self.tokens = 0
+        self.elapsed = 0.0  # training seconds over all sessions of this run
+        self.last_loss: float | None = None
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "train_config": attrs.asdict(self.cfg),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "tokens": self.tokens,
+            "elapsed": self.elapsed,
+            "last_loss": self.last_loss,
+            "sampler": self.sampler.state_dict(),
+            "noise_gen": self.noise_gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "python_rng": random.getstate(),
+        }
+
+    def save(self, export: bool = True) -> None:
+        _atomic_torch_save(self.state_dict(), self.out / CHECKPOINT)
+        if export:
+            self.export(self.out / "model")
+
+    def export(self, directory: Path) -> Path:
+        from ..tokenizer import build_tokenizer
+
+        self.model.eval()
+        try:
+            return save_checkpoint(self.model, directory, tokenizer=build_tokenizer(), dtype="float32")
+        finally:
+            self.model.train()
+
+    def load(self, path: str | os.PathLike | None = None) -> None:
+        state = torch.load(path or self.out / CHECKPOINT, map_location="cpu", weights_only=False)
+        saved = TrainConfig(**{**state["train_config"], "betas": tuple(state["train_config"]["betas"])})
+        for field in ("family", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "embedding_size"):
+            if getattr(saved, field) != getattr(self.cfg, field):
+                raise ValueError(f"checkpoint was trained with {field}={getattr(saved, field)!r}, "
+                                 f"this run has {getattr(self.cfg, field)!r}")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.tokens, self.elapsed = state["step"], state["tokens"], state["elapsed"]
+        self.last_loss = state.get("last_loss")
+        self.sampler.load_state_dict(state["sampler"])
+        self.noise_gen.set_state(state["noise_gen"])
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(state["python_rng"])
+        self._truncate_log()
+
+    def _truncate_log(self) -> None:
+        """Drop log lines past the checkpoint's step (written after it, before an interruption)."""
+        path = self.out / LOG
+        if not path.exists():
+            return
+        keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= self.step]
+        path.write_text("".join(line + "\n" for line in keep))
+
+    # ---- training ------------------------------------------------------------------------------
+    def train_step(self) -> float:
+        cfg = self.cfg
+        batch = self.sampler.next_batch(self.step, cfg.steps)
+        lr = lr_at(self.step, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss, _ = diffusion_loss(self.model, batch.input_ids, batch.attention_mask, batch.answer_mask,
+                                 self.noise_gen, cfg.eps)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        self.step += 1
+        self.tokens += batch.real_tokens
+        self.last_loss = loss.item()
+        self._last_info = {"lr": lr, "grad_norm": float(grad_norm), "rows": batch.rows, "canvas": batch.canvas,
+                           "kind": batch.kind, "width": batch.input_ids.shape[1]}
+        return self.last_loss
+
+    def run(self, max_steps: int | None = None, minutes: float | None = None) -> bool:
+        """Train up to cfg.steps (or max_steps more steps, or `minutes` of wall time), checkpointing
+        every cfg.checkpoint_every steps and at the end. Returns True when cfg.steps was reached."""
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        stop_at = cfg.steps if max_steps is None else min(cfg.steps, self.step + max_steps)
+        deadline = None if minutes is None else time.monotonic() + 60 * minutes
+        bar = tqdm(total=cfg.steps, initial=self.step, file=sys.stderr, disable=not self.progress,
+                   dynamic_ncols=True, mininterval=5)
+        window, window_n = 0.0, 0
+        session_start, elapsed0 = time.monotonic(), self.elapsed
+        with (self.out / LOG).open("a") as log:
+            try:
+                while self.step < stop_at:
+                    if deadline is not None and time.monotonic() >= deadline:
+                        break
+                    loss = self.train_step()
+                    self.elapsed = elapsed0 + time.monotonic() - session_start
+                    window, window_n = window + loss, window_n + 1
+                    bar.update(1)
+                    if self.step % cfg.log_every == 0 or self.step == stop_at:
+                        rec = {"step": self.step, "loss": round(window / window_n, 5), "last_loss": round(loss, 5),
+                               "tokens": self.tokens, "elapsed": round(self.elapsed, 2), **self._last_info}
+                        log.write(json.dumps(rec) + "\n")
+                        log.flush()
+                        bar.set_postfix(loss=f"{window / window_n:.4f}", lr=f"{self._last_info['lr']:.2e}")
+                        window, window_n = 0.0, 0
+                    if self.step % cfg.checkpoint_every == 0 and self.step < stop_at:
+                        self.save()
+            finally:
+                bar.close()
+                self.save()
+        return self.step >= cfg.steps

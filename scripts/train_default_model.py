@@ -1,0 +1,94 @@
+#!/usr/bin/env python
+"""Train the embedded default diffusion LM (LLaDA layout, or its Dream twin) on the task suite.
+
+    python scripts/train_default_model.py --family llada --out runs/llada --steps 3600 --minutes 80
+    python scripts/train_default_model.py --out runs/llada --resume            # continue a stopped run
+
+The run stops at --steps (the length of the LR schedule) or after --minutes of wall time, whichever
+comes first, always leaving a resumable checkpoint (runs/.../checkpoint.pt) and the latest weights
+as an HF-format checkpoint (runs/.../model). See docs/default_model.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import attrs
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dare_pipeline.training import TrainConfig, Trainer  # noqa: E402
+from dare_pipeline.training.trainer import CHECKPOINT  # noqa: E402
+
+PRESETS = {
+    "llada": dict(family="llada", d_model=256, n_layers=6, n_heads=8, n_kv_heads=8, ffn_hidden=768,
+                  embedding_size=128),
+    "dream": dict(family="dream", d_model=192, n_layers=4, n_heads=6, n_kv_heads=2, ffn_hidden=576,
+                  embedding_size=101),
+}
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--family", choices=sorted(PRESETS), default="llada")
+    ap.add_argument("--out", required=True, help="output directory (checkpoint.pt, model/, train_log.jsonl)")
+    ap.add_argument("--minutes", type=float, default=None, help="wall-clock budget of this session")
+    ap.add_argument("--steps", type=int, default=None, help="total optimizer steps (LR schedule length)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ap.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--warmup-steps", type=int, default=None)
+    ap.add_argument("--token-budget", type=int, default=None, help="padded tokens per batch")
+    ap.add_argument("--checkpoint-every", type=int, default=None)
+    ap.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in this session")
+    for name in ("d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden"):
+        ap.add_argument("--" + name.replace("_", "-"), type=int, default=None)
+    ap.add_argument("--no-progress", action="store_true")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    overrides = {k: v for k, v in dict(steps=args.steps, lr=args.lr, warmup_steps=args.warmup_steps,
+                                       token_budget=args.token_budget, checkpoint_every=args.checkpoint_every,
+                                       d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads,
+                                       n_kv_heads=args.n_kv_heads, ffn_hidden=args.ffn_hidden).items()
+                 if v is not None}
+    if args.resume:
+        if not (out / CHECKPOINT).exists():
+            print(f"{out / CHECKPOINT}: no checkpoint to resume from", file=sys.stderr)
+            return 2
+        saved = torch.load(out / CHECKPOINT, map_location="cpu", weights_only=False)["train_config"]
+        saved["betas"] = tuple(saved["betas"])
+        cfg = TrainConfig(**{**saved, **overrides})
+    else:
+        if (out / CHECKPOINT).exists():
+            print(f"{out / CHECKPOINT} exists; pass --resume to continue it or choose another --out", file=sys.stderr)
+            return 2
+        cfg = TrainConfig(**{**PRESETS[args.family], "seed": args.seed, **overrides})
+    trainer = Trainer(cfg, out, progress=not args.no_progress)
+    if args.resume:
+        trainer.load()
+    (out / "train_config.json").write_text(json.dumps(attrs.asdict(cfg), indent=2) + "\n")
+    n_params = sum(p.numel() for p in trainer.model.parameters())
+    print(f"{cfg.family}: {n_params / 1e6:.2f}M parameters, step {trainer.step}/{cfg.steps}, "
+          f"threads {torch.get_num_threads()}", file=sys.stderr)
+    done = trainer.run(max_steps=args.max_steps, minutes=args.minutes)
+    summary = {"step": trainer.step, "steps": cfg.steps, "done": done, "last_loss": trainer.last_loss,
+               "elapsed_s": round(trainer.elapsed, 1), "tokens": trainer.tokens}
+    print(json.dumps(summary), file=sys.stderr)
+    if not done:
+        print(f"stopped before the end of the schedule; continue with: python {sys.argv[0]} --out {out} --resume",
+              file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+import math
+
+import pytest
+import torch
+
+from dare_pipeline.models import DiffusionTransformer
+from dare_pipeline.tokenizer import EOS_ID, MASK_ID, PAD_ID, build_tokenizer
+from dare_pipeline.training import (BatchKind, BatchSampler, Phase, TrainConfig, Trainer, diffusion_loss, encode,
+                                    make_batch, sample_noise, weighted_masked_loss)
+from dare_pipeline.training.trainer import init_weights
+
+PAIRS = [("Q: add 12+34\nA: ", "2+4=6,1+3=4\n#### 46"), ("Q: reverse abc\nA: ", "#### cba"),
+         ("Q: sort 3,1\nA: ", "#### 1,3")]
+TINY = dict(d_model=32, n_layers=2, n_heads=4, n_kv_heads=4, ffn_hidden=64, embedding_size=101,
+            max_sequence_length=1024, token_budget=400, warmup_steps=2, lr=3e-3, log_every=1, checkpoint_every=1000)
+CURRICULUM = (Phase(0.5, (BatchKind("zero_shot", 1.0, max_shots=0),)),
+              Phase(1.0, (BatchKind("fewshot", 0.5, max_shots=3, max_prompt_chars=200),
+                          BatchKind("long_canvas", 0.5, max_shots=1, canvases=(128,)))))
+
+
+def test_encode_matches_tokenizer():
+    tok = build_tokenizer()
+    for prompt, answer in PAIRS:
+        assert encode(prompt + answer) == tok(prompt + answer, add_special_tokens=False)["input_ids"]
+
+
+def test_batch_layout():
+    b = make_batch(PAIRS, canvas=24)
+    p_len = max(len(encode(p)) for p, _ in PAIRS)
+    assert b.input_ids.shape == (3, p_len + 24)
+    assert b.answer_mask[:, p_len:].all() and not b.answer_mask[:, :p_len].any()
+    for row, (prompt, answer) in enumerate(PAIRS):
+        pad = p_len - len(encode(prompt))
+        assert b.input_ids[row, :pad].eq(PAD_ID).all() and not b.attention_mask[row, :pad].any()
+        assert b.attention_mask[row, pad:].all()
+        a = encode(answer)
+        assert b.input_ids[row, p_len:p_len + len(a)].tolist() == a
+        assert b.input_ids[row, p_len + len(a):].eq(EOS_ID).all()
+    with pytest.raises(ValueError):
+        make_batch(PAIRS, canvas=8)
+
+
+def test_masking_never_touches_prompt():
+    b = make_batch(PAIRS, canvas=32)
+    gen = torch.Generator().manual_seed(0)
+    seen = torch.zeros_like(b.answer_mask)
+    for _ in range(50):
+        n = sample_noise(b.input_ids, b.answer_mask, MASK_ID, gen)
+        assert not (n.masked & ~b.answer_mask).any()
+        assert torch.equal(n.noisy[~n.masked], b.input_ids[~n.masked])
+        assert n.noisy[n.masked].eq(MASK_ID).all()
+        assert ((n.t >= 1e-3) & (n.t <= 1)).all()
+        seen |= n.masked
+    assert seen[b.answer_mask].all()  # every answer-region position gets masked sometimes
+
+
+def test_loss_weighting():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 7)
+    targets = torch.randint(0, 7, (2, 5))
+    masked = torch.tensor([[0, 1, 1, 0, 0], [0, 0, 0, 1, 0]], dtype=torch.bool)
+    t = torch.tensor([0.5, 0.25])
+    answer_len = torch.tensor([4, 2])
+    logp = torch.log_softmax(logits, -1)
+    ce = lambda b, j: -logp[b, j, targets[b, j]].item()  # noqa: E731
+    want = ((ce(0, 1) + ce(0, 2)) / 0.5 / 4 + ce(1, 3) / 0.25 / 2) / 2
+    got = weighted_masked_loss(logits, targets, masked, t, answer_len)
+    assert math.isclose(got.item(), want, rel_tol=1e-5)
+
+
+def test_shifted_loss_reads_previous_row():
+    targets = torch.tensor([[5, 6, 7, 8]])
+    masked = torch.tensor([[False, True, True, True]])
+    logits = torch.full((1, 4, 10), -20.0)
+    for j in range(1, 4):  # row j-1 is sure of token j; row j itself is sure of something else
+        logits[0, j - 1, targets[0, j]] = 20.0
+    logits[0, 3, 0] = 20.0
+    t, n = torch.tensor([1.0]), torch.tensor([3])
+    assert weighted_masked_loss(logits, targets, masked, t, n, shift=True).item() < 1e-6
+    assert weighted_masked_loss(logits, targets, masked, t, n, shift=False).item() > 10
+    with pytest.raises(ValueError):
+        weighted_masked_loss(logits, targets, torch.ones_like(masked), t, n, shift=True)
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_steps_reduce_loss_on_fixed_batch(family):
+    torch.manual_seed(0)
+    cfg = TrainConfig(family=family, **{**TINY, "n_kv_heads": 2 if family == "dream" else 4})
+    model = DiffusionTransformer(cfg.model_config())
+    init_weights(model, 0.02, torch.Generator().manual_seed(0))
+    b = make_batch(PAIRS, canvas=24)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+
+    def loss_at():
+        return diffusion_loss(model, b.input_ids, b.attention_mask, b.answer_mask,
+                              torch.Generator().manual_seed(123))[0]
+
+    with torch.no_grad():
+        before = loss_at().item()
+    for _ in range(30):
+        opt.zero_grad()
+        loss_at().backward()
+        opt.step()
+    with torch.no_grad():
+        after = loss_at().item()
+    assert after < 0.5 * before
+
+
+def test_sampler_state_round_trip():
+    a = BatchSampler(7, CURRICULUM, token_budget=400)
+    for step in range(3):
+        a.next_batch(step, 6)
+    state = a.state_dict()
+    b = BatchSampler(7, CURRICULUM, token_budget=400)
+    b.load_state_dict(state)
+    for step in range(3, 6):
+        x, y = a.next_batch(step, 6), b.next_batch(step, 6)
+        assert x.kind == y.kind and torch.equal(x.input_ids, y.input_ids)
+    assert {x.kind for x in [a.next_batch(s, 6) for s in range(3, 9)]} <= {"fewshot", "long_canvas"}
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path):
+    cfg = TrainConfig(family="llada", steps=6, seed=3, **TINY)
+    straight = Trainer(cfg, tmp_path / "a", curriculum=CURRICULUM, progress=False)
+    straight.run()
+    first = Trainer(cfg, tmp_path / "b", curriculum=CURRICULUM, progress=False)
+    assert not first.run(max_steps=4)
+    resumed = Trainer(cfg, tmp_path / "b", curriculum=CURRICULUM, progress=False)
+    resumed.load()
+    assert resumed.step == 4
+    assert resumed.run()
+    assert resumed.last_loss == straight.last_loss
+    for k, v in straight.model.state_dict().items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k
+    logs = [(tmp_path / d / "train_log.jsonl").read_text().splitlines() for d in ("a", "b")]
+    strip = lambda lines: [{k: v for k, v in __import__("json").loads(x).items() if k != "elapsed"} for x in lines]  # noqa: E731
+    assert strip(logs[0]) == strip(logs[1])
+    assert (tmp_path / "b" / "model" / "model.safetensors").exists()
