@@ -1,0 +1,77 @@
+"""Shared benchmark pieces: the random-weight benchmark model, timing, and the conditions line.
+
+The benchmark model is LLaDA-architecture at a size where matrix work dominates on a CPU
+(d_model 512, 8 layers, vocab 32000); random weights, so only speed is meaningful.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+
+import torch
+
+from dare_pipeline import Pipeline
+from dare_pipeline.models.config import ModelConfig
+from dare_pipeline.models.transformer import DiffusionTransformer
+
+BENCH_CONFIG = dict(d_model=512, n_layers=8, n_heads=8, n_kv_heads=8, ffn_hidden=1376, vocab_size=32000,
+                    embedding_size=32000, rope_theta=500000.0, max_sequence_length=4096, mask_token_id=31999,
+                    eos_token_id=31998, pad_token_id=31998)
+
+
+def bench_model(family: str = "llada", dtype=torch.float32, device="cpu", seed: int = 0) -> DiffusionTransformer:
+    cfg = ModelConfig(family=family, logits_shift=family == "dream", qkv_bias=family == "dream", **BENCH_CONFIG)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = DiffusionTransformer(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0, p.shape[-1] ** -0.5)
+        model.lm_head.weight[cfg.mask_token_id] = 0
+    model = model.to(dtype).eval().requires_grad_(False)
+    model.tokenizer, model.source = None, "<benchmark model>"
+    return model
+
+
+def bench_prompts(batch: int, prompt_len: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 31990, (batch, prompt_len), generator=g).tolist()
+
+
+def time_generate(pipe: Pipeline, prompts, repeats: int) -> list[float]:
+    """Wall seconds of each of `repeats` generations (after one warm-up)."""
+    pipe.generate(prompts)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        pipe.generate(prompts)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def interleaved(pipes: dict[str, Pipeline], prompts, repeats: int) -> dict[str, list[float]]:
+    """Time several pipelines round-robin so drifting machine load hits all of them alike."""
+    for pipe in pipes.values():
+        pipe.generate(prompts)
+    times = {name: [] for name in pipes}
+    for _ in range(repeats):
+        for name, pipe in pipes.items():
+            start = time.perf_counter()
+            pipe.generate(prompts)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def median(xs):
+    return statistics.median(xs)
+
+
+def conditions(model, threads: int, **extra) -> str:
+    cpu = platform.processor() or platform.machine()
+    dev = torch.cuda.get_device_name() if model.device.type == "cuda" else f"CPU ({cpu}), {threads} torch thread(s)"
+    parts = [f"hardware: {dev}", f"dtype: {str(model.dtype).removeprefix('torch.')}", f"torch {torch.__version__}"]
+    parts += [f"{k}: {v}" for k, v in extra.items()]
+    return "; ".join(parts)
