@@ -1,0 +1,100 @@
+"""Fast-dLLM's prefix KV cache (methods.md section 2), with FreeCache's frozen blocks as an option.
+
+At each block start one forward over the whole canvas refreshes the activation store (and decodes
+like any other step). The other steps of the block feed only the columns from the block start to
+the end of the canvas: their fresh keys/values are written into the store, and their queries attend
+over the whole store, so the columns before the block read the keys/values of the last refresh.
+
+Dream: the reference commits the block's first column with its argmax at the refresh and nothing
+else (`head_commit: auto`). Without that commit (`head_commit: off`) the column before the block is
+fed too, because Dream scores column j from the row at j-1.
+
+Options:
+  refresh_every           also refresh every this many steps inside a block (0: at block starts only;
+                          1: every forward is a full forward, which reproduces the no-cache tokens
+                          when head_commit is off)
+  freeze_finished_blocks  FreeCache: a refresh feeds only from the start of the block just finished
+                          (its rows are recomputed once with their final tokens), every earlier
+                          column keeps the keys/values it had; the prompt is computed once
+  head_commit             auto (Dream: on, LLaDA: off), on, off
+"""
+
+from __future__ import annotations
+
+import attrs
+
+from dare_pipeline.config_loading import at_least, choice
+from dare_pipeline.hookspecs import hookimpl
+from dare_pipeline.plan import ForwardPlan
+from dare_pipeline.plugin import Plugin
+
+
+@attrs.frozen(kw_only=True)
+class PrefixCacheOptions:
+    refresh_every: int = attrs.field(default=0, validator=at_least(0))
+    freeze_finished_blocks: bool = False
+    head_commit: str = attrs.field(default="auto", validator=choice("auto", "on", "off"))
+
+
+class PrefixCache(Plugin):
+    name = "prefix_cache"
+    Options = PrefixCacheOptions
+    provides = frozenset({"row_feed"})
+    exact_options = {"refresh_every": 1, "head_commit": "off"}
+
+    @hookimpl
+    def dare_generation_start(self, state):
+        state.require_store()
+        self.refreshes = 0
+        self.partial_forwards = 0
+        self.rows_recomputed = 0
+        self.cached_rows_read = 0
+
+    def _head_commit(self, state) -> bool:
+        mode = self.options.head_commit
+        return mode == "on" or (mode == "auto" and state.family == "dream")
+
+    def _is_refresh(self, state) -> bool:
+        every = self.options.refresh_every
+        return state.step_in_block == 0 or (every > 0 and state.step_in_block % every == 0)
+
+    def _partial_start(self, state) -> int:
+        """First fed column of a non-refresh step: the block start, or the column before it where a
+        shifted family must score the block's first column from it."""
+        start = state.block_columns.start
+        if state.model.config.logits_shift and not self._head_commit(state):
+            start -= 1
+        return start
+
+    def _refresh_start(self, state) -> int:
+        if not self.options.freeze_finished_blocks or state.block == 0:
+            return 0
+        if state.step_in_block == 0:  # the block just finished is recomputed once, then frozen
+            return state.block_slice(state.block - 1).start
+        return self._partial_start(state)  # everything before the block is frozen already
+
+    @hookimpl
+    def dare_plan_forward(self, state):
+        if self._is_refresh(state):
+            head = self._head_commit(state) and state.step_in_block == 0
+            return ForwardPlan(fed=slice(self._refresh_start(state), state.length), refresh=True,
+                               commit_block_head=head)
+        return ForwardPlan(fed=slice(self._partial_start(state), state.length))
+
+    @hookimpl
+    def dare_step_end(self, state, committed):
+        fed = state.plan.fed
+        layers = state.model.config.n_layers
+        real = state.model_rows(state.attention_mask)  # padding is never attended to
+        fed_rows = int(real[:, fed].sum())
+        self.rows_recomputed += layers * fed_rows
+        self.cached_rows_read += layers * (int(real.sum()) - fed_rows)
+        if state.plan.refresh:
+            self.refreshes += 1
+        if fed.start != 0 or fed.stop != state.length:
+            self.partial_forwards += 1
+
+    @hookimpl
+    def dare_report_stats(self, state):
+        return {"refreshes": self.refreshes, "partial_forwards": self.partial_forwards,
+                "rows_recomputed": self.rows_recomputed, "cached_rows_read": self.cached_rows_read}
