@@ -22,18 +22,24 @@ class Proposal:
     probability: torch.Tensor  # softmax probability of the proposed token (threshold rules read this)
 
 
-def row_uniform(shape, generators: list[torch.Generator], device) -> torch.Tensor:
+def row_uniform(shape, generators: list[torch.Generator], device, active: list[bool] | None = None) -> torch.Tensor:
     """float64 uniforms of `shape` (B, ...), row b drawn from generators[b]: a prompt's random
-    numbers depend on its own seed, never on the other prompts of the batch."""
-    return torch.stack([torch.rand(shape[1:], dtype=torch.float64, device=device, generator=g) for g in generators])
+    numbers depend on its own seed, never on the other prompts of the batch. Rows not `active`
+    (nothing to decide: the prompt only waits for the others of its batch) draw nothing and get
+    0.5, so a prompt's stream advances exactly as it would decoded alone."""
+    active = [True] * len(generators) if active is None else active
+    return torch.stack([torch.rand(shape[1:], dtype=torch.float64, device=device, generator=g) if on
+                        else torch.full(shape[1:], 0.5, dtype=torch.float64, device=device)
+                        for g, on in zip(generators, active)])
 
 
-def gumbel_argmax(logits: torch.Tensor, temperature: float, generators: list[torch.Generator]) -> torch.Tensor:
+def gumbel_argmax(logits: torch.Tensor, temperature: float, generators: list[torch.Generator],
+                  active: list[bool] | None = None) -> torch.Tensor:
     """Sample with the Gumbel-max trick in float64 (exp(l) / (-log u)^T, then argmax); argmax when T == 0."""
     if temperature <= 0:
         return logits.argmax(-1)
     logits = logits.to(torch.float64)
-    u = row_uniform(logits.shape, generators, logits.device)
+    u = row_uniform(logits.shape, generators, logits.device, active)
     return (logits.exp() / (-torch.log(u)) ** temperature).argmax(-1)
 
 
@@ -41,11 +47,12 @@ def propose(logits: torch.Tensor, canvas: torch.Tensor, candidates: torch.Tensor
             family: str, temperature: float, remasking: str, confidence: str,
             generators: list[torch.Generator]) -> Proposal:
     """Proposal for `columns` from their logits (B, c, V); `canvas` (B, c) holds the current tokens."""
-    tokens = gumbel_argmax(logits, temperature, generators)
+    active = candidates.any(-1).tolist() if temperature > 0 or remasking == "random" else None
+    tokens = gumbel_argmax(logits, temperature, generators, active)
     probs = torch.softmax(logits.to(CONFIDENCE_DTYPE.get(family, torch.float32)), dim=-1)
     prob = torch.gather(probs, -1, tokens[..., None]).squeeze(-1)
     if remasking == "random":
-        score = row_uniform(tokens.shape, generators, tokens.device)
+        score = row_uniform(tokens.shape, generators, tokens.device, active)
     elif confidence == "probability":
         score = prob
     elif confidence == "margin":
