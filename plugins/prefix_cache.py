@@ -40,7 +40,7 @@ class PrefixCache(Plugin):
     name = "prefix_cache"
     Options = PrefixCacheOptions
     provides = frozenset({"row_feed"})
-    exact_options = {"refresh_every": 1, "head_commit": "off"}
+    exact_options = {"refresh_every": 1, "freeze_finished_blocks": False, "head_commit": "off"}
 
     @hookimpl
     def dare_generation_start(self, state):
