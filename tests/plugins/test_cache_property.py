@@ -22,7 +22,7 @@ from dare_pipeline.testing import tiny_model
 torch.set_num_threads(1)
 
 VOCAB = 64  # tiny_model's default: ids 62 (EOS/pad) and 63 (mask) are special
-SETTINGS = settings(max_examples=20, deadline=None, derandomize=True, phases=[Phase.explicit, Phase.generate],
+SETTINGS = settings(max_examples=25, deadline=None, derandomize=True, phases=[Phase.explicit, Phase.generate],
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 EXACT_CACHES = [{"name": "prefix_cache"}, {"name": "dual_cache"}]
