@@ -13,6 +13,10 @@ Options:
   refresh_every  also refresh every this many steps inside a block (0: at block starts only; 1: every
                  forward is a full forward, which reproduces the no-cache tokens when head_commit is off)
   head_commit    auto (Dream: on, LLaDA: off), on, off
+
+Stats (under the plugin's name): refreshes, partial_forwards (forwards that did not feed every
+column), rows_recomputed and cached_rows_read (key/value rows computed by a forward / attended to
+without being recomputed, summed over layers, forwards and prompts; padding is never counted).
 """
 
 from __future__ import annotations

@@ -17,6 +17,10 @@ Options:
                           (its rows are recomputed once with their final tokens), every earlier
                           column keeps the keys/values it had; the prompt is computed once
   head_commit             auto (Dream: on, LLaDA: off), on, off
+
+Stats (under the plugin's name): refreshes, partial_forwards (forwards that did not feed every
+column), rows_recomputed and cached_rows_read (key/value rows computed by a forward / attended to
+without being recomputed, summed over layers, forwards and prompts; padding is never counted).
 """
 
 from __future__ import annotations
