@@ -73,6 +73,37 @@ def cmd_recipe_check(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    """Accuracy on lm-eval tasks (the dare_* suite by default) with a recipe; writes a results JSON."""
+    import importlib.util
+
+    if importlib.util.find_spec("lm_eval") is None:
+        raise ConfigError("eval needs lm-eval: pip install 'dare-pipeline[eval]'")
+    from .evaluation.run import evaluate, format_table, set_offline, write_json_atomic
+
+    set_offline()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    tasks = [t.strip() for spec in args.tasks for t in spec.split(",") if t.strip()]
+    limit = args.limit
+    if limit is not None and float(limit).is_integer() and float(limit) >= 1:
+        limit = int(limit)
+    doc = evaluate(tasks, recipe=args.recipe, model=args.model, overrides=args.set, batch_size=args.batch_size,
+                   limit=limit, chat=args.chat, log_samples=args.log_samples, include_path=args.include_path,
+                   command={k: v for k, v in vars(args).items() if k != "func"})
+    if args.output:
+        write_json_atomic(args.output, doc)
+    if args.json:
+        print(json.dumps(doc, indent=2, default=str))
+    else:
+        print(format_table(doc))
+        if args.output:
+            print(f"results: {args.output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dare-pipeline", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -98,6 +129,22 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("recipe")
     check.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE")
     check.set_defaults(func=cmd_recipe_check)
+
+    ev = sub.add_parser("eval", help="accuracy on lm-eval tasks (dare_suite, dare_add, ...) with a recipe")
+    ev.add_argument("--recipe", help="recipe YAML file (default: the baseline settings)")
+    ev.add_argument("--tasks", required=True, action="append", metavar="T[,T2]",
+                    help="lm-eval tasks or groups: dare_suite, dare_add, dare_sort, dare_reverse, dare_expr")
+    ev.add_argument("--limit", type=float, help="at most N problems per task (a fraction < 1: that share)")
+    ev.add_argument("--model", help="checkpoint directory (overrides the recipe's model)")
+    ev.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a recipe key")
+    ev.add_argument("--batch-size", type=int, default=1, help="prompts decoded together (default 1)")
+    ev.add_argument("--output", help="write the results JSON here (atomically)")
+    ev.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template (lm-eval's)")
+    ev.add_argument("--log-samples", action="store_true", help="keep every response in the results JSON")
+    ev.add_argument("--include-path", help="another directory of lm-eval task YAMLs")
+    ev.add_argument("--json", action="store_true", help="print the results JSON instead of the table")
+    ev.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    ev.set_defaults(func=cmd_eval)
     return parser
 
 

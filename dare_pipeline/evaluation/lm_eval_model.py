@@ -1,0 +1,404 @@
+"""The lm-eval model `dare`: any recipe's decoding behind lm-eval's `generate_until`, and a Monte
+Carlo likelihood estimate (LLaDA's) behind `loglikelihood` / `loglikelihood_rolling`.
+
+    lm_eval --model dare --model_args recipe=recipes/baseline.yaml,gen_length=64 --tasks ...
+
+model_args (all optional):
+    recipe        recipe YAML path, a Recipe or a dict (default: the baseline settings)
+    model         checkpoint directory or "default" (overrides the recipe's model; alias: pretrained)
+    dtype, device override the recipe's (a CUDA device on a machine without CUDA falls back to the
+                  recipe's device with a warning, since lm-eval's CLI passes --device cuda:0 by default)
+    batch_size    prompts decoded together (lm-eval's --batch_size; "auto" = max_batch_size or 16)
+    set           recipe overrides "key.path=value", several separated by ";" (or a list from Python)
+    <any generation key>  shortcut for set=generation.<key>=<value>: gen_length, block_length, steps,
+                  temperature, remasking, cfg_scale, seed, ...
+    mc_samples    Monte Carlo samples per loglikelihood request (default 32)
+    mc_batch_size forward batch for those samples (default: mc_samples)
+    add_bos_token prepend the tokenizer's BOS to every context (default False)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import attrs
+import torch
+import torch.nn.functional as F
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from tqdm import tqdm
+
+from ..api import Pipeline
+from ..recipe import GenerationConfig, Recipe
+
+log = logging.getLogger(__name__)
+
+GENERATION_KEYS = tuple(a.name for a in attrs.fields(GenerationConfig))
+# keys lm-eval itself may put into model_args; accepted and ignored
+_IGNORED_ARGS = ("trust_remote_code", "parallelize", "max_length")
+
+
+def cut_at_stops(text: str, stops) -> str:
+    """`text` up to the earliest occurrence of any stop string (empty strings ignored)."""
+    cut = len(text)
+    for s in stops or ():
+        if s:
+            i = text.find(s)
+            if i != -1:
+                cut = min(cut, i)
+    return text[:cut]
+
+
+def _split_set(value) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(";") if v.strip()]
+    return [str(v) for v in value]
+
+
+def _resolve_device(requested, fallback: str) -> str:
+    if requested is None:
+        return fallback
+    requested = str(requested)
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        log.warning("device %r requested but CUDA is not available; using the recipe's device %r",
+                    requested, fallback)
+        return fallback
+    return requested
+
+
+@attrs.define
+class DecodingStats:
+    """Decoding counters summed over every generate_until batch of a run."""
+
+    requests: int = 0
+    batches: int = 0
+    nfe_total: int = 0  # model forwards executed (a batch forward counts once)
+    nfe_request_sum: int = 0  # sum over requests of the forwards of the batch that decoded it
+    steps: int = 0
+    generated_tokens: int = 0  # answer tokens before the first stop token, summed over requests
+    decode_time_s: float = 0.0  # the denoising loops themselves
+    wall_time_s: float = 0.0  # generate_until batches end to end (tokenizing and decoding text included)
+    plugins: dict = attrs.Factory(dict)  # numeric plugin counters, summed
+    loglikelihood_requests: int = 0
+    loglikelihood_forwards: int = 0  # rows scored by the Monte Carlo estimate (each a full forward)
+    loglikelihood_time_s: float = 0.0
+
+    def add(self, stats, size: int, wall: float) -> None:
+        self.requests += size
+        self.batches += 1
+        self.nfe_total += stats.nfe
+        self.nfe_request_sum += stats.nfe * size
+        self.steps += stats.steps
+        self.generated_tokens += stats.total_generated
+        self.decode_time_s += stats.wall_time_s
+        self.wall_time_s += wall
+        for name, counters in (stats.plugins or {}).items():
+            mine = self.plugins.setdefault(name, {})
+            for key, value in (counters or {}).items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    mine[key] = mine.get(key, 0) + value
+
+    def to_dict(self) -> dict:
+        n = max(self.requests, 1)
+        return {
+            "requests": self.requests,
+            "batches": self.batches,
+            "nfe_total": self.nfe_total,
+            "nfe_per_request": self.nfe_request_sum / n if self.requests else 0.0,
+            "steps": self.steps,
+            "generated_tokens": self.generated_tokens,
+            "generated_tokens_per_request": self.generated_tokens / n if self.requests else 0.0,
+            "decode_time_s": round(self.decode_time_s, 6),
+            "wall_time_s": round(self.wall_time_s, 6),
+            "tokens_per_second": round(self.generated_tokens / self.decode_time_s, 3) if self.decode_time_s else 0.0,
+            "plugins": self.plugins,
+            "loglikelihood_requests": self.loglikelihood_requests,
+            "loglikelihood_forwards": self.loglikelihood_forwards,
+            "loglikelihood_time_s": round(self.loglikelihood_time_s, 6),
+        }
+
+
+def build_recipe(recipe=None, overrides=(), **generation) -> Recipe:
+    """The recipe of a model_args set: a path / Recipe / dict (None = baseline settings), then the
+    generation shortcuts, then the `set` overrides."""
+    if recipe is None:
+        base = Recipe.from_dict({"name": "baseline"}, source="<baseline defaults>")
+    elif isinstance(recipe, Recipe):
+        base = recipe
+    elif isinstance(recipe, dict):
+        base = Recipe.from_dict(recipe)
+    else:
+        base = Recipe.from_yaml(Path(recipe))
+    if not generation and not overrides:
+        return base
+    data = base.to_dict()
+    data["generation"].update(generation)
+    return Recipe.from_dict(data, source=base.source, overrides=list(overrides))
+
+
+@register_model("dare")
+class DareLM(TemplateLM):
+    """A dare-pipeline Pipeline (model + recipe) as an lm-eval model."""
+
+    def __init__(self, recipe=None, model=None, pretrained=None, dtype=None, device=None, batch_size=1,
+                 max_batch_size=None, mc_samples: int = 32, mc_batch_size: int | None = None,
+                 add_bos_token: bool = False, **kwargs):
+        super().__init__()
+        overrides = _split_set(kwargs.pop("set", None))  # "set" is a model_args key, not a Python name here
+        generation = {k: kwargs.pop(k) for k in list(kwargs) if k in GENERATION_KEYS}
+        for k in _IGNORED_ARGS:
+            kwargs.pop(k, None)
+        if kwargs:
+            raise ValueError(f"dare: unknown model_args {sorted(kwargs)}; accepted: recipe, model, dtype, device, "
+                             f"batch_size, set, mc_samples, mc_batch_size, add_bos_token and the generation keys "
+                             f"{list(GENERATION_KEYS)}")
+        if isinstance(generation.get("stop"), str):
+            generation["stop"] = [generation["stop"]]
+        recipe = build_recipe(recipe, overrides, **generation)
+        model = model if model is not None else pretrained
+        changes = {}
+        if isinstance(model, (str, Path)):
+            changes["model"] = str(model)
+        if dtype is not None:
+            changes["dtype"] = str(dtype)
+        resolved_device = _resolve_device(device, recipe.device)
+        if resolved_device != recipe.device:
+            changes["device"] = resolved_device
+        if changes:
+            recipe = Recipe.from_dict({**recipe.to_dict(), **changes}, source=recipe.source)
+        self.recipe = recipe
+        if model is None or isinstance(model, (str, Path)):
+            self.pipeline = Pipeline.from_recipe(recipe)
+        else:  # an already loaded DiffusionTransformer (Python API)
+            self.pipeline = Pipeline(model, recipe)
+        self.model = self.pipeline.model
+        self.tokenizer = self.model.tokenizer
+        if self.tokenizer is None:
+            raise ValueError(f"dare: the checkpoint {self.model.source} has no tokenizer; lm-eval works on text")
+        self.config = self.model.config
+        self._device = self.model.device
+        self.batch_size = self._batch_size(batch_size, max_batch_size)
+        self.mc_samples = int(mc_samples)
+        self.mc_batch_size = int(mc_batch_size or mc_samples)
+        if self.mc_samples < 1 or self.mc_batch_size < 1:
+            raise ValueError("dare: mc_samples and mc_batch_size must be >= 1")
+        self.add_bos_token = bool(add_bos_token)
+        self.stats = DecodingStats()
+        self._warned: set[str] = set()
+
+    @staticmethod
+    def _batch_size(batch_size, max_batch_size) -> int:
+        if isinstance(batch_size, str) and batch_size.startswith("auto"):
+            size = int(max_batch_size or 16)
+            log.info("dare: batch_size %r -> %d (no memory probing; set batch_size explicitly)", batch_size, size)
+            return size
+        size = int(batch_size if batch_size is not None else 1)
+        if size < 1:
+            raise ValueError(f"dare: batch_size must be >= 1, got {batch_size!r}")
+        return size
+
+    # ---- what lm-eval asks of a model ---------------------------------------------------------
+    @property
+    def eot_token_id(self) -> int:
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        return eos if eos is not None else self.config.eos_token_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        bos = getattr(self.tokenizer, "bos_token_id", None)
+        return bos if bos is not None else self.eot_token_id
+
+    @property
+    def max_length(self) -> int:
+        return self.config.max_sequence_length
+
+    @property
+    def tokenizer_name(self) -> str:
+        return str(getattr(self.tokenizer, "name_or_path", "") or self.model.source).replace("/", "__")
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        return self.tokenizer.apply_chat_template(chat_history, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        ids = self.tokenizer(string, add_special_tokens=False)["input_ids"]
+        add_bos = self.add_bos_token if add_special_tokens is None else add_special_tokens
+        bos = getattr(self.tokenizer, "bos_token_id", None)
+        if add_bos and bos is not None and (not ids or ids[0] != bos):
+            ids = [bos] + ids
+        return ids
+
+    def tok_decode(self, ids) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def get_model_info(self) -> dict:
+        return {"dare_recipe": self.recipe.name, "dare_model": str(self.model.source),
+                "model_num_parameters": sum(p.numel() for p in self.model.parameters()),
+                "model_dtype": str(self.model.dtype), "model_family": self.config.family}
+
+    # ---- generate_until -----------------------------------------------------------------------
+    def _generation_overrides(self, gen_kwargs: dict) -> tuple[dict, list[str]]:
+        """lm-eval gen_kwargs -> (GenerationConfig overrides, stop strings)."""
+        kw = dict(gen_kwargs or {})
+        until = kw.pop("until", None)
+        until = [until] if isinstance(until, str) else list(until or [])
+        overrides = {}
+        # the recipe decides how to decode: a task's do_sample=false does not turn a sampling recipe
+        # greedy; an explicit temperature with do_sample=true does override it
+        do_sample = kw.pop("do_sample", None)
+        temperature = kw.pop("temperature", None)
+        if do_sample and temperature is not None:
+            overrides["temperature"] = float(temperature)
+        for key in list(kw):
+            if key in GENERATION_KEYS:
+                value = kw.pop(key)
+                overrides[key] = tuple(value) if key == "stop" else value
+        kw.pop("max_gen_toks", None)  # the recipe's gen_length sizes the canvas
+        if "max_gen_toks" in (gen_kwargs or {}) and "max_gen_toks" not in self._warned:
+            self._warned.add("max_gen_toks")
+            log.info("dare: max_gen_toks is ignored; the answer length is the recipe's gen_length")
+        for key in sorted(kw):
+            if key not in self._warned:
+                self._warned.add(key)
+                log.warning("dare: generation kwarg %r is not supported and is ignored", key)
+        return overrides, until
+
+    def _fit(self, ids: list[int], gen_length: int) -> list[int]:
+        room = self.config.max_sequence_length - gen_length
+        if room < 1:
+            raise ValueError(f"dare: gen_length {gen_length} leaves no room for a prompt within "
+                             f"max_sequence_length {self.config.max_sequence_length}")
+        if not ids:
+            ids = [self.prefix_token_id]
+        if len(ids) > room:
+            if "truncate" not in self._warned:
+                self._warned.add("truncate")
+                log.warning("dare: contexts longer than %d tokens are cut from the left", room)
+            ids = ids[-room:]
+        return ids
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        results: list[str | None] = [None] * len(requests)
+        groups: dict[str, list[int]] = {}
+        for i, req in enumerate(requests):
+            key = json.dumps(req.args[1] or {}, sort_keys=True, default=repr)
+            groups.setdefault(key, []).append(i)
+        bar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="dare generate_until")
+        for indices in groups.values():
+            gen_kwargs = requests[indices[0]].args[1]
+            overrides, until = self._generation_overrides(gen_kwargs)
+            gen = attrs.evolve(self.recipe.generation, **overrides)
+            # longest first: padding waste stays low and a too-long batch fails at once
+            order = sorted(indices, key=lambda i: -len(requests[i].args[0]))
+            for start in range(0, len(order), self.batch_size):
+                chunk = order[start:start + self.batch_size]
+                prompts = [self._fit(self.tok_encode(requests[i].args[0]), gen.gen_length) for i in chunk]
+                t0 = time.perf_counter()
+                out = self.pipeline.generate(prompts, **overrides)
+                texts = [cut_at_stops(self.tok_decode(a), list(gen.stop) + until) for a in out.answers]
+                self.stats.add(out.stats, len(chunk), time.perf_counter() - t0)
+                for i, text in zip(chunk, texts):
+                    results[i] = text
+                    self.cache_hook.add_partial("generate_until", requests[i].args, text)
+                bar.update(len(chunk))
+        bar.close()
+        return results
+
+    # ---- likelihoods (Monte Carlo, as in the LLaDA paper) ------------------------------------
+    def _logits(self, x: torch.Tensor, prompt_len: int) -> torch.Tensor:
+        """Per-position logits (float32) predicting each column of x; classifier-free guidance as in
+        decoding when the recipe sets cfg_scale (the unconditional input masks the prompt)."""
+        cfg_scale = self.recipe.generation.cfg_scale
+        if cfg_scale > 0:
+            uncond = x.clone()
+            uncond[:, :prompt_len] = self.config.mask_token_id
+            both = self.model(torch.cat([x, uncond])).float()
+            cond, un = both.chunk(2)
+            logits = un + (cfg_scale + 1) * (cond - un)
+        else:
+            logits = self.model(x).float()
+        if self.config.logits_shift:  # Dream: row i predicts token i+1
+            logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+        return logits
+
+    def _generator(self, tokens: list[int]) -> torch.Generator:
+        import hashlib
+
+        digest = hashlib.sha256(json.dumps([self.recipe.generation.seed, tokens]).encode()).digest()
+        return torch.Generator().manual_seed(int.from_bytes(digest[:8], "big") & ((1 << 63) - 1))
+
+    @torch.inference_mode()
+    def score_continuation(self, context: list[int], continuation: list[int]) -> tuple[float, bool]:
+        """Monte Carlo estimate of log p(continuation | context) and a one-step greedy check.
+
+        Each of `mc_samples` samples masks l of the L continuation tokens (l stratified over 1..L as
+        in LLaDA's evaluation code) and scores the masked ones: sum of cross-entropies / (l / L).
+        The negated mean is an unbiased estimate of the ELBO, a lower bound of the log-likelihood,
+        exact for a one-token continuation. `is_greedy`: with the whole continuation masked, every
+        position's argmax is the continuation token (one forward, not a full decode)."""
+        if not continuation:
+            return 0.0, True
+        limit = self.config.max_sequence_length
+        if len(continuation) >= limit:
+            raise ValueError(f"dare: continuation of {len(continuation)} tokens does not fit max_sequence_length "
+                             f"{limit}")
+        context = (context or [self.prefix_token_id])[-(limit - len(continuation)):]
+        seq = torch.tensor(context + continuation, device=self.device)
+        p, length, n = len(context), len(continuation), self.mc_samples
+        gen = self._generator(context + continuation)
+        k = int(torch.randint(1, length + 1, (1,), generator=gen))
+        counts = torch.round(torch.linspace(float(k), k + (n - 1) * (length / n), n)).long()
+        counts = (counts - 1) % length + 1  # masked tokens per sample, 1..L
+        target = seq[p:]
+        total = 0.0
+        for start in range(0, n, self.mc_batch_size):
+            c = counts[start:start + self.mc_batch_size]
+            ranks = torch.rand(len(c), length, generator=gen).argsort(-1).argsort(-1)
+            masked = (ranks < c[:, None]).to(self.device)
+            x = seq.repeat(len(c), 1)
+            x[:, p:] = torch.where(masked, self.config.mask_token_id, x[:, p:])
+            logits = self._logits(x, p)[:, p:]
+            ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.repeat(len(c)), reduction="none")
+            ce = (ce.view(len(c), length) * masked).sum(-1)
+            total += float((ce / (c.to(ce.device).float() / length)).sum())
+        self.stats.loglikelihood_forwards += n + 1
+        x = seq[None].clone()
+        x[0, p:] = self.config.mask_token_id
+        greedy = bool((self._logits(x, p)[0, p:].argmax(-1) == target).all())
+        return -total / n, greedy
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        out = []
+        t0 = time.perf_counter()
+        for (text_pair, context, continuation) in tqdm(requests, disable=disable_tqdm or self.rank != 0,
+                                                        desc="dare loglikelihood"):
+            result = self.score_continuation(list(context), list(continuation))
+            out.append(result)
+            self.cache_hook.add_partial("loglikelihood", text_pair, result)
+        self.stats.loglikelihood_requests += len(requests)
+        self.stats.loglikelihood_time_s += time.perf_counter() - t0
+        return out
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """Monte Carlo ELBO of each whole string, in disjoint windows of at most max_sequence_length
+        tokens, each conditioned on the tokens before it (or the prefix token for the first)."""
+        from lm_eval import utils as lm_utils
+
+        out = []
+        t0 = time.perf_counter()
+        for req in tqdm(requests, disable=disable_tqdm or self.rank != 0, desc="dare loglikelihood_rolling"):
+            (string,) = req.args
+            windows = map(lm_utils.make_disjoint_window, lm_utils.get_rolling_token_windows(
+                token_list=self.tok_encode(string, add_special_tokens=False), prefix_token=self.prefix_token_id,
+                max_seq_len=self.max_length, context_len=1))
+            total = sum(self.score_continuation(list(ctx), list(cont))[0] for ctx, cont in windows)
+            out.append(total)
+            self.cache_hook.add_partial("loglikelihood_rolling", (string,), total)
+        self.stats.loglikelihood_requests += len(requests)
+        self.stats.loglikelihood_time_s += time.perf_counter() - t0
+        return out

@@ -1,0 +1,169 @@
+"""`dare-pipeline eval`: lm-eval's simple_evaluate with the `dare` model and the packaged tasks,
+written as one results JSON (accuracy, recipe, decoding stats, versions, hardware).
+
+Everything runs offline: HF_DATASETS_OFFLINE / HF_HUB_OFFLINE are set (unless already set) before
+lm-eval or datasets are imported, and the dare_* tasks read the packaged held-out file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+SCHEMA = "dare-pipeline/eval-results/v1"
+METRICS = ("exact_match", "final_match")
+
+
+def set_offline() -> None:
+    for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        os.environ.setdefault(var, "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name, dist in (("torch", "torch"), ("transformers", "transformers"), ("lm_eval", "lm_eval"),
+                       ("datasets", "datasets"), ("dare_pipeline", "dare-pipeline")):
+        try:
+            out[name] = version(dist)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def hardware(device) -> dict:
+    import torch
+
+    info = {"platform": platform.platform(), "machine": platform.machine(), "processor": platform.processor(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": str(device),
+            "cuda_available": torch.cuda.is_available()}
+    if torch.device(device).type == "cuda":
+        props = torch.cuda.get_device_properties(torch.device(device))
+        info["gpu"] = props.name
+        info["gpu_memory_gb"] = round(props.total_memory / 2**30, 1)
+    return info
+
+
+def write_json_atomic(path: str | os.PathLike, data: dict) -> Path:
+    """Write via a temp file in the same directory + os.replace: readers never see a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, sort_keys=False, default=str)
+            f.write("\n")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return path
+
+
+def _metrics(entry: dict) -> dict:
+    """lm-eval's "<metric>,<filter>" keys -> {metric: value, metric_stderr: value}."""
+    out = {}
+    for key, value in entry.items():
+        name, _, _filter = key.partition(",")
+        base = name[: -len("_stderr")] if name.endswith("_stderr") else name
+        if base in METRICS:
+            out[name] = None if value == "N/A" else value
+    return out
+
+
+def summarize(raw: dict) -> tuple[dict, dict]:
+    """Per-task and per-group accuracy from simple_evaluate's results."""
+    groups = set(raw.get("groups", {}))
+    tasks, group_rows = {}, {}
+    for name, entry in raw.get("results", {}).items():
+        row = _metrics(entry)
+        n = raw.get("n-samples", {}).get(name, {})
+        if name in groups:
+            group_rows[name] = row | {"tasks": list(raw.get("group_subtasks", {}).get(name, []))}
+        else:
+            tasks[name] = row | {"n": n.get("effective"), "n_total": n.get("original")}
+    for name, row in group_rows.items():
+        row["n"] = sum(tasks[t]["n"] or 0 for t in row["tasks"] if t in tasks)
+    return tasks, group_rows
+
+
+def _samples(raw_samples: dict) -> dict:
+    out = {}
+    for task, rows in (raw_samples or {}).items():
+        out[task] = [{"doc_id": r.get("doc_id"), "id": r.get("doc", {}).get("id"),
+                      "prompt": (r.get("arguments") or [[None]])[0][0], "target": r.get("target"),
+                      "response": (r.get("filtered_resps") or [None])[0], **{m: r.get(m) for m in METRICS}}
+                     for r in rows]
+    return out
+
+
+def evaluate(tasks: list[str], recipe=None, model=None, overrides=(), batch_size: int = 1, limit=None,
+             chat: bool = False, log_samples: bool = False, include_path=None, lm=None, command=None) -> dict:
+    """Run the tasks and return the results document (see docs/evaluation.md)."""
+    set_offline()
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from . import TASKS_DIR
+    from .lm_eval_model import DareLM
+
+    t0 = time.perf_counter()
+    if lm is None:
+        lm = DareLM(recipe=recipe, model=model, set=list(overrides), batch_size=batch_size)
+    paths = [str(TASKS_DIR)] + [str(p) for p in ([include_path] if isinstance(include_path, (str, Path))
+                                                 else include_path or [])]
+    manager = TaskManager(include_path=paths, include_defaults=False)
+    missing = [t for t in tasks if not manager.match_tasks([t])]
+    ours = [t for t in missing if t.startswith("dare_")]
+    if ours:
+        raise ValueError(f"unknown task(s) {ours}; the suite's tasks: {sorted(manager.all_tasks)}")
+    if missing:  # lm-eval's own tasks (these may need the network)
+        manager = TaskManager(include_path=paths, include_defaults=True)
+    raw = simple_evaluate(model=lm, tasks=list(tasks), limit=limit, task_manager=manager, log_samples=log_samples,
+                          apply_chat_template=chat, fewshot_as_multiturn=False, bootstrap_iters=1000)
+    task_rows, group_rows = summarize(raw)
+    decoding = lm.stats.to_dict()
+    doc = {
+        "schema": SCHEMA,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "tasks": task_rows,
+        "groups": group_rows,
+        "recipe": lm.recipe.to_dict(),
+        "recipe_source": lm.recipe.source,
+        "model": {"source": str(lm.model.source), "family": lm.config.family, "dtype": str(lm.model.dtype),
+                  "device": str(lm.model.device), "parameters": sum(p.numel() for p in lm.model.parameters())},
+        "decoding": decoding,
+        "eval": {"tasks": list(tasks), "limit": limit, "batch_size": lm.batch_size, "chat_template": bool(chat),
+                 "num_fewshot": {t: c.get("num_fewshot") for t, c in raw.get("configs", {}).items()},
+                 "task_versions": dict(raw.get("versions", {})), "wall_time_s": round(time.perf_counter() - t0, 3),
+                 "command": command, "git_hash": raw.get("git_hash")},
+        "versions": versions(),
+        "hardware": hardware(lm.model.device),
+    }
+    if log_samples:
+        doc["samples"] = _samples(raw.get("samples"))
+    return doc
+
+
+def format_table(doc: dict) -> str:
+    rows = [("task", "n", "exact_match", "final_match")]
+    for name, row in list(doc["tasks"].items()) + list(doc["groups"].items()):
+        rows.append((name, str(row.get("n")), *(f"{row[m]:.4f}" if isinstance(row.get(m), (int, float)) else "-"
+                                                for m in METRICS)))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    d = doc["decoding"]
+    lines.append(f"[{doc['recipe']['name']}] requests={d['requests']} nfe_total={d['nfe_total']} "
+                 f"nfe/request={d['nfe_per_request']:.1f} generated={d['generated_tokens']} "
+                 f"tokens/s={d['tokens_per_second']:.1f} decode={d['decode_time_s']:.2f}s "
+                 f"total={doc['eval']['wall_time_s']:.2f}s")
+    return "\n".join(lines)
