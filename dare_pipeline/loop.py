@@ -39,7 +39,7 @@ def denoise(model, prompts: list[list[int]], gen, hooks, seed: int | None = None
                     f"block {block} still has {int(state.block_masked().sum())} masked positions after "
                     f"{budget} forwards (generation.max_steps_per_block); the model keeps proposing the mask token")
             hooks.dare_step_start(state=state)
-            state.plan = hooks.dare_plan_forward(state=state) or ForwardPlan.full(state.length)
+            state.plan = hooks.dare_plan_forward(state=state) or _default_plan(state)
             proposal = _forward_and_propose(state, reuse)
             if state.plan.commit_block_head:
                 committed = torch.zeros_like(proposal.candidates)
@@ -60,6 +60,12 @@ def denoise(model, prompts: list[list[int]], gen, hooks, seed: int | None = None
     for name, report in _named_reports(hooks, state):
         state.stats.plugins[name] = report
     return state
+
+
+def _default_plan(state: DecodeState) -> ForwardPlan:
+    """Without a row feeder every column is fed, and the block's first forward is the refresh: reuse
+    objects (DARE) recompute every row there and may serve cached rows at the block's other forwards."""
+    return ForwardPlan.full(state.length, refresh=state.step_in_block == 0)
 
 
 def candidate_columns(state: DecodeState) -> slice:

@@ -31,10 +31,18 @@ class LayerCall:
     store: ActivationStore
     fed: slice  # absolute canvas columns fed to this forward
     tokens: torch.Tensor  # (B, n) token ids of the fed rows
-    refresh: bool  # the row feeder declared this forward a full cache refresh
+    refresh: bool  # a full cache refresh: the row feeder's, or a block's first forward without one
     step: int  # decoding step (0-based, counted over the whole generation)
+    # attention's padding mask over keys (B, L), None when nothing is padded
+    key_mask: torch.Tensor | None = None
+    # RoPE cos/sin of the fed rows, (B, 1, n, head_dim) each
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None
     # absolute columns of the rows that run this layer (set by the model after layer_rows)
     active: torch.Tensor | None = None
+    # (B, m) bool over `active`: which of them each batch element really runs (None = all)
+    run: torch.Tensor | None = None
+    # attn_norm of the running rows' input (B, m, d), set with `active`
+    h: torch.Tensor | None = None
 
 
 class LayerReuse:

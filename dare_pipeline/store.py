@@ -52,6 +52,18 @@ class ActivationStore:
         written = self._kv_written[layer]
         written[:, columns] = True if mask is None else (written[:, columns] | mask)
 
+    def write_v(self, layer: int, columns: torch.Tensor | slice, v: torch.Tensor,
+                mask: torch.Tensor | None = None) -> None:
+        """Replace value rows (B, heads, n, hd) at absolute `columns`, keys untouched (dLLM-Cache's
+        V-verify refreshes every value it computed); only rows that already hold K/V may be replaced."""
+        missing = ~self._kv_written[layer][:, columns]
+        if mask is not None:
+            missing &= mask
+            v = torch.where(mask[:, None, :, None], v, self._v[layer][:, :, columns])
+        if bool(missing.any()):
+            raise ValueError(f"write_v at layer {layer}: some rows hold no keys/values yet (use write_kv)")
+        self._v[layer][:, :, columns] = v
+
     # ---- row fields (attention output, FFN output, plugin fields) ---------------------------
     def track(self, name: str) -> None:
         """Ask the core to write `name` (ATTN_OUT or FFN_OUT) at every forward from now on."""

@@ -168,7 +168,8 @@ class DiffusionTransformer(nn.Module):
                 if counters is not None:
                     counters[i] += x.shape[0] * n
                 continue
-            call = LayerCall(layer=i, module=layer, store=store, fed=fed, tokens=tokens, refresh=refresh, step=step)
+            call = LayerCall(layer=i, module=layer, store=store, fed=fed, tokens=tokens, refresh=refresh, step=step,
+                             key_mask=key_mask, rope=(cos, sin))
             x = self._layer_rows(layer, call, x, cos, sin, key_mask, reuse, counters)
         if head_rows is not None:
             x = x[:, head_rows]
@@ -188,8 +189,8 @@ class DiffusionTransformer(nn.Module):
             idx = _pick(run)
             xa, cols, run_sub = x[:, idx], fed_cols[idx], run[:, idx]
             cos_a, sin_a = cos[:, :, idx], sin[:, :, idx]
-        call.active = cols
         h = layer.attn_norm(xa)
+        call.active, call.run, call.h = cols, run_sub, h
         q = layer.project_q(h, cos_a, sin_a)
 
         # 2. keys and values: recompute the chosen rows, write them into the store, attend over it

@@ -1,0 +1,171 @@
+"""Building blocks for reuse plugins (DARE-KV, DARE-O, dLLM-Cache, third-party ones).
+
+- `QueryDrift`: DARE's per-row decision "has this row's query drifted since
+  its last recompute at this layer?", with the reference query and the token kept per layer and
+  column in the activation store (fields `<prefix>.q_ref`, `<prefix>.token`), the mandatory
+  recomputes every cache must respect, and reuse counters per layer.
+- `ShadowLog`: shadow mode's record of the relative error ||reused - exact|| / ||exact|| of the
+  reused activations, per layer and forward.
+
+Counters stay on the model's device (no host sync per layer) and become plain ints in reports.
+Padding columns (left-padded prompts) are never counted.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .reuse import LayerCall
+
+# why a running row was recomputed, first matching reason wins (see QueryDrift.report)
+REASONS = ("refresh", "exempt", "no_entry", "token_changed", "drift")
+
+
+def layer_indices(instance, attribute, value):
+    """attrs validator: a tuple of layer indices, each >= 0 (the upper bound is checked per model)."""
+    bad = [v for v in value if v < 0]
+    if bad:
+        raise ValueError(f"{attribute.name} = {list(value)!r}: layer indices must be >= 0")
+
+
+class QueryDrift:
+    """The query-drift decision of one generation for one reuse plugin.
+
+    `decide(call, q, entry)` returns the (B, m) bool mask of running rows to recompute (None when
+    every row recomputes). A row may be reused only if it has a cache entry (`entry`, (B, L)) and a
+    reference query, its token is the one it had at its last recompute at this layer, the forward
+    is not a refresh (the row feeder's, or forced by `refresh_every`), the layer is not exempt, and
+    its drift is strictly below the threshold. Recomputed rows get a new reference query and token.
+    """
+
+    def __init__(self, prefix: str, options, n_layers: int, real: torch.Tensor):
+        """`options` carries threshold, exempt_layers, refresh_every (see the DARE plugins)."""
+        if any(layer >= n_layers for layer in options.exempt_layers):
+            raise ValueError(f"{prefix}: exempt_layers = {list(options.exempt_layers)!r}: the model has "
+                             f"{n_layers} layers (0..{n_layers - 1})")
+        self.prefix = prefix
+        self.ref_field, self.token_field = f"{prefix}.q_ref", f"{prefix}.token"
+        self.threshold = options.threshold
+        self.exempt = frozenset(options.exempt_layers)
+        self.refresh_every = options.refresh_every
+        self.real = real  # (B, L) bool: not padding
+        self.n_layers = n_layers
+        # per layer: eligible rows, reused rows, then one column per entry of REASONS
+        self.counts = torch.zeros(n_layers, 2 + len(REASONS), dtype=torch.long, device=real.device)
+        self._seen_step: int | None = None
+        self._full = False
+        self._last_full: int | None = None
+
+    def _forced(self, call: LayerCall) -> bool:
+        """Whether this forward recomputes every row (decided once per forward, at its first layer call)."""
+        if call.step != self._seen_step:
+            self._seen_step = call.step
+            every = self.refresh_every
+            self._full = (call.refresh or self._last_full is None
+                          or (every > 0 and call.step - self._last_full >= every))
+            if self._full:
+                self._last_full = call.step
+        return self._full
+
+    def decide(self, call: LayerCall, q: torch.Tensor, entry: torch.Tensor) -> torch.Tensor | None:
+        store, layer, cols = call.store, call.layer, call.active
+        batch, heads, m, hd = q.shape
+        qf = q.transpose(1, 2).reshape(batch, m, heads * hd)
+        tokens = call.tokens[:, cols - call.fed.start]
+        real = self.real[:, cols]
+        if call.run is not None:
+            real = real & call.run
+        n_real = real.sum()
+        zero = torch.zeros((), dtype=torch.long, device=q.device)
+
+        ref = store.field(self.ref_field, layer, heads * hd, qf.dtype)
+        last_token = store.field(self.token_field, layer, 1, torch.long)
+        forced = self._forced(call)
+        if forced or layer in self.exempt:
+            recompute = torch.ones(batch, m, dtype=torch.bool, device=q.device)
+            reasons = [n_real, zero, zero, zero, zero] if forced else [zero, n_real, zero, zero, zero]
+            reused = zero
+        else:
+            has = entry[:, cols] & store.written(self.ref_field, layer)[:, cols]
+            same = last_token[:, cols, 0] == tokens
+            q_ref = ref[:, cols].float()
+            drift = (qf.float() - q_ref).norm(dim=-1) / q_ref.norm(dim=-1).clamp_min(torch.finfo(torch.float).tiny)
+            close = drift < self.threshold
+            reuse = has & same & close
+            recompute = ~reuse
+            reused = (reuse & real).sum()
+            reasons = [zero, zero, (~has & real).sum(), (has & ~same & real).sum(), (has & same & ~close & real).sum()]
+
+        update = recompute if call.run is None else recompute & call.run
+        store.write(self.ref_field, layer, cols, qf, update)
+        store.write(self.token_field, layer, cols, tokens[..., None], update)
+        self.counts[layer] += torch.stack([n_real, reused, *reasons])
+        return None if bool(recompute.all()) else recompute
+
+    def real_rows(self, call: LayerCall) -> torch.Tensor:
+        """(B, m) bool over the running rows: real (not padding) and running for that batch element."""
+        real = self.real[:, call.active]
+        return real if call.run is None else real & call.run
+
+    def report(self, sub_op: str) -> dict:
+        """Reuse counters: overall and per layer; `sub_op` names the sub-operation reused rows skip."""
+        counts = self.counts.cpu().tolist()
+        per_layer = []
+        for layer, (eligible, reused, *_) in enumerate(counts):
+            per_layer.append({"layer": layer, "eligible": eligible, "reused": reused,
+                              "reuse_fraction": _fraction(reused, eligible),
+                              "recomputed": {"q": eligible, sub_op: eligible - reused}})
+        eligible = sum(c[0] for c in counts)
+        reused = sum(c[1] for c in counts)
+        reasons = {name: sum(c[2 + i] for c in counts) for i, name in enumerate(REASONS)}
+        return {"threshold": self.threshold, "rows_eligible": eligible, "rows_reused": reused,
+                "reuse_fraction": _fraction(reused, eligible), "per_layer": per_layer,
+                "recompute_reasons": reasons}
+
+
+def _fraction(part: int, whole: int) -> float:
+    return round(part / whole, 6) if whole else 0.0
+
+
+class ShadowLog:
+    """Relative error of reused activations against their exact values, per layer and forward.
+
+    `record(step, layer, reused, exact, weight)` takes tensors (B, r, ...) of the reused and the exact
+    values of some rows and a (B, r) weight (1 for a reused real row, 0 otherwise); the error of one
+    (step, layer) is sqrt(sum w ||reused - exact||^2 / sum w ||exact||^2) over its rows.
+    """
+
+    def __init__(self, n_layers: int, per_step_limit: int = 256):
+        self.n_layers = n_layers
+        self.per_step_limit = per_step_limit
+        self._entries: list[tuple[int, int, torch.Tensor]] = []
+
+    def record(self, step: int, layer: int, reused: torch.Tensor, exact: torch.Tensor, weight: torch.Tensor) -> None:
+        w = weight.to(torch.float64)
+        diff = (reused.to(torch.float64) - exact.to(torch.float64)).flatten(2).pow(2).sum(-1)
+        norm = exact.to(torch.float64).flatten(2).pow(2).sum(-1)
+        self._entries.append((step, layer, torch.stack([(diff * w).sum(), (norm * w).sum(), w.sum()])))
+
+    def report(self) -> dict:
+        per_layer = [{"layer": i, "records": 0, "rows": 0, "mean_rel_error": None, "max_rel_error": None}
+                     for i in range(self.n_layers)]
+        if not self._entries:
+            return {"per_layer": per_layer, "mean_rel_error": None, "max_rel_error": None, "per_step": []}
+        values = torch.stack([e[2] for e in self._entries]).cpu().tolist()
+        errors = [(d / n) ** 0.5 if n > 0 else 0.0 for d, n, _ in values]
+        for (step, layer, _), (_, _, rows), err in zip(self._entries, values, errors):
+            entry = per_layer[layer]
+            entry["records"] += 1
+            entry["rows"] += int(rows)
+            entry["mean_rel_error"] = (entry["mean_rel_error"] or 0.0) + err
+            entry["max_rel_error"] = max(entry["max_rel_error"] or 0.0, err)
+        for entry in per_layer:
+            if entry["records"]:
+                entry["mean_rel_error"] /= entry["records"]
+        report = {"per_layer": per_layer, "mean_rel_error": sum(errors) / len(errors), "max_rel_error": max(errors)}
+        if len(self._entries) <= self.per_step_limit:
+            report["per_step"] = [{"step": s, "layer": layer, "rows": int(v[2]), "rel_error": err}
+                                  for (s, layer, _), v, err in zip(self._entries, values, errors)]
+        else:
+            report["per_step"] = f"{len(self._entries)} records (more than {self.per_step_limit}): left out"
+        return report
