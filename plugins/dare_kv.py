@@ -1,0 +1,112 @@
+"""DARE-KV (methods.md section 4): reuse a row's cached keys and values while its query barely moves.
+
+At every layer the query of each running row is computed anyway. Its drift
+d = ||q - q_ref|| / ||q_ref|| over all heads, against the query it had when its K/V were last
+recomputed at that layer, decides: rows with d < threshold skip the K and V projections and keep
+the store's rows; the others recompute them and take q as their new reference. Always recomputed:
+rows whose token changed since their last recompute at that layer, rows without K/V in the store,
+every row at a cache refresh (the row feeder's, or each block's first forward without one, or
+every `refresh_every` forwards), and every row of `exempt_layers`. Strict `<`: threshold 0 reuses
+nothing and reproduces the recipe without this plugin token for token.
+
+The reference query and the token are kept in the activation store (`dare_kv.q_ref`,
+`dare_kv.token`, per layer and column); the plugin holds counters only.
+
+Stacks with prefix_cache / dual_cache (it decides among the rows they still feed) and with every
+decoding policy.
+
+Options: threshold (default 0.05), exempt_layers, refresh_every, shadow (also compute the
+exact K/V of reused rows and report their relative error per layer and forward; the decode still
+uses the reused rows).
+
+Stats (under `dare_kv`): threshold, rows_eligible / rows_reused / reuse_fraction (running real rows
+over all layers and forwards; padding is never counted), per_layer (eligible, reused,
+reuse_fraction, recomputed {q, kv}), recompute_reasons (refresh, exempt, no_entry,
+token_changed, drift), and `shadow` in shadow mode.
+"""
+
+from __future__ import annotations
+
+import attrs
+import torch
+
+from dare_pipeline.config_loading import at_least
+from dare_pipeline.hookspecs import hookimpl
+from dare_pipeline.plugin import Plugin
+from dare_pipeline.reuse import LayerReuse
+from dare_pipeline.reuse_tools import QueryDrift, ShadowLog, layer_indices
+
+WHOLE_LAYER_REUSE = ("dLLM-Cache already decides per layer which rows recompute at all (its V-verify picks the "
+                     "rows whose values moved most); a query-drift predictor inside those rows would skip work on "
+                     "exactly the rows flagged as changed, and no refresh of DARE's ever coincides with "
+                     "dLLM-Cache's interval refreshes")
+
+
+@attrs.frozen(kw_only=True)
+class DareKVOptions:
+    # tau: a row is reused when ||q - q_ref|| / ||q_ref|| < threshold (strict: 0 reuses nothing)
+    threshold: float = attrs.field(default=0.05, validator=at_least(0.0))
+    # layers that always recompute every row (layer 0's K/V depend only on token and position,
+    # so reusing them there is exact)
+    exempt_layers: tuple[int, ...] = attrs.field(default=(), validator=layer_indices)
+    # also recompute every row at least every this many forwards (0: only at the cache refreshes)
+    refresh_every: int = attrs.field(default=0, validator=at_least(0))
+    # also compute the exact values of reused rows and report their relative error (slower; the
+    # decode still uses the reused values)
+    shadow: bool = False
+
+
+class _KVReuse(LayerReuse):
+    decisions = frozenset({"kv_rows"})
+
+    def __init__(self, plugin: "DareKV"):
+        self.plugin = plugin
+
+    def kv_rows(self, call, q):
+        p = self.plugin
+        recompute = p.drift.decide(call, q, call.store.kv_written(call.layer))
+        if recompute is not None and p.shadow is not None:
+            _shadow_kv(p, call, ~recompute)
+        return recompute
+
+
+def _shadow_kv(plugin: "DareKV", call, reused: torch.Tensor) -> None:
+    """Exact K/V of the reused rows vs the store's (reused) rows; nothing is written."""
+    weight = reused & plugin.drift.real_rows(call)
+    sel = weight.any(0).nonzero().squeeze(1)
+    if sel.numel() == 0:
+        return
+    cols = call.active[sel]
+    fed_rows = cols - call.fed.start
+    cos, sin = call.rope
+    k, v = call.module.project_kv(call.h[:, sel], cos[:, :, fed_rows], sin[:, :, fed_rows])
+    store, layer = call.store, call.layer
+    exact = torch.cat([k, v], dim=-1).transpose(1, 2)  # (B, r, heads, 2 hd)
+    cached = torch.cat([store.keys(layer)[:, :, cols], store.values(layer)[:, :, cols]], dim=-1).transpose(1, 2)
+    plugin.shadow.record(call.step, layer, cached, exact, weight[:, sel])
+
+
+class DareKV(Plugin):
+    name = "dare_kv"
+    Options = DareKVOptions
+    provides = frozenset({"kv_rows"})
+    conflicts = {"dllm_cache": WHOLE_LAYER_REUSE}
+    exact_options = {"threshold": 0.0}
+
+    @hookimpl
+    def dare_generation_start(self, state):
+        state.require_store()
+        n_layers = state.model.config.n_layers
+        self.drift = QueryDrift(self.name, self.options, n_layers, state.model_rows(state.attention_mask))
+        self.shadow = ShadowLog(n_layers) if self.options.shadow else None
+
+    @hookimpl
+    def dare_layer_reuse(self, state):
+        return _KVReuse(self)
+
+    @hookimpl
+    def dare_report_stats(self, state):
+        report = self.drift.report("kv")
+        if self.shadow is not None:
+            report["shadow"] = self.shadow.report()
+        return report
