@@ -104,6 +104,72 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_ablate(args) -> int:
+    """Run an ablation file's product of plugin sets and sweeps; one JSONL line per run; reports at the end."""
+    import importlib.util
+    from pathlib import Path
+
+    if importlib.util.find_spec("lm_eval") is None:
+        raise ConfigError("ablate needs lm-eval: pip install 'dare-pipeline[eval]'")
+    from .ablation import Ablation
+    from .ablation.report import write_report
+    from .ablation.results import read_records
+    from .ablation.runner import parse_shard, run_ablation
+    from .evaluation.run import set_offline
+
+    set_offline()
+    abl = Ablation.from_yaml(args.ablation)
+    shard = parse_shard(args.shard)
+    limit = args.limit
+    if limit is not None and float(limit).is_integer() and float(limit) >= 1:
+        limit = int(limit)
+    output = Path(args.output or Path("runs") / "ablation" / f"{abl.name}.jsonl")
+    if args.dry_run:
+        from .ablation.runner import select
+        from .ablation.schema import plan_runs
+
+        runs = plan_runs(abl, model=args.model, limit=limit, extra_set=args.set, batch_size=args.batch_size)
+        todo, write_now, already = select(runs, read_records(output), shard, args.retry_failed)
+        state = {id(r): "run" for r in todo} | {id(r): r.status for r in write_now} | {id(r): "done" for r in already}
+        for r in runs:
+            mark = state.get(id(r), "other shard")
+            print(f"#{r.index:<4} {r.key}  {mark:<11} {r.name}" + (f"  ({r.reason})" if r.reason else ""))
+        print(f"{len(runs)} runs planned; this shard: {len(todo)} to run, {len(write_now)} to record without "
+              f"running, {len(already)} already in {output}")
+        return 0
+    summary = run_ablation(abl, output, limit=limit, model=args.model, extra_set=args.set, batch_size=args.batch_size,
+                           shard=shard, workers=args.workers, threads=args.threads, retry_failed=args.retry_failed,
+                           quiet=args.quiet)
+    print(summary.line())
+    print(f"results: {output}")
+    if not args.no_report:
+        out_dir = Path(args.report_dir) if args.report_dir else output.with_suffix("")
+        files = write_report(read_records(output), out_dir)
+        print(f"report: {files[0]}")
+    return 1 if summary.failed else 0
+
+
+def cmd_report(args) -> int:
+    """Rebuild the ablation report (markdown, CSV, plots) from one or more results files."""
+    from pathlib import Path
+
+    from .ablation.report import write_report
+    from .ablation.results import merge, write_records
+
+    missing = [p for p in args.results if not Path(p).is_file()]
+    if missing:
+        raise FileNotFoundError(f"results file(s) not found: {missing}")
+    records = merge(args.results)
+    if args.merged:
+        write_records(args.merged, records)
+        print(f"merged: {len(records)} runs -> {args.merged}")
+    out_dir = Path(args.out) if args.out else Path(args.results[0]).with_suffix("")
+    files = write_report(records, out_dir, metric=args.metric)
+    for f in files:
+        print(f)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dare-pipeline", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -145,6 +211,32 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="print the results JSON instead of the table")
     ev.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     ev.set_defaults(func=cmd_eval)
+
+    ab = sub.add_parser("ablate", help="run an ablation file (plugin sets x sweeps) through lm-eval; resumable")
+    ab.add_argument("ablation", help="ablation YAML file (see docs/ablation.md)")
+    ab.add_argument("--limit", type=float, help="problems per task (overrides the file's limit)")
+    ab.add_argument("--output", help="results JSONL (default runs/ablation/<name>.jsonl); runs already in it are skipped")
+    ab.add_argument("--shard", metavar="I/N", help="run only runs whose index %% N == I (0 <= I < N)")
+    ab.add_argument("--workers", type=int, default=0,
+                    help="worker processes (spawned, one run each at a time); 0 = in this process (default)")
+    ab.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
+    ab.add_argument("--model", help="checkpoint directory (overrides the file's and the recipe's model)")
+    ab.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                    help="override a key of the base recipe (repeatable)")
+    ab.add_argument("--batch-size", type=int, help="prompts decoded together (overrides the file's batch_size)")
+    ab.add_argument("--retry-failed", action="store_true", help="run again the runs recorded as failed")
+    ab.add_argument("--report-dir", help="where the report goes (default: the output path without .jsonl)")
+    ab.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    ab.add_argument("--dry-run", action="store_true", help="list the runs and what would happen to each; run nothing")
+    ab.add_argument("--quiet", action="store_true", help="no progress display and no per-run lines")
+    ab.set_defaults(func=cmd_ablate)
+
+    rep = sub.add_parser("report", help="markdown table, CSV and plots from ablation results (several files merge)")
+    rep.add_argument("results", nargs="+", help="results JSONL file(s); runs are deduplicated by run key")
+    rep.add_argument("--out", help="output directory (default: the first results path without .jsonl)")
+    rep.add_argument("--metric", choices=["exact_match", "final_match"], help="accuracy metric shown")
+    rep.add_argument("--merged", help="also write the merged, deduplicated results to this JSONL")
+    rep.set_defaults(func=cmd_report)
     return parser
 
 

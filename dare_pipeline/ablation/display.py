@@ -1,0 +1,85 @@
+"""Progress of an ablation: a rich display (runs done / left with ETA, one line per run in flight
+with its requests done) on a terminal; one plain line per finished run otherwise; nothing with
+--quiet."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+
+def describe(record: dict) -> str:
+    status = record.get("status")
+    if status == "ok":
+        m = record.get("metrics", {})
+        acc = record.get("accuracy_mean")
+        acc_s = f"acc={acc:.3f} " if isinstance(acc, (int, float)) else ""
+        return (f"ok {acc_s}tok/s={m.get('tokens_per_second', 0):.1f} nfe/req={m.get('nfe_per_request', 0):.1f} "
+                f"({record.get('wall_time_s', 0):.1f}s)")
+    if status == "failed":
+        err = record.get("error") or {}
+        return f"FAILED {err.get('type')}: {str(err.get('message', ''))[:160]}"
+    return f"skipped: {str(record.get('reason', ''))[:160]}"
+
+
+class Display:
+    def __init__(self, total: int, *, quiet: bool = False, rich: bool | None = None, stream=None):
+        self.stream = stream or sys.stderr
+        self.quiet = quiet
+        self.total = total
+        self.done = 0
+        self.started = time.perf_counter()
+        if rich is None:
+            rich = not quiet and getattr(self.stream, "isatty", lambda: False)()
+        self.progress = None
+        self.tasks: dict[int, int] = {}
+        if rich and not quiet:
+            try:
+                self._start_rich()
+            except ImportError:  # rich is optional ([report] extra)
+                self.progress = None
+
+    def _start_rich(self) -> None:
+        from rich.console import Console
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
+
+        self.console = Console(file=self.stream)
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                                 console=self.console, transient=False)
+        self.progress.start()
+        self.overall = self.progress.add_task("[bold]runs", total=self.total)
+
+    # ---- events ---------------------------------------------------------------------------------
+    def start_run(self, index: int, name: str) -> None:
+        if self.progress is not None and index not in self.tasks:
+            self.tasks[index] = self.progress.add_task(f"  #{index} {name}", total=None)
+
+    def run_progress(self, index: int, done: int, total: int | None) -> None:
+        if self.progress is not None and index in self.tasks:
+            self.progress.update(self.tasks[index], completed=done, total=total)
+
+    def finish_run(self, record: dict) -> None:
+        self.done += 1
+        index = record.get("index")
+        line = f"[{self.done}/{self.total}] #{index} {record.get('name')}: {describe(record)}"
+        if self.progress is not None:
+            task = self.tasks.pop(index, None)
+            if task is not None:
+                self.progress.remove_task(task)
+            self.progress.advance(self.overall)
+            self.progress.console.print(line, markup=False, highlight=False)
+        elif not self.quiet:
+            print(line, file=self.stream, flush=True)
+
+    def message(self, text: str) -> None:
+        if self.progress is not None:
+            self.progress.console.print(text, markup=False, highlight=False)
+        elif not self.quiet:
+            print(text, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None

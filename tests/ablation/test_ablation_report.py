@@ -1,0 +1,128 @@
+"""FLOPs formula, speed-up / additive gain / Pareto front arithmetic on hand-made records, the
+progress display, and the results file's crash safety (no model needed)."""
+
+import io
+import json
+
+import pytest
+import torch
+
+from dare_pipeline import flops
+from dare_pipeline.ablation.display import Display
+from dare_pipeline.ablation.report import Analysis, pareto_front, write_report
+from dare_pipeline.ablation.results import append_record, dedupe, read_records
+from dare_pipeline.testing import tiny_config
+
+
+def test_flops_per_row_formula():
+    cfg = tiny_config("dream", d_model=48, n_heads=4, n_kv_heads=2, vocab_size=64)  # d_kv = 2 * 12 = 24
+    d, f, v, length = 48, 96, 64, 100
+    cost = flops.per_row(cfg, length)
+    assert cost == {"q": 2 * d * d, "kv": 2 * 2 * d * 24, "attn": 4 * length * d + 2 * d * d, "ffn": 6 * d * f,
+                    "lm_head": 2 * d * v}
+    rows = torch.tensor([[10, 4, 3, 10], [10, 0, 10, 10]])  # (layers, [q, kv, attn, ffn])
+    est = flops.estimate(cfg, rows, length, head_rows=5)
+    assert est["q"] == 20 * cost["q"] and est["kv"] == 4 * cost["kv"] and est["attn"] == 13 * cost["attn"]
+    assert est["ffn"] == 20 * cost["ffn"] and est["lm_head"] == 5 * cost["lm_head"]
+    assert est["total"] == sum(v for k, v in est.items() if k != "total")
+    # the same rows given as dicts per layer, or already summed
+    as_dicts = [dict(zip(flops.SUB_OPS, r)) for r in rows.tolist()]
+    assert flops.estimate(cfg, as_dicts, length, 5) == est
+    assert flops.estimate(cfg, {"q": 20, "kv": 4, "attn": 13, "ffn": 20}, length, 5) == est
+    full = flops.full_recompute(cfg, forwards=2, rows_per_forward=5, key_length=length, head_rows=5)
+    assert full == flops.estimate(cfg, torch.full((2, 4), 10), length, 5)
+    assert flops.format_flops(2.5e9) == "2.50 GFLOP"
+
+
+def _rec(index, plugins, tps, acc, sweep=None, flops_per_request=100.0, status="ok", **extra):
+    recipe = {"name": "+".join(plugins) or "baseline", "model": "m", "generation": {"gen_length": 64,
+                                                                                     **(extra.pop("gen", {}))},
+              "plugins": [{"name": p, "x": 1} for p in plugins]}
+    return {"key": f"k{index}", "index": index, "ablation": "a", "label": recipe["name"], "name": recipe["name"],
+            "plugins": list(plugins), "sweep": sweep or {}, "tasks": ["t"], "limit": 2, "batch_size": 1,
+            "status": status, "recipe": recipe, "finished": f"2026-01-01T00:00:{index:02d}",
+            "accuracy": {"t": {"exact_match": acc, "final_match": acc, "n": 2}},
+            "metrics": {"tokens_per_second": tps, "flops_per_request": flops_per_request, "nfe_per_request": 10},
+            "reuse": {"flops": 0.5 if plugins else 0.0}, **extra}
+
+
+def test_speedup_additive_gain_and_pareto():
+    records = [_rec(0, [], 10, 0.5), _rec(1, ["a"], 20, 0.5, flops_per_request=50),
+               _rec(2, ["b"], 30, 0.4), _rec(3, ["a", "b"], 90, 0.3),
+               # another setting: its own baseline
+               _rec(4, [], 5, 0.6, gen={"gen_length": 128}), _rec(5, ["a"], 20, 0.6, gen={"gen_length": 128})]
+    an = Analysis(records)
+    sp = {r["index"]: an.speedup(r) for r in an.ok}
+    assert sp == {0: 1.0, 1: 2.0, 2: 3.0, 3: 9.0, 4: 1.0, 5: 4.0}
+    assert an.flops_ratio(records[1]) == 2.0
+    gains = sorted((g["strategy"], g["combination"], g["gain"]) for g in an.additive_gains())
+    # a over {} (once per setting), a over {b}, b over {}, b over {a}
+    assert gains == [("a", "b", 3.0), ("a", "baseline", 2.0), ("a", "baseline", 4.0), ("b", "a", 4.5),
+                     ("b", "baseline", 3.0)]
+    pts = [(1.0, 0.5), (2.0, 0.5), (3.0, 0.4), (9.0, 0.3), (1.5, 0.2)]
+    assert pareto_front(pts) == [1, 2, 3]
+
+
+def test_report_without_a_baseline_or_plots_data(tmp_path):
+    records = [_rec(1, ["a"], 20, 0.5), _rec(2, ["b"], 0, None, status="failed",
+                                             error={"type": "ValueError", "message": "bad\nthing"}),
+               _rec(3, ["c"], None, None, status="skipped", reason="unknown plugin 'c'")]
+    files = write_report(records, tmp_path)
+    names = {f.name for f in files}
+    assert names == {"report.md", "results.csv"}  # nothing to plot: no speed-up without a baseline
+    md = (tmp_path / "report.md").read_text()
+    assert "| a |" in md and "failed: **b** — `ValueError`: bad thing" in md
+    assert "skipped: **c** — unknown plugin 'c'" in md
+    # speed-up is "-" without a baseline run
+    row = next(line for line in md.splitlines() if line.startswith("| a |"))
+    assert row.split(" | ")[4] == "-"
+
+
+def test_skipped_record_superseded_by_a_measured_run_is_not_listed(tmp_path):
+    skipped = _rec(1, ["a"], None, None, status="skipped", reason="unknown plugin 'a'")
+    skipped["key"] = "raw"
+    an = Analysis([_rec(0, [], 10, 0.5), skipped, _rec(1, ["a"], 20, 0.5)])
+    assert an.skipped == [] and len(an.ok) == 2
+
+
+def test_dedupe_prefers_finished_runs_then_the_latest():
+    a = {"key": "k", "status": "failed", "finished": "2"}
+    b = {"key": "k", "status": "ok", "finished": "1"}
+    c = {"key": "k", "status": "ok", "finished": "3"}
+    assert dedupe([a, b]) == [b] and dedupe([b, a]) == [b] and dedupe([c, b, a]) == [c]
+    assert dedupe([{"key": "k", "status": "skipped"}, a]) == [a]
+
+
+def test_append_is_line_complete_and_partial_lines_are_skipped(tmp_path, caplog):
+    path = tmp_path / "r.jsonl"
+    append_record(path, {"key": "a", "x": 1})
+    with open(path, "a") as f:
+        f.write('{"key": "b", "x"')  # a write cut short
+    append_record(path, {"key": "c", "x": 3})
+    assert [r["key"] for r in read_records(path)] == ["a", "c"]
+    assert "not a complete JSON record" in caplog.text
+    lines = path.read_text().splitlines()
+    assert json.loads(lines[-1]) == {"key": "c", "x": 3} and path.read_text().endswith("\n")
+    with pytest.raises(ValueError):  # NaN would not be JSON: the runner cleans values before writing
+        append_record(path, {"key": "d", "x": float("nan")})
+
+
+def test_display_rich_and_plain():
+    stream = io.StringIO()
+    d = Display(2, rich=True, stream=stream)
+    d.start_run(0, "baseline")
+    d.run_progress(0, 1, 2)
+    d.finish_run({"index": 0, "name": "baseline", "status": "ok", "accuracy_mean": 0.5, "wall_time_s": 1.0,
+                  "metrics": {"tokens_per_second": 10.0, "nfe_per_request": 4.0}})
+    d.finish_run({"index": 1, "name": "x", "status": "failed", "error": {"type": "E", "message": "m"}})
+    d.close()
+    text = stream.getvalue()
+    assert "[1/2] #0 baseline: ok acc=0.500" in text and "FAILED E: m" in text
+    plain = io.StringIO()
+    d = Display(1, stream=plain)  # not a TTY: one line per run, no bars
+    d.finish_run({"index": 3, "name": "y", "status": "skipped", "reason": "refused"})
+    assert plain.getvalue() == "[1/1] #3 y: skipped: refused\n"
+    quiet = io.StringIO()
+    d = Display(1, quiet=True, stream=quiet)
+    d.finish_run({"index": 3, "name": "y", "status": "skipped", "reason": "refused"})
+    assert quiet.getvalue() == ""
