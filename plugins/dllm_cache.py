@@ -1,0 +1,204 @@
+"""dLLM-Cache (methods.md section 3): long-interval prompt refresh, short-interval response refresh,
+and V-verify in between.
+
+Every forward feeds the whole canvas (the plugin refuses row feeders). Per layer, with s the layer's
+forward counter (1-based, running across blocks, reset per generation, as the reference's
+`dLLMCache` step counter):
+- prompt rows (columns < prompt end) recompute when (s - 1) % prompt_interval == 0, response rows
+  when (s - 1) % response_interval == 0; both at s = 1; layer 0 always recomputes every row;
+- rows that do not recompute add their cached attention and FFN deltas (store fields ATTN_OUT and
+  FFN_OUT) to their fresh residual input;
+- V-verify, at every forward where the response rows are not refreshed (also at prompt-only
+  refreshes, as the reference): the values of all response rows are computed, the floor(ratio * G)
+  response rows whose values have the lowest cosine similarity with the cached ones recompute the
+  whole layer (query, key, attention, FFN), and the cached values of every response row are
+  replaced by the fresh ones (their keys stay cached).
+
+Everything cached lives in the activation store (K/V, ATTN_OUT, FFN_OUT); the plugin holds the
+per-layer counters only. Unlike the reference, left-padded batches are exact: padding is masked out
+of attention, never selected and never counted.
+
+Options:
+  prompt_interval    Kp (default 100)
+  response_interval  Kr (default 7)
+  ratio              rho, fraction of response rows V-verify recomputes (default 0.25; 0: none)
+  shadow             also compute the exact layer output of every row that reuses its deltas and
+                     report the relative error of the reused attention + FFN delta (slower; the
+                     decode still uses the cached deltas)
+
+Stats (under `dllm_cache`): refresh_counts (forwards of each kind at layers >= 1: full, response,
+prompt, none), rows_eligible / rows_reused / reuse_fraction (real rows that added cached deltas
+instead of running the layer, over all layers and forwards), per_layer (eligible, reused,
+reuse_fraction, recomputed {q, kv, attn, ffn, v_verify}), min_verify_margin and verify_margins
+(per forward: the cosine-similarity gap between the last row V-verify selected and the first it did
+not; near 0 the selection is a tie decided by float rounding), and `shadow` in shadow mode.
+"""
+
+from __future__ import annotations
+
+import attrs
+import torch
+import torch.nn.functional as F
+
+from dare_pipeline.config_loading import at_least, in_range
+from dare_pipeline.hookspecs import hookimpl
+from dare_pipeline.plugin import Plugin
+from dare_pipeline.reuse import LayerReuse
+from dare_pipeline.reuse_tools import ShadowLog
+from dare_pipeline.store import ATTN_OUT, FFN_OUT
+
+KINDS = ("full", "response", "prompt", "none")
+
+ROW_FEEDER = ("dLLM-Cache schedules its own prompt and response refreshes over the whole canvas (V-verify picks "
+              "floor(ratio * G) of all G response rows); prefix_cache / dual_cache feed only part of the canvas "
+              "and serve their own stale rows on their own schedule, so each would serve the other's stale rows")
+DRIFT_REUSE = ("dLLM-Cache already decides per layer which rows recompute at all (its V-verify picks the rows whose "
+               "values moved most); a query-drift predictor inside those rows would skip work on exactly the rows "
+               "flagged as changed, and no refresh of DARE's ever coincides with dLLM-Cache's interval refreshes")
+
+
+@attrs.frozen(kw_only=True)
+class DllmCacheOptions:
+    prompt_interval: int = attrs.field(default=100, validator=at_least(1))
+    response_interval: int = attrs.field(default=7, validator=at_least(1))
+    ratio: float = attrs.field(default=0.25, validator=in_range(0.0, 1.0))
+    shadow: bool = False
+
+
+class _LayerCache(LayerReuse):
+    decisions = frozenset({"layer_rows"})
+    fields = frozenset({ATTN_OUT, FFN_OUT})
+
+    def __init__(self, plugin: "DllmCache", state):
+        self.p = plugin
+        self.prompt_end, self.length = state.prompt_end, state.length
+        self.real = state.model_rows(state.attention_mask)
+
+    def layer_rows(self, call, x):
+        p, opts, layer = self.p, self.p.options, call.layer
+        if call.fed.start != 0 or call.fed.stop != self.length:
+            raise RuntimeError(f"dllm_cache needs every canvas column fed; this forward feeds {call.fed} "
+                               f"(a row feeder is active)")
+        p.counter[layer] += 1
+        s = p.counter[layer]
+        response = (s - 1) % opts.response_interval == 0 or layer == 0
+        prompt = (s - 1) % opts.prompt_interval == 0 or layer == 0
+        kind = KINDS.index("full" if response and prompt else "response" if response else
+                           "prompt" if prompt else "none")
+        p.kinds[layer, kind] += 1
+        real, P = self.real, self.prompt_end
+        if response and prompt:
+            run = None
+            n_verify = 0
+        else:
+            run = torch.zeros_like(real)
+            if response:
+                run[:, P:] = True
+            elif prompt:
+                run[:, :P] = real[:, :P]  # padding is never selected
+            n_verify = 0 if response else int((self.length - P) * opts.ratio)
+            if n_verify > 0:
+                run[:, P:] = self._verify(call, x, n_verify)
+            if p.shadow is not None:
+                _shadow_layer(p, call, x, ~run & real)
+        ran = real if run is None else run & real
+        response_real = real[:, P:].sum()
+        p.counts[layer] += torch.stack([real.sum(), real.sum() - ran.sum(),
+                                        response_real if n_verify else torch.zeros_like(response_real)])
+        return run
+
+    def _verify(self, call, x, n: int) -> torch.Tensor:
+        """V-verify: fresh values of every response row, the n least similar to the cached ones recompute
+        the layer, and every response row's cached value becomes the fresh one."""
+        P, store, layer = self.prompt_end, call.store, call.layer
+        v = call.module.project_v(call.module.attn_norm(x[:, P:]))  # (B, kv_heads, G, hd)
+        cached = store.values(layer)[:, :, P:]
+        b, _, g, _ = v.shape
+        sim = F.cosine_similarity(v.transpose(1, 2).reshape(b, g, -1), cached.transpose(1, 2).reshape(b, g, -1), dim=-1)
+        idx = torch.topk(sim, n, largest=False).indices
+        if n < g:  # how far the selection is from a tie: last selected vs first unselected similarity
+            ranked = torch.topk(sim, n + 1, largest=False).values
+            self.p.margins.append((call.step, (ranked[:, n] - ranked[:, n - 1]).min()))
+        store.write_v(layer, slice(P, self.length), v)
+        return torch.zeros(b, g, dtype=torch.bool, device=x.device).scatter_(1, idx, True)
+
+
+def _shadow_layer(plugin: "DllmCache", call, x: torch.Tensor, reused: torch.Tensor) -> None:
+    """Exact attention + FFN delta of the rows that reuse their cached deltas, with every fed row's K/V
+    recomputed from this forward's input (nothing is written), vs the cached deltas."""
+    sel = reused.any(0).nonzero().squeeze(1)
+    if sel.numel() == 0:
+        return
+    module, store, layer = call.module, call.store, call.layer
+    cos, sin = call.rope
+    h = module.attn_norm(x)
+    q = module.project_q(h[:, sel], cos[:, :, sel], sin[:, :, sel])
+    k, v = module.project_kv(h, cos, sin)
+    keys, values = store.keys(layer).clone(), store.values(layer).clone()
+    keys[:, :, call.fed], values[:, :, call.fed] = k, v
+    attn = module.attend(q, keys, values, call.key_mask)
+    exact = attn + module.ffn(x[:, sel] + attn)
+    cols = sel + call.fed.start
+    cached = store.read(ATTN_OUT, layer, cols) + store.read(FFN_OUT, layer, cols)
+    plugin.shadow.record(call.step, layer, cached, exact, reused[:, sel])
+
+
+class DllmCache(Plugin):
+    name = "dllm_cache"
+    Options = DllmCacheOptions
+    provides = frozenset({"layer_rows"})
+    conflicts = {"prefix_cache": ROW_FEEDER, "dual_cache": ROW_FEEDER, "dare_kv": DRIFT_REUSE, "dare_o": DRIFT_REUSE}
+    exact_options = {"prompt_interval": 1, "response_interval": 1}
+
+    @hookimpl
+    def dare_generation_start(self, state):
+        store = state.require_store()
+        n_layers = state.model.config.n_layers
+        device = store.device
+        self.counter = [0] * n_layers
+        self.kinds = torch.zeros(n_layers, len(KINDS), dtype=torch.long, device=device)
+        # per layer: eligible real rows, real rows that reused their deltas, rows V-verify computed V for
+        self.counts = torch.zeros(n_layers, 3, dtype=torch.long, device=device)
+        self.margins: list[tuple[int, torch.Tensor]] = []  # (forward, V-verify selection margin)
+        self.shadow = ShadowLog(n_layers) if self.options.shadow else None
+
+    @hookimpl
+    def dare_layer_reuse(self, state):
+        return _LayerCache(self, state)
+
+    @hookimpl
+    def dare_report_stats(self, state):
+        kinds = self.kinds.cpu().tolist()
+        counts = self.counts.cpu().tolist()
+        per_layer = []
+        for layer, (eligible, reused, verify) in enumerate(counts):
+            ran = eligible - reused
+            per_layer.append({"layer": layer, "eligible": eligible, "reused": reused,
+                              "reuse_fraction": _fraction(reused, eligible),
+                              "recomputed": {"q": ran, "kv": ran, "attn": ran, "ffn": ran, "v_verify": verify}})
+        eligible, reused = sum(c[0] for c in counts), sum(c[1] for c in counts)
+        report = {"refresh_counts": dict(zip(KINDS, kinds[min(1, len(kinds) - 1)])),
+                  "rows_eligible": eligible, "rows_reused": reused, "reuse_fraction": _fraction(reused, eligible),
+                  "per_layer": per_layer}
+        report.update(self._margin_report())
+        if self.shadow is not None:
+            report["shadow"] = self.shadow.report()
+        return report
+
+    def _margin_report(self, limit: int = 512) -> dict:
+        """V-verify's selection margin: the similarity gap between the last selected and the first
+        unselected response row (min over layers and prompts), per forward (1-based, as unmask_step).
+        A margin near 0 is a tie decided by rounding: another float32 implementation may pick other rows."""
+        if not self.margins:
+            return {"min_verify_margin": None, "verify_margins": []}
+        values = torch.stack([m for _, m in self.margins]).cpu().tolist()
+        per_forward: dict[int, float] = {}
+        for (step, _), value in zip(self.margins, values):
+            per_forward[step + 1] = min(value, per_forward.get(step + 1, value))
+        listed = [[f, m] for f, m in sorted(per_forward.items())] if len(per_forward) <= limit else \
+            f"{len(per_forward)} forwards (more than {limit}): left out"
+        return {"min_verify_margin": min(values), "verify_margins": listed}
+
+
+def _fraction(part: int, whole: int) -> float:
+    return round(part / whole, 6) if whole else 0.0
