@@ -1,9 +1,11 @@
 """dLLM-Cache (methods.md section 3): long-interval prompt refresh, short-interval response refresh,
 and V-verify in between.
 
-Every forward feeds the whole canvas (the plugin refuses row feeders). Per layer, with s the layer's
-forward counter (1-based, running across blocks, reset per generation, as the reference's
-`dLLMCache` step counter):
+Every forward feeds the whole canvas (the plugin refuses row feeders). Per layer and prompt, with s
+the layer's forward counter (1-based, running across blocks, reset per generation, as the
+reference's `dLLMCache` step counter; in a batch it counts the forwards the prompt takes part in: a
+prompt whose block is complete, waiting for the rest of its batch under a variable-step policy,
+neither counts the forward nor changes any of its caches, so it decodes as it would alone):
 - prompt rows (columns < prompt end) recompute when (s - 1) % prompt_interval == 0, response rows
   when (s - 1) % response_interval == 0; both at s = 1; layer 0 always recomputes every row;
 - rows that do not recompute add their cached attention and FFN deltas (store fields ATTN_OUT and
@@ -26,8 +28,8 @@ Options:
                      report the relative error of the reused attention + FFN delta (slower; the
                      decode still uses the cached deltas)
 
-Stats (under `dllm_cache`): refresh_counts (forwards of each kind at layers >= 1: full, response,
-prompt, none), rows_eligible / rows_reused / reuse_fraction (real rows that added cached deltas
+Stats (under `dllm_cache`): refresh_counts (forwards of each kind at layer 1, like every layer >= 1:
+full, response, prompt, none; summed over the prompts of a batch), rows_eligible / rows_reused / reuse_fraction (real rows that added cached deltas
 instead of running the layer, over all layers and forwards), per_layer (eligible, reused,
 reuse_fraction, recomputed {q, kv, attn, ffn, v_verify}), min_verify_margin and verify_margins
 (per forward: the cosine-similarity gap between the last row V-verify selected and the first it did
@@ -48,6 +50,7 @@ from dare_pipeline.reuse_tools import ShadowLog
 from dare_pipeline.store import ATTN_OUT, FFN_OUT
 
 KINDS = ("full", "response", "prompt", "none")
+FULL, RESPONSE, PROMPT, NONE = range(4)
 
 ROW_FEEDER = ("dLLM-Cache schedules its own prompt and response refreshes over the whole canvas (V-verify picks "
               "floor(ratio * G) of all G response rows); prefix_cache / dual_cache feed only part of the canvas "
@@ -73,54 +76,76 @@ class _LayerCache(LayerReuse):
         self.p = plugin
         self.prompt_end, self.length = state.prompt_end, state.length
         self.real = state.model_rows(state.attention_mask)
+        self.n_verify = int((self.length - self.prompt_end) * plugin.options.ratio)  # floor(rho * G)
 
     def layer_rows(self, call, x):
         p, opts, layer = self.p, self.p.options, call.layer
         if call.fed.start != 0 or call.fed.stop != self.length:
             raise RuntimeError(f"dllm_cache needs every canvas column fed; this forward feeds {call.fed} "
                                f"(a row feeder is active)")
-        p.counter[layer] += 1
-        s = p.counter[layer]
-        response = (s - 1) % opts.response_interval == 0 or layer == 0
-        prompt = (s - 1) % opts.prompt_interval == 0 or layer == 0
-        kind = KINDS.index("full" if response and prompt else "response" if response else
-                           "prompt" if prompt else "none")
-        p.kinds[layer, kind] += 1
-        real, P = self.real, self.prompt_end
-        if response and prompt:
-            run = None
-            n_verify = 0
+        kinds = [self._kind(b, layer) if on else None for b, on in enumerate(p.active)]
+        if all(k == FULL or (k is None and layer == 0) for k in kinds):
+            run = None  # (a waiting prompt's layer 0 is recomputed too: its layer-0 caches are never read)
         else:
-            run = torch.zeros_like(real)
-            if response:
-                run[:, P:] = True
-            elif prompt:
-                run[:, :P] = real[:, :P]  # padding is never selected
-            n_verify = 0 if response else int((self.length - P) * opts.ratio)
-            if n_verify > 0:
-                run[:, P:] = self._verify(call, x, n_verify)
-            if p.shadow is not None:
-                _shadow_layer(p, call, x, ~run & real)
+            run = self._rows(call, x, kinds)
+        real = self.real & self.real.new_tensor(p.active)[:, None]  # waiting prompts are not counted
         ran = real if run is None else run & real
-        response_real = real[:, P:].sum()
-        p.counts[layer] += torch.stack([real.sum(), real.sum() - ran.sum(),
-                                        response_real if n_verify else torch.zeros_like(response_real)])
+        verified = self.real.new_tensor([k in (PROMPT, NONE) and self.n_verify > 0 for k in kinds])
+        p.counts[layer] += torch.stack([real.sum(), (real & ~ran).sum(), (real[:, self.prompt_end:].sum(-1) * verified).sum()])
+        if p.shadow is not None and run is not None:
+            _shadow_layer(p, call, x, real & ~run)
         return run
 
-    def _verify(self, call, x, n: int) -> torch.Tensor:
-        """V-verify: fresh values of every response row, the n least similar to the cached ones recompute
-        the layer, and every response row's cached value becomes the fresh one."""
-        P, store, layer = self.prompt_end, call.store, call.layer
+    def _kind(self, b: int, layer: int) -> int:
+        """Advance prompt b's step counter at `layer` and return what this forward refreshes for it."""
+        p, opts = self.p, self.p.options
+        p.counter[b][layer] += 1
+        s = p.counter[b][layer]
+        response = (s - 1) % opts.response_interval == 0 or layer == 0
+        prompt = (s - 1) % opts.prompt_interval == 0 or layer == 0
+        kind = FULL if response and prompt else RESPONSE if response else PROMPT if prompt else NONE
+        p.kinds[layer][kind] += 1
+        return kind
+
+    def _rows(self, call, x, kinds) -> torch.Tensor:
+        """(B, n) rows that run the layer, per prompt: all (full refresh), the response (response refresh),
+        the real prompt rows (prompt refresh), plus V-verify's picks where the response is not refreshed;
+        none for a prompt that only waits for the rest of its batch."""
+        P = self.prompt_end
+        run = torch.zeros_like(self.real)
+        verify = []
+        for b, kind in enumerate(kinds):
+            if kind == FULL:
+                run[b] = True
+            elif kind == RESPONSE:
+                run[b, P:] = True
+            elif kind == PROMPT:
+                run[b, :P] = self.real[b, :P]  # padding is never selected
+            if kind in (PROMPT, NONE) and self.n_verify > 0:
+                verify.append(b)
+        if verify:
+            picked, mask = self._verify(call, x, verify)
+            run[:, P:] |= picked & mask
+        return run
+
+    def _verify(self, call, x, prompts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """V-verify for the batch rows `prompts`: fresh values of every response row, the n least similar
+        to the cached ones recompute the layer, and every response row's cached value becomes the fresh
+        one. Returns the (B, G) picks and the (B, G) mask of the verified prompts."""
+        P, store, layer, n = self.prompt_end, call.store, call.layer, self.n_verify
         v = call.module.project_v(call.module.attn_norm(x[:, P:]))  # (B, kv_heads, G, hd)
         cached = store.values(layer)[:, :, P:]
         b, _, g, _ = v.shape
         sim = F.cosine_similarity(v.transpose(1, 2).reshape(b, g, -1), cached.transpose(1, 2).reshape(b, g, -1), dim=-1)
         idx = torch.topk(sim, n, largest=False).indices
+        rows = torch.tensor(prompts, device=x.device)
         if n < g:  # how far the selection is from a tie: last selected vs first unselected similarity
-            ranked = torch.topk(sim, n + 1, largest=False).values
+            ranked = torch.topk(sim[rows], n + 1, largest=False).values
             self.p.margins.append((call.step, (ranked[:, n] - ranked[:, n - 1]).min()))
-        store.write_v(layer, slice(P, self.length), v)
-        return torch.zeros(b, g, dtype=torch.bool, device=x.device).scatter_(1, idx, True)
+        mask = torch.zeros(b, g, dtype=torch.bool, device=x.device)
+        mask[rows] = True
+        store.write_v(layer, slice(P, self.length), v, mask)
+        return torch.zeros(b, g, dtype=torch.bool, device=x.device).scatter_(1, idx, True), mask
 
 
 def _shadow_layer(plugin: "DllmCache", call, x: torch.Tensor, reused: torch.Tensor) -> None:
@@ -154,13 +179,20 @@ class DllmCache(Plugin):
     def dare_generation_start(self, state):
         store = state.require_store()
         n_layers = state.model.config.n_layers
-        device = store.device
-        self.counter = [0] * n_layers
-        self.kinds = torch.zeros(n_layers, len(KINDS), dtype=torch.long, device=device)
+        # per prompt (model batch row) and layer: forwards it took part in (1-based step counter)
+        self.counter = [[0] * n_layers for _ in range(state.model_batch)]
+        self.active = [True] * state.model_batch
+        self.kinds = [[0] * len(KINDS) for _ in range(n_layers)]  # per layer: (prompt, forward)s of each kind
         # per layer: eligible real rows, real rows that reused their deltas, rows V-verify computed V for
-        self.counts = torch.zeros(n_layers, 3, dtype=torch.long, device=device)
+        self.counts = torch.zeros(n_layers, 3, dtype=torch.long, device=store.device)
         self.margins: list[tuple[int, torch.Tensor]] = []  # (forward, V-verify selection margin)
         self.shadow = ShadowLog(n_layers) if self.options.shadow else None
+
+    @hookimpl
+    def dare_step_start(self, state):
+        # a prompt whose block is complete only waits for the rest of its batch: the forward does not
+        # count for it and changes none of its caches, so it decodes as it would alone
+        self.active = state.model_rows(state.block_masked().any(-1)).tolist()
 
     @hookimpl
     def dare_layer_reuse(self, state):
@@ -168,7 +200,7 @@ class DllmCache(Plugin):
 
     @hookimpl
     def dare_report_stats(self, state):
-        kinds = self.kinds.cpu().tolist()
+        kinds = self.kinds
         counts = self.counts.cpu().tolist()
         per_layer = []
         for layer, (eligible, reused, verify) in enumerate(counts):
