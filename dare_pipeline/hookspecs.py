@@ -53,7 +53,8 @@ def dare_step_start(state):
 @hookspec(firstresult=True)
 def dare_plan_forward(state):
     """Return the ForwardPlan of this step: which canvas columns enter the model and whether the
-    forward refreshes the cache. One owner (decision `row_feed`); without one every column is fed."""
+    forward refreshes the cache. One owner (decision `row_feed`); without one every column is fed and
+    each block's first forward is the refresh (reuse objects recompute every row there)."""
 
 
 @hookspec(firstresult=True)
