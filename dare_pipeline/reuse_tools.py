@@ -68,39 +68,42 @@ class QueryDrift:
         return self._full
 
     def decide(self, call: LayerCall, q: torch.Tensor, entry: torch.Tensor) -> torch.Tensor | None:
-        store, layer, cols = call.store, call.layer, call.active
+        store, layer = call.store, call.layer
         batch, heads, m, hd = q.shape
+        if call.run is None:  # the running rows are exactly the fed ones: index with slices (views, no gathers)
+            cols, tokens = slice(call.fed.start, call.fed.stop), call.tokens
+            real = self.real[:, cols]
+        else:
+            cols, tokens = call.active, call.tokens[:, call.active - call.fed.start]
+            real = self.real[:, cols] & call.run
         qf = q.transpose(1, 2).reshape(batch, m, heads * hd)
-        tokens = call.tokens[:, cols - call.fed.start]
-        real = self.real[:, cols]
-        if call.run is not None:
-            real = real & call.run
-        n_real = real.sum()
-        zero = torch.zeros((), dtype=torch.long, device=q.device)
-
         ref = store.field(self.ref_field, layer, heads * hd, qf.dtype)
         last_token = store.field(self.token_field, layer, 1, torch.long)
+        n_real = real.sum()
+        zero = torch.zeros_like(n_real)
+
         forced = self._forced(call)
         if forced or layer in self.exempt:
-            recompute = torch.ones(batch, m, dtype=torch.bool, device=q.device)
-            reasons = [n_real, zero, zero, zero, zero] if forced else [zero, n_real, zero, zero, zero]
-            reused = zero
+            recompute = None
+            counts = [n_real, zero, n_real, zero, zero, zero, zero] if forced else \
+                [n_real, zero, zero, n_real, zero, zero, zero]
         else:
             has = entry[:, cols] & store.written(self.ref_field, layer)[:, cols]
             same = last_token[:, cols, 0] == tokens
             q_ref = ref[:, cols].float()
-            drift = (qf.float() - q_ref).norm(dim=-1) / q_ref.norm(dim=-1).clamp_min(torch.finfo(torch.float).tiny)
+            drift = torch.linalg.vector_norm(qf.float() - q_ref, dim=-1) / \
+                torch.linalg.vector_norm(q_ref, dim=-1).clamp_min(torch.finfo(torch.float).tiny)
             close = drift < self.threshold
             reuse = has & same & close
-            recompute = ~reuse
-            reused = (reuse & real).sum()
-            reasons = [zero, zero, (~has & real).sum(), (has & ~same & real).sum(), (has & same & ~close & real).sum()]
+            counts = [n_real, (reuse & real).sum(), zero, zero, (~has & real).sum(), (has & ~same & real).sum(),
+                      (has & same & ~close & real).sum()]
+            recompute = None if not bool(reuse.any()) else ~reuse
 
-        update = recompute if call.run is None else recompute & call.run
+        update = recompute if call.run is None else (call.run if recompute is None else recompute & call.run)
         store.write(self.ref_field, layer, cols, qf, update)
         store.write(self.token_field, layer, cols, tokens[..., None], update)
-        self.counts[layer] += torch.stack([n_real, reused, *reasons])
-        return None if bool(recompute.all()) else recompute
+        self.counts[layer] += torch.stack(counts)
+        return recompute
 
     def real_rows(self, call: LayerCall) -> torch.Tensor:
         """(B, m) bool over the running rows: real (not padding) and running for that batch element."""
