@@ -1,0 +1,57 @@
+"""Fast-dLLM cache speed-ups on the random-weight benchmark model (speed only: random weights are
+never confident, so threshold decoding would commit one token per step and is not measured here).
+
+    python benchmarks/cache_speed.py --gen-length 256 --steps 256
+    python benchmarks/cache_speed.py --gen-length 1024 --steps 256
+
+Every configuration decodes the same prompt with the same number of steps (the baseline policy
+commits gen_length/steps tokens per step), interleaved, timed in process CPU seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from common import bench_model, bench_prompts, conditions, interleaved, median
+from dare_pipeline import Pipeline
+
+CONFIGS = {
+    "baseline": [],
+    "+prefix cache": [{"name": "prefix_cache"}],
+    "+dual cache": [{"name": "dual_cache"}],
+}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--prompt-len", type=int, default=256)
+    ap.add_argument("--gen-length", type=int, default=256)
+    ap.add_argument("--block-length", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=None, help="total steps (default: gen_length)")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    steps = args.steps or args.gen_length
+    model = bench_model()
+    gen = {"gen_length": args.gen_length, "block_length": args.block_length, "steps": steps}
+    prompts = bench_prompts(args.batch, args.prompt_len)
+    pipes = {name: Pipeline(model, {"generation": gen, "plugins": plugins}) for name, plugins in CONFIGS.items()}
+    cpu = interleaved(pipes, prompts, args.repeats, clock=time.process_time)
+    nfe = {name: pipe.generate(prompts).stats.nfe for name, pipe in pipes.items()}
+    print(conditions(model, args.threads, prompt=args.prompt_len, gen_length=args.gen_length,
+                     block_length=args.block_length, steps=steps, batch=args.batch, repeats=args.repeats))
+    base = median(cpu["baseline"])
+    print("| configuration | NFE | CPU s / generation | tokens/s (CPU) | speed-up vs baseline |")
+    print("|---|---|---|---|---|")
+    for name, ts in cpu.items():
+        t = median(ts)
+        print(f"| {name} | {nfe[name]} | {t:.2f} | {args.gen_length * args.batch / t:.1f} | {base / t:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
