@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -44,6 +45,9 @@ def parse_args(argv=None):
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--warmup-steps", type=int, default=None)
     ap.add_argument("--token-budget", type=int, default=None, help="padded tokens per batch")
+    ap.add_argument("--weighting", choices=["inv_t", "none"], default=None,
+                    help="loss weighting: inv_t = LLaDA 1/t ELBO, none = mean masked CE")
+    ap.add_argument("--init-std", type=float, default=None)
     ap.add_argument("--checkpoint-every", type=int, default=None)
     ap.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in this session")
     for name in ("d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden"):
@@ -52,12 +56,18 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
+def _stop_on_sigterm(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")  # the trainer's finally-block saves a checkpoint
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     overrides = {k: v for k, v in dict(steps=args.steps, lr=args.lr, warmup_steps=args.warmup_steps,
-                                       token_budget=args.token_budget, checkpoint_every=args.checkpoint_every,
+                                       token_budget=args.token_budget, weighting=args.weighting,
+                                       init_std=args.init_std, checkpoint_every=args.checkpoint_every,
                                        d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads,
                                        n_kv_heads=args.n_kv_heads, ffn_hidden=args.ffn_hidden).items()
                  if v is not None}

@@ -28,39 +28,56 @@ class NoisedBatch:
 
 
 def sample_noise(input_ids: torch.Tensor, answer_mask: torch.Tensor, mask_id: int, generator: torch.Generator | None,
-                 eps: float = DEFAULT_EPS) -> NoisedBatch:
-    """Mask each answer-region token with probability t ~ U(eps, 1) (one t per sequence)."""
+                 eps: float = DEFAULT_EPS, stratified: bool = False) -> NoisedBatch:
+    """Mask each answer-region token with probability t ~ U(eps, 1) (one t per sequence).
+
+    stratified: the batch's t values are u + i/B (mod 1) for one uniform u (each t is still
+    U(eps, 1)-distributed, so the loss stays unbiased), which spreads the noise levels over the batch
+    and lowers the variance of the 1/t-weighted loss (as MDLM's low-discrepancy sampler)."""
     b, n = input_ids.shape
-    t = eps + (1.0 - eps) * torch.rand(b, generator=generator, device=input_ids.device)
+    u = torch.rand(1 if stratified else b, generator=generator, device=input_ids.device)
+    if stratified:
+        u = (u + torch.arange(b, device=input_ids.device) / b) % 1.0
+    t = eps + (1.0 - eps) * u
     draw = torch.rand(b, n, generator=generator, device=input_ids.device)
     masked = (draw < t[:, None]) & answer_mask.bool()
     noisy = torch.where(masked, torch.full_like(input_ids, mask_id), input_ids)
     return NoisedBatch(noisy=noisy, masked=masked, t=t)
 
 
+WEIGHTINGS = ("inv_t", "none")
+
+
 def weighted_masked_loss(logits: torch.Tensor, targets: torch.Tensor, masked: torch.Tensor, t: torch.Tensor,
-                         answer_len: torch.Tensor, shift: bool = False) -> torch.Tensor:
-    """sum_j masked_j * CE(logits row for j, target_j) / t, divided by the answer length, batch mean.
+                         answer_len: torch.Tensor, shift: bool = False, weighting: str = "inv_t") -> torch.Tensor:
+    """weighting "inv_t" (LLaDA SFT): sum_j masked_j * CE(row for j, target_j) / t, divided by the
+    answer length, batch mean. weighting "none": the plain mean CE over all masked tokens of the batch
+    (MaskGIT style; no 1/t factor, so low-noise sequences do not dominate the gradient).
 
     shift=False: the row for column j is j (LLaDA). shift=True: it is j-1 (Dream); column 0 can then
     not be scored and must not be masked (it never is: the prompt comes first).
     """
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting {weighting!r} is not one of {WEIGHTINGS}")
     if shift:
         if bool(masked[:, 0].any()):
             raise ValueError("shifted objective: column 0 has no preceding row to predict it from")
         logits, targets, masked = logits[:, :-1], targets[:, 1:], masked[:, 1:]
     ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
     ce = ce.view(targets.shape) * masked
+    if weighting == "none":
+        return ce.sum() / masked.sum().clamp(min=1)
     per_seq = ce.sum(1) / t / answer_len.clamp(min=1).to(ce.dtype)
     return per_seq.mean()
 
 
 def diffusion_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, answer_mask: torch.Tensor,
-                   generator: torch.Generator | None, eps: float = DEFAULT_EPS) -> tuple[torch.Tensor, NoisedBatch]:
+                   generator: torch.Generator | None, eps: float = DEFAULT_EPS,
+                   stratified: bool = False, weighting: str = "inv_t") -> tuple[torch.Tensor, NoisedBatch]:
     """The model's masked-diffusion loss on one batch; the shift follows `model.config.logits_shift`."""
     cfg = model.config
-    noised = sample_noise(input_ids, answer_mask, cfg.mask_token_id, generator, eps)
+    noised = sample_noise(input_ids, answer_mask, cfg.mask_token_id, generator, eps, stratified)
     logits = model(noised.noisy, attention_mask=attention_mask)
     loss = weighted_masked_loss(logits, input_ids, noised.masked, noised.t, answer_mask.sum(1),
-                                shift=cfg.logits_shift)
+                                shift=cfg.logits_shift, weighting=weighting)
     return loss, noised

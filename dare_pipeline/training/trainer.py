@@ -52,6 +52,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     token_budget: int = 3072
     eps: float = DEFAULT_EPS
+    # "inv_t": LLaDA's 1/t-weighted ELBO; "none": mean CE over masked tokens (see objective.py)
+    weighting: str = "inv_t"
+    stratified: bool = True  # low-discrepancy t over the batch
     init_std: float = 0.02
     seed: int = 0
     log_every: int = 10
@@ -183,7 +186,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss, _ = diffusion_loss(self.model, batch.input_ids, batch.attention_mask, batch.answer_mask,
-                                 self.noise_gen, cfg.eps)
+                                 self.noise_gen, cfg.eps, stratified=cfg.stratified, weighting=cfg.weighting)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)

@@ -66,6 +66,16 @@ def test_loss_weighting():
     want = ((ce(0, 1) + ce(0, 2)) / 0.5 / 4 + ce(1, 3) / 0.25 / 2) / 2
     got = weighted_masked_loss(logits, targets, masked, t, answer_len)
     assert math.isclose(got.item(), want, rel_tol=1e-5)
+    plain = (ce(0, 1) + ce(0, 2) + ce(1, 3)) / 3  # weighting "none": mean over the masked tokens
+    assert math.isclose(weighted_masked_loss(logits, targets, masked, t, answer_len, weighting="none").item(),
+                        plain, rel_tol=1e-5)
+
+
+def test_stratified_noise_levels_cover_the_batch():
+    b = make_batch(PAIRS * 4, canvas=24)
+    t = sample_noise(b.input_ids, b.answer_mask, MASK_ID, torch.Generator().manual_seed(0), stratified=True).t
+    bins = ((t - 1e-3) / (1 - 1e-3) * len(t)).floor().long()
+    assert sorted(bins.tolist()) == list(range(len(t)))  # one t per 1/B stratum
 
 
 def test_shifted_loss_reads_previous_row():
