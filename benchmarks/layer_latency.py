@@ -126,7 +126,9 @@ def main():
         times[name] = times[name][1:]
 
     plain = statistics.median(times["plain"])
-    print(f"Conditions: {conditions(model, args.threads, batch=1, canvas=length, fed_rows=fed.stop - fed.start, layer=args.layer, repeats=args.repeats, calls_per_sample=args.iters)}; "
+    cond = conditions(model, args.threads, batch=1, canvas=length, fed_rows=fed.stop - fed.start, layer=args.layer,
+                      repeats=args.repeats, calls_per_sample=args.iters)
+    print(f"Conditions: {cond}; "
           f"model d_model 512, 8 heads, ffn 1376; reused rows chosen at random; decision and store "
           f"bookkeeping inside the timing\n")
     best = min(times["plain"])

@@ -29,8 +29,9 @@ Options:
                      decode still uses the cached deltas)
 
 Stats (under `dllm_cache`): refresh_counts (forwards of each kind at layer 1, like every layer >= 1:
-full, response, prompt, none; summed over the prompts of a batch), rows_eligible / rows_reused / reuse_fraction (real rows that added cached deltas
-instead of running the layer, over all layers and forwards), per_layer (eligible, reused,
+full, response, prompt, none; summed over the prompts of a batch), rows_eligible / rows_reused /
+reuse_fraction (real rows that added cached deltas instead of running the layer, over all layers
+and forwards), per_layer (eligible, reused,
 reuse_fraction, recomputed {q, kv, attn, ffn, v_verify}), min_verify_margin and verify_margins
 (per forward: the cosine-similarity gap between the last row V-verify selected and the first it did
 not; near 0 the selection is a tie decided by float rounding), and `shadow` in shadow mode.
@@ -79,7 +80,7 @@ class _LayerCache(LayerReuse):
         self.n_verify = int((self.length - self.prompt_end) * plugin.options.ratio)  # floor(rho * G)
 
     def layer_rows(self, call, x):
-        p, opts, layer = self.p, self.p.options, call.layer
+        p, layer = self.p, call.layer
         if call.fed.start != 0 or call.fed.stop != self.length:
             raise RuntimeError(f"dllm_cache needs every canvas column fed; this forward feeds {call.fed} "
                                f"(a row feeder is active)")
@@ -91,7 +92,8 @@ class _LayerCache(LayerReuse):
         real = self.real & self.real.new_tensor(p.active)[:, None]  # waiting prompts are not counted
         ran = real if run is None else run & real
         verified = self.real.new_tensor([k in (PROMPT, NONE) and self.n_verify > 0 for k in kinds])
-        p.counts[layer] += torch.stack([real.sum(), (real & ~ran).sum(), (real[:, self.prompt_end:].sum(-1) * verified).sum()])
+        verify_rows = (real[:, self.prompt_end:].sum(-1) * verified).sum()
+        p.counts[layer] += torch.stack([real.sum(), (real & ~ran).sum(), verify_rows])
         if p.shadow is not None and run is not None:
             _shadow_layer(p, call, x, real & ~run)
         return run
