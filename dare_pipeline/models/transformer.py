@@ -189,6 +189,9 @@ class DiffusionTransformer(nn.Module):
             idx = _pick(run)
             xa, cols, run_sub = x[:, idx], fed_cols[idx], run[:, idx]
             cos_a, sin_a = cos[:, :, idx], sin[:, :, idx]
+        # store location of the running rows: a slice (a cheap view) unless rows were picked
+        where = fed if idx is None else cols
+        active = xa.shape[1]
         h = layer.attn_norm(xa)
         call.active, call.run, call.h = cols, run_sub, h
         q = layer.project_q(h, cos_a, sin_a)
@@ -197,8 +200,8 @@ class DiffusionTransformer(nn.Module):
         kv = reuse.kv_rows(call, q)
         if kv is None:
             k, v = layer.project_kv(h, cos_a, sin_a)
-            store.write_kv(i, cols, k, v, run_sub)
-            kv_count = _count(run_sub, batch, cols.numel())
+            store.write_kv(i, where, k, v, run_sub)
+            kv_count = _count(run_sub, batch, active)
         else:
             if run_sub is not None:
                 kv = kv & run_sub
@@ -211,26 +214,26 @@ class DiffusionTransformer(nn.Module):
         attn = reuse.attn_rows(call, q)
         if attn is None:
             delta = layer.attend(q, store.keys(i), store.values(i), key_mask)
-            attn_count = _count(run_sub, batch, cols.numel())
+            attn_count = _count(run_sub, batch, active)
         else:
             if run_sub is not None:
                 attn = attn & run_sub
             sel = _pick(attn)
-            delta = store.read(ATTN_OUT, i, cols).clone()
+            delta = store.read(ATTN_OUT, i, where).clone()
             fresh = layer.attend(q[:, :, sel], store.keys(i), store.values(i), key_mask)
             delta[:, sel] = torch.where(attn[:, sel, None], fresh, delta[:, sel])
             attn_count = attn.sum()
         if store.tracks(ATTN_OUT):
-            store.write(ATTN_OUT, i, cols, delta, run_sub)
+            store.write(ATTN_OUT, i, where, delta, run_sub)
         xa = xa + delta
 
         # 4. feed-forward for every running row
         f = layer.ffn(xa)
         if store.tracks(FFN_OUT):
-            store.write(FFN_OUT, i, cols, f, run_sub)
+            store.write(FFN_OUT, i, where, f, run_sub)
         xa = xa + f
         if counters is not None:
-            q_count = _count(run_sub, batch, cols.numel())
+            q_count = _count(run_sub, batch, active)
             counters[i] += torch.stack([torch.as_tensor(c, device=counters.device)
                                         for c in (q_count, kv_count, attn_count, q_count)])
         if idx is None:
