@@ -107,6 +107,7 @@ def cmd_eval(args) -> int:
 def cmd_ablate(args) -> int:
     """Run an ablation file's product of plugin sets and sweeps; one JSONL line per run; reports at the end."""
     import importlib.util
+    import os
     from pathlib import Path
 
     if importlib.util.find_spec("lm_eval") is None:
@@ -116,6 +117,7 @@ def cmd_ablate(args) -> int:
     from .ablation.results import read_records
     from .ablation.runner import parse_shard, run_ablation
     from .evaluation.run import set_offline
+    from .registry import PluginLoadError
 
     set_offline()
     abl = Ablation.from_yaml(args.ablation)
@@ -124,11 +126,25 @@ def cmd_ablate(args) -> int:
     if limit is not None and float(limit).is_integer() and float(limit) >= 1:
         limit = int(limit)
     output = Path(args.output or Path("runs") / "ablation" / f"{abl.name}.jsonl")
+    extra_set = list(args.set)
+    base_output = output
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and args.shard is None:  # torchrun / accelerate launch: one shard and one results file per rank
+        rank = int(os.environ.get("RANK", "0"))
+        shard = (rank, world)
+        output = output.with_name(f"{output.stem}.rank{rank}-of-{world}{output.suffix}")
+        try:
+            device = str(abl.base_recipe_dict(model=args.model, extra_set=extra_set).get("device", "cpu"))
+        except PluginLoadError as exc:
+            raise ConfigError(str(exc)) from exc
+        if device.startswith("cuda"):
+            extra_set.append(f"device=cuda:{int(os.environ.get('LOCAL_RANK', rank))}")
+        args.no_report = True
     if args.dry_run:
         from .ablation.runner import select
         from .ablation.schema import plan_runs
 
-        runs = plan_runs(abl, model=args.model, limit=limit, extra_set=args.set, batch_size=args.batch_size)
+        runs = plan_runs(abl, model=args.model, limit=limit, extra_set=extra_set, batch_size=args.batch_size)
         todo, write_now, already = select(runs, read_records(output), shard, args.retry_failed)
         state = {id(r): "run" for r in todo} | {id(r): r.status for r in write_now} | {id(r): "done" for r in already}
         for r in runs:
@@ -137,11 +153,17 @@ def cmd_ablate(args) -> int:
         print(f"{len(runs)} runs planned; this shard: {len(todo)} to run, {len(write_now)} to record without "
               f"running, {len(already)} already in {output}")
         return 0
-    summary = run_ablation(abl, output, limit=limit, model=args.model, extra_set=args.set, batch_size=args.batch_size,
-                           shard=shard, workers=args.workers, threads=args.threads, retry_failed=args.retry_failed,
-                           quiet=args.quiet)
+    try:
+        summary = run_ablation(abl, output, limit=limit, model=args.model, extra_set=extra_set,
+                               batch_size=args.batch_size, shard=shard, workers=args.workers, threads=args.threads,
+                               retry_failed=args.retry_failed, quiet=args.quiet)
+    except PluginLoadError as exc:  # a broken plugin entry point: no recipe can load
+        raise ConfigError(str(exc)) from exc
     print(summary.line())
     print(f"results: {output}")
+    if world > 1 and args.shard is None:
+        pattern = base_output.with_name(f"{base_output.stem}.rank*-of-{world}{base_output.suffix}")
+        print(f"rank {shard[0]} of {world} done; merge the ranks' files with: dare-pipeline report {pattern}")
     if not args.no_report:
         out_dir = Path(args.report_dir) if args.report_dir else output.with_suffix("")
         files = write_report(read_records(output), out_dir)

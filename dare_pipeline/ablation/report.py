@@ -77,6 +77,17 @@ class Analysis:
             return None
         return self.tps(r) / self.tps(base)
 
+    @staticmethod
+    def _machine(r: dict) -> tuple:
+        h = r.get("hardware") or {}
+        return tuple(h.get(k) for k in ("platform", "machine", "processor", "cpu_count", "torch_threads", "device",
+                                        "gpu"))
+
+    def other_hardware(self, r: dict) -> bool:
+        """The run and its baseline ran on different hardware (merged shards): tokens/s do not compare."""
+        base = self.baseline(r)
+        return base is not None and self._machine(base) != self._machine(r)
+
     def flops_ratio(self, r: dict) -> float | None:
         base = self.baseline(r)
         if base is None or self.flops_per_request(r) is None or self.flops_per_request(base) is None:
@@ -172,8 +183,9 @@ def markdown(an: Analysis, plots: list[str] = ()) -> str:
                                                                                   (int, float)) else None, ".1f")
                           for t in tasks]
                 mean = an.accuracy(r)
+                mark = " †" if an.other_hardware(r) and an.speedup(r) is not None else ""
                 cells += [_f(None if mean is None else mean * 100, ".1f"), _f(an.tps(r), ".1f"),
-                          _f(an.speedup(r), ".2f", "x"), _f(m.get("nfe_per_request"), ".1f"),
+                          _f(an.speedup(r), ".2f", "x" + mark), _f(m.get("nfe_per_request"), ".1f"),
                           _f(None if an.flops_per_request(r) is None else an.flops_per_request(r) / 1e9, ".3f"),
                           _f(an.flops_ratio(r), ".2f", "x"),
                           _f(None if an.reuse(r) is None else an.reuse(r) * 100, ".0f", "%")]
@@ -188,6 +200,9 @@ def markdown(an: Analysis, plots: list[str] = ()) -> str:
                 lines.append(f"- skipped: **{row_label(r)}** — {_one_line(r.get('reason'))}")
         if any(r.get("status") != "ok" for r in rows):
             lines.append("")
+    if any(an.other_hardware(r) for r in an.ok):
+        lines += ["† measured on other hardware than its baseline (results merged from several machines): the "
+                  "speed-up compares tokens/s across machines; FLOPs x does not depend on it.", ""]
     gains = an.additive_gains()
     if gains:
         lines += ["## Additive gain per strategy", "",
@@ -234,7 +249,7 @@ def csv_rows(an: Analysis) -> tuple[list[str], list[dict]]:
                 tasks.append(t)
     acc_fields = [f"{t}.{m}" for t in tasks for m in ("exact_match", "final_match")]
     rows = []
-    for r in an.records:
+    for r in sorted(an.records, key=lambda r: (str(r.get("ablation")), r.get("index") or 0)):
         m, reuse, mem = r.get("metrics") or {}, r.get("reuse") or {}, r.get("memory") or {}
         fl, err = m.get("flops") or {}, r.get("error") or {}
         row = {"ablation": r.get("ablation"), "index": r.get("index"), "key": r.get("key"), "name": r.get("name"),

@@ -248,8 +248,10 @@ def _short(key: str) -> str:
 
 def run_key(recipe: dict, tasks, limit, batch_size) -> str:
     """Stable hash of what determines a run's results: the recipe (its name and description
-    excluded), the tasks, the limit and the batch size."""
+    excluded, `cuda:N` counted as `cuda`), the tasks, the limit and the batch size."""
     body = {k: v for k, v in recipe.items() if k not in ("name", "description")}
+    if isinstance(body.get("device"), str) and body["device"].startswith("cuda:"):
+        body["device"] = "cuda"  # which GPU ran it does not change the run (one shard per GPU)
     doc = {"recipe": body, "tasks": list(tasks), "limit": limit, "batch_size": batch_size}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

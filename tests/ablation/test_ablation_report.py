@@ -126,3 +126,17 @@ def test_display_rich_and_plain():
     d = Display(1, quiet=True, stream=quiet)
     d.finish_run({"index": 3, "name": "y", "status": "skipped", "reason": "refused"})
     assert quiet.getvalue() == ""
+
+
+def test_threshold_sweep_gets_a_reuse_plot(tmp_path):
+    records = [_rec(0, [], 10, 0.5)]
+    for i, t in enumerate((0.05, 0.1, 0.2), 1):
+        r = _rec(i, ["dare_o"], 10 + i, 0.5 - 0.1 * i, sweep={"plugins.dare_o.threshold": t})
+        r["recipe"]["plugins"][0]["threshold"] = t
+        r["reuse"] = {"flops": 0.1 * i, "plugins": {"dare_o": {"reuse_fraction": 0.2 * i}}}
+        records.append(r)
+    files = {f.name for f in write_report(records, tmp_path)}
+    assert {"reuse_vs_threshold.png", "accuracy_vs_speedup.png", "additive_gain.png"} <= files
+    md = (tmp_path / "report.md").read_text()
+    assert "| dare_o (dare_o.threshold=0.2) |" in md
+    assert (tmp_path / "reuse_vs_threshold.png").read_bytes()[:4] == b"\x89PNG"

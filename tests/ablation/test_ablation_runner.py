@@ -322,3 +322,13 @@ def test_dry_run_lists_the_runs(write_ablation, tmp_path, capsys):
     assert "4 runs planned; this shard: 1 to run, 1 to record without running" in out
     assert "other shard" in out and "refused at recipe load" in out
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_under_torchrun_each_rank_takes_its_shard_and_its_own_file(write_ablation, tmp_path, capsys, monkeypatch):
+    path = write_ablation(name="ranks", plugins={"subsets_of": ["prefix_cache", "dual_cache"]})
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert main(["ablate", str(path), "--dry-run", "--output", str(tmp_path / "o.jsonl")]) == 0
+    out = capsys.readouterr().out
+    assert "this shard: 1 to run, 1 to record without running" in out
+    assert str(tmp_path / "o.rank1-of-2.jsonl") in out
