@@ -314,8 +314,11 @@ def _plot_accuracy_speedup(an: Analysis, path: Path, plt) -> bool:
             label="Pareto front")
     ax.scatter([pts[i][0] for i in front], [pts[i][1] * 100 for i in front], s=140, facecolors="none",
                edgecolors="red", lw=1.5, zorder=4)
-    for (x, y), text in zip(pts, labels):
-        ax.annotate(text, (x, y * 100), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    offsets = ((4, 4), (4, -10), (4, 12), (4, -18))  # neighbours' labels on different lines
+    for i, ((x, y), text) in enumerate(sorted(zip(pts, labels))):
+        ax.annotate(text, (x, y * 100), fontsize=6, xytext=offsets[i % len(offsets)], textcoords="offset points")
+    ys = [p[1] * 100 for p in pts]
+    ax.set_ylim(max(-2.0, min(ys) - 5), min(102.0, max(ys) + 5))
     ax.set_xlabel("speed-up over baseline (tokens/s)")
     ax.set_ylabel(f"accuracy ({an.metric}, %)")
     ax.set_title("Accuracy against speed-up")
