@@ -34,10 +34,7 @@ class Display:
         self.progress = None
         self.tasks: dict[int, int] = {}
         if rich and not quiet:
-            try:
-                self._start_rich()
-            except ImportError:  # rich is optional ([report] extra)
-                self.progress = None
+            self._start_rich()
 
     def _start_rich(self) -> None:
         from rich.console import Console

@@ -400,26 +400,23 @@ def _plot_additive(an: Analysis, path: Path, plt) -> bool:
 
 def write_report(records: list[dict], out_dir, metric: str | None = None) -> list[Path]:
     """Write report.md, results.csv, additive_gain.csv (when there are pairs) and the PNG plots
-    (when matplotlib is installed and there is something to plot) into out_dir."""
+    (when there is something to plot) into out_dir."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     an = Analysis(records, metric)
     written: list[Path] = []
     plots: list[str] = []
-    try:
-        import matplotlib
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        plt = None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     for name in PLOTS:  # stale plots from an earlier report would describe other data
         (out / name).unlink(missing_ok=True)
-    if plt is not None:
-        for name, fn in zip(PLOTS, (_plot_accuracy_speedup, _plot_reuse_threshold, _plot_additive)):
-            if fn(an, out / name, plt):
-                plots.append(name)
-                written.append(out / name)
+    for name, fn in zip(PLOTS, (_plot_accuracy_speedup, _plot_reuse_threshold, _plot_additive)):
+        if fn(an, out / name, plt):
+            plots.append(name)
+            written.append(out / name)
     fields, rows = csv_rows(an)
     with open(out / "results.csv", "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=fields)
