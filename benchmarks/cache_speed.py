@@ -2,7 +2,7 @@
 never confident, so threshold decoding would commit one token per step and is not measured here).
 
     python benchmarks/cache_speed.py --gen-length 256 --steps 256
-    python benchmarks/cache_speed.py --gen-length 1024 --steps 256
+    python benchmarks/cache_speed.py --gen-length 1024 --steps 256 --no-warmup
 
 Every configuration decodes the same prompt with the same number of steps (the baseline policy
 commits gen_length/steps tokens per step), interleaved, timed in process CPU seconds.
@@ -34,6 +34,7 @@ def main():
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--no-warmup", action="store_true", help="skip the warm-up decode (long generations)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     steps = args.steps or args.gen_length
@@ -41,8 +42,10 @@ def main():
     gen = {"gen_length": args.gen_length, "block_length": args.block_length, "steps": steps}
     prompts = bench_prompts(args.batch, args.prompt_len)
     pipes = {name: Pipeline(model, {"generation": gen, "plugins": plugins}) for name, plugins in CONFIGS.items()}
-    cpu = interleaved(pipes, prompts, args.repeats, clock=time.process_time)
-    nfe = {name: pipe.generate(prompts).stats.nfe for name, pipe in pipes.items()}
+    outputs = {}
+    cpu = interleaved(pipes, prompts, args.repeats, clock=time.process_time, warmup=not args.no_warmup,
+                      outputs=outputs)
+    nfe = {name: out.stats.nfe for name, out in outputs.items()}
     print(conditions(model, args.threads, prompt=args.prompt_len, gen_length=args.gen_length,
                      block_length=args.block_length, steps=steps, batch=args.batch, repeats=args.repeats))
     base = median(cpu["baseline"])

@@ -52,19 +52,24 @@ def time_generate(pipe: Pipeline, prompts, repeats: int) -> list[float]:
     return times
 
 
-def interleaved(pipes: dict[str, Pipeline], prompts, repeats: int, clock=time.perf_counter) -> dict[str, list[float]]:
+def interleaved(pipes: dict[str, Pipeline], prompts, repeats: int, clock=time.perf_counter,
+                warmup: bool = True, outputs: dict | None = None) -> dict[str, list[float]]:
     """Time several pipelines round-robin so drifting machine load hits all of them alike.
 
     `clock=time.process_time` measures this process's CPU seconds, which another busy process on
-    the machine disturbs far less than wall time (with one torch thread they are the same work)."""
-    for pipe in pipes.values():
-        pipe.generate(prompts)
+    the machine disturbs far less than wall time (with one torch thread they are the same work).
+    `outputs`, when given, receives each pipeline's last GenerationOutput (for NFE and stats)."""
+    if warmup:
+        for pipe in pipes.values():
+            pipe.generate(prompts)
     times = {name: [] for name in pipes}
     for _ in range(repeats):
         for name, pipe in pipes.items():
             start = clock()
-            pipe.generate(prompts)
+            out = pipe.generate(prompts)
             times[name].append(clock() - start)
+            if outputs is not None:
+                outputs[name] = out
     return times
 
 
