@@ -16,10 +16,18 @@ def _recipe(args):
     return Recipe.from_yaml(args.recipe, overrides=args.set)
 
 
+def _set_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def cmd_generate(args) -> int:
     from .api import Pipeline
     from .progress import ProgressBar
 
+    _set_threads(args.threads)
     recipe = _recipe(args)
     pipe = Pipeline.from_recipe(recipe, model_path=args.model)
     prompts = [[int(t) for t in ids.split(",") if t.strip()] for ids in args.prompt_ids or []]
@@ -82,10 +90,7 @@ def cmd_eval(args) -> int:
     from .evaluation.run import evaluate, format_table, set_offline, write_json_atomic
 
     set_offline()
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    _set_threads(args.threads)
     tasks = [t.strip() for spec in args.tasks for t in spec.split(",") if t.strip()]
     limit = args.limit
     if limit is not None and float(limit).is_integer() and float(limit) >= 1:
@@ -205,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--chat", action="store_true", help="wrap prompts in the tokenizer's chat template")
     gen.add_argument("--json", action="store_true", help="print one JSON object: sequences, text, stats")
     gen.add_argument("--no-progress", action="store_true", help="no progress bar")
+    gen.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     gen.set_defaults(func=cmd_generate)
 
     plug = sub.add_parser("plugins", help="list the loaded plugins with version, hooks and options")
