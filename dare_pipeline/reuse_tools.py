@@ -17,6 +17,12 @@ import torch
 
 from .reuse import LayerCall
 
+# why a query-drift plugin and dLLM-Cache are refused together (both DARE plugins declare it)
+WHOLE_LAYER_REUSE = ("dLLM-Cache already decides per layer which rows recompute at all (its V-verify picks the "
+                     "rows whose values moved most); a query-drift predictor inside those rows would skip work on "
+                     "exactly the rows flagged as changed, and no refresh of DARE's ever coincides with "
+                     "dLLM-Cache's interval refreshes")
+
 # why a running row was recomputed, first matching reason wins (see QueryDrift.report)
 REASONS = ("refresh", "exempt", "no_entry", "token_changed", "drift")
 

@@ -52,3 +52,14 @@ def random_prompts(n: int, vocab_size: int, seed: int, min_len: int = 3, max_len
         length = int(torch.randint(min_len, max_len + 1, (1,), generator=gen))
         prompts.append(allowed[torch.randint(len(allowed), (length,), generator=gen)].tolist())
     return prompts
+
+
+def commit_order(unmask_step: list[int], before: int | None = None) -> list[set[int]]:
+    """The sets of answer positions committed per forward, in forward order, empty forwards left
+    out (runs that differ only by forwards committing nothing, or by a prompt waiting for its batch,
+    compare equal); with `before`, only forwards numbered below it."""
+    groups: dict[int, set[int]] = {}
+    for pos, step in enumerate(unmask_step):
+        if before is None or step < before:
+            groups.setdefault(step, set()).add(pos)
+    return [groups[k] for k in sorted(groups)]

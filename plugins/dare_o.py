@@ -36,13 +36,13 @@ from dare_pipeline.config_loading import at_least
 from dare_pipeline.hookspecs import hookimpl
 from dare_pipeline.plugin import Plugin
 from dare_pipeline.reuse import LayerReuse
-from dare_pipeline.reuse_tools import QueryDrift, ShadowLog, layer_indices
+from dare_pipeline.reuse_tools import (
+    WHOLE_LAYER_REUSE,
+    QueryDrift,
+    ShadowLog,
+    layer_indices,
+)
 from dare_pipeline.store import ATTN_OUT
-
-WHOLE_LAYER_REUSE = ("dLLM-Cache already decides per layer which rows recompute at all (its V-verify picks the "
-                     "rows whose values moved most); a query-drift predictor inside those rows would skip work on "
-                     "exactly the rows flagged as changed, and no refresh of DARE's ever coincides with "
-                     "dLLM-Cache's interval refreshes")
 
 
 @attrs.frozen(kw_only=True)

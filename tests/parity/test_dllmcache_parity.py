@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from dare_pipeline import Pipeline, Recipe
 from dare_pipeline.models.rope import apply_rope, rope_cos_sin
+from dare_pipeline.testing import commit_order
 
 torch.set_num_threads(1)
 
@@ -68,14 +69,6 @@ def _ours(golden_models, fname, config, index):
                                    "plugins": _options(data["results"][config]["cache_config"])})
         _OUTPUTS[key] = Pipeline(golden_models["llada"], recipe).generate([data["meta"]["prompts"][index]])
     return _OUTPUTS[key]
-
-
-def commit_order(unmask_step: list[int], before: int | None = None) -> list[set[int]]:
-    groups: dict[int, set[int]] = {}
-    for pos, step in enumerate(unmask_step):
-        if before is None or step < before:
-            groups.setdefault(step, set()).add(pos)
-    return [groups[k] for k in sorted(groups)]
 
 
 def _params():

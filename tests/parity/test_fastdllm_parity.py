@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from dare_pipeline import Pipeline, Recipe
+from dare_pipeline.testing import commit_order
 
 GOLDEN = Path(__file__).parents[1] / "data" / "golden"
 
@@ -81,17 +82,6 @@ def _params():
             tag = fname.removeprefix("fastdllm_").removesuffix(".json")
             out.append(pytest.param(*case, i, id=f"{tag}-{method}-p{i}"))
     return out
-
-
-def commit_order(unmask_step: list[int], before: int | None = None) -> list[set[int]]:
-    """The sets of answer positions committed per forward, in forward order, empty forwards left
-    out (so runs that differ only by forwards committing nothing compare equal); with `before`,
-    only forwards numbered below it."""
-    groups: dict[int, set[int]] = {}
-    for pos, step in enumerate(unmask_step):
-        if before is None or step < before:
-            groups.setdefault(step, set()).add(pos)
-    return [groups[k] for k in sorted(groups)]
 
 
 @pytest.mark.parametrize("fname, method, family, gen, plugins, lenient_nfe, index", _params())

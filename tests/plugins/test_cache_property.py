@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from dare_pipeline import Pipeline, Recipe
-from dare_pipeline.testing import tiny_model
+from dare_pipeline.testing import commit_order, tiny_model
 
 torch.set_num_threads(1)
 
@@ -57,13 +57,6 @@ def setups(draw):
 def _generate(model, gen, plugins, prompts):
     recipe = Recipe.from_dict({"generation": gen, "plugins": [p for p in plugins if p]})
     return Pipeline(model, recipe).generate(prompts)
-
-
-def commit_order(unmask_step: list[int]) -> list[set[int]]:
-    groups: dict[int, set[int]] = {}
-    for pos, step in enumerate(unmask_step):
-        groups.setdefault(step, set()).add(pos)
-    return [groups[k] for k in sorted(groups)]
 
 
 @SETTINGS

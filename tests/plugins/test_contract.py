@@ -27,7 +27,7 @@ import torch
 
 from dare_pipeline import Pipeline, Recipe
 from dare_pipeline.registry import available_plugins
-from dare_pipeline.testing import random_prompts, tiny_model
+from dare_pipeline.testing import commit_order, random_prompts, tiny_model
 
 torch.set_num_threads(1)
 
@@ -70,13 +70,6 @@ def _run(family, plugins, prompts, pipe=None):
 
 def _prompts(n=3):
     return random_prompts(n, VOCAB, seed=11, min_len=2, max_len=9, exclude=(VOCAB - 2, VOCAB - 1))
-
-
-def commit_order(unmask_step: list[int]) -> list[set[int]]:
-    groups: dict[int, set[int]] = {}
-    for pos, step in enumerate(unmask_step):
-        groups.setdefault(step, set()).add(pos)
-    return [groups[k] for k in sorted(groups)]
 
 
 def _cls(name):

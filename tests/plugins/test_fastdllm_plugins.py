@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from dare_pipeline_plugins.factor_decoding import factor_count
 
 from dare_pipeline import Pipeline, Recipe
 from dare_pipeline.config_loading import ConfigError
@@ -16,7 +17,6 @@ from dare_pipeline.loop import StepBudgetExceeded
 from dare_pipeline.plugin import Plugin
 from dare_pipeline.registry import available_plugins, registered
 from dare_pipeline.testing import random_prompts, tiny_model
-from dare_pipeline_plugins.factor_decoding import factor_count
 
 torch.set_num_threads(1)
 
