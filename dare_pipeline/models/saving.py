@@ -154,6 +154,8 @@ def save_checkpoint(model, directory: str | os.PathLike, tokenizer=None, dtype: 
         if tokenizer is not None:
             _write_tokenizer(tokenizer, tmp)
         os.chmod(tmp, 0o755)
+        for f in tmp.iterdir():  # mkdtemp and safetensors create owner-only files; a checkpoint is shareable
+            os.chmod(f, 0o644)
         old = None
         if directory.exists():
             old = directory.parent / f".{directory.name}.old-{os.getpid()}"
