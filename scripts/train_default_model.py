@@ -41,6 +41,7 @@ def parse_args(argv=None):
     ap.add_argument("--steps", type=int, default=None, help="total optimizer steps (LR schedule length)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ap.add_argument("--device", default="cpu", help="torch device to train on (cpu, cuda)")
     ap.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--warmup-steps", type=int, default=None)
@@ -83,7 +84,7 @@ def main(argv=None) -> int:
             print(f"{out / CHECKPOINT} exists; pass --resume to continue it or choose another --out", file=sys.stderr)
             return 2
         cfg = TrainConfig(**{**PRESETS[args.family], "seed": args.seed, **overrides})
-    trainer = Trainer(cfg, out, progress=not args.no_progress)
+    trainer = Trainer(cfg, out, progress=not args.no_progress, device=args.device)
     if args.resume:
         trainer.load()
     (out / "train_config.json").write_text(json.dumps(attrs.asdict(cfg), indent=2) + "\n")

@@ -108,16 +108,17 @@ def _atomic_torch_save(obj, path: Path) -> None:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, out_dir: str | os.PathLike, curriculum: tuple[Phase, ...] = DEFAULT_CURRICULUM,
-                 progress: bool = True):
+                 progress: bool = True, device: str | torch.device = "cpu"):
         self.cfg, self.out = cfg, Path(out_dir)
+        self.device = torch.device(device)
         self.out.mkdir(parents=True, exist_ok=True)
         self.progress = progress
         self.model = DiffusionTransformer(cfg.model_config())
         init_weights(self.model, cfg.init_std, torch.Generator().manual_seed(cfg.seed))
-        self.model.train()
+        self.model.to(self.device).train()
         self.optimizer = torch.optim.AdamW(_param_groups(self.model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
         self.sampler = BatchSampler(cfg.seed, curriculum, token_budget=cfg.token_budget)
-        self.noise_gen = torch.Generator().manual_seed(cfg.seed + 1)
+        self.noise_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)
         self.step = 0
         self.tokens = 0
         self.elapsed = 0.0  # training seconds over all sessions of this run
@@ -135,6 +136,7 @@ class Trainer:
             "last_loss": self.last_loss,
             "sampler": self.sampler.state_dict(),
             "noise_gen": self.noise_gen.get_state(),
+            "device": str(self.device),
             "torch_rng": torch.get_rng_state(),
             "python_rng": random.getstate(),
         }
@@ -165,7 +167,10 @@ class Trainer:
         self.step, self.tokens, self.elapsed = state["step"], state["tokens"], state["elapsed"]
         self.last_loss = state.get("last_loss")
         self.sampler.load_state_dict(state["sampler"])
-        self.noise_gen.set_state(state["noise_gen"])
+        if self.noise_gen.device.type == torch.device(state.get("device", "cpu")).type:
+            self.noise_gen.set_state(state["noise_gen"])
+        else:  # resumed on another device type: the noise stream cannot continue bit-exactly
+            self.noise_gen.manual_seed(self.cfg.seed + 1 + self.step)
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
         self._truncate_log()
@@ -185,7 +190,9 @@ class Trainer:
         lr = lr_at(self.step, cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        loss, _ = diffusion_loss(self.model, batch.input_ids, batch.attention_mask, batch.answer_mask,
+        dev = self.device
+        loss, _ = diffusion_loss(self.model, batch.input_ids.to(dev), batch.attention_mask.to(dev),
+                                 batch.answer_mask.to(dev),
                                  self.noise_gen, cfg.eps, stratified=cfg.stratified, weighting=cfg.weighting)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
