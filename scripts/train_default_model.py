@@ -26,9 +26,9 @@ from dare_pipeline.training import TrainConfig, Trainer  # noqa: E402
 from dare_pipeline.training.trainer import CHECKPOINT  # noqa: E402
 
 PRESETS = {
-    "llada": dict(family="llada", d_model=256, n_layers=6, n_heads=8, n_kv_heads=8, ffn_hidden=768,
+    "llada": dict(family="llada", d_model=192, n_layers=5, n_heads=6, n_kv_heads=6, ffn_hidden=512,
                   embedding_size=128),
-    "dream": dict(family="dream", d_model=192, n_layers=4, n_heads=6, n_kv_heads=2, ffn_hidden=576,
+    "dream": dict(family="dream", d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_hidden=384,
                   embedding_size=101),
 }
 

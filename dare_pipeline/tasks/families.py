@@ -25,14 +25,14 @@ def _with_final(work: str, final: str) -> str:
 
 
 def gen_add(rng: random.Random) -> Generated:
-    """Column addition of two 3-6 digit numbers, carries written out.
+    """Column addition of two 3-4 digit numbers, carries written out.
 
     One step per column, right to left: ``a+b=s`` or ``a+b+1=s`` when a carry
     comes in; ``s`` holds the result digit and the outgoing carry. The shorter
-    operand is padded with 0 so every step has the same shape. Worst case
-    (two 6-digit operands, all carries) is exactly 64 characters.
+    operand is padded with 0 so every step has the same shape. Answers are
+    26-44 characters (the worst case is 9999+9999).
     """
-    da, db = rng.randint(3, 6), rng.randint(3, 6)
+    da, db = rng.randint(3, 4), rng.randint(3, 4)
     a = rng.randint(10 ** (da - 1), 10**da - 1)
     b = rng.randint(10 ** (db - 1), 10**db - 1)
     xs, ys = str(a)[::-1], str(b)[::-1]
@@ -48,15 +48,15 @@ def gen_add(rng: random.Random) -> Generated:
 
 
 def gen_sort(rng: random.Random) -> Generated:
-    """Sort 6-14 numbers in 0..99 ascending (duplicates kept)."""
-    xs = [rng.randint(0, 99) for _ in range(rng.randint(6, 14))]
+    """Sort 5-8 two-digit numbers (10..99) ascending, duplicates kept (answers of 19-28 characters)."""
+    xs = [rng.randint(10, 99) for _ in range(rng.randint(5, 8))]
     final = ",".join(map(str, sorted(xs)))
     return "sort " + ",".join(map(str, xs)), _with_final("", final), final
 
 
 def gen_reverse(rng: random.Random) -> Generated:
-    """Reverse a string of 11-30 lowercase letters."""
-    s = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(11, 30)))
+    """Reverse a string of 11-20 lowercase letters (answers of 16-25 characters)."""
+    s = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(11, 20)))
     final = s[::-1]
     return f"reverse {s}", _with_final("", final), final
 
@@ -99,14 +99,14 @@ def _evaluate(tree, steps: list[str]) -> int:
 
 
 def gen_expr(rng: random.Random) -> Generated:
-    """Evaluate a 2-4 operator expression over digits 1..9 with + - * and parentheses.
+    """Evaluate a 2-3 operator expression over digits 1..9 with + - * and parentheses.
 
     Steps are the operators in evaluation order (``3+4=7,7*2=14,14-5=9``).
     Expressions with a negative intermediate result, or whose answer falls
     outside 16-64 characters, are redrawn (rejection keeps it deterministic).
     """
     while True:
-        tree = _random_tree(rng, rng.randint(2, 4))
+        tree = _random_tree(rng, rng.randint(2, 3))
         steps: list[str] = []
         value = _evaluate(tree, steps)
         if any("=-" in s for s in steps):

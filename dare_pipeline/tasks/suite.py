@@ -160,10 +160,11 @@ def training_pairs(
     max_prompt_chars: int = 512,
     families: Sequence[str] = FAMILY_NAMES,
     window: int = 64,
+    min_shots: int = 0,
 ) -> Iterator[tuple[str, str]]:
     """Infinite ``(prompt, answer)`` pairs for training.
 
-    Each prompt has a uniformly random number of shots in ``0..max_shots``
+    Each prompt has a uniformly random number of shots in ``min_shots..max_shots``
     (fewer if the prompt would exceed ``max_prompt_chars``), drawn from the last
     ``window`` train problems of the same family, so the model learns to answer
     with both short and long contexts. The answer carries no EOS; the trainer
@@ -173,7 +174,7 @@ def training_pairs(
     recent: dict[str, deque] = {f: deque(maxlen=window) for f in families}
     for problem in train_stream(seed, families):
         history = [p for p in recent[problem["family"]] if p["question"] != problem["question"]]
-        shots = rng.sample(history, min(rng.randint(0, max_shots), len(history)))
+        shots = rng.sample(history, min(rng.randint(min(min_shots, max_shots), max_shots), len(history)))
         while shots and len(format_prompt(problem, shots)) > max_prompt_chars:
             shots.pop(0)
         recent[problem["family"]].append(problem)

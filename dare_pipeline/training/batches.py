@@ -76,6 +76,7 @@ class BatchKind:
     max_prompt_chars: int = 512
     canvases: tuple[int, ...] = (64,)
     canvas_weights: tuple[float, ...] | None = None
+    min_shots: int = 0
 
 
 @attrs.frozen
@@ -88,18 +89,18 @@ class Phase:
 # compute but carries no loss), then held-out-like few-shot prompts (up to 512 characters) and long
 # EOS tails so that generation lengths 64..1024 decode cleanly
 DEFAULT_CURRICULUM = (
-    Phase(0.5, (BatchKind("zero_shot", 0.6, max_shots=0), BatchKind("short", 0.4, max_shots=2))),
+    Phase(0.35, (BatchKind("zero_shot", 0.8, max_shots=0), BatchKind("short", 0.2, max_shots=2))),
     Phase(1.0, (
-        BatchKind("short", 0.2, max_shots=2),
-        BatchKind("fewshot", 0.55, max_shots=8, max_prompt_chars=512),
-        BatchKind("long_canvas", 0.25, max_shots=8, max_prompt_chars=512, canvases=(128, 256, 512, 1024),
-                  canvas_weights=(0.35, 0.3, 0.2, 0.15)),
+        BatchKind("zero_shot", 0.35, max_shots=0),
+        BatchKind("fewshot", 0.4, max_shots=8, max_prompt_chars=512, min_shots=3),
+        BatchKind("long_canvas", 0.25, max_shots=8, max_prompt_chars=512, min_shots=2, canvases=(128, 256, 512, 1024),
+                  canvas_weights=(0.3, 0.3, 0.2, 0.2)),
     )),
 )
 
 
 def _stream_seed(seed: int, kind: BatchKind) -> int:
-    key = f"{seed}/{kind.name}/{kind.max_shots}/{kind.max_prompt_chars}".encode()
+    key = f"{seed}/{kind.name}/{kind.min_shots}/{kind.max_shots}/{kind.max_prompt_chars}".encode()
     return int.from_bytes(hashlib.sha256(key).digest()[:4], "big")
 
 
@@ -110,7 +111,8 @@ class _PairStream:
         self.seed = _stream_seed(seed, kind)
         self.kind = kind
         self._it: Iterator[tuple[str, str]] = training_pairs(self.seed, max_shots=kind.max_shots,
-                                                             max_prompt_chars=kind.max_prompt_chars)
+                                                             max_prompt_chars=kind.max_prompt_chars,
+                                                             min_shots=kind.min_shots)
         self.consumed = 0
         self.pending: tuple[str, str] | None = None  # drawn but did not fit the previous batch
 
@@ -145,7 +147,7 @@ class BatchSampler:
         return len(self.curriculum) - 1
 
     def _stream(self, kind: BatchKind) -> _PairStream:
-        key = f"{kind.name}/{kind.max_shots}/{kind.max_prompt_chars}"
+        key = f"{kind.name}/{kind.min_shots}/{kind.max_shots}/{kind.max_prompt_chars}"
         if key not in self.streams:
             self.streams[key] = _PairStream(self.seed, kind)
         return self.streams[key]
