@@ -71,9 +71,12 @@ def _weight_files(directory: Path) -> list[Path]:
 def _load_tokenizer(directory: Path):
     if not any((directory / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         return None
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PretrainedConfig
 
-    return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    # An empty config keeps AutoTokenizer from reading config.json, whose model_type (llada, Dream)
+    # transformers does not know and would warn about; the tokenizer class comes from
+    # tokenizer_config.json either way.
+    return AutoTokenizer.from_pretrained(str(directory), local_files_only=True, config=PretrainedConfig())
 
 
 def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu"):
