@@ -7,6 +7,7 @@ lm-eval or datasets are imported, and the dare_* tasks read the packaged held-ou
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -105,6 +106,22 @@ def _samples(raw_samples: dict) -> dict:
     return out
 
 
+@contextlib.contextmanager
+def _local_rank_zero(lm):
+    """lm-eval's simple_evaluate hands back results only where LOCAL_RANK is 0 (its guard for
+    tensor-parallel launches). A process that evaluates alone under a launcher (one shard of runs
+    per rank, or data_parallel=false) must get its results too: LOCAL_RANK reads 0 meanwhile."""
+    if lm.world_size > 1 or os.environ.get("LOCAL_RANK", "0") == "0":
+        yield
+        return
+    saved = os.environ["LOCAL_RANK"]
+    os.environ["LOCAL_RANK"] = "0"
+    try:
+        yield
+    finally:
+        os.environ["LOCAL_RANK"] = saved
+
+
 def evaluate(tasks: list[str], recipe=None, model=None, overrides=(), batch_size: int = 1, limit=None,
              chat: bool = False, log_samples: bool = False, include_path=None, lm=None, command=None) -> dict:
     """Run the tasks and return the results document (see docs/evaluation.md)."""
@@ -127,8 +144,10 @@ def evaluate(tasks: list[str], recipe=None, model=None, overrides=(), batch_size
         raise ValueError(f"unknown task(s) {ours}; the suite's tasks: {sorted(manager.all_tasks)}")
     if missing:  # lm-eval's own tasks (these may need the network)
         manager = TaskManager(include_path=paths, include_defaults=True)
-    raw = simple_evaluate(model=lm, tasks=list(tasks), limit=limit, task_manager=manager, log_samples=log_samples,
-                          apply_chat_template=chat, fewshot_as_multiturn=False, bootstrap_iters=1000)
+    with _local_rank_zero(lm):
+        raw = simple_evaluate(model=lm, tasks=list(tasks), limit=limit, task_manager=manager,
+                              log_samples=log_samples, apply_chat_template=chat, fewshot_as_multiturn=False,
+                              bootstrap_iters=1000)
     task_rows, group_rows = summarize(raw)
     decoding = lm.stats.to_dict()
     doc = {
