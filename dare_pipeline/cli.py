@@ -82,7 +82,8 @@ def cmd_recipe_check(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    """Accuracy on lm-eval tasks (the dare_* suite by default) with a recipe; writes a results JSON."""
+    """Accuracy on lm-eval tasks (the dare_* suite by default) with a recipe; writes a results JSON.
+    Under torchrun / accelerate launch the problems are split over the processes; rank 0 reports."""
     import importlib.util
 
     if importlib.util.find_spec("lm_eval") is None:
@@ -98,6 +99,8 @@ def cmd_eval(args) -> int:
     doc = evaluate(tasks, recipe=args.recipe, model=args.model, overrides=args.set, batch_size=args.batch_size,
                    limit=limit, chat=args.chat, log_samples=args.log_samples, include_path=args.include_path,
                    command={k: v for k, v in vars(args).items() if k != "func"})
+    if doc is None:  # a data-parallel rank other than 0: rank 0 has the results and writes them
+        return 0
     if args.output:
         write_json_atomic(args.output, doc)
     if args.json:
@@ -121,6 +124,7 @@ def cmd_ablate(args) -> int:
     from .ablation.report import write_report
     from .ablation.results import read_records
     from .ablation.runner import parse_shard, run_ablation
+    from .evaluation import distributed
     from .evaluation.run import set_offline
     from .registry import PluginLoadError
 
@@ -133,18 +137,30 @@ def cmd_ablate(args) -> int:
     output = Path(args.output or Path("runs") / "ablation" / f"{abl.name}.jsonl")
     extra_set = list(args.set)
     base_output = output
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and args.shard is None:  # torchrun / accelerate launch: one shard and one results file per rank
-        rank = int(os.environ.get("RANK", "0"))
-        shard = (rank, world)
-        output = output.with_name(f"{output.stem}.rank{rank}-of-{world}{output.suffix}")
+    world = distributed.launched_world_size()
+    rank = int(os.environ.get("RANK", "0"))
+    per_rank_shards = world > 1 and args.shard is None and not args.data_parallel
+    if args.data_parallel:
+        if world <= 1:
+            raise ConfigError("--data-parallel splits each run's problems over the processes of a launcher: start it "
+                              "with torchrun --nproc-per-node N -m dare_pipeline.cli ablate ... --data-parallel "
+                              "(or accelerate launch)")
+        if args.workers:
+            raise ConfigError("--data-parallel and --workers exclude each other (the launched processes are the "
+                              "workers)")
+    if per_rank_shards or args.data_parallel:  # torchrun / accelerate launch: a CUDA run on this rank's GPU
         try:
             device = str(abl.base_recipe_dict(model=args.model, extra_set=extra_set).get("device", "cpu"))
         except PluginLoadError as exc:
             raise ConfigError(str(exc)) from exc
         if device.startswith("cuda"):
-            extra_set.append(f"device=cuda:{int(os.environ.get('LOCAL_RANK', rank))}")
+            extra_set.append(f"device={distributed.device_for_rank(device)}")
+    if per_rank_shards:  # one shard of the runs and one results file per rank
+        shard = (rank, world)
+        output = output.with_name(f"{output.stem}.rank{rank}-of-{world}{output.suffix}")
         args.no_report = True
+    if args.dry_run and args.data_parallel and rank != 0:  # rank 0 lists them
+        return 0
     if args.dry_run:
         from .ablation.runner import select
         from .ablation.schema import plan_runs
@@ -161,12 +177,14 @@ def cmd_ablate(args) -> int:
     try:
         summary = run_ablation(abl, output, limit=limit, model=args.model, extra_set=extra_set,
                                batch_size=args.batch_size, shard=shard, workers=args.workers, threads=args.threads,
-                               retry_failed=args.retry_failed, quiet=args.quiet)
+                               retry_failed=args.retry_failed, quiet=args.quiet, data_parallel=args.data_parallel)
     except PluginLoadError as exc:  # a broken plugin entry point: no recipe can load
         raise ConfigError(str(exc)) from exc
+    if args.data_parallel and distributed.rank() != 0:  # rank 0 wrote the records and reports
+        return 1 if summary.failed else 0
     print(summary.line())
     print(f"results: {output}")
-    if world > 1 and args.shard is None:
+    if per_rank_shards:
         pattern = base_output.with_name(f"{base_output.stem}.rank*-of-{world}{base_output.suffix}")
         print(f"rank {shard[0]} of {world} done; merge the ranks' files with: dare-pipeline report {pattern}")
     if not args.no_report:
@@ -248,6 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--workers", type=int, default=0,
                     help="worker processes (spawned, one run each at a time); 0 = in this process (default)")
     ab.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
+    ab.add_argument("--data-parallel", action="store_true",
+                    help="under torchrun / accelerate launch: every process decodes its share of each run's problems "
+                         "and rank 0 writes the merged record (default there: each process runs its own shard of "
+                         "the runs)")
     ab.add_argument("--model", help="checkpoint directory (overrides the file's and the recipe's model)")
     ab.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
                     help="override a key of the base recipe (repeatable)")

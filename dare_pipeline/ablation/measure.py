@@ -36,6 +36,8 @@ class RunStats(DecodingStats):
     """DecodingStats plus FLOPs, row counts against fed and full-canvas rows, and plugin counters
     aggregated per generation (fractions averaged, counts summed)."""
 
+    _LOCAL_FIELDS = ("config", "progress")
+
     config: object = None
     progress: object = None  # callable(done_requests, expected_requests) or None
     requests_expected: int = 0
@@ -143,11 +145,11 @@ class AblationLM(DareLM):
         self.memory = MemoryProbe(self.model.device)
         self.pipeline.manager.register(_Observer(self.stats, self.memory), name=_Observer.name)
 
-    def generate_until(self, requests, disable_tqdm: bool = False):
-        self.stats.requests_expected += len(requests)
+    def _generate_until(self, requests, disable_tqdm: bool = False):
+        self.stats.requests_expected += len(requests)  # this rank's share, without lm-eval's padding
         if self.stats.progress is not None:
             self.stats.progress(self.stats.requests, self.stats.requests_expected)
-        return super().generate_until(requests, disable_tqdm=True)
+        return super()._generate_until(requests, disable_tqdm=True)
 
 
 # ---- memory -------------------------------------------------------------------------------------

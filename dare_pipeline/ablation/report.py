@@ -81,7 +81,7 @@ class Analysis:
     def _machine(r: dict) -> tuple:
         h = r.get("hardware") or {}
         return tuple(h.get(k) for k in ("platform", "machine", "processor", "cpu_count", "torch_threads", "device",
-                                        "gpu"))
+                                        "gpu", "ranks"))  # ranks: data-parallel processes (absent = 1)
 
     def other_hardware(self, r: dict) -> bool:
         """The run and its baseline ran on different hardware (merged shards): tokens/s do not compare."""

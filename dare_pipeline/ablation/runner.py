@@ -1,5 +1,9 @@
 """Running an ablation: the runs of this shard that the results file does not have yet, in process or
-in spawned worker processes, each record appended as its run finishes."""
+in spawned worker processes, each record appended as its run finishes.
+
+With `data_parallel=True` (the processes of a torchrun / accelerate launch) every rank takes part in
+every run: lm-eval's evaluator gives each rank its share of the run's problems, rank 0 gets the
+gathered accuracy and the merged counters and is the only one that writes."""
 
 from __future__ import annotations
 
@@ -112,14 +116,40 @@ def _load(recipe):
     return _MODELS[key]
 
 
-def execute_run(spec: RunSpec, ablation: dict, progress=None) -> dict:
-    """Run one planned run; never raises for the run's own failures (they are in the record)."""
+def _together(data_parallel: bool, what: str, fn):
+    """fn(). With data parallelism every rank then learns whether any rank failed, and all raise
+    together, so that no rank goes on to a collective the others never reach."""
+    if not data_parallel:
+        return fn()
+    from ..evaluation import distributed
+
+    result, error = None, None
+    try:
+        result = fn()
+    except Exception as exc:  # noqa: BLE001  (re-raised by agree, on every rank)
+        error = exc
+    distributed.agree(error, what)
+    return result
+
+
+def _highest_peak(memories: list[dict]) -> dict:
+    """The memory record of the rank with the highest peak, with the number of ranks."""
+    peak = max(range(len(memories)), key=lambda r: memories[r].get("peak_bytes") or 0)
+    return memories[peak] | {"rank": peak, "ranks": len(memories)}
+
+
+def execute_run(spec: RunSpec, ablation: dict, progress=None, data_parallel: bool = False) -> dict:
+    """Run one planned run; never raises for the run's own failures (they are in the record).
+
+    data_parallel: every rank of the process group calls this for the same run and decodes its
+    share of the problems; rank 0's record holds the whole run, the other ranks' only the status."""
     record = base_record(spec, ablation)
     record["started"] = _now()
     record["worker"] = {"pid": os.getpid()}
     t0 = time.perf_counter()
     captured = io.StringIO()
     device = None
+    ranks = 1
     try:
         with contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured):
             from ..evaluation.run import evaluate, set_offline
@@ -128,15 +158,30 @@ def execute_run(spec: RunSpec, ablation: dict, progress=None) -> dict:
             set_offline()
             from .measure import AblationLM
 
-            recipe = Recipe.from_dict(spec.recipe, source=f"{ablation.get('source')} [{spec.name}]")
-            device = recipe.device
-            model = _load(recipe)
-            lm = AblationLM(recipe=recipe, model=model, batch_size=spec.batch_size, progress=progress)
-            with _quiet_lm_eval():
-                lm.memory.start()
-                doc = evaluate(list(spec.tasks), lm=lm, limit=spec.limit)
-                memory = lm.memory.stop()
-        record.update(_results(doc, lm, memory, record["metric"]))
+            def load():
+                nonlocal device
+                recipe = Recipe.from_dict(spec.recipe, source=f"{ablation.get('source')} [{spec.name}]")
+                device = recipe.device
+                return AblationLM(recipe=recipe, model=_load(recipe), batch_size=spec.batch_size, progress=progress,
+                                  data_parallel=data_parallel)
+
+            lm = _together(data_parallel, "loading the run", load)
+            ranks = lm.world_size
+
+            def measure():
+                with _quiet_lm_eval():
+                    lm.memory.start()
+                    doc = evaluate(list(spec.tasks), lm=lm, limit=spec.limit)
+                    return doc, lm.memory.stop()
+
+            doc, memory = _together(data_parallel, "the evaluation", measure)
+            stats = lm.gathered_stats()  # every rank's counters (collective with several ranks)
+            if ranks > 1:
+                from ..evaluation import distributed
+
+                memory = _highest_peak(distributed.all_gather_object(memory))
+        if doc is not None:  # None: a rank other than 0, whose share is in rank 0's record
+            record.update(_results(doc, stats, memory, record["metric"]))
         record["status"] = "ok"
     except Exception as exc:  # the run failed: record it, the others go on
         record["status"] = "failed"
@@ -148,14 +193,13 @@ def execute_run(spec: RunSpec, ablation: dict, progress=None) -> dict:
 
         record["versions"] = versions()
         try:
-            record["hardware"] = hardware(device or "cpu")
+            record["hardware"] = hardware(device or "cpu", ranks=ranks)
         except Exception:  # an unusable device string: say so rather than fail again
-            record["hardware"] = hardware("cpu")
+            record["hardware"] = hardware("cpu", ranks=ranks)
     return _clean(record)
 
 
-def _results(doc: dict, lm, memory: dict, metric: str) -> dict:
-    stats = lm.stats
+def _results(doc: dict, stats, memory: dict, metric: str) -> dict:
     d = doc["decoding"]
     accuracy = {name: {k: v for k, v in row.items() if k != "tasks"} for name, row in doc["tasks"].items()}
     for name, row in doc["groups"].items():
@@ -166,7 +210,7 @@ def _results(doc: dict, lm, memory: dict, metric: str) -> dict:
         "requests": d["requests"], "batches": d["batches"], "nfe_total": d["nfe_total"],
         "nfe_per_request": d["nfe_per_request"], "steps": d["steps"], "generated_tokens": d["generated_tokens"],
         "generated_tokens_per_request": d["generated_tokens_per_request"],
-        "tokens_per_second": d["tokens_per_second"], "decode_time_s": d["decode_time_s"],
+        "tokens_per_second": d["tokens_per_second"], "decode_time_s": d["decode_time_s"], "ranks": d["ranks"],
         "generate_wall_time_s": d["wall_time_s"], "eval_wall_time_s": doc["eval"]["wall_time_s"],
         "flops": stats.flops, "flops_per_request": flops_total / requests,
         "flops_full_recompute": stats.flops_full.get("total", 0),
@@ -259,20 +303,57 @@ def check_models(runs: list[RunSpec]) -> None:
                               f"a placeholder until the trained one lands)")
 
 
+def _select_on_rank0(runs: list[RunSpec], output, shard, retry_failed: bool):
+    """select() as rank 0 sees the results file, on every rank of the process group (the ranks
+    must run the same runs in the same order; only rank 0 reads and writes the file)."""
+    from ..evaluation import distributed
+
+    chosen = None
+    if distributed.rank() == 0:
+        chosen = [[(s.index, s.key) for s in part] for part in select(runs, read_records(output), shard, retry_failed)]
+    chosen = distributed.broadcast_object(chosen)
+    by_index = {s.index: s for s in runs}
+    mismatch = [i for part in chosen for i, key in part if i not in by_index or by_index[i].key != key]
+    error = ValueError(f"the runs planned on this rank differ from rank 0's (indices {mismatch[:5]}): the ranks "
+                       f"must see the same ablation file, model, plugins and options") if mismatch else None
+    distributed.agree(error, "planning the runs")
+    return tuple([by_index[i] for i, _ in part] for part in chosen)
+
+
 def run_ablation(abl: Ablation, output, *, limit=None, model=None, extra_set=(), batch_size=None, shard=(0, 1),
                  workers: int = 0, threads: int | None = 1, retry_failed: bool = False, quiet: bool = False,
-                 rich: bool | None = None) -> Summary:
+                 rich: bool | None = None, data_parallel: bool = False) -> Summary:
     """Execute the runs of `abl` for this shard that `output` does not hold yet; append a record per
-    run as it finishes. workers=0 runs in this process; K >= 1 in K spawned worker processes."""
+    run as it finishes. workers=0 runs in this process; K >= 1 in K spawned worker processes.
+
+    data_parallel: this process is one rank of a torchrun / accelerate launch (the process group is
+    joined here); every rank takes part in every run with its share of the problems, and rank 0
+    alone reads and writes `output` and shows progress."""
     runs = plan_runs(abl, model=model, limit=limit, extra_set=extra_set, batch_size=batch_size)
-    todo, write_now, already = select(runs, read_records(output), shard, retry_failed)
-    check_models(todo)
+    rank = 0
+    if data_parallel:
+        from ..evaluation import distributed
+
+        if workers:
+            raise ValueError("data parallelism runs in the launched processes themselves: workers must be 0")
+        device = next((str(r.recipe.get("device", "cpu")) for r in runs if isinstance(r.recipe, dict)), "cpu")
+        rank, world = distributed.init(device)
+        todo, write_now, already = _select_on_rank0(runs, output, shard, retry_failed)
+        small = sorted({s.limit for s in todo if isinstance(s.limit, int) and s.limit < world})
+        if small:  # every rank needs a problem of every task (see evaluation.run.evaluate)
+            raise ValueError(f"limit {small[0]} gives some of the {world} data-parallel processes no problem; use a "
+                             f"limit of at least {world} or fewer processes")
+        _together(True, "checking the models", lambda: check_models(todo))
+    else:
+        todo, write_now, already = select(runs, read_records(output), shard, retry_failed)
+        check_models(todo)
     summary = Summary(planned=len(runs), in_shard=len(todo) + len(write_now) + len(already), already=len(already))
     info = {"name": abl.name, "source": abl.source, "metric": abl.metric}
-    display = Display(len(todo) + len(write_now), quiet=quiet, rich=rich)
+    display = Display(len(todo) + len(write_now), quiet=quiet or rank != 0, rich=rich)
 
     def write(record):
-        append_record(output, record)
+        if rank == 0:
+            append_record(output, record)
         summary.records.append(record)
         status = record["status"]
         summary.ok += status == "ok"
@@ -292,7 +373,8 @@ def run_ablation(abl: Ablation, output, *, limit=None, model=None, extra_set=(),
         if workers == 0:
             for spec in todo:
                 display.start_run(spec.index, spec.name)
-                write(execute_run(spec, info, progress=lambda d, t, i=spec.index: display.run_progress(i, d, t)))
+                write(execute_run(spec, info, progress=lambda d, t, i=spec.index: display.run_progress(i, d, t),
+                                  data_parallel=data_parallel))
         else:
             _run_pool(todo, info, workers, threads, display, write)
     finally:

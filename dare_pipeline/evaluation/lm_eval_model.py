@@ -15,6 +15,9 @@ model_args (all optional):
     mc_samples    Monte Carlo samples per loglikelihood request (default 32)
     mc_batch_size forward batch for those samples (default: mc_samples)
     add_bos_token prepend the tokenizer's BOS to every context (default False)
+    data_parallel "auto" (default): under torchrun / accelerate launch (WORLD_SIZE > 1) join the
+                  process group and let lm-eval's evaluator split the problems over the ranks;
+                  false: one process decodes everything it is given, whatever the launcher
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from tqdm import tqdm
 
 from ..api import Pipeline
 from ..recipe import GenerationConfig, Recipe
+from . import distributed
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +75,56 @@ def _resolve_device(requested, fallback: str) -> str:
     return requested
 
 
+def _parse_data_parallel(value) -> bool | None:
+    """model_args `data_parallel`: None / "auto" -> None (decide from the launcher), else a bool."""
+    if value is None or isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text == "auto":
+        return None
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"dare: data_parallel={value!r}: expected auto, true or false")
+
+
+def padding_positions(requests) -> dict[int, int]:
+    """Positions of the requests lm-eval's evaluator added as padding, mapped to the position of
+    the request they copy. With several ranks it pads a rank's list with its last request (the same
+    Instance object, `repeats` times per copy) so that every rank runs as many requests; an
+    Instance present more than its `repeats` times is padding."""
+    seen: dict[int, list[int]] = {}
+    for i, req in enumerate(requests):
+        seen.setdefault(id(req), []).append(i)
+    pad = {}
+    for positions in seen.values():
+        repeats = max(int(getattr(requests[positions[0]], "repeats", 1) or 1), 1)
+        for i in positions[repeats:]:
+            pad[i] = positions[0]
+    return pad
+
+
+def _merge_values(values: list):
+    """Sum numbers; dicts key by key (recursively); anything else: the first rank's."""
+    first = values[0]
+    if isinstance(first, dict):
+        keys = dict.fromkeys(k for v in values for k in (v or {}))
+        return {k: _merge_values([v[k] for v in values if k in (v or {})]) for k in keys}
+    if isinstance(first, (int, float)) and not isinstance(first, bool):
+        return sum(values)
+    return first
+
+
 @attrs.define
 class DecodingStats:
-    """Decoding counters summed over every generate_until batch of a run."""
+    """Decoding counters summed over every generate_until batch of a run.
+
+    With data parallelism `merged` combines the ranks' counters: counts are summed, the times
+    (`_MAX_FIELDS`) are the slowest rank's, since the ranks decode at the same time."""
+
+    _MAX_FIELDS = ("decode_time_s", "wall_time_s", "loglikelihood_time_s")
+    _LOCAL_FIELDS = ()  # fields that stay this process's (callables, configs)
 
     requests: int = 0
     batches: int = 0
@@ -87,6 +138,19 @@ class DecodingStats:
     loglikelihood_requests: int = 0
     loglikelihood_forwards: int = 0  # rows scored by the Monte Carlo estimate (each a full forward)
     loglikelihood_time_s: float = 0.0
+    ranks: int = 1  # processes whose counters these are (data parallelism)
+
+    def counters(self) -> dict:
+        """The mergeable fields, as plain data (what the ranks exchange)."""
+        return {f.name: getattr(self, f.name) for f in attrs.fields(type(self)) if f.name not in self._LOCAL_FIELDS}
+
+    def merged(self, parts: list[dict]):
+        """A copy holding the counters of every rank (`parts`: each rank's `counters()`)."""
+        values = {}
+        for name in parts[0]:
+            column = [p[name] for p in parts]
+            values[name] = max(column) if name in self._MAX_FIELDS else _merge_values(column)
+        return attrs.evolve(self, **values)
 
     def add(self, stats, size: int, wall: float) -> None:
         self.requests += size
@@ -120,6 +184,7 @@ class DecodingStats:
             "loglikelihood_requests": self.loglikelihood_requests,
             "loglikelihood_forwards": self.loglikelihood_forwards,
             "loglikelihood_time_s": round(self.loglikelihood_time_s, 6),
+            "ranks": self.ranks,
         }
 
 
@@ -143,11 +208,16 @@ def build_recipe(recipe=None, overrides=(), **generation) -> Recipe:
 
 @register_model("dare")
 class DareLM(TemplateLM):
-    """A dare-pipeline Pipeline (model + recipe) as an lm-eval model."""
+    """A dare-pipeline Pipeline (model + recipe) as an lm-eval model.
+
+    Under torchrun / accelerate launch (unless data_parallel=false) it is one rank of a
+    data-parallel group: `rank` / `world_size` tell lm-eval's evaluator to give it every W-th
+    problem, and `all_gather` / `gather_object` / `barrier` are the collectives the evaluator uses
+    to gather the scores on rank 0 (see distributed.py)."""
 
     def __init__(self, recipe=None, model=None, pretrained=None, dtype=None, device=None, batch_size=1,
                  max_batch_size=None, mc_samples: int = 32, mc_batch_size: int | None = None,
-                 add_bos_token: bool = False, **kwargs):
+                 add_bos_token: bool = False, data_parallel=None, **kwargs):
         super().__init__()
         overrides = _split_set(kwargs.pop("set", None))  # "set" is a model_args key, not a Python name here
         generation = {k: kwargs.pop(k) for k in list(kwargs) if k in GENERATION_KEYS}
@@ -155,7 +225,7 @@ class DareLM(TemplateLM):
             kwargs.pop(k, None)
         if kwargs:
             raise ValueError(f"dare: unknown model_args {sorted(kwargs)}; accepted: recipe, model, dtype, device, "
-                             f"batch_size, set, mc_samples, mc_batch_size, add_bos_token and the generation keys "
+                             f"batch_size, set, mc_samples, mc_batch_size, add_bos_token, data_parallel and the generation keys "
                              f"{list(GENERATION_KEYS)}")
         if isinstance(generation.get("stop"), str):
             generation["stop"] = [generation["stop"]]
@@ -167,6 +237,14 @@ class DareLM(TemplateLM):
         if dtype is not None:
             changes["dtype"] = str(dtype)
         resolved_device = _resolve_device(device, recipe.device)
+        data_parallel = _parse_data_parallel(data_parallel)
+        if data_parallel is not False and (distributed.is_active() or distributed.launched_world_size() > 1):
+            # one process per GPU (cuda:LOCAL_RANK); lm-eval's evaluator splits the problems by rank
+            if model is None or isinstance(model, (str, Path)):
+                resolved_device = distributed.device_for_rank(resolved_device)
+                self._rank, self._world_size = distributed.init(resolved_device)
+            else:  # a loaded model stays where the caller put it
+                self._rank, self._world_size = distributed.init(str(model.device))
         if resolved_device != recipe.device:
             changes["device"] = resolved_device
         if changes:
@@ -201,6 +279,49 @@ class DareLM(TemplateLM):
         if size < 1:
             raise ValueError(f"dare: batch_size must be >= 1, got {batch_size!r}")
         return size
+
+    # ---- data parallelism: what lm-eval's evaluator calls when world_size > 1 -------------------
+    def all_gather(self, tensor):
+        if self.world_size <= 1:
+            return tensor
+        return distributed.all_gather_tensor(tensor.to(self.device))
+
+    def gather_object(self, obj, dst=0):
+        if self.world_size <= 1:
+            return [obj]
+        return distributed.gather_object(obj, dst=dst)
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            distributed.barrier()
+
+    def gathered_stats(self) -> DecodingStats:
+        """`stats` of every rank merged (counts summed, times the slowest rank's); `stats` itself
+        with one process. Collective: with several ranks, every rank must call it."""
+        if self.world_size <= 1:
+            return self.stats
+        return self.stats.merged(distributed.all_gather_object(self.stats.counters()))
+
+    def _on_every_rank(self, fn, requests, what: str, **kwargs) -> list:
+        """fn(requests) for this rank's share. With several ranks, the evaluator's padding copies
+        are not decoded again (they get their original's result and do not count in the stats),
+        and a failure on any rank raises on every rank (see distributed.agree)."""
+        if self.world_size <= 1:
+            return fn(requests, **kwargs)
+        results, error = None, None
+        try:
+            pad = padding_positions(requests)
+            keep = [i for i in range(len(requests)) if i not in pad]
+            done = fn([requests[i] for i in keep], **kwargs)
+            results = [None] * len(requests)
+            for i, value in zip(keep, done):
+                results[i] = value
+            for i, source in pad.items():
+                results[i] = results[source]
+        except Exception as exc:  # noqa: BLE001  (re-raised by agree, on every rank)
+            error = exc
+        distributed.agree(error, what)
+        return results
 
     # ---- what lm-eval asks of a model ---------------------------------------------------------
     @property
@@ -283,6 +404,9 @@ class DareLM(TemplateLM):
         return ids
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        return self._on_every_rank(self._generate_until, requests, "generate_until", disable_tqdm=disable_tqdm)
+
+    def _generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         results: list[str | None] = [None] * len(requests)
         groups: dict[str, list[int]] = {}
         for i, req in enumerate(requests):
@@ -372,6 +496,9 @@ class DareLM(TemplateLM):
         greedy = bool((self._logits(x, p)[0, p:].argmax(-1) == target).all())
         return -total / n, greedy
 
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        return self._on_every_rank(super().loglikelihood, requests, "loglikelihood", disable_tqdm=disable_tqdm)
+
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         out = []
         t0 = time.perf_counter()
@@ -387,6 +514,10 @@ class DareLM(TemplateLM):
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Monte Carlo ELBO of each whole string, in disjoint windows of at most max_sequence_length
         tokens, each conditioned on the tokens before it (or the prefix token for the first)."""
+        return self._on_every_rank(self._loglikelihood_rolling, requests, "loglikelihood_rolling",
+                                   disable_tqdm=disable_tqdm)
+
+    def _loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         from lm_eval import utils as lm_utils
 
         out = []

@@ -1,6 +1,10 @@
 """`dare-pipeline eval`: lm-eval's simple_evaluate with the `dare` model and the packaged tasks,
 written as one results JSON (accuracy, recipe, decoding stats, versions, hardware).
 
+Under torchrun / accelerate launch (WORLD_SIZE > 1) the problems are split over the processes
+(lm-eval's data parallelism, see lm_eval_model.DareLM): every rank decodes its share, rank 0 gets
+the gathered scores and the merged decoding statistics, and only rank 0 gets a results document.
+
 Everything runs offline: HF_DATASETS_OFFLINE / HF_HUB_OFFLINE are set (unless already set) before
 lm-eval or datasets are imported, and the dare_* tasks read the packaged held-out file.
 """
@@ -39,12 +43,15 @@ def versions() -> dict:
     return out
 
 
-def hardware(device) -> dict:
+def hardware(device, ranks: int = 1) -> dict:
+    """The machine (of rank 0 with data parallelism: `ranks` processes, each on its own device)."""
     import torch
 
     info = {"platform": platform.platform(), "machine": platform.machine(), "processor": platform.processor(),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": str(device),
             "cuda_available": torch.cuda.is_available()}
+    if ranks > 1:
+        info["ranks"] = ranks
     if torch.device(device).type == "cuda":
         props = torch.cuda.get_device_properties(torch.device(device))
         info["gpu"] = props.name
@@ -99,6 +106,11 @@ def summarize(raw: dict) -> tuple[dict, dict]:
 def _samples(raw_samples: dict) -> dict:
     out = {}
     for task, rows in (raw_samples or {}).items():
+        # by filter, then problem (with data parallelism the ranks' samples come one rank after the other)
+        filters: dict = {}
+        for r in rows:
+            filters.setdefault(r.get("filter"), len(filters))
+        rows = sorted(rows, key=lambda r: (filters[r.get("filter")], r.get("doc_id") or 0))
         out[task] = [{"doc_id": r.get("doc_id"), "id": r.get("doc", {}).get("id"),
                       "prompt": (r.get("arguments") or [[None]])[0][0], "target": r.get("target"),
                       "response": (r.get("filtered_resps") or [None])[0], **{m: r.get(m) for m in METRICS}}
@@ -123,8 +135,11 @@ def _local_rank_zero(lm):
 
 
 def evaluate(tasks: list[str], recipe=None, model=None, overrides=(), batch_size: int = 1, limit=None,
-             chat: bool = False, log_samples: bool = False, include_path=None, lm=None, command=None) -> dict:
-    """Run the tasks and return the results document (see docs/evaluation.md)."""
+             chat: bool = False, log_samples: bool = False, include_path=None, lm=None, command=None) -> dict | None:
+    """Run the tasks and return the results document (see docs/evaluation.md).
+
+    With data parallelism (several ranks) every rank must call it; rank 0 gets the document (with
+    every rank's problems and decoding statistics), the other ranks get None."""
     set_offline()
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
@@ -135,6 +150,11 @@ def evaluate(tasks: list[str], recipe=None, model=None, overrides=(), batch_size
     t0 = time.perf_counter()
     if lm is None:
         lm = DareLM(recipe=recipe, model=model, set=list(overrides), batch_size=batch_size)
+    if lm.world_size > 1 and limit is not None and limit >= 1 and int(limit) < lm.world_size:
+        # lm-eval gives rank r the problems r, r + W, ...: a rank without any stops with "did not find
+        # any docs" while the others wait for it
+        raise ValueError(f"--limit {limit} gives some of the {lm.world_size} data-parallel processes no problem; "
+                         f"use a limit of at least {lm.world_size} or fewer processes")
     paths = [str(TASKS_DIR)] + [str(p) for p in ([include_path] if isinstance(include_path, (str, Path))
                                                  else include_path or [])]
     manager = TaskManager(include_path=paths, include_defaults=False)
@@ -148,8 +168,11 @@ def evaluate(tasks: list[str], recipe=None, model=None, overrides=(), batch_size
         raw = simple_evaluate(model=lm, tasks=list(tasks), limit=limit, task_manager=manager,
                               log_samples=log_samples, apply_chat_template=chat, fewshot_as_multiturn=False,
                               bootstrap_iters=1000)
+    stats = lm.gathered_stats() if hasattr(lm, "gathered_stats") else lm.stats  # collective with several ranks
+    if raw is None:  # another rank than 0: its share is in rank 0's results
+        return None
     task_rows, group_rows = summarize(raw)
-    decoding = lm.stats.to_dict()
+    decoding = stats.to_dict()
     doc = {
         "schema": SCHEMA,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -165,7 +188,7 @@ def evaluate(tasks: list[str], recipe=None, model=None, overrides=(), batch_size
                  "task_versions": dict(raw.get("versions", {})), "wall_time_s": round(time.perf_counter() - t0, 3),
                  "command": command, "git_hash": raw.get("git_hash")},
         "versions": versions(),
-        "hardware": hardware(lm.model.device),
+        "hardware": hardware(lm.model.device, ranks=lm.world_size),
     }
     if log_samples:
         doc["samples"] = _samples(raw.get("samples"))
