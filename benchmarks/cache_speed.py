@@ -3,6 +3,10 @@ never confident, so threshold decoding would commit one token per step and is no
 
     python benchmarks/cache_speed.py --gen-length 256 --steps 256
     python benchmarks/cache_speed.py --gen-length 1024 --steps 256 --no-warmup
+    python benchmarks/cache_speed.py --shape llada-8b --device cuda --dtype bfloat16 --prompt-len 512 --gen-length 256
+
+On CUDA the clock is wall time after a device synchronize (the process's CPU time says nothing
+about GPU work).
 
 Every configuration decodes the same prompt with the same number of steps (the baseline policy
 commits gen_length/steps tokens per step), interleaved, timed in process CPU seconds.
@@ -15,7 +19,7 @@ import time
 
 import torch
 
-from common import bench_model, bench_prompts, conditions, interleaved, median
+from common import SHAPES, bench_model, bench_prompts, conditions, cuda_clock, interleaved, median
 from dare_pipeline import Pipeline
 
 CONFIGS = {
@@ -35,21 +39,27 @@ def main():
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-warmup", action="store_true", help="skip the warm-up decode (long generations)")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="bench", help="bench (42M, CPU) or llada-8b (GPU)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     steps = args.steps or args.gen_length
-    model = bench_model()
+    model = bench_model(dtype=getattr(torch, args.dtype), device=args.device, shape=args.shape)
     gen = {"gen_length": args.gen_length, "block_length": args.block_length, "steps": steps}
-    prompts = bench_prompts(args.batch, args.prompt_len)
+    prompts = bench_prompts(args.batch, args.prompt_len, vocab=model.config.vocab_size - 500)
+    cuda = torch.device(args.device).type == "cuda"
+    unit = "s" if cuda else "CPU s"
     pipes = {name: Pipeline(model, {"generation": gen, "plugins": plugins}) for name, plugins in CONFIGS.items()}
     outputs = {}
-    cpu = interleaved(pipes, prompts, args.repeats, clock=time.process_time, warmup=not args.no_warmup,
-                      outputs=outputs)
+    cpu = interleaved(pipes, prompts, args.repeats, clock=cuda_clock if cuda else time.process_time,
+                      warmup=not args.no_warmup, outputs=outputs)
     nfe = {name: out.stats.nfe for name, out in outputs.items()}
     print(conditions(model, args.threads, prompt=args.prompt_len, gen_length=args.gen_length,
-                     block_length=args.block_length, steps=steps, batch=args.batch, repeats=args.repeats))
+                     block_length=args.block_length, steps=steps, batch=args.batch, repeats=args.repeats,
+                     shape=args.shape))
     base = median(cpu["baseline"])
-    print("| configuration | NFE | CPU s / generation | tokens/s (CPU) | speed-up vs baseline |")
+    print(f"| configuration | NFE | {unit} / generation | tokens/s | speed-up vs baseline |")
     print("|---|---|---|---|---|")
     for name, ts in cpu.items():
         t = median(ts)

@@ -21,8 +21,16 @@ BENCH_CONFIG = dict(d_model=512, n_layers=8, n_heads=8, n_kv_heads=8, ffn_hidden
                     eos_token_id=31998, pad_token_id=31998)
 
 
-def bench_model(family: str = "llada", dtype=torch.float32, device="cpu", seed: int = 0) -> DiffusionTransformer:
-    cfg = ModelConfig(family=family, logits_shift=family == "dream", qkv_bias=family == "dream", **BENCH_CONFIG)
+# LLaDA-8B-Instruct's published shape (config.json of GSAI-ML/LLaDA-8B-Instruct), for GPU runs
+LLADA_8B_CONFIG = dict(d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32, ffn_hidden=12288, vocab_size=126464,
+                       embedding_size=126464, rope_theta=500000.0, max_sequence_length=4096, mask_token_id=126336,
+                       eos_token_id=126081, pad_token_id=126081)
+SHAPES = {"bench": BENCH_CONFIG, "llada-8b": LLADA_8B_CONFIG}
+
+
+def bench_model(family: str = "llada", dtype=torch.float32, device="cpu", seed: int = 0,
+                shape: str = "bench") -> DiffusionTransformer:
+    cfg = ModelConfig(family=family, logits_shift=family == "dream", qkv_bias=family == "dream", **SHAPES[shape])
     torch.manual_seed(seed)
     with torch.device(device):
         model = DiffusionTransformer(cfg)
@@ -36,9 +44,15 @@ def bench_model(family: str = "llada", dtype=torch.float32, device="cpu", seed: 
     return model
 
 
-def bench_prompts(batch: int, prompt_len: int, seed: int = 0) -> list[list[int]]:
+def bench_prompts(batch: int, prompt_len: int, seed: int = 0, vocab: int = 31990) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 31990, (batch, prompt_len), generator=g).tolist()
+    return torch.randint(0, vocab, (batch, prompt_len), generator=g).tolist()
+
+
+def cuda_clock() -> float:
+    """Wall seconds after the GPU has finished the queued work."""
+    torch.cuda.synchronize()
+    return time.perf_counter()
 
 
 def time_generate(pipe: Pipeline, prompts, repeats: int) -> list[float]:

@@ -39,6 +39,7 @@ def parse_args(argv=None):
     ap.add_argument("--block-length", type=int, default=32)
     ap.add_argument("--steps", type=int, default=None, help="denoising steps (default: gen_length, one token per step)")
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--device", default="cpu", help="torch device to decode on (cpu, cuda)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None, help="result JSON (default runs/eval/<model>_g<gen_length>.json)")
     ap.add_argument("--no-progress", action="store_true")
@@ -72,7 +73,7 @@ def main(argv=None) -> int:
     problems = read_jsonl(args.data)[args.offset:]
     if args.limit is not None:
         problems = problems[: args.limit]
-    model = load_model(args.model, dtype=args.dtype)
+    model = load_model(args.model, dtype=args.dtype, device=args.device)
     gen = {"gen_length": args.gen_length, "block_length": args.block_length,
            "steps": args.steps or args.gen_length}
     pipe = Pipeline(model, Recipe.from_dict({"generation": gen}))
@@ -94,7 +95,7 @@ def main(argv=None) -> int:
 
     summary = summarize(rows)
     result = {"model": str(model.source), "family": model.config.family, "data": args.data, "offset": args.offset,
-              "limit": args.limit, "generation": gen, "threads": args.threads, "batch_size": args.batch_size,
+              "limit": args.limit, "generation": gen, "threads": args.threads, "device": args.device, "batch_size": args.batch_size,
               "wall_s": round(wall, 1), **summary, "problems": rows}
     name = Path(str(args.model)).name if args.model not in ("default", "default-llada", "default-dream") else args.model
     out_path = Path(args.out) if args.out else ROOT / "runs" / "eval" / f"{name}_g{args.gen_length}.json"
