@@ -1,7 +1,6 @@
 """The denoising loop: batch invariance, determinism, stats, EOS handling, guidance."""
 
 import pytest
-import torch
 
 from dare_pipeline import Pipeline, Recipe
 from dare_pipeline.hookspecs import hookimpl
