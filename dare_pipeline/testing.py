@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from .models.config import ModelConfig
@@ -63,3 +65,19 @@ def commit_order(unmask_step: list[int], before: int | None = None) -> list[set[
         if before is None or step < before:
             groups.setdefault(step, set()).add(pos)
     return [groups[k] for k in sorted(groups)]
+
+
+def save_tiny_suite_checkpoint(directory) -> Path:
+    """A tiny random LLaDA with the suite's tokenizer (MASK 4, EOS 2, PAD 0, BOS 1, vocab 101), saved
+    as a complete HF-format checkpoint in `directory`: what evaluation and ablation tests decode with."""
+    import attrs
+
+    from .models.saving import save_checkpoint
+    from .tokenizer import BOS_ID, EOS_ID, MASK_ID, PAD_ID, VOCAB_SIZE
+
+    model = tiny_model("llada", vocab_size=VOCAB_SIZE, d_model=32, n_heads=2, max_sequence_length=640)
+    model.config = attrs.evolve(model.config, mask_token_id=MASK_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
+                                bos_token_id=BOS_ID)
+    with torch.no_grad():
+        model.lm_head.weight[MASK_ID] = 0  # never proposes the mask, like a trained model
+    return save_checkpoint(model, directory, tokenizer=True)

@@ -11,7 +11,6 @@ import os
 import subprocess
 import sys
 
-import attrs
 import pytest
 import torch
 import yaml
@@ -28,6 +27,7 @@ from dare_pipeline.evaluation.lm_eval_model import (
     padding_positions,
 )
 from dare_pipeline.evaluation.run import evaluate
+from dare_pipeline.testing import save_tiny_suite_checkpoint
 
 GEN_SET = ["generation.gen_length=32", "generation.steps=32", "generation.block_length=16"]
 EQUAL_DECODING = ("requests", "batches", "nfe_total", "nfe_per_request", "steps", "generated_tokens",
@@ -46,17 +46,7 @@ sys.exit(code or main(json.loads(sys.argv[2])))
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    """A tiny random LLaDA saved with the project's tokenizer (as in test_lm_eval.py)."""
-    from dare_pipeline.models.saving import save_checkpoint
-    from dare_pipeline.testing import tiny_model
-    from dare_pipeline.tokenizer import BOS_ID, EOS_ID, MASK_ID, PAD_ID, VOCAB_SIZE
-
-    model = tiny_model("llada", vocab_size=VOCAB_SIZE, d_model=32, n_heads=2, max_sequence_length=640)
-    model.config = attrs.evolve(model.config, mask_token_id=MASK_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
-                                bos_token_id=BOS_ID)
-    with torch.no_grad():
-        model.lm_head.weight[MASK_ID] = 0
-    return save_checkpoint(model, tmp_path_factory.mktemp("ckpt") / "tiny", tokenizer=True)
+    return save_tiny_suite_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
 
 
 def eval_args(tiny_dir, output):

@@ -7,7 +7,6 @@ import math
 import socket
 from pathlib import Path
 
-import attrs
 import pytest
 import torch
 
@@ -20,6 +19,7 @@ from dare_pipeline.evaluation import SUITE_TASKS, TASKS_DIR  # noqa: E402
 from dare_pipeline.evaluation.lm_eval_cli import with_include_path  # noqa: E402
 from dare_pipeline.evaluation.lm_eval_model import DareLM, build_recipe, cut_at_stops  # noqa: E402
 from dare_pipeline.recipe import Recipe  # noqa: E402
+from dare_pipeline.testing import save_tiny_suite_checkpoint  # noqa: E402
 
 ROOT = Path(__file__).parents[2]
 GEN = {"gen_length": 32, "steps": 32, "block_length": 32}
@@ -27,17 +27,7 @@ GEN = {"gen_length": 32, "steps": 32, "block_length": 32}
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
-    """A tiny random LLaDA saved with the project's tokenizer (MASK 4, EOS 2, PAD 0, BOS 1, vocab 101)."""
-    from dare_pipeline.models.saving import save_checkpoint
-    from dare_pipeline.testing import tiny_model
-    from dare_pipeline.tokenizer import BOS_ID, EOS_ID, MASK_ID, PAD_ID, VOCAB_SIZE
-
-    model = tiny_model("llada", vocab_size=VOCAB_SIZE, d_model=32, n_heads=2, max_sequence_length=640)
-    model.config = attrs.evolve(model.config, mask_token_id=MASK_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
-                                bos_token_id=BOS_ID)
-    with torch.no_grad():
-        model.lm_head.weight[MASK_ID] = 0  # never proposes the mask, like a trained model
-    return save_checkpoint(model, tmp_path_factory.mktemp("ckpt") / "tiny", tokenizer=True)
+    return save_tiny_suite_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
 
 
 @pytest.fixture(scope="session")
