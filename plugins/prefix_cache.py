@@ -90,9 +90,9 @@ class PrefixCache(Plugin):
         fed = state.plan.fed
         layers = state.model.config.n_layers
         real = state.model_rows(state.attention_mask)  # padding is never attended to
-        fed_rows = int(real[:, fed].sum())
-        self.rows_recomputed += layers * fed_rows
-        self.cached_rows_read += layers * (int(real.sum()) - fed_rows)
+        fed_rows = real[:, fed].sum()  # kept on the device: no host sync per step, read at the report
+        self.rows_recomputed = self.rows_recomputed + layers * fed_rows
+        self.cached_rows_read = self.cached_rows_read + layers * (real.sum() - fed_rows)
         if state.plan.refresh:
             self.refreshes += 1
         if fed.start != 0 or fed.stop != state.length:
@@ -101,4 +101,4 @@ class PrefixCache(Plugin):
     @hookimpl
     def dare_report_stats(self, state):
         return {"refreshes": self.refreshes, "partial_forwards": self.partial_forwards,
-                "rows_recomputed": self.rows_recomputed, "cached_rows_read": self.cached_rows_read}
+                "rows_recomputed": int(self.rows_recomputed), "cached_rows_read": int(self.cached_rows_read)}
