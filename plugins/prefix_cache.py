@@ -18,9 +18,8 @@ Options:
                           column keeps the keys/values it had; the prompt is computed once
   head_commit             auto (Dream: on, LLaDA: off), on, off
 
-Stats (under the plugin's name): refreshes, partial_forwards (forwards that did not feed every
-column), rows_recomputed and cached_rows_read (key/value rows computed by a forward / attended to
-without being recomputed, summed over layers, forwards and prompts; padding is never counted).
+Stats (under the plugin's name): refreshes, partial_forwards, rows_recomputed, cached_rows_read
+(see dare_pipeline/kv_cache.py).
 """
 
 from __future__ import annotations
@@ -29,8 +28,8 @@ import attrs
 
 from dare_pipeline.config_loading import at_least, choice
 from dare_pipeline.hookspecs import hookimpl
+from dare_pipeline.kv_cache import KVCacheFeeder
 from dare_pipeline.plan import ForwardPlan
-from dare_pipeline.plugin import Plugin
 
 
 @attrs.frozen(kw_only=True)
@@ -40,65 +39,26 @@ class PrefixCacheOptions:
     head_commit: str = attrs.field(default="auto", validator=choice("auto", "on", "off"))
 
 
-class PrefixCache(Plugin):
+class PrefixCache(KVCacheFeeder):
     name = "prefix_cache"
     Options = PrefixCacheOptions
-    provides = frozenset({"row_feed"})
     exact_options = {"refresh_every": 1, "freeze_finished_blocks": False, "head_commit": "off"}
-
-    @hookimpl
-    def dare_generation_start(self, state):
-        state.require_store()
-        self.refreshes = 0
-        self.partial_forwards = 0
-        self.rows_recomputed = 0
-        self.cached_rows_read = 0
-
-    def _head_commit(self, state) -> bool:
-        mode = self.options.head_commit
-        return mode == "on" or (mode == "auto" and state.family == "dream")
 
     def _is_refresh(self, state) -> bool:
         every = self.options.refresh_every
         return state.step_in_block == 0 or (every > 0 and state.step_in_block % every == 0)
-
-    def _partial_start(self, state) -> int:
-        """First fed column of a non-refresh step: the block start, or the column before it where a
-        shifted family must score the block's first column from it."""
-        start = state.block_columns.start
-        if state.model.config.logits_shift and not self._head_commit(state):
-            start -= 1
-        return start
 
     def _refresh_start(self, state) -> int:
         if not self.options.freeze_finished_blocks or state.block == 0:
             return 0
         if state.step_in_block == 0:  # the block just finished is recomputed once, then frozen
             return state.block_slice(state.block - 1).start
-        return self._partial_start(state)  # everything before the block is frozen already
+        return self.block_feed_start(state)  # everything before the block is frozen already
 
     @hookimpl
     def dare_plan_forward(self, state):
         if self._is_refresh(state):
-            head = self._head_commit(state) and state.step_in_block == 0
+            head = self.head_commit(state) and state.step_in_block == 0
             return ForwardPlan(fed=slice(self._refresh_start(state), state.length), refresh=True,
                                commit_block_head=head)
-        return ForwardPlan(fed=slice(self._partial_start(state), state.length))
-
-    @hookimpl
-    def dare_step_end(self, state, committed):
-        fed = state.plan.fed
-        layers = state.model.config.n_layers
-        real = state.model_rows(state.attention_mask)  # padding is never attended to
-        fed_rows = real[:, fed].sum()  # kept on the device: no host sync per step, read at the report
-        self.rows_recomputed = self.rows_recomputed + layers * fed_rows
-        self.cached_rows_read = self.cached_rows_read + layers * (real.sum() - fed_rows)
-        if state.plan.refresh:
-            self.refreshes += 1
-        if fed.start != 0 or fed.stop != state.length:
-            self.partial_forwards += 1
-
-    @hookimpl
-    def dare_report_stats(self, state):
-        return {"refreshes": self.refreshes, "partial_forwards": self.partial_forwards,
-                "rows_recomputed": int(self.rows_recomputed), "cached_rows_read": int(self.cached_rows_read)}
+        return ForwardPlan(fed=slice(self.block_feed_start(state), state.length))
