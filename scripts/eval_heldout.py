@@ -95,8 +95,8 @@ def main(argv=None) -> int:
 
     summary = summarize(rows)
     result = {"model": str(model.source), "family": model.config.family, "data": args.data, "offset": args.offset,
-              "limit": args.limit, "generation": gen, "threads": args.threads, "device": args.device, "batch_size": args.batch_size,
-              "wall_s": round(wall, 1), **summary, "problems": rows}
+              "limit": args.limit, "generation": gen, "threads": args.threads, "device": args.device,
+              "batch_size": args.batch_size, "wall_s": round(wall, 1), **summary, "problems": rows}
     name = Path(str(args.model)).name if args.model not in ("default", "default-llada", "default-dream") else args.model
     out_path = Path(args.out) if args.out else ROOT / "runs" / "eval" / f"{name}_g{args.gen_length}.json"
     write_json_atomic(out_path, result)

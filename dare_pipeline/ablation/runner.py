@@ -117,19 +117,12 @@ def _load(recipe):
 
 
 def _together(data_parallel: bool, what: str, fn):
-    """fn(). With data parallelism every rank then learns whether any rank failed, and all raise
-    together, so that no rank goes on to a collective the others never reach."""
+    """fn(); with data parallelism, on every rank and raising on all of them when one failed."""
     if not data_parallel:
         return fn()
     from ..evaluation import distributed
 
-    result, error = None, None
-    try:
-        result = fn()
-    except Exception as exc:  # noqa: BLE001  (re-raised by agree, on every rank)
-        error = exc
-    distributed.agree(error, what)
-    return result
+    return distributed.together(fn, what)
 
 
 def _highest_peak(memories: list[dict]) -> dict:

@@ -144,3 +144,15 @@ def agree(error: BaseException | None, what: str = "") -> None:
     if failed:
         r, m = failed[0]
         raise RankFailed(f"data-parallel rank {r} failed{' in ' + what if what else ''}: {m}")
+
+
+def together(fn, what: str = ""):
+    """fn() on every rank, then `agree`: when any rank's fn raised, every rank raises (so none goes
+    on to a collective the failed one never reaches). Without a group, just fn()."""
+    result, error = None, None
+    try:
+        result = fn()
+    except Exception as exc:  # noqa: BLE001  (re-raised by agree, on every rank)
+        error = exc
+    agree(error, what)
+    return result

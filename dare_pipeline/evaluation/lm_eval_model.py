@@ -308,20 +308,18 @@ class DareLM(TemplateLM):
         and a failure on any rank raises on every rank (see distributed.agree)."""
         if self.world_size <= 1:
             return fn(requests, **kwargs)
-        results, error = None, None
-        try:
+
+        def decode_share():
             pad = padding_positions(requests)
             keep = [i for i in range(len(requests)) if i not in pad]
-            done = fn([requests[i] for i in keep], **kwargs)
             results = [None] * len(requests)
-            for i, value in zip(keep, done):
+            for i, value in zip(keep, fn([requests[i] for i in keep], **kwargs)):
                 results[i] = value
             for i, source in pad.items():
                 results[i] = results[source]
-        except Exception as exc:  # noqa: BLE001  (re-raised by agree, on every rank)
-            error = exc
-        distributed.agree(error, what)
-        return results
+            return results
+
+        return distributed.together(decode_share, what)
 
     # ---- what lm-eval asks of a model ---------------------------------------------------------
     @property
