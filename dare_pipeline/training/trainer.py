@@ -51,12 +51,16 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.98)
     grad_clip: float = 1.0
     token_budget: int = 3072
+    max_rows: int = 64  # cap on rows per batch (short zero-shot batches hit it before the token budget)
     eps: float = DEFAULT_EPS
     # "inv_t": LLaDA's 1/t-weighted ELBO; "none": mean CE over masked tokens (see objective.py)
     weighting: str = "inv_t"
     stratified: bool = True  # low-discrepancy t over the batch
     init_std: float = 0.02
     seed: int = 0
+    # HF checkpoint directory whose weights start the run (fine-tuning / continuing an exported
+    # model); None = random init. The optimizer and the schedule always start fresh.
+    init_from: str | None = None
     log_every: int = 10
     checkpoint_every: int = 200
 
@@ -115,9 +119,11 @@ class Trainer:
         self.progress = progress
         self.model = DiffusionTransformer(cfg.model_config())
         init_weights(self.model, cfg.init_std, torch.Generator().manual_seed(cfg.seed))
+        if cfg.init_from is not None:
+            self._load_weights(cfg.init_from)
         self.model.to(self.device).train()
         self.optimizer = torch.optim.AdamW(_param_groups(self.model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
-        self.sampler = BatchSampler(cfg.seed, curriculum, token_budget=cfg.token_budget)
+        self.sampler = BatchSampler(cfg.seed, curriculum, token_budget=cfg.token_budget, max_rows=cfg.max_rows)
         self.noise_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)
         self.step = 0
         self.tokens = 0
@@ -154,6 +160,19 @@ class Trainer:
             return save_checkpoint(self.model, directory, tokenizer=build_tokenizer(), dtype="float32")
         finally:
             self.model.train()
+
+    def _load_weights(self, directory: str) -> None:
+        from ..models import load_model
+
+        source = load_model(directory)
+        if source.config != self.model.config:
+            diff = {f: (getattr(source.config, f), getattr(self.model.config, f))
+                    for f in attrs.fields_dict(type(source.config))
+                    if getattr(source.config, f) != getattr(self.model.config, f) and f != "extra_stop_ids"}
+            if diff:
+                raise ValueError(f"init_from {directory}: architecture differs from this run's "
+                                 f"(checkpoint, run): {diff}")
+        self.model.load_state_dict(source.state_dict())
 
     def load(self, path: str | os.PathLike | None = None) -> None:
         state = torch.load(path or self.out / CHECKPOINT, map_location="cpu", weights_only=False)

@@ -146,3 +146,23 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
     strip = lambda lines: [{k: v for k, v in __import__("json").loads(x).items() if k != "elapsed"} for x in lines]  # noqa: E731
     assert strip(logs[0]) == strip(logs[1])
     assert (tmp_path / "b" / "model" / "model.safetensors").exists()
+
+
+def test_init_from_starts_at_the_exported_weights(tmp_path):
+    cfg = TrainConfig(family="llada", steps=3, seed=3, **TINY)
+    first = Trainer(cfg, tmp_path / "a", curriculum=CURRICULUM, progress=False)
+    first.run()
+    tuned = Trainer(TrainConfig(family="llada", steps=3, seed=4, init_from=str(tmp_path / "a" / "model"), **TINY),
+                    tmp_path / "b", curriculum=CURRICULUM, progress=False)
+    for k, v in first.model.state_dict().items():
+        assert torch.equal(v, tuned.model.state_dict()[k]), k
+    assert tuned.step == 0 and tuned.optimizer.state_dict()["state"] == {}
+
+
+def test_init_from_rejects_another_architecture(tmp_path):
+    Trainer(TrainConfig(family="llada", steps=1, seed=3, **TINY), tmp_path / "a", curriculum=CURRICULUM,
+            progress=False).run()
+    wider = {**TINY, "d_model": 64}
+    with pytest.raises(ValueError, match="init_from .*d_model"):
+        Trainer(TrainConfig(family="llada", steps=1, init_from=str(tmp_path / "a" / "model"), **wider),
+                tmp_path / "b", curriculum=CURRICULUM, progress=False)
