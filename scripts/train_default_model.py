@@ -48,6 +48,8 @@ def parse_args(argv=None):
     ap.add_argument("--token-budget", type=int, default=None, help="padded tokens per batch")
     ap.add_argument("--init-from", default=None,
                     help="start from the weights of this HF checkpoint directory (fresh optimizer and schedule)")
+    ap.add_argument("--short-phase", type=float, default=None,
+                    help="fraction of the steps on short contexts before few-shot and long canvases (0.35)")
     ap.add_argument("--max-rows", type=int, default=None, help="cap on rows per batch")
     ap.add_argument("--weighting", choices=["inv_t", "none"], default=None,
                     help="loss weighting: inv_t = LLaDA 1/t ELBO, none = mean masked CE")
@@ -70,7 +72,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     overrides = {k: v for k, v in dict(steps=args.steps, lr=args.lr, warmup_steps=args.warmup_steps,
-                                       token_budget=args.token_budget, max_rows=args.max_rows, init_from=args.init_from, weighting=args.weighting,
+                                       token_budget=args.token_budget, max_rows=args.max_rows, short_phase=args.short_phase, init_from=args.init_from, weighting=args.weighting,
                                        init_std=args.init_std, checkpoint_every=args.checkpoint_every,
                                        d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads,
                                        n_kv_heads=args.n_kv_heads, ffn_hidden=args.ffn_hidden).items()

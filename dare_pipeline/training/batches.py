@@ -88,15 +88,22 @@ class Phase:
 # the default curriculum: the algorithms on short contexts first (mostly zero-shot: the prompt costs
 # compute but carries no loss), then held-out-like few-shot prompts (up to 512 characters) and long
 # EOS tails so that generation lengths 64..1024 decode cleanly
-DEFAULT_CURRICULUM = (
-    Phase(0.35, (BatchKind("zero_shot", 0.8, max_shots=0), BatchKind("short", 0.2, max_shots=2))),
-    Phase(1.0, (
-        BatchKind("zero_shot", 0.35, max_shots=0),
-        BatchKind("fewshot", 0.4, max_shots=8, max_prompt_chars=512, min_shots=3),
-        BatchKind("long_canvas", 0.25, max_shots=8, max_prompt_chars=512, min_shots=2, canvases=(128, 256, 512, 1024),
-                  canvas_weights=(0.3, 0.3, 0.2, 0.2)),
-    )),
-)
+def default_curriculum(short_phase: float = 0.35) -> tuple[Phase, ...]:
+    """The shipped curriculum; `short_phase` is the fraction of the steps spent on short contexts."""
+    if not 0.0 <= short_phase < 1.0:
+        raise ValueError(f"short_phase must be in [0, 1), got {short_phase!r}")
+    return (
+        Phase(short_phase, (BatchKind("zero_shot", 0.8, max_shots=0), BatchKind("short", 0.2, max_shots=2))),
+        Phase(1.0, (
+            BatchKind("zero_shot", 0.35, max_shots=0),
+            BatchKind("fewshot", 0.4, max_shots=8, max_prompt_chars=512, min_shots=3),
+            BatchKind("long_canvas", 0.25, max_shots=8, max_prompt_chars=512, min_shots=2,
+                      canvases=(128, 256, 512, 1024), canvas_weights=(0.3, 0.3, 0.2, 0.2)),
+        )),
+    )
+
+
+DEFAULT_CURRICULUM = default_curriculum()
 
 
 def _stream_seed(seed: int, kind: BatchKind) -> int:

@@ -25,7 +25,7 @@ from ..models.config import ModelConfig
 from ..models.saving import save_checkpoint
 from ..models.transformer import DiffusionTransformer
 from ..tokenizer import BOS_ID, EOS_ID, MASK_ID, PAD_ID, VOCAB_SIZE
-from .batches import DEFAULT_CURRICULUM, BatchSampler, Phase
+from .batches import BatchSampler, Phase, default_curriculum
 from .objective import DEFAULT_EPS, diffusion_loss
 
 CHECKPOINT = "checkpoint.pt"
@@ -51,6 +51,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.98)
     grad_clip: float = 1.0
     token_budget: int = 3072
+    short_phase: float = 0.35  # fraction of the steps on short contexts first (default_curriculum)
     max_rows: int = 64  # cap on rows per batch (short zero-shot batches hit it before the token budget)
     eps: float = DEFAULT_EPS
     # "inv_t": LLaDA's 1/t-weighted ELBO; "none": mean CE over masked tokens (see objective.py)
@@ -111,7 +112,7 @@ def _atomic_torch_save(obj, path: Path) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, out_dir: str | os.PathLike, curriculum: tuple[Phase, ...] = DEFAULT_CURRICULUM,
+    def __init__(self, cfg: TrainConfig, out_dir: str | os.PathLike, curriculum: tuple[Phase, ...] | None = None,
                  progress: bool = True, device: str | torch.device = "cpu"):
         self.cfg, self.out = cfg, Path(out_dir)
         self.device = torch.device(device)
@@ -123,7 +124,7 @@ class Trainer:
             self._load_weights(cfg.init_from)
         self.model.to(self.device).train()
         self.optimizer = torch.optim.AdamW(_param_groups(self.model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
-        self.sampler = BatchSampler(cfg.seed, curriculum, token_budget=cfg.token_budget, max_rows=cfg.max_rows)
+        self.sampler = BatchSampler(cfg.seed, curriculum or default_curriculum(cfg.short_phase), token_budget=cfg.token_budget, max_rows=cfg.max_rows)
         self.noise_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)
         self.step = 0
         self.tokens = 0

@@ -166,3 +166,10 @@ def test_init_from_rejects_another_architecture(tmp_path):
     with pytest.raises(ValueError, match="init_from .*d_model"):
         Trainer(TrainConfig(family="llada", steps=1, init_from=str(tmp_path / "a" / "model"), **wider),
                 tmp_path / "b", curriculum=CURRICULUM, progress=False)
+
+
+def test_short_phase_moves_the_curriculum_boundary(tmp_path):
+    late = Trainer(TrainConfig(family="llada", steps=10, short_phase=0.8, **TINY), tmp_path / "a", progress=False)
+    assert late.sampler.phase_index(7, 10) == 0 and late.sampler.phase_index(8, 10) == 1
+    with pytest.raises(ValueError, match="short_phase"):
+        Trainer(TrainConfig(family="llada", steps=10, short_phase=1.0, **TINY), tmp_path / "b", progress=False)
