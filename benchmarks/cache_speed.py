@@ -18,8 +18,16 @@ import argparse
 import time
 
 import torch
+from common import (
+    SHAPES,
+    bench_model,
+    bench_prompts,
+    conditions,
+    cuda_clock,
+    interleaved,
+    median,
+)
 
-from common import SHAPES, bench_model, bench_prompts, conditions, cuda_clock, interleaved, median
 from dare_pipeline import Pipeline
 
 CONFIGS = {

@@ -15,8 +15,8 @@ import argparse
 import time
 
 import torch
-
 from common import bench_model, bench_prompts, conditions, interleaved, median
+
 from dare_pipeline import Pipeline
 from dare_pipeline.hookspecs import hookimpl
 from dare_pipeline.plugin import Plugin

@@ -22,8 +22,8 @@ import statistics
 import time
 
 import torch
-
 from common import bench_model, conditions
+
 from dare_pipeline.recipe import GenerationConfig
 from dare_pipeline.registry import available_plugins
 from dare_pipeline.reuse import LayerCall, ReuseSet

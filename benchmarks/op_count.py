@@ -9,9 +9,11 @@ the same operator sequence as on the GPU, without needing one.
 """
 
 import torch
-from torch.profiler import profile, ProfilerActivity
-from dare_pipeline.testing import tiny_model
+from torch.profiler import ProfilerActivity, profile
+
 from dare_pipeline import Pipeline
+from dare_pipeline.testing import tiny_model
+
 torch.set_num_threads(1)
 L = 8
 m = tiny_model("llada", d_model=32, n_heads=2, n_layers=L, max_sequence_length=1024)

@@ -43,7 +43,7 @@ class Pipeline:
         self.manager = make_manager(self.plugins)
 
     @classmethod
-    def from_recipe(cls, recipe, model_path: str | None = None) -> "Pipeline":
+    def from_recipe(cls, recipe, model_path: str | None = None) -> Pipeline:
         from .models import load_model
 
         recipe = _as_recipe(recipe)

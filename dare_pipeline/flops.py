@@ -87,4 +87,4 @@ def format_flops(value: float | None) -> str:
     return f"{value:.0f} FLOP"
 
 
-__all__: Sequence[str] = ("SUB_OPS", "per_row", "estimate", "full_recompute", "add", "format_flops")
+__all__: Sequence[str] = ("SUB_OPS", "add", "estimate", "format_flops", "full_recompute", "per_row")

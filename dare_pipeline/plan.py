@@ -19,5 +19,5 @@ class ForwardPlan:
     commit_block_head: bool = False
 
     @classmethod
-    def full(cls, length: int, refresh: bool = True) -> "ForwardPlan":
+    def full(cls, length: int, refresh: bool = True) -> ForwardPlan:
         return cls(fed=slice(0, length), refresh=refresh)

@@ -72,7 +72,7 @@ class Recipe:
 
     # ---- loading ----------------------------------------------------------------------------
     @classmethod
-    def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> "Recipe":
+    def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> Recipe:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"{path}: recipe file not found")
@@ -83,7 +83,7 @@ class Recipe:
         return cls.from_dict(data, source=str(path), overrides=overrides)
 
     @classmethod
-    def from_dict(cls, data: dict, source: str = "<dict>", overrides: list[str] | None = None) -> "Recipe":
+    def from_dict(cls, data: dict, source: str = "<dict>", overrides: list[str] | None = None) -> Recipe:
         data = copy.deepcopy(data) if data is not None else {}
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: top level: expected a mapping, got {type(data).__name__}")
@@ -96,7 +96,7 @@ class Recipe:
         check_composition(specs, source)
         return attrs.evolve(recipe, plugins=specs, source=source)
 
-    def with_overrides(self, overrides: list[str]) -> "Recipe":
+    def with_overrides(self, overrides: list[str]) -> Recipe:
         return Recipe.from_dict(self.to_dict(), source=self.source, overrides=overrides)
 
     def to_dict(self) -> dict:

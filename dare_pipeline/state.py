@@ -40,7 +40,7 @@ class DecodeState:
     scratch: dict = attrs.Factory(dict)  # per-generation notes plugins may share with the loop
 
     @classmethod
-    def create(cls, model, gen, prompts: list[list[int]], seed: int) -> "DecodeState":
+    def create(cls, model, gen, prompts: list[list[int]], seed: int) -> DecodeState:
         cfg = model.config
         device = model.device
         batch = len(prompts)

@@ -59,7 +59,7 @@ class DareKVOptions:
 class _KVReuse(LayerReuse):
     decisions = frozenset({"kv_rows"})
 
-    def __init__(self, plugin: "DareKV"):
+    def __init__(self, plugin: DareKV):
         self.plugin = plugin
 
     def kv_rows(self, call, q):
@@ -70,7 +70,7 @@ class _KVReuse(LayerReuse):
         return recompute
 
 
-def _shadow_kv(plugin: "DareKV", call, reused: torch.Tensor) -> None:
+def _shadow_kv(plugin: DareKV, call, reused: torch.Tensor) -> None:
     """Exact K/V of the reused rows vs the store's (reused) rows; nothing is written."""
     weight = reused & plugin.drift.real_rows(call)
     sel = weight.any(0).nonzero().squeeze(1)

@@ -64,7 +64,7 @@ class _AttnReuse(LayerReuse):
     decisions = frozenset({"attn_rows"})
     fields = frozenset({ATTN_OUT})
 
-    def __init__(self, plugin: "DareO"):
+    def __init__(self, plugin: DareO):
         self.plugin = plugin
 
     def attn_rows(self, call, q):
@@ -75,7 +75,7 @@ class _AttnReuse(LayerReuse):
         return recompute
 
 
-def _shadow_attn(plugin: "DareO", call, q: torch.Tensor, reused: torch.Tensor) -> None:
+def _shadow_attn(plugin: DareO, call, q: torch.Tensor, reused: torch.Tensor) -> None:
     """Exact attention output of the reused rows (over the store's current K/V) vs the cached one."""
     weight = reused & plugin.drift.real_rows(call)
     sel = weight.any(0).nonzero().squeeze(1)

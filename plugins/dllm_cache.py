@@ -73,7 +73,7 @@ class _LayerCache(LayerReuse):
     decisions = frozenset({"layer_rows"})
     fields = frozenset({ATTN_OUT, FFN_OUT})
 
-    def __init__(self, plugin: "DllmCache", state):
+    def __init__(self, plugin: DllmCache, state):
         self.p = plugin
         self.prompt_end, self.length = state.prompt_end, state.length
         self.real = state.model_rows(state.attention_mask)
@@ -150,7 +150,7 @@ class _LayerCache(LayerReuse):
         return torch.zeros(b, g, dtype=torch.bool, device=x.device).scatter_(1, idx, True), mask
 
 
-def _shadow_layer(plugin: "DllmCache", call, x: torch.Tensor, reused: torch.Tensor) -> None:
+def _shadow_layer(plugin: DllmCache, call, x: torch.Tensor, reused: torch.Tensor) -> None:
     """Exact attention + FFN delta of the rows that reuse their cached deltas, with every fed row's K/V
     recomputed from this forward's input (nothing is written), vs the cached deltas."""
     sel = reused.any(0).nonzero().squeeze(1)

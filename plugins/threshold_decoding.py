@@ -88,7 +88,7 @@ class ThresholdDecoding(Plugin):
             last = i >= self._planned[b] - 1
             quota = n if last else min(n, self._base[b] + self._left[b])
             self._left[b] = 0
-            conf, idx = torch.topk(proposal.confidence[b], quota)
+            _, idx = torch.topk(proposal.confidence[b], quota)
             committed[b, idx[0]] = True
             if quota > 1:
                 keep = proposal.probability[b, idx[1:]] >= thr

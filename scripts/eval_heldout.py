@@ -24,8 +24,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dare_pipeline import Pipeline, Recipe, load_model  # noqa: E402
-from dare_pipeline.tasks import read_jsonl, score  # noqa: E402
+from dare_pipeline import Pipeline, Recipe, load_model
+from dare_pipeline.tasks import read_jsonl, score
 
 
 def parse_args(argv=None):

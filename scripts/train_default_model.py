@@ -22,8 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dare_pipeline.training import TrainConfig, Trainer  # noqa: E402
-from dare_pipeline.training.trainer import CHECKPOINT  # noqa: E402
+from dare_pipeline.training import TrainConfig, Trainer
+from dare_pipeline.training.trainer import CHECKPOINT
 
 PRESETS = {
     "llada": dict(family="llada", d_model=192, n_layers=5, n_heads=6, n_kv_heads=6, ffn_hidden=512,

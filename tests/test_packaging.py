@@ -1,7 +1,8 @@
 """pyproject.toml lists every package directory (setuptools needs them named: plugins/ is remapped)."""
 
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).parents[1]
 

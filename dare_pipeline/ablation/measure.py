@@ -124,7 +124,7 @@ class _Observer:
 
     name = "ablation_observer"
 
-    def __init__(self, stats: RunStats, memory: "MemoryProbe"):
+    def __init__(self, stats: RunStats, memory: MemoryProbe):
         self.stats, self.memory = stats, memory
 
     @hookimpl

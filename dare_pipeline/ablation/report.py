@@ -115,7 +115,7 @@ class Analysis:
                             "ablation": r.get("ablation"), "gain": self.tps(r) / self.tps(c)})
         return out
 
-    def sections(self) -> "OrderedDict[tuple, list[dict]]":
+    def sections(self) -> OrderedDict[tuple, list[dict]]:
         """Records grouped by ablation, model, tasks, limit, batch size and the non-plugin sweep values."""
         groups: OrderedDict[tuple, list[dict]] = OrderedDict()
         for r in sorted(self.records, key=lambda r: (str(r.get("ablation")), r.get("index") or 0)):
@@ -221,7 +221,7 @@ def _one_line(text) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
-def _by_strategy(gains: list[dict]) -> "OrderedDict[str, list[float]]":
+def _by_strategy(gains: list[dict]) -> OrderedDict[str, list[float]]:
     out: OrderedDict[str, list[float]] = OrderedDict()
     for g in gains:
         out.setdefault(g["strategy"], []).append(g["gain"])

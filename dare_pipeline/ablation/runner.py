@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import math
 import os
 import time
 import traceback
@@ -61,7 +62,7 @@ def accuracy_mean(accuracy: dict | None, metric: str) -> float | None:
 
 def _clean(value):
     """JSON-safe: NaN and infinities become None."""
-    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
+    if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
         return {k: _clean(v) for k, v in value.items()}
@@ -93,7 +94,7 @@ def _error(exc: BaseException, captured: str = "") -> dict:
 def _quiet_lm_eval():
     """lm-eval's environment report (`pip list` through a subprocess, ~1.3 s a run) is replaced by
     our own versions; its INFO/WARNING logs are held back while a run goes."""
-    import lm_eval.evaluator as evaluator
+    from lm_eval import evaluator
 
     saved = evaluator.add_env_info
     logger = logging.getLogger("lm_eval")

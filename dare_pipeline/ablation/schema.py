@@ -99,7 +99,7 @@ class Ablation:
 
     # ---- loading ----------------------------------------------------------------------------
     @classmethod
-    def from_yaml(cls, path: str | Path) -> "Ablation":
+    def from_yaml(cls, path: str | Path) -> Ablation:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"{path}: ablation file not found")
@@ -110,7 +110,7 @@ class Ablation:
         return cls.from_dict(data, source=str(path))
 
     @classmethod
-    def from_dict(cls, data: dict, source: str = "<dict>") -> "Ablation":
+    def from_dict(cls, data: dict, source: str = "<dict>") -> Ablation:
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: top level: expected a mapping, got {type(data).__name__}")
         data = copy.deepcopy(data)
@@ -131,7 +131,7 @@ class Ablation:
         return attrs.evolve(abl, source=source)
 
     @property
-    def sweep_entries(self) -> list["SweepEntry"]:
+    def sweep_entries(self) -> list[SweepEntry]:
         return _parse_sweep(self.sweep, self.source)
 
     def base_recipe_dict(self, model: str | None = None, extra_set: list[str] | tuple[str, ...] = ()) -> dict:

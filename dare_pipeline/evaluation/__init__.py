@@ -18,6 +18,6 @@ SUITE_TASKS = ("dare_add", "dare_sort", "dare_reverse", "dare_expr")
 __all__ = ["HELDOUT_FILE", "SUITE_GROUP", "SUITE_TASKS", "TASKS_DIR"]
 
 if importlib.util.find_spec("lm_eval") is not None:
-    from .lm_eval_model import DareLM, DecodingStats  # noqa: F401  (registers "dare")
+    from .lm_eval_model import DareLM, DecodingStats  # importing registers the "dare" lm-eval model
 
     __all__ += ["DareLM", "DecodingStats"]

@@ -35,9 +35,9 @@ def with_include_path(argv: list[str], tasks_dir: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     set_offline()
-    import dare_pipeline.evaluation as evaluation  # registers the "dare" model
-
     from lm_eval.__main__ import cli_evaluate
+
+    from dare_pipeline import evaluation  # registers the "dare" model
 
     argv = sys.argv[1:] if argv is None else list(argv)
     sys.argv = ["lm-eval", *with_include_path(argv, str(evaluation.TASKS_DIR))]

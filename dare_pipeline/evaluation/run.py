@@ -81,7 +81,7 @@ def _metrics(entry: dict) -> dict:
     out = {}
     for key, value in entry.items():
         name, _, _filter = key.partition(",")
-        base = name[: -len("_stderr")] if name.endswith("_stderr") else name
+        base = name.removesuffix("_stderr")
         if base in METRICS:
             out[name] = None if value == "N/A" else value
     return out

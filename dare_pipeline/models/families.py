@@ -6,7 +6,7 @@ shifted by one position. Adding a family (another LLaDA/Dream kin) means adding 
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import attrs
 

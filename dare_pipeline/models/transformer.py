@@ -178,7 +178,7 @@ class DiffusionTransformer(nn.Module):
     def _layer_rows(self, layer, call, x, cos, sin, key_mask, reuse: ReuseSet, counters):
         """One layer over the fed rows with the store as key/value source; see module docstring."""
         i, store, fed = call.layer, call.store, call.fed
-        batch, n = x.shape[:2]
+        batch = x.shape[0]
         fed_cols = torch.arange(fed.start, fed.stop, device=x.device)
 
         # 1. which rows run this layer (the rest add cached deltas at the end)

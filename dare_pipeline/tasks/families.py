@@ -18,7 +18,7 @@ function of the generator state.
 from __future__ import annotations
 
 import random
-from typing import Callable
+from collections.abc import Callable
 
 FINAL_MARKER = "#### "
 

@@ -16,9 +16,9 @@ import os
 import random
 import tempfile
 from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
 from itertools import islice
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 from .families import FAMILIES, FINAL_MARKER
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import attrs
 import torch

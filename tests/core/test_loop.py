@@ -56,7 +56,7 @@ def test_stats_count_forwards_tokens_and_rows():
     s = out.stats
     assert s.nfe == 32 and s.steps == 32
     assert all(t == [1] * 32 for t in s.tokens_per_step)
-    length = len(out.sequences[0]) if len(out.sequences[0]) >= len(out.sequences[1]) else len(out.sequences[1])
+    length = max(len(out.sequences[0]), len(out.sequences[1]))
     rows = s.rows_by_layer()
     assert len(rows) == model.config.n_layers
     assert all(r["q"] == r["kv"] == r["attn"] == r["ffn"] == 2 * length * 32 for r in rows)

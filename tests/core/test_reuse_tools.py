@@ -34,7 +34,6 @@ class Recorder(LayerReuse):
     def kv_rows(self, call, q):
         self.seen.append((call.layer, call.active.clone(), None if call.run is None else call.run.clone(),
                           call.h.shape, call.rope[0].shape, call.key_mask, call.refresh, call.step))
-        return None
 
 
 def test_layer_call_carries_rows_mask_norms_rope_and_key_mask():

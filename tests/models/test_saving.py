@@ -1,7 +1,6 @@
 import json
 
 import attrs
-
 import pytest
 import torch
 

@@ -42,7 +42,7 @@ CONFIGS = ["nocache", "cache_p1_g1_r0", "cache_p100_g7_r0.25", "cache_p50_g7_r0.
 MARGIN = 1e-6
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _golden(name: str) -> dict:
     return json.loads((GOLDEN / name).read_text())
 

@@ -32,7 +32,7 @@ POLICIES = [None, {"name": "threshold_decoding", "threshold": 0.7}, {"name": "fa
             {"name": "threshold_decoding", "threshold": 0.8, "quota": "on"}]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _model(family: str, seed: int, d_model: int):
     return tiny_model(family, seed=seed, d_model=d_model, n_layers=2, n_heads=4, vocab_size=VOCAB)
 

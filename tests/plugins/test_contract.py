@@ -58,7 +58,7 @@ def _plugin_names() -> list[str]:
     return sorted(set(available_plugins()) | {"step_logger"})
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _model(family: str):
     return tiny_model(family, seed=5, d_model=48, n_layers=3, vocab_size=VOCAB)
 

@@ -33,7 +33,7 @@ CACHES = [None, {"name": "prefix_cache"}, {"name": "dual_cache"}]
 POLICIES = [None, {"name": "threshold_decoding", "threshold": 0.7}]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _model(family: str, seed: int, d_model: int):
     return tiny_model(family, seed=seed, d_model=d_model, n_layers=2, n_heads=4, vocab_size=VOCAB)
 

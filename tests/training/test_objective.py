@@ -5,8 +5,18 @@ import torch
 
 from dare_pipeline.models import DiffusionTransformer
 from dare_pipeline.tokenizer import EOS_ID, MASK_ID, PAD_ID, build_tokenizer
-from dare_pipeline.training import (BatchKind, BatchSampler, Phase, TrainConfig, Trainer, diffusion_loss, encode,
-                                    make_batch, sample_noise, weighted_masked_loss)
+from dare_pipeline.training import (
+    BatchKind,
+    BatchSampler,
+    Phase,
+    TrainConfig,
+    Trainer,
+    diffusion_loss,
+    encode,
+    make_batch,
+    sample_noise,
+    weighted_masked_loss,
+)
 from dare_pipeline.training.trainer import init_weights
 
 PAIRS = [("Q: add 12+34\nA: ", "2+4=6,1+3=4\n#### 46"), ("Q: reverse abc\nA: ", "#### cba"),
@@ -62,7 +72,7 @@ def test_loss_weighting():
     t = torch.tensor([0.5, 0.25])
     answer_len = torch.tensor([4, 2])
     logp = torch.log_softmax(logits, -1)
-    ce = lambda b, j: -logp[b, j, targets[b, j]].item()  # noqa: E731
+    ce = lambda b, j: -logp[b, j, targets[b, j]].item()
     want = ((ce(0, 1) + ce(0, 2)) / 0.5 / 4 + ce(1, 3) / 0.25 / 2) / 2
     got = weighted_masked_loss(logits, targets, masked, t, answer_len)
     assert math.isclose(got.item(), want, rel_tol=1e-5)
@@ -143,7 +153,7 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
     for k, v in straight.model.state_dict().items():
         assert torch.equal(v, resumed.model.state_dict()[k]), k
     logs = [(tmp_path / d / "train_log.jsonl").read_text().splitlines() for d in ("a", "b")]
-    strip = lambda lines: [{k: v for k, v in __import__("json").loads(x).items() if k != "elapsed"} for x in lines]  # noqa: E731
+    strip = lambda lines: [{k: v for k, v in __import__("json").loads(x).items() if k != "elapsed"} for x in lines]
     assert strip(logs[0]) == strip(logs[1])
     assert (tmp_path / "b" / "model" / "model.safetensors").exists()
 
