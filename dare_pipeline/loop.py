@@ -83,7 +83,7 @@ def _forward_and_propose(state: DecodeState, reuse: ReuseSet):
     cols = candidate_columns(state)
     head_rows = _prediction_rows(model.config.logits_shift, cols, fed, model.device)
     logits = model.forward_rows(state.model_tokens(fed), fed, state.model_rows(state.positions), state.key_mask,
-                                state.store, reuse, head_rows=head_rows, counters=state.stats.layer_rows,
+                                state.store, reuse, head_rows=head_rows, counters=state.stats.row_counter,
                                 refresh=plan.refresh, step=state.step)
     state.stats.nfe += 1
     state.stats.rows_fed += state.model_batch * (fed.stop - fed.start)

@@ -56,7 +56,6 @@ class DecodeState:
             x[b, start:p_end] = torch.tensor(prompt, dtype=torch.long, device=device)
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         stats = GenerationStats(batch=batch, n_layers=cfg.n_layers)
-        stats.layer_rows = stats.layer_rows.to(device)  # counted on the device: no sync per layer
         state = cls(model=model, gen=gen, x=x, attention_mask=attention_mask, positions=positions, prompt_end=p_end,
                     mask_id=cfg.mask_token_id, generators=prompt_generators(seed, prompts, device), stats=stats,
                     prompt_lengths=[len(p) for p in prompts], cfg_scale=gen.cfg_scale)

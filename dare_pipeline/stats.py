@@ -8,6 +8,53 @@ import torch
 SUB_OPS = ("q", "kv", "attn", "ffn")
 
 
+class RowCounter:
+    """Rows computed per layer and sub-operation (`SUB_OPS`) over one generation.
+
+    A forward adds counts that are either Python ints (whole fed slices: summed on the host) or
+    device tensors (sums of reuse masks: kept as they are, folded on the device now and then, read
+    once at the end). Counting therefore launches no kernel and never waits for the device; with
+    counts held in a device tensor it cost a host-to-device copy per count and ~6 operators a layer.
+    """
+
+    FOLD_EVERY = 4096  # pending device counts summed into one tensor (bounds their memory)
+
+    def __init__(self, n_layers: int):
+        self.n_layers = n_layers
+        self._host = [[0] * len(SUB_OPS) for _ in range(n_layers)]
+        self._pending: list[tuple[int, torch.Tensor]] = []  # (flat index, 0-d device count)
+        self._folded: torch.Tensor | None = None  # (n_layers * 4,) on the counts' device
+
+    def add(self, layer: int, counts) -> None:
+        """Add one layer's rows: `counts` holds one int or 0-d tensor per sub-operation."""
+        for j, c in enumerate(counts):
+            if isinstance(c, torch.Tensor):
+                self._pending.append((layer * len(SUB_OPS) + j, c))
+            else:
+                self._host[layer][j] += c
+        if len(self._pending) >= self.FOLD_EVERY:
+            self._fold()
+
+    def _fold(self) -> None:
+        if not self._pending:
+            return
+        device = self._pending[0][1].device
+        index = torch.tensor([i for i, _ in self._pending], device=device)
+        values = torch.stack([c.reshape(()).to(torch.long) for _, c in self._pending])
+        if self._folded is None:
+            self._folded = torch.zeros(self.n_layers * len(SUB_OPS), dtype=torch.long, device=device)
+        self._folded.index_add_(0, index, values)
+        self._pending = []
+
+    def totals(self) -> torch.Tensor:
+        """(n_layers, 4) long tensor on the CPU (synchronises with the device once)."""
+        self._fold()
+        out = torch.tensor(self._host, dtype=torch.long)
+        if self._folded is not None:
+            out += self._folded.cpu().view(self.n_layers, len(SUB_OPS))
+        return out
+
+
 @attrs.define
 class GenerationStats:
     batch: int
@@ -18,12 +65,17 @@ class GenerationStats:
     generated_tokens: list[int] = attrs.Factory(list)  # per prompt: answer tokens before the first stop id
     tokens_per_step: list[list[int]] = attrs.Factory(list)  # per prompt, per forward
     rows_fed: int = 0  # rows entering the model, summed over forwards (batch rows counted)
-    layer_rows: torch.Tensor | None = None  # (n_layers, 4) rows computed per sub-operation
+    row_counter: RowCounter | None = None  # what the model adds to at every layer of every forward
     plugins: dict[str, dict] = attrs.Factory(dict)
 
     def __attrs_post_init__(self):
-        self.layer_rows = torch.zeros(self.n_layers, len(SUB_OPS), dtype=torch.long)
+        self.row_counter = RowCounter(self.n_layers)
         self.tokens_per_step = [[] for _ in range(self.batch)]
+
+    @property
+    def layer_rows(self) -> torch.Tensor:
+        """(n_layers, 4) rows computed per layer and sub-operation (CPU tensor)."""
+        return self.row_counter.totals()
 
     @property
     def total_generated(self) -> int:
@@ -34,7 +86,7 @@ class GenerationStats:
         return self.total_generated / self.wall_time_s if self.wall_time_s > 0 else 0.0
 
     def rows_by_layer(self) -> list[dict[str, int]]:
-        rows = self.layer_rows.cpu().tolist()
+        rows = self.layer_rows.tolist()
         return [dict(zip(SUB_OPS, r)) for r in rows]
 
     def to_dict(self) -> dict:

@@ -56,7 +56,7 @@ class RunStats(DecodingStats):
         st, cfg = state.stats, self.config
         length, mb = state.length, state.model_batch
         head_rows = st.nfe * mb * state.gen.block_length
-        layer_rows = st.layer_rows.cpu()
+        layer_rows = st.layer_rows
         self.flops = flops_mod.add(self.flops, flops_mod.estimate(cfg, layer_rows, length, head_rows))
         self.flops_full = flops_mod.add(self.flops_full,
                                         flops_mod.full_recompute(cfg, st.nfe, mb * length, length, head_rows))

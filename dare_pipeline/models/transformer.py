@@ -157,7 +157,7 @@ class DiffusionTransformer(nn.Module):
         tokens: (B, n) token ids of the fed columns; positions, key_mask: (B, L) over the whole canvas.
         store: None only when every column is fed and no reuse object is active (plain forward).
         head_rows: fed-relative row indices whose logits are wanted (None = all fed rows).
-        counters: (n_layers, 4) long tensor, incremented by the rows computed per sub-operation.
+        counters: a `stats.RowCounter`, given the rows computed per layer and sub-operation.
         """
         cos, sin = self._rope(positions[:, fed])
         x = self.embed(tokens)
@@ -166,7 +166,7 @@ class DiffusionTransformer(nn.Module):
             if store is None:
                 x = layer(x, cos, sin, key_mask)
                 if counters is not None:
-                    counters[i] += x.shape[0] * n
+                    counters.add(i, (x.shape[0] * n,) * 4)
                 continue
             call = LayerCall(layer=i, module=layer, store=store, fed=fed, tokens=tokens, refresh=refresh, step=step,
                              key_mask=key_mask, rope=(cos, sin))
@@ -179,7 +179,8 @@ class DiffusionTransformer(nn.Module):
         """One layer over the fed rows with the store as key/value source; see module docstring."""
         i, store, fed = call.layer, call.store, call.fed
         batch = x.shape[0]
-        fed_cols = torch.arange(fed.start, fed.stop, device=x.device)
+        # absolute columns of the fed rows, for reuse objects (none active: not built, one op less a layer)
+        fed_cols = torch.arange(fed.start, fed.stop, device=x.device) if reuse else None
 
         # 1. which rows run this layer (the rest add cached deltas at the end)
         run = reuse.layer_rows(call, x)
@@ -234,8 +235,7 @@ class DiffusionTransformer(nn.Module):
         xa = xa + f
         if counters is not None:
             q_count = _count(run_sub, batch, active)
-            counters[i] += torch.stack([torch.as_tensor(c, device=counters.device)
-                                        for c in (q_count, kv_count, attn_count, q_count)])
+            counters.add(i, (q_count, kv_count, attn_count, q_count))
         if idx is None:
             return xa
         out = x + store.read(ATTN_OUT, i, fed) + store.read(FFN_OUT, i, fed)

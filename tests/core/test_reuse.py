@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from dare_pipeline.reuse import LayerReuse, ReuseSet
+from dare_pipeline.stats import RowCounter
 from dare_pipeline.store import ATTN_OUT, FFN_OUT
 from dare_pipeline.testing import tiny_model
 
@@ -74,7 +75,7 @@ def test_counters_count_only_recomputed_rows():
     store = model.new_store(1, 12)
     store.track(ATTN_OUT)
     _forward(model, tokens, store, ReuseSet([]))
-    counters = torch.zeros(model.config.n_layers, 4, dtype=torch.long)
+    counters = RowCounter(model.config.n_layers)
 
     class SkipFirstFour(LayerReuse):
         decisions = frozenset({"kv_rows"})
@@ -86,8 +87,19 @@ def test_counters_count_only_recomputed_rows():
 
     positions = torch.arange(12)[None]
     model.forward_rows(tokens, slice(0, 12), positions, None, store, ReuseSet([SkipFirstFour()]), counters=counters)
-    assert counters[:, 0].tolist() == [12] * model.config.n_layers  # queries: every row
-    assert counters[:, 1].tolist() == [8] * model.config.n_layers  # keys/values: 4 rows reused
+    totals = counters.totals()
+    assert totals[:, 0].tolist() == [12] * model.config.n_layers  # queries: every row
+    assert totals[:, 1].tolist() == [8] * model.config.n_layers  # keys/values: 4 rows reused
+
+
+def test_row_counter_sums_host_and_device_counts_alike(monkeypatch):
+    monkeypatch.setattr(RowCounter, "FOLD_EVERY", 3)  # fold while counting, and again when read
+    counter = RowCounter(2)
+    for step in range(5):
+        counter.add(0, (4, torch.tensor(3), 4, torch.tensor(step)))
+        counter.add(1, (torch.tensor(2), 1, 0, 5))
+    assert counter.totals().tolist() == [[20, 15, 20, 10], [10, 5, 0, 25]]
+    assert counter.totals().tolist() == [[20, 15, 20, 10], [10, 5, 0, 25]]  # reading twice changes nothing
 
 
 def test_two_owners_of_a_layer_decision_are_refused():
