@@ -2,11 +2,16 @@
 synchronisations per step, for the plain path and the cached paths.
 
     python benchmarks/op_count.py
+    python benchmarks/op_count.py --plugins prefix_cache dare_kv --layers 32
 
 At batch 1 on a GPU every eager operator costs the host ~10-20 us whatever its size, so a step
 cannot be faster than (ops per step) x (dispatch cost); counting on the CPU with a tiny model gives
 the same operator sequence as on the GPU, without needing one.
 """
+
+from __future__ import annotations
+
+import argparse
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -14,26 +19,46 @@ from torch.profiler import ProfilerActivity, profile
 from dare_pipeline import Pipeline
 from dare_pipeline.testing import tiny_model
 
-torch.set_num_threads(1)
-L = 8
-m = tiny_model("llada", d_model=32, n_heads=2, n_layers=L, max_sequence_length=1024)
-prompt = [[10 + (i % 20) for i in range(64)]]
-gen = {"gen_length": 64, "block_length": 32, "steps": 64}
-for name, plugins in [("baseline", []), ("prefix_cache", [{"name": "prefix_cache"}]), ("dual_cache", [{"name": "dual_cache"}])]:
-    pipe = Pipeline(m, {"generation": gen, "plugins": plugins})
-    pipe.generate(prompt)
+# Operators that launch no kernel (views, dispatch wrappers) or are counted as syncs below.
+NO_KERNEL = {
+    "aten::empty", "aten::empty_strided", "aten::as_strided", "aten::view", "aten::slice", "aten::select",
+    "aten::transpose", "aten::t", "aten::unsqueeze", "aten::squeeze", "aten::expand", "aten::reshape",
+    "aten::_unsafe_view", "aten::alias", "aten::detach", "aten::lift_fresh", "aten::permute", "aten::contiguous",
+    "aten::matmul", "aten::linear", "aten::to", "aten::_to_copy", "aten::scaled_dot_product_attention",
+    "aten::resolve_conj", "aten::resolve_neg", "aten::result_type", "aten::split", "aten::chunk", "aten::narrow",
+    "aten::item", "aten::_local_scalar_dense", "aten::is_nonzero",
+}
+SYNCS = ("aten::item", "aten::_local_scalar_dense", "aten::is_nonzero", "aten::nonzero")
+
+
+def count(plugins: list[str], layers: int, gen_length: int = 64, block_length: int = 32) -> tuple[float, float, int]:
+    """(kernel-launching operators per forward, host syncs per forward, forwards) of one decode."""
+    model = tiny_model("llada", d_model=32, n_heads=2, n_layers=layers, max_sequence_length=1024)
+    prompt = [[10 + (i % 20) for i in range(64)]]
+    gen = {"gen_length": gen_length, "block_length": block_length, "steps": gen_length}
+    pipe = Pipeline(model, {"generation": gen, "plugins": [{"name": p} for p in plugins]})
+    pipe.generate(prompt)  # warm-up: first-call allocations and lazy imports
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         out = pipe.generate(prompt)
-    ev = [e for e in prof.key_averages() if e.key.startswith("aten::")]
-    # count only leaf-ish compute ops, the ones that launch kernels on a GPU
-    skip = {"aten::empty", "aten::empty_strided", "aten::as_strided", "aten::view", "aten::slice", "aten::select",
-            "aten::transpose", "aten::t", "aten::unsqueeze", "aten::squeeze", "aten::expand", "aten::reshape",
-            "aten::_unsafe_view", "aten::alias", "aten::detach", "aten::lift_fresh", "aten::permute", "aten::contiguous",
-            "aten::matmul", "aten::linear", "aten::to", "aten::_to_copy", "aten::scaled_dot_product_attention",
-            "aten::resolve_conj", "aten::resolve_neg", "aten::result_type", "aten::split", "aten::chunk", "aten::narrow",
-            "aten::item", "aten::_local_scalar_dense", "aten::is_nonzero"}
-    n = sum(e.count for e in ev if e.key not in skip)
-    syncs = sum(e.count for e in ev if e.key in ("aten::item", "aten::_local_scalar_dense", "aten::is_nonzero", "aten::nonzero"))
-    steps = out.stats.nfe
-    print(f"{name}: {n / steps:.0f} kernel-launching ops per step ({n / steps / L:.0f} per layer incl. the step's share), "
-          f"{syncs / steps:.1f} host syncs per step")
+    events = [e for e in prof.key_averages() if e.key.startswith("aten::")]
+    ops = sum(e.count for e in events if e.key not in NO_KERNEL)
+    syncs = sum(e.count for e in events if e.key in SYNCS)
+    return ops / out.stats.nfe, syncs / out.stats.nfe, out.stats.nfe
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--plugins", nargs="*", default=["prefix_cache", "dual_cache"],
+                    help="row-feed / reuse plugins to count, each alone (the baseline is always counted)")
+    ap.add_argument("--layers", type=int, default=8)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    for name in ["baseline", *args.plugins]:
+        ops, syncs, _ = count([] if name == "baseline" else [name], args.layers)
+        print(f"{name}: {ops:.0f} kernel-launching ops per step ({ops / args.layers:.0f} per layer incl. the step's "
+              f"share), {syncs:.1f} host syncs per step")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
