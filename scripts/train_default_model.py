@@ -50,6 +50,8 @@ def parse_args(argv=None):
                     help="start from the weights of this HF checkpoint directory (fresh optimizer and schedule)")
     ap.add_argument("--short-phase", type=float, default=None,
                     help="fraction of the steps on short contexts before few-shot and long canvases (0.35)")
+    ap.add_argument("--block-prefix-prob", type=float, default=None,
+                    help="fraction of sequences noised as semi-autoregressive block states (0 = i.i.d. only)")
     ap.add_argument("--max-rows", type=int, default=None, help="cap on rows per batch")
     ap.add_argument("--weighting", choices=["inv_t", "none"], default=None,
                     help="loss weighting: inv_t = LLaDA 1/t ELBO, none = mean masked CE")
@@ -71,12 +73,11 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
-    overrides = {k: v for k, v in dict(steps=args.steps, lr=args.lr, warmup_steps=args.warmup_steps,
-                                       token_budget=args.token_budget, max_rows=args.max_rows, short_phase=args.short_phase, init_from=args.init_from, weighting=args.weighting,
-                                       init_std=args.init_std, checkpoint_every=args.checkpoint_every,
-                                       d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads,
-                                       n_kv_heads=args.n_kv_heads, ffn_hidden=args.ffn_hidden).items()
-                 if v is not None}
+    # every TrainConfig field given on the command line (the --flag names are the field names)
+    fields = ("steps", "lr", "warmup_steps", "token_budget", "max_rows", "short_phase", "block_prefix_prob",
+              "init_from", "weighting", "init_std", "checkpoint_every", "d_model", "n_layers", "n_heads",
+              "n_kv_heads", "ffn_hidden")
+    overrides = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
     if args.resume:
         if not (out / CHECKPOINT).exists():
             print(f"{out / CHECKPOINT}: no checkpoint to resume from", file=sys.stderr)

@@ -7,6 +7,15 @@ probability t. The loss is the cross-entropy on the masked positions weighted by
 normalised by the answer-region length of the sequence, then averaged over the batch (LLaDA's SFT
 loss, an upper bound on the negative log-likelihood of the answer region).
 
+Semi-autoregressive states (`block_prefix_prob` > 0): decoding with blocks shows the model states
+that i.i.d. masking almost never produces: every block before the current one clean, every block
+after it all masks. A model trained only on i.i.d. masks can fail there (the embedded model wrote
+running sums past the last operand whenever its work crossed into the second block of 32). So a
+fraction of the sequences is noised block-wise instead: for a block k drawn uniformly among the
+answer region's blocks, the earlier blocks stay clean, block k is masked with probability t, the
+later blocks are all masked, and the loss covers block k only (1/t-weighted, normalised by the
+block's length): the same ELBO, for p(block k | prompt, blocks < k), as block diffusion trains.
+
 LLaDA predicts token j from the output at row j. Dream's logits are shifted: the output at row j-1
 predicts token j, so the loss for a masked column j reads logits[:, j-1].
 """
@@ -25,10 +34,13 @@ class NoisedBatch:
     noisy: torch.Tensor  # (B, L) input ids with the masked answer positions replaced by the mask id
     masked: torch.Tensor  # (B, L) bool, True where a token was masked
     t: torch.Tensor  # (B,) noise level per sequence
+    scored: torch.Tensor  # (B, L) bool, masked positions the loss covers (= masked for i.i.d. rows)
+    region_len: torch.Tensor  # (B,) length the row's loss is normalised by (answer region, or one block)
 
 
 def sample_noise(input_ids: torch.Tensor, answer_mask: torch.Tensor, mask_id: int, generator: torch.Generator | None,
-                 eps: float = DEFAULT_EPS, stratified: bool = False) -> NoisedBatch:
+                 eps: float = DEFAULT_EPS, stratified: bool = False, block_prefix_prob: float = 0.0,
+                 block_length: int = 32) -> NoisedBatch:
     """Mask each answer-region token with probability t ~ U(eps, 1) (one t per sequence).
 
     stratified: the batch's t values are u + i/B (mod 1) for one uniform u (each t is still
@@ -40,9 +52,30 @@ def sample_noise(input_ids: torch.Tensor, answer_mask: torch.Tensor, mask_id: in
         u = (u + torch.arange(b, device=input_ids.device) / b) % 1.0
     t = eps + (1.0 - eps) * u
     draw = torch.rand(b, n, generator=generator, device=input_ids.device)
-    masked = (draw < t[:, None]) & answer_mask.bool()
+    answer = answer_mask.bool()
+    masked = (draw < t[:, None]) & answer
+    scored, region_len = masked, answer.sum(1)
+    if block_prefix_prob > 0:  # extra draws only then, so i.i.d.-only runs keep their random stream
+        masked, scored, region_len = _block_states(answer, masked, region_len, block_prefix_prob, block_length,
+                                                   generator)
     noisy = torch.where(masked, torch.full_like(input_ids, mask_id), input_ids)
-    return NoisedBatch(noisy=noisy, masked=masked, t=t)
+    return NoisedBatch(noisy=noisy, masked=masked, t=t, scored=scored, region_len=region_len)
+
+
+def _block_states(answer, iid_masked, answer_len, prob: float, block_length: int, generator):
+    """Turn a `prob` fraction of the rows into semi-autoregressive states (module docstring)."""
+    b, device = answer.shape[0], answer.device
+    pick = torch.rand(b, generator=generator, device=device) < prob
+    n_blocks = (answer_len + block_length - 1) // block_length
+    k = (torch.rand(b, generator=generator, device=device) * n_blocks).floor().long()
+    block_of = torch.div(answer.long().cumsum(1) - 1, block_length, rounding_mode="floor")  # valid on the answer
+    current = answer & (block_of == k[:, None])
+    later = answer & (block_of > k[:, None])
+    rows = pick[:, None]
+    masked = torch.where(rows, (iid_masked & current) | later, iid_masked)
+    scored = torch.where(rows, iid_masked & current, iid_masked)
+    current_len = torch.clamp(answer_len - k * block_length, max=block_length)
+    return masked, scored, torch.where(pick, current_len, answer_len)
 
 
 WEIGHTINGS = ("inv_t", "none")
@@ -73,11 +106,13 @@ def weighted_masked_loss(logits: torch.Tensor, targets: torch.Tensor, masked: to
 
 def diffusion_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, answer_mask: torch.Tensor,
                    generator: torch.Generator | None, eps: float = DEFAULT_EPS,
-                   stratified: bool = False, weighting: str = "inv_t") -> tuple[torch.Tensor, NoisedBatch]:
+                   stratified: bool = False, weighting: str = "inv_t", block_prefix_prob: float = 0.0,
+                   block_length: int = 32) -> tuple[torch.Tensor, NoisedBatch]:
     """The model's masked-diffusion loss on one batch; the shift follows `model.config.logits_shift`."""
     cfg = model.config
-    noised = sample_noise(input_ids, answer_mask, cfg.mask_token_id, generator, eps, stratified)
+    noised = sample_noise(input_ids, answer_mask, cfg.mask_token_id, generator, eps, stratified,
+                          block_prefix_prob, block_length)
     logits = model(noised.noisy, attention_mask=attention_mask)
-    loss = weighted_masked_loss(logits, input_ids, noised.masked, noised.t, answer_mask.sum(1),
+    loss = weighted_masked_loss(logits, input_ids, noised.scored, noised.t, noised.region_len,
                                 shift=cfg.logits_shift, weighting=weighting)
     return loss, noised

@@ -57,6 +57,9 @@ class TrainConfig:
     # "inv_t": LLaDA's 1/t-weighted ELBO; "none": mean CE over masked tokens (see objective.py)
     weighting: str = "inv_t"
     stratified: bool = True  # low-discrepancy t over the batch
+    # fraction of sequences noised as semi-autoregressive states of blocks of block_length (objective.py)
+    block_prefix_prob: float = 0.0
+    block_length: int = 32
     init_std: float = 0.02
     seed: int = 0
     # HF checkpoint directory whose weights start the run (fine-tuning / continuing an exported
@@ -213,7 +216,8 @@ class Trainer:
         dev = self.device
         loss, _ = diffusion_loss(self.model, batch.input_ids.to(dev), batch.attention_mask.to(dev),
                                  batch.answer_mask.to(dev),
-                                 self.noise_gen, cfg.eps, stratified=cfg.stratified, weighting=cfg.weighting)
+                                 self.noise_gen, cfg.eps, stratified=cfg.stratified, weighting=cfg.weighting,
+                                 block_prefix_prob=cfg.block_prefix_prob, block_length=cfg.block_length)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)

@@ -183,3 +183,35 @@ def test_short_phase_moves_the_curriculum_boundary(tmp_path):
     assert late.sampler.phase_index(7, 10) == 0 and late.sampler.phase_index(8, 10) == 1
     with pytest.raises(ValueError, match="short_phase"):
         Trainer(TrainConfig(family="llada", steps=10, short_phase=1.0, **TINY), tmp_path / "b", progress=False)
+
+
+def test_block_states_clean_before_masked_after_scored_inside():
+    b, p_len, canvas, block = 64, 5, 96, 32
+    ids = torch.randint(5, 90, (b, p_len + canvas))
+    answer = torch.zeros(b, p_len + canvas, dtype=torch.bool)
+    answer[:, p_len:] = True
+    g = torch.Generator().manual_seed(0)
+    n = sample_noise(ids, answer, MASK_ID, g, block_prefix_prob=1.0, block_length=block)
+    seen = set()
+    for r in range(b):
+        per_block = n.masked[r, p_len:].view(-1, block)
+        first = next((i for i in range(per_block.shape[0]) if per_block[i].any()), None)
+        if first is None:
+            continue  # block k drew no mask at a tiny t
+        seen.add(first)
+        assert per_block[first + 1:].all()  # every later block is all masks
+        scored = n.scored[r, p_len:].view(-1, block)
+        assert not scored[:first].any() and not scored[first + 1:].any()  # loss inside one block only
+        assert torch.equal(n.scored[r] & n.masked[r], n.scored[r]) and n.region_len[r] == block
+    assert seen == {0, 1, 2}
+    assert not n.masked[:, :p_len].any()  # the prompt is never masked
+
+
+def test_block_states_off_keeps_the_iid_stream():
+    ids = torch.randint(5, 90, (8, 40))
+    answer = torch.zeros(8, 40, dtype=torch.bool)
+    answer[:, 10:] = True
+    a = sample_noise(ids, answer, MASK_ID, torch.Generator().manual_seed(1))
+    b = sample_noise(ids, answer, MASK_ID, torch.Generator().manual_seed(1), block_prefix_prob=0.0)
+    assert torch.equal(a.masked, b.masked) and torch.equal(a.scored, a.masked)
+    assert a.region_len.tolist() == [30] * 8
