@@ -38,6 +38,9 @@ class DecodeState:
     plan: ForwardPlan | None = None
     unmask_step: torch.Tensor | None = None  # (B, G): 1-based forward after which each answer column was committed
     scratch: dict = attrs.Factory(dict)  # per-generation notes plugins may share with the loop
+    # padding mask for attention keys, None when nothing is padded (the fast SDPA path); fixed for
+    # the generation, so worked out once in `create` (it costs a host sync)
+    key_mask: torch.Tensor | None = None
 
     @classmethod
     def create(cls, model, gen, prompts: list[list[int]], seed: int) -> DecodeState:
@@ -60,6 +63,7 @@ class DecodeState:
                     mask_id=cfg.mask_token_id, generators=prompt_generators(seed, prompts, device), stats=stats,
                     prompt_lengths=[len(p) for p in prompts], cfg_scale=gen.cfg_scale)
         state.unmask_step = torch.zeros(batch, gen.gen_length, dtype=torch.long, device=device)
+        state.key_mask = None if bool(attention_mask.all()) else state.model_rows(attention_mask)
         return state
 
     # ---- geometry ------------------------------------------------------------------------------
@@ -121,12 +125,6 @@ class DecodeState:
     def model_rows(self, t: torch.Tensor) -> torch.Tensor:
         return t if self.cfg_scale <= 0 else torch.cat([t, t])
 
-    @property
-    def key_mask(self) -> torch.Tensor | None:
-        """Padding mask for attention keys, None when nothing is padded (the fast SDPA path)."""
-        if bool(self.attention_mask.all()):
-            return None
-        return self.model_rows(self.attention_mask)
 
     def require_store(self) -> ActivationStore:
         """The activation store of this generation, created on first request."""

@@ -41,8 +41,7 @@ class DualCache(KVCacheFeeder):
 
     @hookimpl
     def dare_plan_forward(self, state):
-        every, step = self.options.refresh_every, state.step_in_block
-        if step == 0 or (every > 0 and step % every == 0):
+        if self.is_refresh(state):
             return ForwardPlan(fed=slice(0, state.length), refresh=True,
-                               commit_block_head=step == 0 and self.head_commit(state))
+                               commit_block_head=state.step_in_block == 0 and self.head_commit(state))
         return ForwardPlan(fed=slice(self.block_feed_start(state), state.block_columns.stop))

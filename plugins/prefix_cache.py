@@ -44,10 +44,6 @@ class PrefixCache(KVCacheFeeder):
     Options = PrefixCacheOptions
     exact_options = {"refresh_every": 1, "freeze_finished_blocks": False, "head_commit": "off"}
 
-    def _is_refresh(self, state) -> bool:
-        every = self.options.refresh_every
-        return state.step_in_block == 0 or (every > 0 and state.step_in_block % every == 0)
-
     def _refresh_start(self, state) -> int:
         if not self.options.freeze_finished_blocks or state.block == 0:
             return 0
@@ -57,7 +53,7 @@ class PrefixCache(KVCacheFeeder):
 
     @hookimpl
     def dare_plan_forward(self, state):
-        if self._is_refresh(state):
+        if self.is_refresh(state):
             head = self.head_commit(state) and state.step_in_block == 0
             return ForwardPlan(fed=slice(self._refresh_start(state), state.length), refresh=True,
                                commit_block_head=head)

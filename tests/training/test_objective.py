@@ -211,7 +211,10 @@ def test_block_states_off_keeps_the_iid_stream():
     ids = torch.randint(5, 90, (8, 40))
     answer = torch.zeros(8, 40, dtype=torch.bool)
     answer[:, 10:] = True
-    a = sample_noise(ids, answer, MASK_ID, torch.Generator().manual_seed(1))
-    b = sample_noise(ids, answer, MASK_ID, torch.Generator().manual_seed(1), block_prefix_prob=0.0)
-    assert torch.equal(a.masked, b.masked) and torch.equal(a.scored, a.masked)
+    a = sample_noise(ids, answer, MASK_ID, torch.Generator().manual_seed(1), block_prefix_prob=0.0)
+    # the i.i.d. objective's draws, in its order: one t per row, then one uniform per position
+    g = torch.Generator().manual_seed(1)
+    t = 1e-3 + (1 - 1e-3) * torch.rand(8, generator=g)
+    want = (torch.rand(8, 40, generator=g) < t[:, None]) & answer
+    assert torch.equal(a.masked, want) and torch.equal(a.scored, want) and torch.equal(a.t, t)
     assert a.region_len.tolist() == [30] * 8
