@@ -1,11 +1,15 @@
 #!/usr/bin/env python
-"""Decode the held-out problems with the baseline recipe and score them.
+"""Decode the held-out problems with a recipe (the baseline by default) and score them.
 
     python scripts/eval_heldout.py --model default --limit 500 --batch-size 16 --gen-length 64 --block-length 32
+    python scripts/eval_heldout.py --recipe recipes/dual_cache_threshold.yaml --limit 500 --batch-size 50
 
 Baseline recipe: one token per step (steps = gen_length), low-confidence remasking, greedy, blocks
-of --block-length. Prints exact-match and final-answer accuracy overall and per family, and writes
-a JSON result (summary + per-problem generations) atomically to --out.
+of --block-length. With --recipe, that recipe's plugins and settings decode, and --gen-length,
+--block-length and --steps still set the canvas (so every recipe is scored on the same problem);
+--set overrides any other recipe key. The model is always --model. Prints exact-match and
+final-answer accuracy overall and per family, and writes a JSON result (summary, forward passes,
+per-problem generations) atomically to --out.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ def parse_args(argv=None):
     ap.add_argument("--gen-length", type=int, default=64)
     ap.add_argument("--block-length", type=int, default=32)
     ap.add_argument("--steps", type=int, default=None, help="denoising steps (default: gen_length, one token per step)")
+    ap.add_argument("--recipe", default=None, help="recipe YAML to decode with (default: the baseline recipe)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a recipe key")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--device", default="cpu", help="torch device to decode on (cpu, cuda)")
     ap.add_argument("--threads", type=int, default=1)
@@ -76,15 +82,21 @@ def main(argv=None) -> int:
     model = load_model(args.model, dtype=args.dtype, device=args.device)
     gen = {"gen_length": args.gen_length, "block_length": args.block_length,
            "steps": args.steps or args.gen_length}
-    pipe = Pipeline(model, Recipe.from_dict({"generation": gen}))
+    canvas = [f"generation.{key}={value}" for key, value in gen.items()]
+    if args.recipe is None:
+        recipe = Recipe.from_dict({"name": "baseline", "generation": gen}, overrides=args.set)
+    else:
+        recipe = Recipe.from_yaml(args.recipe, overrides=[*canvas, *args.set])
+    pipe = Pipeline(model, recipe)
 
     from tqdm import tqdm
 
-    rows, started = [], time.perf_counter()
+    rows, nfe, started = [], 0, time.perf_counter()
     bar = tqdm(total=len(problems), file=sys.stderr, disable=args.no_progress, dynamic_ncols=True)
     for i in range(0, len(problems), args.batch_size):
         chunk = problems[i: i + args.batch_size]
         out = pipe.generate([p["prompt"] for p in chunk])
+        nfe += out.stats.nfe * len(chunk)  # a batch's forwards serve each of its rows
         for p, text in zip(chunk, out.text):
             rows.append({"id": p["id"], "family": p["family"], "text": text, **score(p, text)})
         bar.update(len(chunk))
@@ -95,14 +107,18 @@ def main(argv=None) -> int:
 
     summary = summarize(rows)
     result = {"model": str(model.source), "family": model.config.family, "data": args.data, "offset": args.offset,
-              "limit": args.limit, "generation": gen, "threads": args.threads, "device": args.device,
+              "limit": args.limit, "recipe": recipe.to_dict(), "generation": gen,
+              "nfe_per_problem_batched": round(nfe / max(1, len(rows)), 2), "threads": args.threads, "device": args.device,
               "batch_size": args.batch_size, "wall_s": round(wall, 1), **summary, "problems": rows}
     name = Path(str(args.model)).name if args.model not in ("default", "default-llada", "default-dream") else args.model
+    if args.recipe is not None:
+        name += "_" + recipe.name
     out_path = Path(args.out) if args.out else ROOT / "runs" / "eval" / f"{name}_g{args.gen_length}.json"
     write_json_atomic(out_path, result)
 
-    print(f"model {model.source} ({model.config.family}), {len(rows)} problems, gen_length {args.gen_length}, "
-          f"block_length {args.block_length}, steps {gen['steps']}, {wall:.0f}s")
+    print(f"model {model.source} ({model.config.family}), recipe {recipe.name}, {len(rows)} problems, "
+          f"gen_length {args.gen_length}, block_length {args.block_length}, steps {gen['steps']}, {wall:.0f}s, "
+          f"{result['nfe_per_problem_batched']} forwards per problem (batch {args.batch_size})")
     print(f"{'family':<10}{'n':>5}{'exact':>9}{'final':>9}")
     for fam, s in [*summary["per_family"].items(), ("overall", summary["overall"])]:
         print(f"{fam:<10}{s['n']:>5}{100 * s['exact_match']:>8.1f}%{100 * s['final_match']:>8.1f}%")

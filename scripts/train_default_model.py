@@ -33,6 +33,17 @@ PRESETS = {
 }
 
 
+def _family_weights(text: str) -> dict[str, int]:
+    """``expr=3,add=2`` -> {"expr": 3, "add": 2}; TrainConfig checks the names and values."""
+    weights = {}
+    for item in text.split(","):
+        name, sep, value = item.partition("=")
+        if not sep or not value.strip().isdigit():
+            raise argparse.ArgumentTypeError(f"{item!r}: expected FAMILY=N with N a non-negative integer")
+        weights[name.strip()] = int(value)
+    return weights
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--family", choices=sorted(PRESETS), default="llada")
@@ -53,6 +64,9 @@ def parse_args(argv=None):
     ap.add_argument("--block-prefix-prob", type=float, default=None,
                     help="fraction of sequences noised as semi-autoregressive block states (0 = i.i.d. only)")
     ap.add_argument("--max-rows", type=int, default=None, help="cap on rows per batch")
+    ap.add_argument("--family-weights", type=_family_weights, default=None, metavar="FAMILY=N,...",
+                    help="share of the training problems per family, e.g. expr=3,add=2,sort=1,reverse=1 "
+                         "(default: the families in turn; a family left out is not trained on)")
     ap.add_argument("--weighting", choices=["inv_t", "none"], default=None,
                     help="loss weighting: inv_t = LLaDA 1/t ELBO, none = mean masked CE")
     ap.add_argument("--init-std", type=float, default=None)
@@ -74,7 +88,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     # every TrainConfig field given on the command line (the --flag names are the field names)
-    fields = ("steps", "lr", "warmup_steps", "token_budget", "max_rows", "short_phase", "block_prefix_prob",
+    fields = ("steps", "lr", "warmup_steps", "token_budget", "max_rows", "family_weights", "short_phase", "block_prefix_prob",
               "init_from", "weighting", "init_std", "checkpoint_every", "d_model", "n_layers", "n_heads",
               "n_kv_heads", "ffn_hidden")
     overrides = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}

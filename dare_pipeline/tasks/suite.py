@@ -16,7 +16,7 @@ import os
 import random
 import tempfile
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from itertools import islice
 from pathlib import Path
 
@@ -76,12 +76,31 @@ def family_stream(family: str, seed: int, split: str = "train") -> Iterator[Prob
         index += 1
 
 
-def train_stream(seed: int, families: Sequence[str] = FAMILY_NAMES) -> Iterator[Problem]:
-    """Infinite training problems, families interleaved round-robin."""
-    streams = [family_stream(f, seed, "train") for f in families]
+def train_stream(seed: int, families: Sequence[str] = FAMILY_NAMES,
+                 weights: Mapping[str, int] | None = None) -> Iterator[Problem]:
+    """Infinite training problems, families interleaved round-robin.
+
+    With ``weights`` (family -> positive int) family f gets ``weights[f]`` problems of every
+    ``sum(weights)``, spread evenly by a smooth weighted round-robin (deterministic, so the
+    stream stays a pure function of the seed). Families missing from ``weights`` are left out.
+    """
+    if weights is None:
+        streams = [family_stream(f, seed, "train") for f in families]
+        while True:
+            for stream in streams:
+                yield next(stream)
+    chosen = [f for f in families if weights.get(f, 0) > 0]
+    if not chosen:
+        raise ValueError(f"family weights {dict(weights)} leave no family of {list(families)}")
+    streams = {f: family_stream(f, seed, "train") for f in chosen}
+    total = sum(weights[f] for f in chosen)
+    credit = dict.fromkeys(chosen, 0)
     while True:
-        for stream in streams:
-            yield next(stream)
+        for f in chosen:
+            credit[f] += weights[f]
+        pick = max(chosen, key=lambda f: credit[f])  # first of the largest: ties break in family order
+        credit[pick] -= total
+        yield next(streams[pick])
 
 
 def heldout_problems(n: int, seed: int, families: Sequence[str] = FAMILY_NAMES) -> list[Problem]:
@@ -161,6 +180,7 @@ def training_pairs(
     families: Sequence[str] = FAMILY_NAMES,
     window: int = 64,
     min_shots: int = 0,
+    family_weights: Mapping[str, int] | None = None,
 ) -> Iterator[tuple[str, str]]:
     """Infinite ``(prompt, answer)`` pairs for training.
 
@@ -168,11 +188,11 @@ def training_pairs(
     (fewer if the prompt would exceed ``max_prompt_chars``), drawn from the last
     ``window`` train problems of the same family, so the model learns to answer
     with both short and long contexts. The answer carries no EOS; the trainer
-    appends ``<|eos|>``.
+    appends ``<|eos|>``. ``family_weights`` skews the family mix (see ``train_stream``).
     """
     rng = _rng(seed, "pairs")
     recent: dict[str, deque] = {f: deque(maxlen=window) for f in families}
-    for problem in train_stream(seed, families):
+    for problem in train_stream(seed, families, family_weights):
         history = [p for p in recent[problem["family"]] if p["question"] != problem["question"]]
         shots = rng.sample(history, min(rng.randint(min(min_shots, max_shots), max_shots), len(history)))
         while shots and len(format_prompt(problem, shots)) > max_prompt_chars:

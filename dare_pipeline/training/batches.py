@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import attrs
 import torch
@@ -114,12 +114,12 @@ def _stream_seed(seed: int, kind: BatchKind) -> int:
 class _PairStream:
     """A training_pairs iterator that counts what it handed out, so it can be fast-forwarded."""
 
-    def __init__(self, seed: int, kind: BatchKind):
+    def __init__(self, seed: int, kind: BatchKind, family_weights: Mapping[str, int] | None = None):
         self.seed = _stream_seed(seed, kind)
         self.kind = kind
         self._it: Iterator[tuple[str, str]] = training_pairs(self.seed, max_shots=kind.max_shots,
                                                              max_prompt_chars=kind.max_prompt_chars,
-                                                             min_shots=kind.min_shots)
+                                                             min_shots=kind.min_shots, family_weights=family_weights)
         self.consumed = 0
         self.pending: tuple[str, str] | None = None  # drawn but did not fit the previous batch
 
@@ -140,8 +140,9 @@ class BatchSampler:
     """Seeded curriculum sampler; `next_batch(step, total_steps)` draws the batch of that step."""
 
     def __init__(self, seed: int, curriculum: Sequence[Phase] = DEFAULT_CURRICULUM, token_budget: int = 3072,
-                 min_rows: int = 1, max_rows: int = 64):
+                 min_rows: int = 1, max_rows: int = 64, family_weights: Mapping[str, int] | None = None):
         self.seed, self.curriculum = seed, tuple(curriculum)
+        self.family_weights = dict(family_weights) if family_weights is not None else None
         self.token_budget, self.min_rows, self.max_rows = token_budget, min_rows, max_rows
         self.rng = random.Random(seed)
         self.streams: dict[str, _PairStream] = {}
@@ -156,7 +157,7 @@ class BatchSampler:
     def _stream(self, kind: BatchKind) -> _PairStream:
         key = f"{kind.name}/{kind.min_shots}/{kind.max_shots}/{kind.max_prompt_chars}"
         if key not in self.streams:
-            self.streams[key] = _PairStream(self.seed, kind)
+            self.streams[key] = _PairStream(self.seed, kind, self.family_weights)
         return self.streams[key]
 
     def next_batch(self, step: int, total_steps: int) -> Batch:
@@ -191,7 +192,7 @@ class BatchSampler:
             raw["canvases"] = tuple(raw["canvases"])
             if raw.get("canvas_weights") is not None:
                 raw["canvas_weights"] = tuple(raw["canvas_weights"])
-            stream = _PairStream(self.seed, BatchKind(**raw))
+            stream = _PairStream(self.seed, BatchKind(**raw), self.family_weights)
             stream.skip_to(s["consumed"])
             stream.pending = tuple(s["pending"]) if s["pending"] is not None else None
             self.streams[key] = stream

@@ -24,12 +24,27 @@ import torch
 from ..models.config import ModelConfig
 from ..models.saving import save_checkpoint
 from ..models.transformer import DiffusionTransformer
+from ..tasks import FAMILY_NAMES
 from ..tokenizer import BOS_ID, EOS_ID, MASK_ID, PAD_ID, VOCAB_SIZE
 from .batches import BatchSampler, Phase, default_curriculum
 from .objective import DEFAULT_EPS, diffusion_loss
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "train_log.jsonl"
+
+
+def _check_family_weights(instance, attribute, value) -> None:
+    if value is None:
+        return
+    if not isinstance(value, dict) or not value:
+        raise ValueError(f"family_weights must be a non-empty mapping family -> weight, got {value!r}")
+    for family, weight in value.items():
+        if family not in FAMILY_NAMES:
+            raise ValueError(f"family_weights: unknown family {family!r}; allowed: {', '.join(FAMILY_NAMES)}")
+        if not isinstance(weight, int) or isinstance(weight, bool) or weight < 0:
+            raise ValueError(f"family_weights[{family!r}] must be a non-negative int, got {weight!r}")
+    if not any(value.values()):
+        raise ValueError(f"family_weights {value!r} give every family weight 0")
 
 
 @attrs.define
@@ -53,6 +68,9 @@ class TrainConfig:
     token_budget: int = 3072
     short_phase: float = 0.35  # fraction of the steps on short contexts first (default_curriculum)
     max_rows: int = 64  # cap on rows per batch (short zero-shot batches hit it before the token budget)
+    # family -> share of the training problems (e.g. {"expr": 3, "add": 2, "sort": 1, "reverse": 1});
+    # None = the families in turn
+    family_weights: dict[str, int] | None = attrs.field(default=None, validator=_check_family_weights)
     eps: float = DEFAULT_EPS
     # "inv_t": LLaDA's 1/t-weighted ELBO; "none": mean CE over masked tokens (see objective.py)
     weighting: str = "inv_t"
@@ -127,7 +145,8 @@ class Trainer:
             self._load_weights(cfg.init_from)
         self.model.to(self.device).train()
         self.optimizer = torch.optim.AdamW(_param_groups(self.model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
-        self.sampler = BatchSampler(cfg.seed, curriculum or default_curriculum(cfg.short_phase), token_budget=cfg.token_budget, max_rows=cfg.max_rows)
+        self.sampler = BatchSampler(cfg.seed, curriculum or default_curriculum(cfg.short_phase), token_budget=cfg.token_budget, max_rows=cfg.max_rows,
+                                    family_weights=cfg.family_weights)
         self.noise_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)
         self.step = 0
         self.tokens = 0

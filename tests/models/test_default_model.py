@@ -7,8 +7,10 @@ failing for a model that does not reason (an untrained or wrongly loaded one sco
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -92,3 +94,20 @@ def test_readme_main_command_answers_correctly():
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr
     assert "#### draziwnohtyp" in out.stdout, out.stdout
+
+
+def test_eval_heldout_script_scores_a_recipe(tmp_path):
+    # the accuracy tables of docs/benchmarks.md come from this script; a recipe's plugins must run
+    out = tmp_path / "result.json"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "eval_heldout.py"), "--recipe", str(ROOT / "recipes" / "dual_cache_threshold.yaml"),
+         "--limit", "4", "--offset", "8", "--batch-size", "2", "--no-progress", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    assert [p["name"] for p in result["recipe"]["plugins"]] == ["dual_cache", "threshold_decoding"]
+    assert result["generation"] == {"gen_length": 64, "block_length": 32, "steps": 64}
+    assert result["overall"]["n"] == 4 and [p["id"] for p in result["problems"]] == [p["id"] for p in HELDOUT[8:12]]
+    assert 2 <= result["nfe_per_problem_batched"] < 64  # threshold decoding commits several tokens a step
+    assert result["overall"]["exact_match"] >= 0.5, result["problems"]
+    assert "recipe dual_cache_threshold" in done.stdout

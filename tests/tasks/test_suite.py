@@ -115,6 +115,23 @@ def test_streams_are_deterministic_and_seeded():
     assert len({p["id"] for p in first}) == 200
 
 
+def test_family_weights_set_the_mix_and_keep_each_family_stream():
+    weights = {"expr": 3, "add": 2, "sort": 1, "reverse": 0}
+    mixed = list(islice(train_stream(7, weights=weights), 120))
+    counts = Counter(p["family"] for p in mixed)
+    assert counts == {"expr": 60, "add": 40, "sort": 20}
+    # spread evenly: every window of one period (6 problems) holds the weights exactly
+    for start in range(0, 120, 6):
+        assert Counter(p["family"] for p in mixed[start:start + 6]) == {"expr": 3, "add": 2, "sort": 1}
+    # each family's problems are that family's own stream, in order (only the interleaving changes)
+    plain = list(islice(train_stream(7), 400))
+    for family in ("expr", "add", "sort"):
+        assert [p for p in mixed if p["family"] == family] == [p for p in plain if p["family"] == family][:counts[family]]
+    assert mixed == list(islice(train_stream(7, weights=weights), 120))
+    with pytest.raises(ValueError, match="leave no family"):
+        next(train_stream(7, weights={"add": 0}))
+
+
 def test_streams_ignore_global_random():
     random.seed(1)
     a = list(islice(train_stream(3), 50))

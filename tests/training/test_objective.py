@@ -185,6 +185,39 @@ def test_short_phase_moves_the_curriculum_boundary(tmp_path):
         Trainer(TrainConfig(family="llada", steps=10, short_phase=1.0, **TINY), tmp_path / "b", progress=False)
 
 
+def test_family_weights_skew_the_training_problems(tmp_path):
+    weighted = Trainer(TrainConfig(family="llada", steps=4, family_weights={"expr": 1, "sort": 1}, **TINY),
+                       tmp_path / "a", curriculum=CURRICULUM, progress=False)
+    text = "".join(prompt for b in (weighted.sampler.next_batch(s, 4) for s in range(4))
+                   for prompt in _prompts(b))
+    assert "eval " in text and "sort " in text and "add " not in text and "reverse " not in text
+    for bad, match in (({"mul": 1}, "unknown family 'mul'"), ({"add": -1}, "non-negative int"),
+                       ({"add": 0}, "weight 0"), ({}, "non-empty")):
+        with pytest.raises(ValueError, match=match):
+            TrainConfig(family="llada", family_weights=bad)
+
+
+def _prompts(batch):
+    from dare_pipeline.tokenizer import VOCAB
+
+    chars = {i: c for c, i in VOCAB.items()}
+    return ["".join(chars.get(int(t), "") for t in row) for row in batch.input_ids]
+
+
+def test_family_weights_on_the_command_line():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "scripts" / "train_default_model.py"
+    spec = importlib.util.spec_from_file_location("train_default_model", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    args = script.parse_args(["--out", "x", "--family-weights", "expr=4,add=2"])
+    assert args.family_weights == {"expr": 4, "add": 2}
+    with pytest.raises(SystemExit):
+        script.parse_args(["--out", "x", "--family-weights", "expr=lots"])
+
+
 def test_block_states_clean_before_masked_after_scored_inside():
     b, p_len, canvas, block = 64, 5, 96, 32
     ids = torch.randint(5, 90, (b, p_len + canvas))
