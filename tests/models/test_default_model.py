@@ -68,8 +68,9 @@ def _long_sums(n: int) -> list[dict]:
 
 @pytest.mark.parametrize("name", ["default", "default-dream"])
 def test_default_models_carry_running_sums_across_blocks(name):
-    scores = _decode(name, _long_sums(8), BASELINE)
-    assert sum(s["exact_match"] for s in scores) >= 6, scores
+    # shipped weights: LLaDA 12 of these 16, Dream 16; the stage-1 weights solved 0 of 24
+    scores = _decode(name, _long_sums(16), BASELINE)
+    assert sum(s["exact_match"] for s in scores) >= 10, scores
 
 
 def test_default_model_fills_a_long_canvas_with_eos():
