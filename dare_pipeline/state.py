@@ -125,7 +125,6 @@ class DecodeState:
     def model_rows(self, t: torch.Tensor) -> torch.Tensor:
         return t if self.cfg_scale <= 0 else torch.cat([t, t])
 
-
     def require_store(self) -> ActivationStore:
         """The activation store of this generation, created on first request."""
         if self.store is None:

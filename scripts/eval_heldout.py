@@ -7,7 +7,7 @@
 Baseline recipe: one token per step (steps = gen_length), low-confidence remasking, greedy, blocks
 of --block-length. With --recipe, that recipe's plugins and settings decode, and --gen-length,
 --block-length and --steps still set the canvas (so every recipe is scored on the same problem);
---set overrides any other recipe key. The model is always --model. Prints exact-match and
+--set, applied last, overrides any recipe key (the result records what decoded). The model is always --model. Prints exact-match and
 final-answer accuracy overall and per family, and writes a JSON result (summary, forward passes,
 per-problem generations) atomically to --out.
 """
@@ -88,6 +88,7 @@ def main(argv=None) -> int:
     else:
         recipe = Recipe.from_yaml(args.recipe, overrides=[*canvas, *args.set])
     pipe = Pipeline(model, recipe)
+    gen = {key: getattr(recipe.generation, key) for key in gen}  # what decodes, after any --set
 
     from tqdm import tqdm
 
@@ -113,11 +114,11 @@ def main(argv=None) -> int:
     name = Path(str(args.model)).name if args.model not in ("default", "default-llada", "default-dream") else args.model
     if args.recipe is not None:
         name += "_" + recipe.name
-    out_path = Path(args.out) if args.out else ROOT / "runs" / "eval" / f"{name}_g{args.gen_length}.json"
+    out_path = Path(args.out) if args.out else ROOT / "runs" / "eval" / f"{name}_g{gen['gen_length']}.json"
     write_json_atomic(out_path, result)
 
     print(f"model {model.source} ({model.config.family}), recipe {recipe.name}, {len(rows)} problems, "
-          f"gen_length {args.gen_length}, block_length {args.block_length}, steps {gen['steps']}, {wall:.0f}s, "
+          f"gen_length {gen['gen_length']}, block_length {gen['block_length']}, steps {gen['steps']}, {wall:.0f}s, "
           f"{result['nfe_per_problem_batched']} forwards per problem (batch {args.batch_size})")
     print(f"{'family':<10}{'n':>5}{'exact':>9}{'final':>9}")
     for fam, s in [*summary["per_family"].items(), ("overall", summary["overall"])]:
