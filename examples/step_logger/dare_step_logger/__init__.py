@@ -28,8 +28,9 @@ class StepLogger(Plugin):
 
     @hookimpl
     def dare_generation_start(self, state):
-        self.lines = 0
-        self.stream = open(self.options.path, "a") if self.options.path else sys.stderr
+        # records are kept until the generation ends, so no file stays open across hooks: a
+        # generation that raises leaves neither an open handle nor a half-written log
+        self.records: list[str] = []
 
     @hookimpl
     def dare_step_end(self, state, committed):
@@ -38,14 +39,16 @@ class StepLogger(Plugin):
         record = {"step": state.step, "block": state.block, "nfe": state.stats.nfe,
                   "fed": [state.plan.fed.start, state.plan.fed.stop],
                   "committed": committed.sum(-1).tolist()}
-        self.stream.write(json.dumps(record) + "\n")
-        self.lines += 1
+        self.records.append(json.dumps(record) + "\n")
 
     @hookimpl
     def dare_generation_end(self, state):
-        if self.stream is not sys.stderr:
-            self.stream.close()
+        if not self.options.path:
+            sys.stderr.writelines(self.records)
+            return
+        with open(self.options.path, "a") as stream:
+            stream.writelines(self.records)
 
     @hookimpl
     def dare_report_stats(self, state):
-        return {"lines_written": self.lines}
+        return {"lines_written": len(self.records)}
