@@ -112,3 +112,26 @@ def test_eval_heldout_script_scores_a_recipe(tmp_path):
     assert 2 <= result["nfe_per_problem_batched"] < 64  # threshold decoding commits several tokens a step
     assert result["overall"]["exact_match"] >= 0.5, result["problems"]
     assert "recipe dual_cache_threshold" in done.stdout
+
+
+def _probe_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("probe_prompt_use", ROOT / "scripts" / "probe_prompt_use.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_prompt_use_probe_separates_a_trained_model_from_an_untrained_one():
+    # docs/default_model.md dates the copying transition of a training run with this probe
+    probe = _probe_module().probe
+    trained = probe(load_model("default"), HELDOUT, per_family=8, t=0.5, seed=0)
+    assert set(trained) == {"add", "sort", "reverse", "expr"}
+    assert all(r["gap"] > 1.0 and r["own"] < 0.2 for r in trained.values()), trained
+    from dare_pipeline.models import DiffusionTransformer
+
+    torch.manual_seed(0)
+    untrained = DiffusionTransformer(load_model("default").config).eval()
+    blind = probe(untrained, HELDOUT, per_family=8, t=0.5, seed=0)
+    assert all(abs(r["gap"]) < 0.1 for r in blind.values()), blind
