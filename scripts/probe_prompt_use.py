@@ -20,35 +20,31 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dare_pipeline import load_model
 from dare_pipeline.tasks import FAMILY_NAMES, format_prompt, read_jsonl
-from dare_pipeline.training.batches import encode, make_batch
+from dare_pipeline.tokenizer import EOS_ID
+from dare_pipeline.training.batches import make_batch
+from dare_pipeline.training.objective import weighted_masked_loss
 
 CANVAS = 64
 
 
 def masked_answer_loss(model, pairs: list[tuple[str, str]], t: float, seed: int) -> float:
     batch = make_batch(pairs, CANVAS)
-    answer_len = torch.tensor([len(encode(a)) for _, a in pairs])
-    start = batch.input_ids.shape[1] - CANVAS
-    in_answer = torch.zeros_like(batch.answer_mask)
-    for row, n in enumerate(answer_len.tolist()):
-        in_answer[row, start:start + n] = True
+    in_answer = batch.answer_mask & (batch.input_ids != EOS_ID)  # the answers carry no EOS: this drops the tail
     draw = torch.rand(batch.input_ids.shape, generator=torch.Generator().manual_seed(seed))
     masked = in_answer & (draw < t)
     noisy = torch.where(masked, torch.full_like(batch.input_ids, model.config.mask_token_id), batch.input_ids)
     with torch.no_grad():
-        logits = model(noisy, attention_mask=batch.attention_mask).float()
-    targets = batch.input_ids
-    if model.config.logits_shift:  # Dream: row j-1 predicts column j
-        logits, targets, masked = logits[:, :-1], targets[:, 1:], masked[:, 1:]
-    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
-    return float((ce.view(targets.shape) * masked).sum() / masked.sum().clamp(min=1))
+        logits = model(noisy, attention_mask=batch.attention_mask)
+    # weighting "none" is the plain mean CE over the masked tokens; t and the lengths are unused by it
+    unused = torch.ones(len(pairs))
+    return float(weighted_masked_loss(logits, batch.input_ids, masked, unused, unused,
+                                      shift=model.config.logits_shift, weighting="none"))
 
 
 def probe(model, problems: list[dict], per_family: int, t: float, seed: int) -> dict[str, dict[str, float]]:

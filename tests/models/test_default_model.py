@@ -126,12 +126,13 @@ def _probe_module():
 def test_prompt_use_probe_separates_a_trained_model_from_an_untrained_one():
     # docs/default_model.md dates the copying transition of a training run with this probe
     probe = _probe_module().probe
-    trained = probe(load_model("default"), HELDOUT, per_family=8, t=0.5, seed=0)
+    model = load_model("default")
+    trained = probe(model, HELDOUT, per_family=8, t=0.5, seed=0)
     assert set(trained) == {"add", "sort", "reverse", "expr"}
     assert all(r["gap"] > 1.0 and r["own"] < 0.2 for r in trained.values()), trained
     from dare_pipeline.models import DiffusionTransformer
 
     torch.manual_seed(0)
-    untrained = DiffusionTransformer(load_model("default").config).eval()
+    untrained = DiffusionTransformer(model.config).eval()
     blind = probe(untrained, HELDOUT, per_family=8, t=0.5, seed=0)
     assert all(abs(r["gap"]) < 0.1 for r in blind.values()), blind
