@@ -63,6 +63,12 @@ def parse_args(argv=None):
                     help="fraction of the steps on short contexts before few-shot and long canvases (0.35)")
     ap.add_argument("--block-prefix-prob", type=float, default=None,
                     help="fraction of sequences noised as semi-autoregressive block states (0 = i.i.d. only)")
+    ap.add_argument("--block-prefix-start", type=float, default=None,
+                    help="fraction of the steps on i.i.d. masks before block states begin (0)")
+    ap.add_argument("--schedule", choices=["cosine", "wsd"], default=None,
+                    help="lr schedule: cosine decay over the run (default) or warmup-stable-decay")
+    ap.add_argument("--decay-fraction", type=float, default=None,
+                    help="wsd: fraction of the steps in the final linear decay (0.2)")
     ap.add_argument("--max-rows", type=int, default=None, help="cap on rows per batch")
     ap.add_argument("--family-weights", type=_family_weights, default=None, metavar="FAMILY=N,...",
                     help="share of the training problems per family, e.g. expr=3,add=2,sort=1,reverse=1 "
@@ -89,6 +95,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     # every TrainConfig field given on the command line (the --flag names are the field names)
     fields = ("steps", "lr", "warmup_steps", "token_budget", "max_rows", "family_weights", "short_phase", "block_prefix_prob",
+              "block_prefix_start", "schedule", "decay_fraction",
               "init_from", "weighting", "init_std", "checkpoint_every", "d_model", "n_layers", "n_heads",
               "n_kv_heads", "ffn_hidden")
     overrides = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}

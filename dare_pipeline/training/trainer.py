@@ -1,4 +1,4 @@
-"""The training loop of the embedded default models: AdamW, warmup + cosine decay, gradient
+"""The training loop of the embedded default models: AdamW, warmup + cosine or warmup-stable-decay, gradient
 clipping, a JSONL loss log, and periodic resumable checkpoints.
 
 Layout of an output directory:
@@ -47,6 +47,14 @@ def _check_family_weights(instance, attribute, value) -> None:
         raise ValueError(f"family_weights {value!r} give every family weight 0")
 
 
+SCHEDULES = ("cosine", "wsd")
+
+
+def _check_fraction(instance, attribute, value) -> None:
+    if not 0.0 <= value < 1.0 or isinstance(value, bool):
+        raise ValueError(f"{attribute.name} must be in [0, 1), got {value!r}")
+
+
 @attrs.define
 class TrainConfig:
     family: str = "llada"
@@ -62,6 +70,12 @@ class TrainConfig:
     lr: float = 1.5e-3
     min_lr_ratio: float = 0.05
     warmup_steps: int = 200
+    # "cosine": warmup then cosine decay over the whole run; "wsd": warmup, the peak held, then a
+    # linear decay over the last decay_fraction of the steps (keeps the lr high while slow skills
+    # such as copying by position are still forming)
+    schedule: str = attrs.field(default="cosine", validator=attrs.validators.in_(SCHEDULES))
+    decay_fraction: float = attrs.field(default=0.2, validator=attrs.validators.and_(
+        attrs.validators.gt(0.0), attrs.validators.le(1.0)))
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.98)
     grad_clip: float = 1.0
@@ -78,6 +92,8 @@ class TrainConfig:
     # fraction of sequences noised as semi-autoregressive states of blocks of block_length (objective.py)
     block_prefix_prob: float = 0.0
     block_length: int = 32
+    # fraction of the steps trained on i.i.d. masks only before block states begin
+    block_prefix_start: float = attrs.field(default=0.0, validator=_check_fraction)
     init_std: float = 0.02
     seed: int = 0
     # HF checkpoint directory whose weights start the run (fine-tuning / continuing an exported
@@ -115,6 +131,11 @@ def init_weights(model: DiffusionTransformer, std: float, generator: torch.Gener
 def lr_at(step: int, cfg: TrainConfig) -> float:
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "wsd":
+        decay_steps = max(1, round(cfg.decay_fraction * cfg.steps))
+        decay_start = max(cfg.warmup_steps, cfg.steps - decay_steps)
+        progress = min(1.0, max(0, step - decay_start) / max(1, cfg.steps - decay_start))
+        return cfg.lr * (1 - (1 - cfg.min_lr_ratio) * progress)
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
@@ -230,13 +251,14 @@ class Trainer:
         cfg = self.cfg
         batch = self.sampler.next_batch(self.step, cfg.steps)
         lr = lr_at(self.step, cfg)
+        block_prob = cfg.block_prefix_prob if self.step >= cfg.block_prefix_start * cfg.steps else 0.0
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         dev = self.device
         loss, _ = diffusion_loss(self.model, batch.input_ids.to(dev), batch.attention_mask.to(dev),
                                  batch.answer_mask.to(dev),
                                  self.noise_gen, cfg.eps, stratified=cfg.stratified, weighting=cfg.weighting,
-                                 block_prefix_prob=cfg.block_prefix_prob, block_length=cfg.block_length)
+                                 block_prefix_prob=block_prob, block_length=cfg.block_length)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)

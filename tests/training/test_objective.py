@@ -212,6 +212,25 @@ def test_family_weights_on_the_command_line():
         script.parse_args(["--out", "x", "--family-weights", "expr=lots"])
 
 
+def test_training_script_passes_the_schedule_options_to_the_config(tmp_path, monkeypatch):
+    import importlib.util
+    import json
+    import signal
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "scripts" / "train_default_model.py"
+    spec = importlib.util.spec_from_file_location("train_default_model", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # keep pytest's own SIGTERM handling
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    out = tmp_path / "run"
+    assert script.main(["--out", str(out), "--steps", "10", "--max-steps", "0", "--no-progress", "--schedule", "wsd",
+                        "--decay-fraction", "0.3", "--block-prefix-prob", "0.5", "--block-prefix-start", "0.75"]) == 0
+    saved = json.loads((out / "train_config.json").read_text())
+    assert (saved["schedule"], saved["decay_fraction"], saved["block_prefix_start"]) == ("wsd", 0.3, 0.75)
+
+
 def test_block_states_clean_before_masked_after_scored_inside():
     b, p_len, canvas, block = 64, 5, 96, 32
     ids = torch.randint(5, 90, (b, p_len + canvas))
@@ -245,3 +264,41 @@ def test_block_states_off_keeps_the_iid_stream():
     want = (torch.rand(8, 40, generator=g) < t[:, None]) & answer
     assert torch.equal(a.masked, want) and torch.equal(a.scored, want) and torch.equal(a.t, t)
     assert a.region_len.tolist() == [30] * 8
+
+
+def test_wsd_schedule_holds_the_peak_then_decays_linearly():
+    from dare_pipeline.training.trainer import lr_at
+
+    cfg = TrainConfig(steps=1000, warmup_steps=100, lr=1e-3, min_lr_ratio=0.05, schedule="wsd", decay_fraction=0.2)
+    assert lr_at(0, cfg) == pytest.approx(1e-5)
+    assert all(lr_at(s, cfg) == pytest.approx(1e-3) for s in (100, 500, 800))
+    assert lr_at(900, cfg) == pytest.approx(1e-3 * (1 - 0.95 * 0.5))
+    assert lr_at(1000, cfg) == pytest.approx(5e-5)
+    decay = [lr_at(s, cfg) for s in range(800, 1001)]
+    assert all(a > b for a, b in zip(decay, decay[1:]))
+    cosine = TrainConfig(steps=1000, warmup_steps=100, lr=1e-3, min_lr_ratio=0.05)
+    assert lr_at(500, cosine) < 0.7e-3 and lr_at(1000, cosine) == pytest.approx(5e-5)
+
+
+@pytest.mark.parametrize("field, value, match", [("schedule", "linear", "schedule"),
+                                                 ("decay_fraction", 0.0, "decay_fraction"),
+                                                 ("block_prefix_start", 1.0, "block_prefix_start")])
+def test_schedule_options_are_validated(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**{field: value})
+
+
+def test_block_states_begin_at_block_prefix_start(tmp_path, monkeypatch):
+    import dare_pipeline.training.trainer as trainer_module
+
+    seen = []
+    real_loss = trainer_module.diffusion_loss
+
+    def recording_loss(*args, block_prefix_prob, **kwargs):
+        seen.append(block_prefix_prob)
+        return real_loss(*args, block_prefix_prob=block_prefix_prob, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "diffusion_loss", recording_loss)
+    cfg = TrainConfig(family="llada", steps=4, block_prefix_prob=0.5, block_prefix_start=0.5, **TINY)
+    Trainer(cfg, tmp_path / "a", curriculum=CURRICULUM, progress=False).run()
+    assert seen == [0.0, 0.0, 0.5, 0.5]
