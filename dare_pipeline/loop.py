@@ -21,7 +21,25 @@ def denoise(model, prompts: list[list[int]], gen, hooks, seed: int | None = None
     (a pluggy HookRelay). Returns the final DecodeState (canvas in `state.x`, stats in `state.stats`)."""
     state = DecodeState.create(model, gen, prompts, gen.seed if seed is None else seed)
     started = time.perf_counter()
+    try:
+        _denoise_all_blocks(state, hooks)
+    except BaseException as error:  # also KeyboardInterrupt: plugins release files, bars, device memory
+        _abort(hooks, state, error)
+        raise
 
+    hooks.dare_generation_end(state=state)
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
+    state.stats.wall_time_s = time.perf_counter() - started
+    state.stats.steps = state.step
+    for name, report in _named_reports(hooks, state):
+        state.stats.plugins[name] = report
+    return state
+
+
+def _denoise_all_blocks(state: DecodeState, hooks) -> None:
+    """Everything between the state's creation and dare_generation_end: the part that may raise."""
+    gen = state.gen
     hooks.dare_generation_start(state=state)
     reuse = ReuseSet([r for r in hooks.dare_layer_reuse(state=state) if r is not None])
     if reuse:
@@ -51,15 +69,6 @@ def denoise(model, prompts: list[list[int]], gen, hooks, seed: int | None = None
             state.step_in_block += 1
             hooks.dare_step_end(state=state, committed=committed)
         hooks.dare_block_end(state=state)
-
-    hooks.dare_generation_end(state=state)
-    if model.device.type == "cuda":
-        torch.cuda.synchronize(model.device)
-    state.stats.wall_time_s = time.perf_counter() - started
-    state.stats.steps = state.step
-    for name, report in _named_reports(hooks, state):
-        state.stats.plugins[name] = report
-    return state
 
 
 def _default_plan(state: DecodeState) -> ForwardPlan:
@@ -119,6 +128,16 @@ def _commit(state: DecodeState, proposal, committed: torch.Tensor) -> None:
     state.unmask_step[:, answer] = torch.where(committed, state.step + 1, state.unmask_step[:, answer])
     for b, n in enumerate(committed.sum(-1).tolist()):
         state.stats.tokens_per_step[b].append(n)
+
+
+def _abort(hooks, state: DecodeState, error: BaseException) -> None:
+    # every implementation runs even if one fails (a release that raises must not stop the others'),
+    # and the original error stays the one raised, with any release failure noted on it
+    for impl in reversed(hooks.dare_generation_abort.get_hookimpls()):
+        try:
+            impl.function(state=state, error=error)
+        except Exception as failure:  # noqa: BLE001 -- reported on the original error instead
+            error.add_note(f"{impl.plugin_name}.dare_generation_abort also failed: {failure!r}")
 
 
 def _named_reports(hooks, state):

@@ -30,3 +30,8 @@ class ProgressBar:
     @hookimpl
     def dare_generation_end(self, state):
         self.bar.close()
+
+    @hookimpl
+    def dare_generation_abort(self, state, error):
+        if self.bar is not None:
+            self.bar.close()

@@ -1,4 +1,5 @@
-"""Helpers for tests of the core and of plugins (third-party ones included): tiny random models."""
+"""Helpers for tests of the core and of plugins (third-party ones included): tiny random models,
+and a plugin that makes a generation fail part-way."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ from pathlib import Path
 
 import torch
 
+from .hookspecs import hookimpl
 from .models.config import ModelConfig
 from .models.transformer import DiffusionTransformer
+from .plugin import Plugin
 
 
 def tiny_config(family: str = "llada", *, d_model: int = 48, n_layers: int = 2, n_heads: int = 4,
@@ -81,3 +84,19 @@ def save_tiny_suite_checkpoint(directory) -> Path:
     with torch.no_grad():
         model.lm_head.weight[MASK_ID] = 0  # never proposes the mask, like a trained model
     return save_checkpoint(model, directory, tokenizer=True)
+
+
+class CrashAtStep(Plugin):
+    """An observer that raises RuntimeError at the end of forward `at_step` while `armed` (register it
+    with registry.registered): how tests check that plugins recover from an aborted generation."""
+
+    name = "crash_at_step"
+
+    def __init__(self, options=None):
+        super().__init__(options)
+        self.armed, self.at_step = True, 2
+
+    @hookimpl
+    def dare_step_end(self, state, committed):
+        if self.armed and state.step == self.at_step:
+            raise RuntimeError(f"crash at step {state.step}")

@@ -3,6 +3,7 @@
 import inspect
 from pathlib import Path
 
+import pytest
 import torch
 
 from dare_pipeline import Pipeline, hookspecs
@@ -10,7 +11,7 @@ from dare_pipeline.hookspecs import hookimpl
 from dare_pipeline.plugin import Plugin
 from dare_pipeline.registry import registered
 from dare_pipeline.reuse import LayerReuse
-from dare_pipeline.testing import tiny_model
+from dare_pipeline.testing import CrashAtStep, tiny_model
 
 HOOKS = [n for n, f in vars(hookspecs).items() if n.startswith("dare_") and inspect.isfunction(f)]
 GEN = {"gen_length": 8, "block_length": 4, "steps": 4}
@@ -141,3 +142,66 @@ def test_commit_policy_hook_replaces_the_baseline():
     assert [p.name for p in pipe.plugins] == ["leftmost_first"]  # the default policy is not added
     out = pipe.generate([[1, 2, 3], [4, 5]])
     assert out.unmask_step == [list(range(1, 9))] * 2  # strictly left to right, one per forward
+
+
+class AbortRecorder(Plugin):
+    name = "abort_recorder"
+
+    def __init__(self, options=None):
+        super().__init__(options)
+        self.aborts, self.ends = [], 0
+
+    @hookimpl
+    def dare_generation_end(self, state):
+        self.ends += 1
+
+    @hookimpl
+    def dare_generation_abort(self, state, error):
+        self.aborts.append((state.step, str(error)))
+
+
+class FailingRelease(Plugin):
+    name = "failing_release"
+
+    @hookimpl
+    def dare_generation_abort(self, state, error):
+        raise OSError("cannot close")
+
+
+def test_generation_abort_replaces_the_end_when_anything_raises():
+    with registered(CrashAtStep, AbortRecorder):
+        pipe = Pipeline(tiny_model(), {"generation": GEN, "plugins": ["abort_recorder", "crash_at_step"]})
+    recorder, crasher = pipe.plugins[1], pipe.plugins[2]
+    with pytest.raises(RuntimeError, match="crash at step 2"):
+        pipe.generate([[1, 2, 3]])
+    assert recorder.aborts == [(2, "crash at step 2")] and recorder.ends == 0
+    crasher.armed = False  # the same pipeline decodes as a fresh one afterwards
+    out = pipe.generate([[1, 2, 3]])
+    plain = Pipeline(tiny_model(), {"generation": GEN}).generate([[1, 2, 3]])
+    assert out.sequences == plain.sequences and out.unmask_step == plain.unmask_step
+    assert recorder.aborts == [(2, "crash at step 2")] and recorder.ends == 1
+
+
+def test_a_failing_release_neither_hides_the_error_nor_stops_the_other_releases():
+    with registered(CrashAtStep, AbortRecorder, FailingRelease):
+        pipe = Pipeline(tiny_model(), {"generation": GEN,
+                                       "plugins": ["abort_recorder", "failing_release", "crash_at_step"]})
+    with pytest.raises(RuntimeError, match="crash at step 2") as caught:
+        pipe.generate([[1, 2, 3]])
+    assert pipe.plugins[1].aborts == [(2, "crash at step 2")]
+    assert any("failing_release.dare_generation_abort also failed: OSError('cannot close')" in note
+               for note in caught.value.__notes__)
+
+
+def test_progress_bar_closes_when_the_generation_aborts():
+    import io
+
+    from dare_pipeline.progress import ProgressBar
+
+    with registered(CrashAtStep):
+        pipe = Pipeline(tiny_model(), {"generation": GEN, "plugins": ["crash_at_step"]})
+    bar = ProgressBar(total=GEN["gen_length"], file=io.StringIO())
+    pipe.manager.register(bar, name="progress")
+    with pytest.raises(RuntimeError):
+        pipe.generate([[1, 2, 3]])
+    assert bar.bar.disable  # tqdm marks a closed bar disabled

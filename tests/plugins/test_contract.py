@@ -9,7 +9,9 @@ examples/step_logger installed the way tests/core/test_entry_points.py does it:
 - stats: the generation stats are complete, and a plugin implementing dare_report_stats reports a dict;
 - state reset: two generations with one Pipeline give identical outputs and identical plugin stats;
 - batch invariance: a batch of left-padded prompts decodes each prompt as alone (tokens, and the
-  commit order as per-forward commit sets with empty forwards left out, as in test_cache_property).
+  commit order as per-forward commit sets with empty forwards left out, as in test_cache_property);
+- recovery: after a generation that raised part-way (dare_generation_abort), the same Pipeline
+  decodes exactly as a fresh one.
 
 Every plugin runs with its default options (plus the exact ones for the exactness check), on tiny
 random models of both families.
@@ -26,8 +28,8 @@ import pytest
 import torch
 
 from dare_pipeline import Pipeline, Recipe
-from dare_pipeline.registry import available_plugins
-from dare_pipeline.testing import commit_order, random_prompts, tiny_model
+from dare_pipeline.registry import available_plugins, registered
+from dare_pipeline.testing import CrashAtStep, commit_order, random_prompts, tiny_model
 
 torch.set_num_threads(1)
 
@@ -122,3 +124,20 @@ def test_batch_decodes_each_prompt_as_alone(name, family):
         alone, _ = _run(family, [name], [prompt])
         assert batch.sequences[i] == alone.sequences[0]
         assert commit_order(batch.unmask_step[i]) == commit_order(alone.unmask_step[0])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("name", _plugin_names())
+def test_an_aborted_generation_leaves_the_pipeline_as_new(name, family):
+    prompts = _prompts(2)
+    with registered(CrashAtStep):
+        pipe = Pipeline(_model(family), Recipe.from_dict({"generation": GEN, "plugins": [name, "crash_at_step"]}))
+    crasher = next(p for p in pipe.plugins if p.name == "crash_at_step")
+    with pytest.raises(RuntimeError, match="crash at step 2"):
+        pipe.generate(prompts)
+    crasher.armed = False
+    after, _ = _run(family, [name, "crash_at_step"], prompts, pipe=pipe)
+    fresh, _ = _run(family, [name], prompts)
+    assert after.sequences == fresh.sequences
+    assert after.unmask_step == fresh.unmask_step
+    assert after.stats.plugins.get(name) == fresh.stats.plugins.get(name)
