@@ -1,3 +1,4 @@
+import itertools
 import math
 
 import pytest
@@ -21,8 +22,9 @@ from dare_pipeline.training.trainer import init_weights
 
 PAIRS = [("Q: add 12+34\nA: ", "2+4=6,1+3=4\n#### 46"), ("Q: reverse abc\nA: ", "#### cba"),
          ("Q: sort 3,1\nA: ", "#### 1,3")]
-TINY = dict(d_model=32, n_layers=2, n_heads=4, n_kv_heads=4, ffn_hidden=64, embedding_size=101,
-            max_sequence_length=1024, token_budget=400, warmup_steps=2, lr=3e-3, log_every=1, checkpoint_every=1000)
+TINY = {"d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 4, "ffn_hidden": 64, "embedding_size": 101,
+        "max_sequence_length": 1024, "token_budget": 400, "warmup_steps": 2, "lr": 3e-3, "log_every": 1,
+        "checkpoint_every": 1000}
 CURRICULUM = (Phase(0.5, (BatchKind("zero_shot", 1.0, max_shots=0),)),
               Phase(1.0, (BatchKind("fewshot", 0.5, max_shots=3, max_prompt_chars=200),
                           BatchKind("long_canvas", 0.5, max_shots=1, canvases=(128,)))))
@@ -158,6 +160,22 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
     assert (tmp_path / "b" / "model" / "model.safetensors").exists()
 
 
+def test_wsd_run_resumed_with_more_steps_equals_one_started_with_them(tmp_path):
+    # the documented way to lengthen a run: --resume --steps N while still in the stable phase
+    wsd = {**TINY, "warmup_steps": 1, "schedule": "wsd", "decay_fraction": 0.25}
+    longer = TrainConfig(family="llada", steps=12, seed=3, **wsd)
+    straight = Trainer(longer, tmp_path / "a", curriculum=CURRICULUM, progress=False)
+    straight.run()
+    first = Trainer(TrainConfig(family="llada", steps=8, seed=3, **wsd), tmp_path / "b", curriculum=CURRICULUM,
+                    progress=False)
+    first.run(max_steps=3)  # before every boundary of either length: decay 6 / 9, curriculum 4 / 6
+    resumed = Trainer(longer, tmp_path / "b", curriculum=CURRICULUM, progress=False)
+    resumed.load()
+    assert resumed.run()
+    for k, v in straight.model.state_dict().items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k
+
+
 def test_init_from_starts_at_the_exported_weights(tmp_path):
     cfg = TrainConfig(family="llada", steps=3, seed=3, **TINY)
     first = Trainer(cfg, tmp_path / "a", curriculum=CURRICULUM, progress=False)
@@ -275,7 +293,7 @@ def test_wsd_schedule_holds_the_peak_then_decays_linearly():
     assert lr_at(900, cfg) == pytest.approx(1e-3 * (1 - 0.95 * 0.5))
     assert lr_at(1000, cfg) == pytest.approx(5e-5)
     decay = [lr_at(s, cfg) for s in range(800, 1001)]
-    assert all(a > b for a, b in zip(decay, decay[1:]))
+    assert all(a > b for a, b in itertools.pairwise(decay))
     cosine = TrainConfig(steps=1000, warmup_steps=100, lr=1e-3, min_lr_ratio=0.05)
     assert lr_at(500, cosine) < 0.7e-3 and lr_at(1000, cosine) == pytest.approx(5e-5)
 
