@@ -16,15 +16,19 @@ from dare_pipeline import Pipeline
 from dare_pipeline.models.config import ModelConfig
 from dare_pipeline.models.transformer import DiffusionTransformer
 
-BENCH_CONFIG = dict(d_model=512, n_layers=8, n_heads=8, n_kv_heads=8, ffn_hidden=1376, vocab_size=32000,
-                    embedding_size=32000, rope_theta=500000.0, max_sequence_length=4096, mask_token_id=31999,
-                    eos_token_id=31998, pad_token_id=31998)
+BENCH_CONFIG = {
+    "d_model": 512, "n_layers": 8, "n_heads": 8, "n_kv_heads": 8, "ffn_hidden": 1376, "vocab_size": 32000,
+    "embedding_size": 32000, "rope_theta": 500000.0, "max_sequence_length": 4096, "mask_token_id": 31999,
+    "eos_token_id": 31998, "pad_token_id": 31998,
+}
 
 
 # LLaDA-8B-Instruct's published shape (config.json of GSAI-ML/LLaDA-8B-Instruct), for GPU runs
-LLADA_8B_CONFIG = dict(d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32, ffn_hidden=12288, vocab_size=126464,
-                       embedding_size=126464, rope_theta=500000.0, max_sequence_length=4096, mask_token_id=126336,
-                       eos_token_id=126081, pad_token_id=126081)
+LLADA_8B_CONFIG = {
+    "d_model": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 32, "ffn_hidden": 12288, "vocab_size": 126464,
+    "embedding_size": 126464, "rope_theta": 500000.0, "max_sequence_length": 4096, "mask_token_id": 126336,
+    "eos_token_id": 126081, "pad_token_id": 126081,
+}
 SHAPES = {"bench": BENCH_CONFIG, "llada-8b": LLADA_8B_CONFIG}
 
 

@@ -29,6 +29,8 @@ token_changed, drift), and `shadow` in shadow mode.
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import attrs
 import torch
 
@@ -91,8 +93,8 @@ class DareO(Plugin):
     name = "dare_o"
     Options = DareOOptions
     provides = frozenset({"attn_rows"})
-    conflicts = {"dllm_cache": WHOLE_LAYER_REUSE}
-    exact_options = {"threshold": 0.0}
+    conflicts: ClassVar[dict[str, str]] = {"dllm_cache": WHOLE_LAYER_REUSE}
+    exact_options: ClassVar[dict[str, Any]] = {"threshold": 0.0}
 
     @hookimpl
     def dare_generation_start(self, state):

@@ -39,6 +39,8 @@ not; near 0 the selection is a tie decided by float rounding), and `shadow` in s
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import attrs
 import torch
 import torch.nn.functional as F
@@ -174,8 +176,8 @@ class DllmCache(Plugin):
     name = "dllm_cache"
     Options = DllmCacheOptions
     provides = frozenset({"layer_rows"})
-    conflicts = {"prefix_cache": ROW_FEEDER, "dual_cache": ROW_FEEDER, "dare_kv": DRIFT_REUSE, "dare_o": DRIFT_REUSE}
-    exact_options = {"prompt_interval": 1, "response_interval": 1}
+    conflicts: ClassVar[dict[str, str]] = {"prefix_cache": ROW_FEEDER, "dual_cache": ROW_FEEDER, "dare_kv": DRIFT_REUSE, "dare_o": DRIFT_REUSE}
+    exact_options: ClassVar[dict[str, Any]] = {"prompt_interval": 1, "response_interval": 1}
 
     @hookimpl
     def dare_generation_start(self, state):

@@ -20,6 +20,8 @@ Stats (under the plugin's name): refreshes, partial_forwards, rows_recomputed, c
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import attrs
 
 from dare_pipeline.config_loading import at_least, choice
@@ -37,7 +39,7 @@ class DualCacheOptions:
 class DualCache(KVCacheFeeder):
     name = "dual_cache"
     Options = DualCacheOptions
-    exact_options = {"refresh_every": 1, "head_commit": "off"}
+    exact_options: ClassVar[dict[str, Any]] = {"refresh_every": 1, "head_commit": "off"}
 
     @hookimpl
     def dare_plan_forward(self, state):

@@ -24,6 +24,8 @@ Stats (under the plugin's name): refreshes, partial_forwards, rows_recomputed, c
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import attrs
 
 from dare_pipeline.config_loading import at_least, choice
@@ -42,7 +44,7 @@ class PrefixCacheOptions:
 class PrefixCache(KVCacheFeeder):
     name = "prefix_cache"
     Options = PrefixCacheOptions
-    exact_options = {"refresh_every": 1, "freeze_finished_blocks": False, "head_commit": "off"}
+    exact_options: ClassVar[dict[str, Any]] = {"refresh_every": 1, "freeze_finished_blocks": False, "head_commit": "off"}
 
     def _refresh_start(self, state) -> int:
         if not self.options.freeze_finished_blocks or state.block == 0:

@@ -26,10 +26,10 @@ from dare_pipeline.training import TrainConfig, Trainer
 from dare_pipeline.training.trainer import CHECKPOINT
 
 PRESETS = {
-    "llada": dict(family="llada", d_model=192, n_layers=5, n_heads=6, n_kv_heads=6, ffn_hidden=512,
-                  embedding_size=128),
-    "dream": dict(family="dream", d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_hidden=384,
-                  embedding_size=101),
+    "llada": {"family": "llada", "d_model": 192, "n_layers": 5, "n_heads": 6, "n_kv_heads": 6, "ffn_hidden": 512,
+              "embedding_size": 128},
+    "dream": {"family": "dream", "d_model": 128, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2, "ffn_hidden": 384,
+              "embedding_size": 101},
 }
 
 

@@ -201,8 +201,8 @@ def markdown(an: Analysis, plots: list[str] = ()) -> str:
         if any(r.get("status") != "ok" for r in rows):
             lines.append("")
     if any(an.other_hardware(r) for r in an.ok):
-        lines += ["† measured on other hardware than its baseline (results merged from several machines): the "
-                  "speed-up compares tokens/s across machines; FLOPs x does not depend on it.", ""]
+        lines += [("† measured on other hardware than its baseline (results merged from several machines): the "
+                   "speed-up compares tokens/s across machines; FLOPs x does not depend on it."), ""]
     gains = an.additive_gains()
     if gains:
         lines += ["## Additive gain per strategy", "",

@@ -177,7 +177,7 @@ def execute_run(spec: RunSpec, ablation: dict, progress=None, data_parallel: boo
         if doc is not None:  # None: a rank other than 0, whose share is in rank 0's record
             record.update(_results(doc, stats, memory, record["metric"]))
         record["status"] = "ok"
-    except Exception as exc:  # the run failed: record it, the others go on
+    except Exception as exc:  # noqa: BLE001 -- the run failed, whatever the cause: record it, the others go on
         record["status"] = "failed"
         record["error"] = _error(exc, captured.getvalue())
     record["wall_time_s"] = round(time.perf_counter() - t0, 3)
@@ -188,7 +188,7 @@ def execute_run(spec: RunSpec, ablation: dict, progress=None, data_parallel: boo
         record["versions"] = versions()
         try:
             record["hardware"] = hardware(device or "cpu", ranks=ranks)
-        except Exception:  # an unusable device string: say so rather than fail again
+        except Exception:  # noqa: BLE001 -- an unusable device string: say so rather than fail again
             record["hardware"] = hardware("cpu", ranks=ranks)
     return _clean(record)
 

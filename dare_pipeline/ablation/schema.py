@@ -289,8 +289,8 @@ def plan_runs(abl: Ablation, *, model: str | None = None, limit=None, extra_set=
             data["name"] = label
             data["plugins"] = list(data["plugins"]) + [{"name": n, **copy.deepcopy(abl.plugin_options.get(n, {}))}
                                                        for n in plugin_set]
-            common = dict(label=label, plugins=tuple(plugin_set), sweep=sweep, tasks=tuple(abl.tasks), limit=limit,
-                          batch_size=batch_size)
+            common = {"label": label, "plugins": tuple(plugin_set), "sweep": sweep, "tasks": tuple(abl.tasks),
+                      "limit": limit, "batch_size": batch_size}
             spec = _resolve(data, sweep, base_plugins, plugin_set, common, abl.source, classes)
             key = run_key(spec["recipe"], abl.tasks, limit, batch_size)
             if key in seen:

@@ -18,6 +18,7 @@ SUITE_TASKS = ("dare_add", "dare_sort", "dare_reverse", "dare_expr")
 __all__ = ["HELDOUT_FILE", "SUITE_GROUP", "SUITE_TASKS", "TASKS_DIR"]
 
 if importlib.util.find_spec("lm_eval") is not None:
-    from .lm_eval_model import DareLM, DecodingStats  # importing registers the "dare" lm-eval model
+    # importing registers the "dare" lm-eval model
+    from .lm_eval_model import DareLM, DecodingStats
 
     __all__ += ["DareLM", "DecodingStats"]

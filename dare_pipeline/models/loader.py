@@ -106,7 +106,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: s
     unexpected: list[str] = []
     for file in _weight_files(directory):
         with safe_open(str(file), framework="pt", device="cpu") as f:
-            for key in f.keys():
+            for key in f.keys():  # noqa: SIM118 -- safe_open handles are not iterable
                 ours = names.get(key)
                 if ours is None:
                     unexpected.append(f"{key} (in {file.name})")

@@ -1,5 +1,7 @@
 """Recipe loading: every error names the file, the key path, the value and what is allowed."""
 
+from typing import ClassVar
+
 import attrs
 import pytest
 
@@ -33,7 +35,7 @@ class PolicyB(PolicyA):
 class Feeder(Plugin):
     name = "feeder"
     provides = frozenset({"row_feed"})
-    conflicts = {"policy_b": "they disagree about everything"}
+    conflicts: ClassVar[dict[str, str]] = {"policy_b": "they disagree about everything"}
 
 
 def _write(tmp_path, text):
@@ -93,21 +95,20 @@ def test_unknown_plugin_option_and_bad_value(tmp_path):
 
 
 def test_two_owners_of_one_decision_are_named(tmp_path):
-    with registered(PolicyA, PolicyB):
-        with pytest.raises(ConfigError, match=r"'policy_a' and 'policy_b' both decide 'commit_policy'"):
-            Recipe.from_yaml(_write(tmp_path, "plugins: [policy_a, policy_b]\n"))
+    with (registered(PolicyA, PolicyB),
+          pytest.raises(ConfigError, match=r"'policy_a' and 'policy_b' both decide 'commit_policy'")):
+        Recipe.from_yaml(_write(tmp_path, "plugins: [policy_a, policy_b]\n"))
 
 
 def test_declared_conflict_says_why(tmp_path):
-    with registered(PolicyB, Feeder):
-        with pytest.raises(ConfigError, match="'feeder' cannot be combined with 'policy_b': they disagree"):
-            Recipe.from_yaml(_write(tmp_path, "plugins: [policy_b, feeder]\n"))
+    with (registered(PolicyB, Feeder),
+          pytest.raises(ConfigError, match="'feeder' cannot be combined with 'policy_b': they disagree")):
+        Recipe.from_yaml(_write(tmp_path, "plugins: [policy_b, feeder]\n"))
 
 
 def test_plugin_listed_twice(tmp_path):
-    with registered(PolicyA):
-        with pytest.raises(ConfigError, match="plugin listed twice"):
-            Recipe.from_yaml(_write(tmp_path, "plugins: [policy_a, policy_a]\n"))
+    with registered(PolicyA), pytest.raises(ConfigError, match="plugin listed twice"):
+        Recipe.from_yaml(_write(tmp_path, "plugins: [policy_a, policy_a]\n"))
 
 
 def test_set_overrides_by_dotted_path_and_plugin_name():

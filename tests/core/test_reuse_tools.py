@@ -51,7 +51,7 @@ def test_layer_call_carries_rows_mask_norms_rope_and_key_mask():
     rec = Recorder(run)
     model.forward_rows(tokens, slice(0, 10), positions, key_mask, store, ReuseSet([rec]), refresh=False, step=3)
     assert len(rec.seen) == model.config.n_layers
-    layer, active, run_sub, h_shape, rope_shape, mask, refresh, step = rec.seen[0]
+    _layer, active, run_sub, h_shape, rope_shape, mask, refresh, step = rec.seen[0]
     assert active.tolist() == [1, 4, 7]  # union over the batch, absolute columns
     assert run_sub.tolist() == [[True, True, False], [False, True, True]]  # each element's own choice
     assert h_shape == (2, 3, model.config.d_model)

@@ -181,9 +181,8 @@ class PartialFeeder(Plugin):
 
 
 def test_dllm_cache_refuses_partial_forwards_at_run_time():
-    with registered(PartialFeeder):
-        with pytest.raises(RuntimeError, match="dllm_cache needs every canvas column fed"):
-            _run(tiny_model("llada"), ["partial_feeder", "dllm_cache"], [[1, 2]])
+    with registered(PartialFeeder), pytest.raises(RuntimeError, match="dllm_cache needs every canvas column fed"):
+        _run(tiny_model("llada"), ["partial_feeder", "dllm_cache"], [[1, 2]])
 
 
 # ---- shadow mode -----------------------------------------------------------------------------------

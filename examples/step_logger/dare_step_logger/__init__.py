@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import Any, ClassVar
 
 import attrs
 
@@ -24,7 +25,7 @@ class StepLoggerOptions:
 class StepLogger(Plugin):
     name = "step_logger"
     Options = StepLoggerOptions
-    exact_options = {}  # it only observes: decoding with it must equal decoding without it
+    exact_options: ClassVar[dict[str, Any]] = {}  # it only observes: decoding with it must equal decoding without it
 
     @hookimpl
     def dare_generation_start(self, state):
