@@ -105,11 +105,13 @@ def at_least(bound, strict: bool = False):
     return check
 
 
-def in_range(low, high):
-    """attrs validator: low <= value <= high."""
+def in_range(low, high, include_high: bool = True):
+    """attrs validator: low <= value <= high (< high when not include_high); a bool is not a number
+    here, as in `convert`."""
 
     def check(instance, attribute, value):
-        if not low <= value <= high:
-            raise ValueError(f"{attribute.name} = {value!r}: must be between {low} and {high}")
+        if isinstance(value, bool) or not low <= value <= high or (not include_high and value == high):
+            raise ValueError(f"{attribute.name} = {value!r}: must be between {low} and {high}"
+                             + ("" if include_high else f", {high} excluded"))
 
     return check

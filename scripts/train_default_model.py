@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dare_pipeline.training import TrainConfig, Trainer
-from dare_pipeline.training.trainer import CHECKPOINT
+from dare_pipeline.training.trainer import CHECKPOINT, SCHEDULES
 
 PRESETS = {
     "llada": {"family": "llada", "d_model": 192, "n_layers": 5, "n_heads": 6, "n_kv_heads": 6, "ffn_hidden": 512,
@@ -65,7 +65,7 @@ def parse_args(argv=None):
                     help="fraction of sequences noised as semi-autoregressive block states (0 = i.i.d. only)")
     ap.add_argument("--block-prefix-start", type=float, default=None,
                     help="fraction of the steps on i.i.d. masks before block states begin (0)")
-    ap.add_argument("--schedule", choices=["cosine", "wsd"], default=None,
+    ap.add_argument("--schedule", choices=SCHEDULES, default=None,
                     help="lr schedule: cosine decay over the run (default) or warmup-stable-decay")
     ap.add_argument("--decay-fraction", type=float, default=None,
                     help="wsd: fraction of the steps in the final linear decay (0.2)")

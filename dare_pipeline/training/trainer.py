@@ -21,6 +21,7 @@ from pathlib import Path
 import attrs
 import torch
 
+from ..config_loading import at_least, choice, in_range
 from ..models.config import ModelConfig
 from ..models.saving import save_checkpoint
 from ..models.transformer import DiffusionTransformer
@@ -50,11 +51,6 @@ def _check_family_weights(instance, attribute, value) -> None:
 SCHEDULES = ("cosine", "wsd")
 
 
-def _check_fraction(instance, attribute, value) -> None:
-    if not 0.0 <= value < 1.0 or isinstance(value, bool):
-        raise ValueError(f"{attribute.name} must be in [0, 1), got {value!r}")
-
-
 @attrs.define
 class TrainConfig:
     family: str = "llada"
@@ -73,9 +69,8 @@ class TrainConfig:
     # "cosine": warmup then cosine decay over the whole run; "wsd": warmup, the peak held, then a
     # linear decay over the last decay_fraction of the steps (keeps the lr high while slow skills
     # such as copying by position are still forming)
-    schedule: str = attrs.field(default="cosine", validator=attrs.validators.in_(SCHEDULES))
-    decay_fraction: float = attrs.field(default=0.2, validator=attrs.validators.and_(
-        attrs.validators.gt(0.0), attrs.validators.le(1.0)))
+    schedule: str = attrs.field(default="cosine", validator=choice(*SCHEDULES))
+    decay_fraction: float = attrs.field(default=0.2, validator=[at_least(0.0, strict=True), in_range(0.0, 1.0)])
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.98)
     grad_clip: float = 1.0
@@ -93,7 +88,7 @@ class TrainConfig:
     block_prefix_prob: float = 0.0
     block_length: int = 32
     # fraction of the steps trained on i.i.d. masks only before block states begin
-    block_prefix_start: float = attrs.field(default=0.0, validator=_check_fraction)
+    block_prefix_start: float = attrs.field(default=0.0, validator=in_range(0.0, 1.0, include_high=False))
     init_std: float = 0.02
     seed: int = 0
     # HF checkpoint directory whose weights start the run (fine-tuning / continuing an exported

@@ -216,7 +216,8 @@ def test_family_weights_skew_the_training_problems(tmp_path):
             TrainConfig(family="llada", family_weights=bad)
 
 
-def test_family_weights_on_the_command_line():
+def _training_script():
+    """scripts/train_default_model.py as a module (scripts/ is not a package)."""
     import importlib.util
     from pathlib import Path
 
@@ -224,6 +225,11 @@ def test_family_weights_on_the_command_line():
     spec = importlib.util.spec_from_file_location("train_default_model", path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def test_family_weights_on_the_command_line():
+    script = _training_script()
     args = script.parse_args(["--out", "x", "--family-weights", "expr=4,add=2"])
     assert args.family_weights == {"expr": 4, "add": 2}
     with pytest.raises(SystemExit):
@@ -231,15 +237,10 @@ def test_family_weights_on_the_command_line():
 
 
 def test_training_script_passes_the_schedule_options_to_the_config(tmp_path, monkeypatch):
-    import importlib.util
     import json
     import signal
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[2] / "scripts" / "train_default_model.py"
-    spec = importlib.util.spec_from_file_location("train_default_model", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = _training_script()
     monkeypatch.setattr(signal, "signal", lambda *args: None)  # keep pytest's own SIGTERM handling
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
     out = tmp_path / "run"
