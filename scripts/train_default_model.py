@@ -73,6 +73,10 @@ def parse_args(argv=None):
     ap.add_argument("--family-weights", type=_family_weights, default=None, metavar="FAMILY=N,...",
                     help="share of the training problems per family, e.g. expr=3,add=2,sort=1,reverse=1 "
                          "(default: the families in turn; a family left out is not trained on)")
+    ap.add_argument("--late-family-weights", type=_family_weights, default=None, metavar="FAMILY=N,...",
+                    help="the family mix from --late-mix-start on (default: --family-weights throughout)")
+    ap.add_argument("--late-mix-start", type=float, default=None,
+                    help="fraction of the steps after which --late-family-weights apply (0.5)")
     ap.add_argument("--weighting", choices=["inv_t", "none"], default=None,
                     help="loss weighting: inv_t = LLaDA 1/t ELBO, none = mean masked CE")
     ap.add_argument("--init-std", type=float, default=None)
@@ -94,7 +98,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     # every TrainConfig field given on the command line (the --flag names are the field names)
-    fields = ("steps", "lr", "warmup_steps", "token_budget", "max_rows", "family_weights", "short_phase", "block_prefix_prob",
+    fields = ("steps", "lr", "warmup_steps", "token_budget", "max_rows", "family_weights", "late_family_weights", "late_mix_start", "short_phase", "block_prefix_prob",
               "block_prefix_start", "schedule", "decay_fraction",
               "init_from", "weighting", "init_std", "checkpoint_every", "d_model", "n_layers", "n_heads",
               "n_kv_heads", "ffn_hidden")

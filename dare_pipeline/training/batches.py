@@ -8,7 +8,9 @@ so the answer region is the same columns [P, P + canvas) for every row.
 The curriculum is a list of phases (by fraction of the run); each phase draws a batch kind by
 weight (its own pair stream: number of shots, prompt length, canvas lengths). A batch is filled
 with pairs until the padded size would exceed a token budget, so short-context batches hold many
-rows and long-canvas batches few. Everything is seeded, and the sampler's state (random state,
+rows and long-canvas batches few. An optional late family mix takes over from a fraction of the run
+(its own pair streams, seeded apart), e.g. more of a slow family once the fast ones are learned.
+Everything is seeded, and the sampler's state (random state,
 pairs consumed per stream, the pending pair) is saved in checkpoints so a resumed run draws
 exactly the batches an uninterrupted one would have.
 """
@@ -106,17 +108,22 @@ def default_curriculum(short_phase: float = 0.35) -> tuple[Phase, ...]:
 DEFAULT_CURRICULUM = default_curriculum()
 
 
-def _stream_seed(seed: int, kind: BatchKind) -> int:
-    key = f"{seed}/{kind.name}/{kind.min_shots}/{kind.max_shots}/{kind.max_prompt_chars}".encode()
+def _stream_key(kind: BatchKind, late: bool = False) -> str:
+    return f"{kind.name}/{kind.min_shots}/{kind.max_shots}/{kind.max_prompt_chars}" + ("/late" if late else "")
+
+
+def _stream_seed(seed: int, kind: BatchKind, late: bool = False) -> int:
+    key = f"{seed}/{_stream_key(kind, late)}".encode()
     return int.from_bytes(hashlib.sha256(key).digest()[:4], "big")
 
 
 class _PairStream:
     """A training_pairs iterator that counts what it handed out, so it can be fast-forwarded."""
 
-    def __init__(self, seed: int, kind: BatchKind, family_weights: Mapping[str, int] | None = None):
-        self.seed = _stream_seed(seed, kind)
-        self.kind = kind
+    def __init__(self, seed: int, kind: BatchKind, family_weights: Mapping[str, int] | None = None,
+                 late: bool = False):
+        self.seed = _stream_seed(seed, kind, late)
+        self.kind, self.late = kind, late
         self._it: Iterator[tuple[str, str]] = training_pairs(self.seed, max_shots=kind.max_shots,
                                                              max_prompt_chars=kind.max_prompt_chars,
                                                              min_shots=kind.min_shots, family_weights=family_weights)
@@ -137,12 +144,18 @@ class _PairStream:
 
 
 class BatchSampler:
-    """Seeded curriculum sampler; `next_batch(step, total_steps)` draws the batch of that step."""
+    """Seeded curriculum sampler; `next_batch(step, total_steps)` draws the batch of that step.
+
+    `late_family_weights`, when given, replace `family_weights` from `late_mix_start` (a fraction
+    of the steps) on."""
 
     def __init__(self, seed: int, curriculum: Sequence[Phase] = DEFAULT_CURRICULUM, token_budget: int = 3072,
-                 min_rows: int = 1, max_rows: int = 64, family_weights: Mapping[str, int] | None = None):
+                 min_rows: int = 1, max_rows: int = 64, family_weights: Mapping[str, int] | None = None,
+                 late_family_weights: Mapping[str, int] | None = None, late_mix_start: float = 0.5):
         self.seed, self.curriculum = seed, tuple(curriculum)
         self.family_weights = dict(family_weights) if family_weights is not None else None
+        self.late_family_weights = dict(late_family_weights) if late_family_weights is not None else None
+        self.late_mix_start = late_mix_start
         self.token_budget, self.min_rows, self.max_rows = token_budget, min_rows, max_rows
         self.rng = random.Random(seed)
         self.streams: dict[str, _PairStream] = {}
@@ -154,17 +167,23 @@ class BatchSampler:
                 return i
         return len(self.curriculum) - 1
 
-    def _stream(self, kind: BatchKind) -> _PairStream:
-        key = f"{kind.name}/{kind.min_shots}/{kind.max_shots}/{kind.max_prompt_chars}"
+    def is_late(self, step: int, total_steps: int) -> bool:
+        return self.late_family_weights is not None and step >= self.late_mix_start * total_steps
+
+    def _new_stream(self, kind: BatchKind, late: bool) -> _PairStream:
+        return _PairStream(self.seed, kind, self.late_family_weights if late else self.family_weights, late=late)
+
+    def _stream(self, kind: BatchKind, late: bool) -> _PairStream:
+        key = _stream_key(kind, late)
         if key not in self.streams:
-            self.streams[key] = _PairStream(self.seed, kind, self.family_weights)
+            self.streams[key] = self._new_stream(kind, late)
         return self.streams[key]
 
     def next_batch(self, step: int, total_steps: int) -> Batch:
         phase = self.curriculum[self.phase_index(step, total_steps)]
         kind = self.rng.choices(phase.kinds, weights=[k.weight for k in phase.kinds])[0]
         canvas = self.rng.choices(kind.canvases, weights=kind.canvas_weights)[0]
-        stream = self._stream(kind)
+        stream = self._stream(kind, self.is_late(step, total_steps))
         pairs, p_max = [], 0
         while len(pairs) < self.max_rows:
             pair = stream.next()
@@ -180,7 +199,7 @@ class BatchSampler:
     def state_dict(self) -> dict:
         return {
             "rng": self.rng.getstate(),
-            "streams": {key: {"kind": attrs.asdict(s.kind), "consumed": s.consumed, "pending": s.pending}
+            "streams": {key: {"kind": attrs.asdict(s.kind), "late": s.late, "consumed": s.consumed, "pending": s.pending}
                         for key, s in self.streams.items()},
         }
 
@@ -192,7 +211,7 @@ class BatchSampler:
             raw["canvases"] = tuple(raw["canvases"])
             if raw.get("canvas_weights") is not None:
                 raw["canvas_weights"] = tuple(raw["canvas_weights"])
-            stream = _PairStream(self.seed, BatchKind(**raw), self.family_weights)
+            stream = self._new_stream(BatchKind(**raw), s.get("late", False))
             stream.skip_to(s["consumed"])
             stream.pending = tuple(s["pending"]) if s["pending"] is not None else None
             self.streams[key] = stream

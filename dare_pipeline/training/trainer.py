@@ -80,6 +80,9 @@ class TrainConfig:
     # family -> share of the training problems (e.g. {"expr": 3, "add": 2, "sort": 1, "reverse": 1});
     # None = the families in turn
     family_weights: dict[str, int] | None = attrs.field(default=None, validator=_check_family_weights)
+    # the mix from late_mix_start (a fraction of the steps) on; None = family_weights throughout
+    late_family_weights: dict[str, int] | None = attrs.field(default=None, validator=_check_family_weights)
+    late_mix_start: float = attrs.field(default=0.5, validator=in_range(0.0, 1.0, include_high=False))
     eps: float = DEFAULT_EPS
     # "inv_t": LLaDA's 1/t-weighted ELBO; "none": mean CE over masked tokens (see objective.py)
     weighting: str = "inv_t"
@@ -161,8 +164,10 @@ class Trainer:
             self._load_weights(cfg.init_from)
         self.model.to(self.device).train()
         self.optimizer = torch.optim.AdamW(_param_groups(self.model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
-        self.sampler = BatchSampler(cfg.seed, curriculum or default_curriculum(cfg.short_phase), token_budget=cfg.token_budget, max_rows=cfg.max_rows,
-                                    family_weights=cfg.family_weights)
+        self.sampler = BatchSampler(cfg.seed, curriculum or default_curriculum(cfg.short_phase),
+                                    token_budget=cfg.token_budget, max_rows=cfg.max_rows,
+                                    family_weights=cfg.family_weights, late_family_weights=cfg.late_family_weights,
+                                    late_mix_start=cfg.late_mix_start)
         self.noise_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)
         self.step = 0
         self.tokens = 0

@@ -216,6 +216,57 @@ def test_family_weights_skew_the_training_problems(tmp_path):
             TrainConfig(family="llada", family_weights=bad)
 
 
+def _families_per_step(sampler: BatchSampler, total: int) -> list[set[str]]:
+    """The task families (by their prompt verbs) of the problems each step's batch asks about."""
+    tok = build_tokenizer()
+    verbs = {"add": "Q: add ", "expr": "Q: eval ", "sort": "Q: sort ", "reverse": "Q: reverse "}
+    out = []
+    for step in range(total):
+        rows = [tok.decode(row, skip_special_tokens=True) for row in sampler.next_batch(step, total).input_ids.tolist()]
+        # the last question of a row is the one it answers (earlier ones are its worked examples)
+        asked = [row[row.rindex("Q: "):] for row in rows]
+        out.append({fam for fam, verb in verbs.items() for q in asked if q.startswith(verb)})
+    return out
+
+
+def test_late_family_mix_takes_over_at_late_mix_start():
+    sampler = BatchSampler(5, CURRICULUM, token_budget=400, family_weights={"add": 1},
+                           late_family_weights={"sort": 1, "reverse": 1}, late_mix_start=0.5)
+    per_step = _families_per_step(sampler, 8)
+    assert all(f == {"add"} for f in per_step[:4])
+    assert all(f and f <= {"sort", "reverse"} for f in per_step[4:])
+    assert set().union(*per_step[4:]) == {"sort", "reverse"}
+    # without a late mix nothing changes: the same batches as a sampler that never heard of one
+    plain, unset = (BatchSampler(5, CURRICULUM, token_budget=400, family_weights={"add": 1}, **extra)
+                    for extra in ({}, {"late_mix_start": 0.25}))
+    for step in range(8):
+        assert torch.equal(plain.next_batch(step, 8).input_ids, unset.next_batch(step, 8).input_ids)
+
+
+def test_sampler_resumed_after_the_late_mix_began_draws_the_same_batches():
+    make = lambda: BatchSampler(7, CURRICULUM, token_budget=400, family_weights={"add": 1, "expr": 1},
+                                late_family_weights={"sort": 1}, late_mix_start=0.25)
+    a = make()
+    for step in range(4):
+        a.next_batch(step, 8)
+    b = make()
+    b.load_state_dict(a.state_dict())
+    assert {s.late for s in b.streams.values()} == {False, True}
+    for step in range(4, 8):
+        assert torch.equal(a.next_batch(step, 8).input_ids, b.next_batch(step, 8).input_ids)
+
+
+def test_late_family_mix_is_validated_and_reaches_the_sampler(tmp_path):
+    with pytest.raises(ValueError, match="unknown family 'mul'"):
+        TrainConfig(late_family_weights={"mul": 1})
+    with pytest.raises(ValueError, match="late_mix_start"):
+        TrainConfig(late_mix_start=1.0)
+    cfg = TrainConfig(family="llada", steps=4, family_weights={"add": 1}, late_family_weights={"sort": 1},
+                      late_mix_start=0.5, **TINY)
+    sampler = Trainer(cfg, tmp_path / "a", curriculum=CURRICULUM, progress=False).sampler
+    assert [sampler.is_late(s, 4) for s in range(4)] == [False, False, True, True]
+
+
 def _training_script():
     """scripts/train_default_model.py as a module (scripts/ is not a package)."""
     import importlib.util
@@ -245,9 +296,11 @@ def test_training_script_passes_the_schedule_options_to_the_config(tmp_path, mon
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
     out = tmp_path / "run"
     assert script.main(["--out", str(out), "--steps", "10", "--max-steps", "0", "--no-progress", "--schedule", "wsd",
-                        "--decay-fraction", "0.3", "--block-prefix-prob", "0.5", "--block-prefix-start", "0.75"]) == 0
+                        "--decay-fraction", "0.3", "--block-prefix-prob", "0.5", "--block-prefix-start", "0.75",
+                        "--late-family-weights", "sort=3,add=1", "--late-mix-start", "0.4"]) == 0
     saved = json.loads((out / "train_config.json").read_text())
     assert (saved["schedule"], saved["decay_fraction"], saved["block_prefix_start"]) == ("wsd", 0.3, 0.75)
+    assert (saved["late_family_weights"], saved["late_mix_start"]) == ({"sort": 3, "add": 1}, 0.4)
 
 
 def test_block_states_clean_before_masked_after_scored_inside():
