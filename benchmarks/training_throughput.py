@@ -16,27 +16,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 from common import median
 
 from dare_pipeline.models.transformer import DiffusionTransformer
 from dare_pipeline.training import TrainConfig, Trainer
+from dare_pipeline.training.trainer import PRESETS
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_default_model.py"
 DEFAULT_SIZES = ("192:5:6:512", "160:4:5:448", "128:4:4:384")
 PRECISIONS = ("float32", "bf16-autocast")
-
-
-def _llada_preset() -> dict:
-    spec = importlib.util.spec_from_file_location("train_default_model", SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script.PRESETS["llada"]
 
 
 def _size(text: str) -> dict:
@@ -49,6 +40,7 @@ def _size(text: str) -> dict:
 
 def tokens_per_second(cfg: TrainConfig, precision: str, warmup: int, steps: int) -> float:
     trainer = Trainer(cfg, tempfile.mkdtemp(), progress=False)
+
     def autocast():
         if precision == "bf16-autocast":
             return torch.autocast("cpu", dtype=torch.bfloat16)
@@ -86,7 +78,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=25)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    preset = _llada_preset()
+    preset = PRESETS["llada"]
     print(f"hardware: CPU, {args.threads} torch thread(s); torch {torch.__version__}; "
           f"{args.steps} timed steps after {args.warmup}; token budget {TrainConfig().token_budget}; few-shot phase mix")
     print("| d_model x layers | parameters | precision | real tokens/s | vs first size, float32 |")

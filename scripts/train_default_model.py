@@ -23,14 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dare_pipeline.training import TrainConfig, Trainer
-from dare_pipeline.training.trainer import CHECKPOINT, SCHEDULES
-
-PRESETS = {
-    "llada": {"family": "llada", "d_model": 192, "n_layers": 5, "n_heads": 6, "n_kv_heads": 6, "ffn_hidden": 512,
-              "embedding_size": 128},
-    "dream": {"family": "dream", "d_model": 128, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2, "ffn_hidden": 384,
-              "embedding_size": 101},
-}
+from dare_pipeline.training.trainer import CHECKPOINT, PRESETS, SCHEDULES
 
 
 def _family_weights(text: str) -> dict[str, int]:
@@ -98,10 +91,10 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     # every TrainConfig field given on the command line (the --flag names are the field names)
-    fields = ("steps", "lr", "warmup_steps", "token_budget", "max_rows", "family_weights", "late_family_weights", "late_mix_start", "short_phase", "block_prefix_prob",
-              "block_prefix_start", "schedule", "decay_fraction",
-              "init_from", "weighting", "init_std", "checkpoint_every", "d_model", "n_layers", "n_heads",
-              "n_kv_heads", "ffn_hidden")
+    fields = ("steps", "lr", "warmup_steps", "token_budget", "max_rows", "family_weights", "late_family_weights",
+              "late_mix_start", "short_phase", "block_prefix_prob", "block_prefix_start", "schedule",
+              "decay_fraction", "init_from", "weighting", "init_std", "checkpoint_every", "d_model", "n_layers",
+              "n_heads", "n_kv_heads", "ffn_hidden")
     overrides = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
     if args.resume:
         if not (out / CHECKPOINT).exists():

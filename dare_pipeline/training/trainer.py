@@ -50,6 +50,14 @@ def _check_family_weights(instance, attribute, value) -> None:
 
 SCHEDULES = ("cosine", "wsd")
 
+# the shipped models' shapes per family (the training script's --family; the throughput benchmark's base)
+PRESETS = {
+    "llada": {"family": "llada", "d_model": 192, "n_layers": 5, "n_heads": 6, "n_kv_heads": 6, "ffn_hidden": 512,
+              "embedding_size": 128},
+    "dream": {"family": "dream", "d_model": 128, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2, "ffn_hidden": 384,
+              "embedding_size": 101},
+}
+
 
 @attrs.define
 class TrainConfig:
