@@ -108,6 +108,11 @@ def main(argv=None) -> int:
             print(f"{out / CHECKPOINT} exists; pass --resume to continue it or choose another --out", file=sys.stderr)
             return 2
         cfg = TrainConfig(**{**PRESETS[args.family], "seed": args.seed, **overrides})
+    if args.late_mix_start is not None and cfg.late_family_weights is None:
+        # the config's 0.5 default cannot tell an unused start apart; the command line can
+        print(f"--late-mix-start {args.late_mix_start}: has no effect without --late-family-weights "
+              "(given here or saved in the run resumed)", file=sys.stderr)
+        return 2
     trainer = Trainer(cfg, out, progress=not args.no_progress, device=args.device)
     if args.resume:
         trainer.load()

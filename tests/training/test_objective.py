@@ -303,6 +303,19 @@ def test_training_script_passes_the_schedule_options_to_the_config(tmp_path, mon
     assert (saved["late_family_weights"], saved["late_mix_start"]) == ({"sort": 3, "add": 1}, 0.4)
 
 
+def test_training_script_refuses_a_late_mix_start_without_a_late_mix(tmp_path, monkeypatch, capsys):
+    import signal
+
+    script = _training_script()
+    monkeypatch.setattr(signal, "signal", lambda *args: None)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    out = tmp_path / "run"
+    assert script.main(["--out", str(out), "--steps", "10", "--max-steps", "0", "--no-progress",
+                        "--late-mix-start", "0.4"]) == 2
+    assert "--late-mix-start 0.4: has no effect without --late-family-weights" in capsys.readouterr().err
+    assert not out.exists()  # refused before anything was written
+
+
 def test_block_states_clean_before_masked_after_scored_inside():
     b, p_len, canvas, block = 64, 5, 96, 32
     ids = torch.randint(5, 90, (b, p_len + canvas))
