@@ -1,5 +1,5 @@
-"""Training throughput of the default model's trainer at a few model sizes, in float32 and under bf16
-autocast: real (non-padding) tokens per second of `Trainer.train_step`, which is what decides how
+"""Training throughput of the default model's trainer at a few model sizes, in float32, under bf16
+autocast and compiled (torch.compile): real (non-padding) tokens per second of `Trainer.train_step`, which is what decides how
 many tokens a from-scratch run sees in its time (docs/default_model.md).
 
     python benchmarks/training_throughput.py --threads 2
@@ -27,7 +27,7 @@ from dare_pipeline.training import TrainConfig, Trainer
 from dare_pipeline.training.trainer import PRESETS
 
 DEFAULT_SIZES = ("192:5:6:512", "160:4:5:448", "128:4:4:384")
-PRECISIONS = ("float32", "bf16-autocast")
+PRECISIONS = ("float32", "bf16-autocast", "float32-compiled")  # compiled: torch.compile(dynamic=True), inductor
 
 
 def _size(text: str) -> dict:
@@ -40,6 +40,10 @@ def _size(text: str) -> dict:
 
 def tokens_per_second(cfg: TrainConfig, precision: str, warmup: int, steps: int) -> float:
     trainer = Trainer(cfg, tempfile.mkdtemp(), progress=False)
+    if precision == "float32-compiled":
+        # batch shapes change every step; dynamic shapes keep them from recompiling. The compilation
+        # itself falls in the untimed warmup steps.
+        trainer.model = torch.compile(trainer.model, dynamic=True)
 
     def autocast():
         if precision == "bf16-autocast":
