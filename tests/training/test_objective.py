@@ -287,31 +287,32 @@ def test_family_weights_on_the_command_line():
         script.parse_args(["--out", "x", "--family-weights", "expr=lots"])
 
 
-def test_training_script_passes_the_schedule_options_to_the_config(tmp_path, monkeypatch):
-    import json
+@pytest.fixture
+def training_main(monkeypatch):
+    """The training script's main(), run in-process without touching pytest's signals or thread count."""
     import signal
 
-    script = _training_script()
     monkeypatch.setattr(signal, "signal", lambda *args: None)  # keep pytest's own SIGTERM handling
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    return _training_script().main
+
+
+def test_training_script_passes_the_schedule_options_to_the_config(tmp_path, training_main):
+    import json
+
     out = tmp_path / "run"
-    assert script.main(["--out", str(out), "--steps", "10", "--max-steps", "0", "--no-progress", "--schedule", "wsd",
-                        "--decay-fraction", "0.3", "--block-prefix-prob", "0.5", "--block-prefix-start", "0.75",
-                        "--late-family-weights", "sort=3,add=1", "--late-mix-start", "0.4"]) == 0
+    assert training_main(["--out", str(out), "--steps", "10", "--max-steps", "0", "--no-progress", "--schedule", "wsd",
+                          "--decay-fraction", "0.3", "--block-prefix-prob", "0.5", "--block-prefix-start", "0.75",
+                          "--late-family-weights", "sort=3,add=1", "--late-mix-start", "0.4"]) == 0
     saved = json.loads((out / "train_config.json").read_text())
     assert (saved["schedule"], saved["decay_fraction"], saved["block_prefix_start"]) == ("wsd", 0.3, 0.75)
     assert (saved["late_family_weights"], saved["late_mix_start"]) == ({"sort": 3, "add": 1}, 0.4)
 
 
-def test_training_script_refuses_a_late_mix_start_without_a_late_mix(tmp_path, monkeypatch, capsys):
-    import signal
-
-    script = _training_script()
-    monkeypatch.setattr(signal, "signal", lambda *args: None)
-    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+def test_training_script_refuses_a_late_mix_start_without_a_late_mix(tmp_path, training_main, capsys):
     out = tmp_path / "run"
-    assert script.main(["--out", str(out), "--steps", "10", "--max-steps", "0", "--no-progress",
-                        "--late-mix-start", "0.4"]) == 2
+    assert training_main(["--out", str(out), "--steps", "10", "--max-steps", "0", "--no-progress",
+                          "--late-mix-start", "0.4"]) == 2
     assert "--late-mix-start 0.4: has no effect without --late-family-weights" in capsys.readouterr().err
     assert not out.exists()  # refused before anything was written
 
