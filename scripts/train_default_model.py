@@ -54,6 +54,9 @@ def parse_args(argv=None):
                     help="start from the weights of this HF checkpoint directory (fresh optimizer and schedule)")
     ap.add_argument("--short-phase", type=float, default=None,
                     help="fraction of the steps on short contexts before few-shot and long canvases (0.35)")
+    ap.add_argument("--long-phase-zero-shot", type=float, default=None,
+                    help="share of zero-shot batches after the short phase (0.35); few-shot and long-canvas "
+                         "batches share the rest 8:5")
     ap.add_argument("--block-prefix-prob", type=float, default=None,
                     help="fraction of sequences noised as semi-autoregressive block states (0 = i.i.d. only)")
     ap.add_argument("--block-prefix-start", type=float, default=None,
@@ -92,7 +95,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     # every TrainConfig field given on the command line (the --flag names are the field names)
     fields = ("steps", "lr", "warmup_steps", "token_budget", "max_rows", "family_weights", "late_family_weights",
-              "late_mix_start", "short_phase", "block_prefix_prob", "block_prefix_start", "schedule",
+              "late_mix_start", "short_phase", "long_phase_zero_shot", "block_prefix_prob", "block_prefix_start", "schedule",
               "decay_fraction", "init_from", "weighting", "init_std", "checkpoint_every", "d_model", "n_layers",
               "n_heads", "n_kv_heads", "ffn_hidden")
     overrides = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}

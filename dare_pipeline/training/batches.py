@@ -90,16 +90,30 @@ class Phase:
 # the default curriculum: the algorithms on short contexts first (mostly zero-shot: the prompt costs
 # compute but carries no loss), then held-out-like few-shot prompts (up to 512 characters) and long
 # EOS tails so that generation lengths 64..1024 decode cleanly
-def default_curriculum(short_phase: float = 0.35) -> tuple[Phase, ...]:
-    """The shipped curriculum; `short_phase` is the fraction of the steps spent on short contexts."""
+LONG_PHASE_ZERO_SHOT = 0.35
+# the long phase's other kinds share what zero-shot leaves in this proportion (0.4 : 0.25 by default)
+_FEWSHOT_TO_LONG_CANVAS = 8 / 5
+
+
+def default_curriculum(short_phase: float = 0.35, long_phase_zero_shot: float = LONG_PHASE_ZERO_SHOT
+                       ) -> tuple[Phase, ...]:
+    """The shipped curriculum; `short_phase` is the fraction of the steps spent on short contexts,
+    `long_phase_zero_shot` the share of zero-shot batches after it. A zero-shot batch carries ~6x the
+    answer tokens of a few-shot one (the same token budget, ~30-character prompts instead of ~400),
+    so raising the share trades held-out-like prompts and long canvases for more algorithm tokens."""
     if not 0.0 <= short_phase < 1.0:
         raise ValueError(f"short_phase must be in [0, 1), got {short_phase!r}")
+    if not 0.0 <= long_phase_zero_shot < 1.0:
+        raise ValueError(f"long_phase_zero_shot must be in [0, 1) (few-shot batches are needed), "
+                         f"got {long_phase_zero_shot!r}")
+    rest = 1.0 - long_phase_zero_shot
+    fewshot = rest * _FEWSHOT_TO_LONG_CANVAS / (1 + _FEWSHOT_TO_LONG_CANVAS)
     return (
         Phase(short_phase, (BatchKind("zero_shot", 0.8, max_shots=0), BatchKind("short", 0.2, max_shots=2))),
         Phase(1.0, (
-            BatchKind("zero_shot", 0.35, max_shots=0),
-            BatchKind("fewshot", 0.4, max_shots=8, max_prompt_chars=512, min_shots=3),
-            BatchKind("long_canvas", 0.25, max_shots=8, max_prompt_chars=512, min_shots=2,
+            BatchKind("zero_shot", long_phase_zero_shot, max_shots=0),
+            BatchKind("fewshot", fewshot, max_shots=8, max_prompt_chars=512, min_shots=3),
+            BatchKind("long_canvas", rest - fewshot, max_shots=8, max_prompt_chars=512, min_shots=2,
                       canvases=(128, 256, 512, 1024), canvas_weights=(0.3, 0.3, 0.2, 0.2)),
         )),
     )

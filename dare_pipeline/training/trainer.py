@@ -27,7 +27,7 @@ from ..models.saving import save_checkpoint
 from ..models.transformer import DiffusionTransformer
 from ..tasks import FAMILY_NAMES
 from ..tokenizer import BOS_ID, EOS_ID, MASK_ID, PAD_ID, VOCAB_SIZE
-from .batches import BatchSampler, Phase, default_curriculum
+from .batches import LONG_PHASE_ZERO_SHOT, BatchSampler, Phase, default_curriculum
 from .objective import DEFAULT_EPS, diffusion_loss
 
 CHECKPOINT = "checkpoint.pt"
@@ -84,6 +84,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     token_budget: int = 3072
     short_phase: float = 0.35  # fraction of the steps on short contexts first (default_curriculum)
+    # share of zero-shot batches after the short phase (the rest few-shot and long canvases, 8:5)
+    long_phase_zero_shot: float = attrs.field(default=LONG_PHASE_ZERO_SHOT,
+                                              validator=in_range(0.0, 1.0, include_high=False))
     max_rows: int = 64  # cap on rows per batch (short zero-shot batches hit it before the token budget)
     # family -> share of the training problems (e.g. {"expr": 3, "add": 2, "sort": 1, "reverse": 1});
     # None = the families in turn
@@ -172,7 +175,7 @@ class Trainer:
             self._load_weights(cfg.init_from)
         self.model.to(self.device).train()
         self.optimizer = torch.optim.AdamW(_param_groups(self.model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
-        self.sampler = BatchSampler(cfg.seed, curriculum or default_curriculum(cfg.short_phase),
+        self.sampler = BatchSampler(cfg.seed, curriculum or default_curriculum(cfg.short_phase, cfg.long_phase_zero_shot),
                                     token_budget=cfg.token_budget, max_rows=cfg.max_rows,
                                     family_weights=cfg.family_weights, late_family_weights=cfg.late_family_weights,
                                     late_mix_start=cfg.late_mix_start)

@@ -1,5 +1,6 @@
 import itertools
 import math
+from collections import Counter
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from dare_pipeline.training import (
     Phase,
     TrainConfig,
     Trainer,
+    default_curriculum,
     diffusion_loss,
     encode,
     make_batch,
@@ -203,6 +205,27 @@ def test_short_phase_moves_the_curriculum_boundary(tmp_path):
         Trainer(TrainConfig(family="llada", steps=10, short_phase=1.0, **TINY), tmp_path / "b", progress=False)
 
 
+def test_default_long_phase_keeps_the_shipped_kind_weights_exactly():
+    # a run without --long-phase-zero-shot must draw the batch kinds it drew before the option existed
+    kinds = default_curriculum(0.6)[1].kinds
+    assert [(k.name, k.weight) for k in kinds] == [("zero_shot", 0.35), ("fewshot", 0.4), ("long_canvas", 0.25)]
+
+
+def test_long_phase_zero_shot_shifts_the_late_batches_to_zero_shot(tmp_path):
+    def late_kinds(share):
+        cfg = TrainConfig(family="llada", steps=1000, short_phase=0.5, long_phase_zero_shot=share, **TINY)
+        sampler = Trainer(cfg, tmp_path / str(share), progress=False).sampler
+        return Counter(sampler.next_batch(step, 1000).kind for step in range(500, 900))
+
+    shipped, heavy = late_kinds(0.35), late_kinds(0.8)
+    assert 100 < shipped["zero_shot"] < 180 and 20 < heavy["fewshot"] + heavy["long_canvas"] < 120
+    assert heavy["fewshot"] > heavy["long_canvas"] > 0  # the rest is still split 8:5
+    with pytest.raises(ValueError, match="long_phase_zero_shot"):
+        TrainConfig(family="llada", long_phase_zero_shot=1.0)
+    with pytest.raises(ValueError, match="long_phase_zero_shot"):
+        default_curriculum(0.5, -0.1)
+
+
 def test_family_weights_skew_the_training_problems(tmp_path):
     weighted = Trainer(TrainConfig(family="llada", steps=4, family_weights={"expr": 1, "sort": 1}, **TINY),
                        tmp_path / "a", curriculum=CURRICULUM, progress=False)
@@ -303,10 +326,12 @@ def test_training_script_passes_the_schedule_options_to_the_config(tmp_path, tra
     out = tmp_path / "run"
     assert training_main(["--out", str(out), "--steps", "10", "--max-steps", "0", "--no-progress", "--schedule", "wsd",
                           "--decay-fraction", "0.3", "--block-prefix-prob", "0.5", "--block-prefix-start", "0.75",
-                          "--late-family-weights", "sort=3,add=1", "--late-mix-start", "0.4"]) == 0
+                          "--late-family-weights", "sort=3,add=1", "--late-mix-start", "0.4",
+                          "--long-phase-zero-shot", "0.7"]) == 0
     saved = json.loads((out / "train_config.json").read_text())
     assert (saved["schedule"], saved["decay_fraction"], saved["block_prefix_start"]) == ("wsd", 0.3, 0.75)
     assert (saved["late_family_weights"], saved["late_mix_start"]) == ({"sort": 3, "add": 1}, 0.4)
+    assert saved["long_phase_zero_shot"] == 0.7
 
 
 def test_training_script_refuses_a_late_mix_start_without_a_late_mix(tmp_path, training_main, capsys):
