@@ -1,6 +1,6 @@
 """Training throughput of the default model's trainer at a few model sizes, in float32, under bf16
 autocast and compiled (torch.compile): real (non-padding) tokens per second of `Trainer.train_step`,
-which is what decides how many tokens a from-scratch run sees in its time (docs/default_model.md).
+which is what decides how many tokens a from-scratch run sees in its time (docs/from_scratch_runs.md).
 
     python benchmarks/training_throughput.py --threads 2
     python benchmarks/training_throughput.py --threads 2 --sizes 192:5:6:512 160:4:5:448 --steps 40

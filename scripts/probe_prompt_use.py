@@ -9,7 +9,7 @@ alone, canvas 64, as in training) and every answer token is masked with probabil
 draw for every run). The loss is the mean cross-entropy over the masked answer tokens (the EOS
 tail excluded). "swapped" pairs each question with the next problem's answer of the same family.
 A model that ignores the question scores both alike; one that uses it has a much lower loss on
-its own answers. This is how docs/default_model.md dates when a training run learnt to copy.
+its own answers. This is how docs/from_scratch_runs.md dates when a training run learnt to copy.
 """
 
 from __future__ import annotations

@@ -124,7 +124,7 @@ def _probe_module():
 
 
 def test_prompt_use_probe_separates_a_trained_model_from_an_untrained_one():
-    # docs/default_model.md dates the copying transition of a training run with this probe
+    # docs/from_scratch_runs.md dates the copying transition of a training run with this probe
     probe = _probe_module().probe
     model = load_model("default")
     trained = probe(model, HELDOUT, per_family=8, t=0.5, seed=0)
