@@ -95,9 +95,9 @@ def main(argv=None) -> int:
     out = Path(args.out)
     # every TrainConfig field given on the command line (the --flag names are the field names)
     fields = ("steps", "lr", "warmup_steps", "token_budget", "max_rows", "family_weights", "late_family_weights",
-              "late_mix_start", "short_phase", "long_phase_zero_shot", "block_prefix_prob", "block_prefix_start", "schedule",
-              "decay_fraction", "init_from", "weighting", "init_std", "checkpoint_every", "d_model", "n_layers",
-              "n_heads", "n_kv_heads", "ffn_hidden")
+              "late_mix_start", "short_phase", "long_phase_zero_shot", "block_prefix_prob", "block_prefix_start",
+              "schedule", "decay_fraction", "init_from", "weighting", "init_std", "checkpoint_every", "d_model",
+              "n_layers", "n_heads", "n_kv_heads", "ffn_hidden")
     overrides = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
     if args.resume:
         if not (out / CHECKPOINT).exists():

@@ -87,14 +87,14 @@ class Phase:
     kinds: tuple[BatchKind, ...]
 
 
-# the default curriculum: the algorithms on short contexts first (mostly zero-shot: the prompt costs
-# compute but carries no loss), then held-out-like few-shot prompts (up to 512 characters) and long
-# EOS tails so that generation lengths 64..1024 decode cleanly
 LONG_PHASE_ZERO_SHOT = 0.35
 # the long phase's other kinds share what zero-shot leaves in this proportion (0.4 : 0.25 by default)
 _FEWSHOT_TO_LONG_CANVAS = 8 / 5
 
 
+# the default curriculum: the algorithms on short contexts first (mostly zero-shot: the prompt costs
+# compute but carries no loss), then held-out-like few-shot prompts (up to 512 characters) and long
+# EOS tails so that generation lengths 64..1024 decode cleanly
 def default_curriculum(short_phase: float = 0.35, long_phase_zero_shot: float = LONG_PHASE_ZERO_SHOT
                        ) -> tuple[Phase, ...]:
     """The shipped curriculum; `short_phase` is the fraction of the steps spent on short contexts,

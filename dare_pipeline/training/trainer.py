@@ -175,8 +175,8 @@ class Trainer:
             self._load_weights(cfg.init_from)
         self.model.to(self.device).train()
         self.optimizer = torch.optim.AdamW(_param_groups(self.model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
-        self.sampler = BatchSampler(cfg.seed, curriculum or default_curriculum(cfg.short_phase, cfg.long_phase_zero_shot),
-                                    token_budget=cfg.token_budget, max_rows=cfg.max_rows,
+        curriculum = curriculum or default_curriculum(cfg.short_phase, cfg.long_phase_zero_shot)
+        self.sampler = BatchSampler(cfg.seed, curriculum, token_budget=cfg.token_budget, max_rows=cfg.max_rows,
                                     family_weights=cfg.family_weights, late_family_weights=cfg.late_family_weights,
                                     late_mix_start=cfg.late_mix_start)
         self.noise_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)
