@@ -2,10 +2,12 @@
 
     python benchmarks/training_step_breakdown.py --threads 2
     python benchmarks/training_step_breakdown.py --long-phase-zero-shot 0.75 --profile-steps 0
+    python benchmarks/training_step_breakdown.py --long-phase-zero-shot 0.75 --group-by-length 512 --profile-steps 0
 
 1. Answer tokens (the EOS tail excluded) per batch kind under the token budget, over --batches
    batches of each curriculum phase: the tokens the loss learns the algorithms from. The
-   second phase's mean per step follows from its kind weights (--long-phase-zero-shot).
+   second phase's mean per step follows from its kind weights (--long-phase-zero-shot);
+   --group-by-length groups the zero-shot batches by answer length (shorter EOS tails).
 2. `torch.profiler` over --profile-steps second-phase steps of the given size, self CPU time grouped
    into matrix products, the attention kernel, element-wise work and the rest, beside the time
    spent building the batches. Profiling itself adds a little to every op.
@@ -39,10 +41,11 @@ ELEMENTWISE_OPS = {"aten::mul", "aten::mul_", "aten::add", "aten::add_", "aten::
                    "aten::mean", "aten::lerp_", "aten::addcmul_", "aten::addcdiv_"}
 
 
-def answer_tokens_per_kind(long_phase_zero_shot: float, batches: int, seed: int = 0) -> dict:
+def answer_tokens_per_kind(long_phase_zero_shot: float, batches: int, seed: int = 0, group_by_length: int = 0) -> dict:
     """{(phase, kind): (batches drawn, mean answer tokens, mean real tokens)}, phases 0 and 1."""
     total = 10 * batches  # a run length whose phase boundary (short_phase 0.5) leaves room for both
-    sampler = BatchSampler(seed, default_curriculum(0.5, long_phase_zero_shot), family_weights=FAMILY_WEIGHTS)
+    sampler = BatchSampler(seed, default_curriculum(0.5, long_phase_zero_shot, group_by_length),
+                           family_weights=FAMILY_WEIGHTS)
     sums = defaultdict(lambda: [0, 0, 0])
     for phase, first in ((0, 0), (1, total // 2)):
         for step in range(first, first + batches):
@@ -86,6 +89,7 @@ def step_time_breakdown(cfg: TrainConfig, steps: int, warmup: int = 3) -> tuple[
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--long-phase-zero-shot", type=float, default=LONG_PHASE_ZERO_SHOT)
+    ap.add_argument("--group-by-length", type=int, default=0, help="pool size of length-grouped zero-shot batches")
     ap.add_argument("--batches", type=int, default=400, help="batches drawn per phase")
     ap.add_argument("--size", default="160:4:5:448", help="d_model:n_layers:n_heads:ffn_hidden of the profiled model")
     ap.add_argument("--profile-steps", type=int, default=20, help="0 skips the profile")
@@ -94,10 +98,11 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
 
     print(f"token budget {TrainConfig().token_budget}; family mix {FAMILY_WEIGHTS}; "
-          f"--long-phase-zero-shot {args.long_phase_zero_shot}; {args.batches} batches per phase")
+          f"--long-phase-zero-shot {args.long_phase_zero_shot}; --group-by-length {args.group_by_length}; "
+          f"{args.batches} batches per phase")
     print("| phase | kind | batches | answer tokens / batch | real tokens / batch |")
     print("|---|---|---|---|---|")
-    counts = answer_tokens_per_kind(args.long_phase_zero_shot, args.batches)
+    counts = answer_tokens_per_kind(args.long_phase_zero_shot, args.batches, group_by_length=args.group_by_length)
     for (phase, kind), (n, answer, real) in counts.items():
         print(f"| {phase} | {kind} | {n} | {answer:.0f} | {real:.0f} |")
     weights = {k.name: round(k.weight, 3) for k in default_curriculum(0.5, args.long_phase_zero_shot)[1].kinds}
@@ -108,7 +113,8 @@ def main(argv=None) -> int:
         d, layers, heads, ffn = (int(x) for x in args.size.split(":"))
         cfg = TrainConfig(**{**PRESETS["llada"], "d_model": d, "n_layers": layers, "n_heads": heads,
                              "n_kv_heads": heads, "ffn_hidden": ffn}, steps=1000, short_phase=0.0,
-                          block_prefix_prob=0.5, long_phase_zero_shot=args.long_phase_zero_shot)
+                          block_prefix_prob=0.5, long_phase_zero_shot=args.long_phase_zero_shot,
+                          group_by_length=args.group_by_length)
         shares, step_s, build_s = step_time_breakdown(cfg, args.profile_steps)
         print(f"\nprofile: {args.size}, {torch.get_num_threads()} thread(s), torch {torch.__version__}, "
               f"{args.profile_steps} second-phase steps, block states on: {step_s:.3f} s a step (profiled), "

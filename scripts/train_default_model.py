@@ -57,6 +57,9 @@ def parse_args(argv=None):
     ap.add_argument("--long-phase-zero-shot", type=float, default=None,
                     help="share of zero-shot batches after the short phase (0.35); few-shot and long-canvas "
                          "batches share the rest 8:5")
+    ap.add_argument("--group-by-length", type=int, default=None, metavar="POOL",
+                    help="batch zero-shot pairs POOL at a time sorted by answer length, each batch's canvas "
+                         "its longest answer plus one EOS in whole blocks of 32 (0 = canvas 64 always)")
     ap.add_argument("--block-prefix-prob", type=float, default=None,
                     help="fraction of sequences noised as semi-autoregressive block states (0 = i.i.d. only)")
     ap.add_argument("--block-prefix-start", type=float, default=None,
@@ -95,9 +98,9 @@ def main(argv=None) -> int:
     out = Path(args.out)
     # every TrainConfig field given on the command line (the --flag names are the field names)
     fields = ("steps", "lr", "warmup_steps", "token_budget", "max_rows", "family_weights", "late_family_weights",
-              "late_mix_start", "short_phase", "long_phase_zero_shot", "block_prefix_prob", "block_prefix_start",
-              "schedule", "decay_fraction", "init_from", "weighting", "init_std", "checkpoint_every", "d_model",
-              "n_layers", "n_heads", "n_kv_heads", "ffn_hidden")
+              "late_mix_start", "short_phase", "long_phase_zero_shot", "group_by_length", "block_prefix_prob",
+              "block_prefix_start", "schedule", "decay_fraction", "init_from", "weighting", "init_std",
+              "checkpoint_every", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden")
     overrides = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
     if args.resume:
         if not (out / CHECKPOINT).exists():

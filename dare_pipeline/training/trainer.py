@@ -87,6 +87,9 @@ class TrainConfig:
     # share of zero-shot batches after the short phase (the rest few-shot and long canvases, 8:5)
     long_phase_zero_shot: float = attrs.field(default=LONG_PHASE_ZERO_SHOT,
                                               validator=in_range(0.0, 1.0, include_high=False))
+    # pool of zero-shot pairs grouped by answer length, each batch's canvas cut to its longest answer
+    # (whole blocks of 32); 0 = canvas 64 for every zero-shot batch (BatchKind.group_by_length)
+    group_by_length: int = attrs.field(default=0, validator=at_least(0))
     max_rows: int = 64  # cap on rows per batch (short zero-shot batches hit it before the token budget)
     # family -> share of the training problems (e.g. {"expr": 3, "add": 2, "sort": 1, "reverse": 1});
     # None = the families in turn
@@ -175,7 +178,7 @@ class Trainer:
             self._load_weights(cfg.init_from)
         self.model.to(self.device).train()
         self.optimizer = torch.optim.AdamW(_param_groups(self.model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
-        curriculum = curriculum or default_curriculum(cfg.short_phase, cfg.long_phase_zero_shot)
+        curriculum = curriculum or default_curriculum(cfg.short_phase, cfg.long_phase_zero_shot, cfg.group_by_length)
         self.sampler = BatchSampler(cfg.seed, curriculum, token_budget=cfg.token_budget, max_rows=cfg.max_rows,
                                     family_weights=cfg.family_weights, late_family_weights=cfg.late_family_weights,
                                     late_mix_start=cfg.late_mix_start)

@@ -327,11 +327,11 @@ def test_training_script_passes_the_schedule_options_to_the_config(tmp_path, tra
     assert training_main(["--out", str(out), "--steps", "10", "--max-steps", "0", "--no-progress", "--schedule", "wsd",
                           "--decay-fraction", "0.3", "--block-prefix-prob", "0.5", "--block-prefix-start", "0.75",
                           "--late-family-weights", "sort=3,add=1", "--late-mix-start", "0.4",
-                          "--long-phase-zero-shot", "0.7"]) == 0
+                          "--long-phase-zero-shot", "0.7", "--group-by-length", "256"]) == 0
     saved = json.loads((out / "train_config.json").read_text())
     assert (saved["schedule"], saved["decay_fraction"], saved["block_prefix_start"]) == ("wsd", 0.3, 0.75)
     assert (saved["late_family_weights"], saved["late_mix_start"]) == ({"sort": 3, "add": 1}, 0.4)
-    assert saved["long_phase_zero_shot"] == 0.7
+    assert (saved["long_phase_zero_shot"], saved["group_by_length"]) == (0.7, 256)
 
 
 def test_training_script_refuses_a_late_mix_start_without_a_late_mix(tmp_path, training_main, capsys):
