@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dare_pipeline.training import TrainConfig, Trainer
+from dare_pipeline.training.optimizers import OPTIMIZERS
 from dare_pipeline.training.trainer import CHECKPOINT, PRESETS, SCHEDULES
 
 
@@ -48,6 +49,10 @@ def parse_args(argv=None):
     ap.add_argument("--device", default="cpu", help="torch device to train on (cpu, cuda)")
     ap.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
+                    help="adamw (default), or muon: Muon on the hidden matrices, AdamW on the rest")
+    ap.add_argument("--muon-lr-scale", type=float, default=None,
+                    help="--optimizer muon: the hidden matrices' lr as a multiple of --lr (1.0)")
     ap.add_argument("--warmup-steps", type=int, default=None)
     ap.add_argument("--token-budget", type=int, default=None, help="padded tokens per batch")
     ap.add_argument("--init-from", default=None,
@@ -97,7 +102,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     # every TrainConfig field given on the command line (the --flag names are the field names)
-    fields = ("steps", "lr", "warmup_steps", "token_budget", "max_rows", "family_weights", "late_family_weights",
+    fields = ("steps", "lr", "optimizer", "muon_lr_scale", "warmup_steps", "token_budget", "max_rows", "family_weights", "late_family_weights",
               "late_mix_start", "short_phase", "long_phase_zero_shot", "group_by_length", "block_prefix_prob",
               "block_prefix_start", "schedule", "decay_fraction", "init_from", "weighting", "init_std",
               "checkpoint_every", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden")

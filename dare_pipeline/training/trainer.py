@@ -1,4 +1,4 @@
-"""The training loop of the embedded default models: AdamW, warmup + cosine or warmup-stable-decay, gradient
+"""The training loop of the embedded default models: AdamW (or Muon + AdamW), warmup + cosine or warmup-stable-decay, gradient
 clipping, a JSONL loss log, and periodic resumable checkpoints.
 
 Layout of an output directory:
@@ -29,6 +29,7 @@ from ..tasks import FAMILY_NAMES
 from ..tokenizer import BOS_ID, EOS_ID, MASK_ID, PAD_ID, VOCAB_SIZE
 from .batches import LONG_PHASE_ZERO_SHOT, BatchSampler, Phase, default_curriculum
 from .objective import DEFAULT_EPS, diffusion_loss
+from .optimizers import OPTIMIZERS, build_optimizer
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "train_log.jsonl"
@@ -79,6 +80,9 @@ class TrainConfig:
     # such as copying by position are still forming)
     schedule: str = attrs.field(default="cosine", validator=choice(*SCHEDULES))
     decay_fraction: float = attrs.field(default=0.2, validator=[at_least(0.0, strict=True), in_range(0.0, 1.0)])
+    # "adamw", or "muon": Muon on the hidden matrices, AdamW on embeddings, head, norms (optimizers.py)
+    optimizer: str = attrs.field(default="adamw", validator=choice(*OPTIMIZERS))
+    muon_lr_scale: float = attrs.field(default=1.0, validator=at_least(0.0, strict=True))  # Muon lr / schedule lr
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.98)
     grad_clip: float = 1.0
@@ -152,13 +156,6 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def _param_groups(model, weight_decay: float):
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (decay if p.ndim >= 2 and "embed" not in name else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 def _atomic_torch_save(obj, path: Path) -> None:
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
     torch.save(obj, tmp)
@@ -177,7 +174,8 @@ class Trainer:
         if cfg.init_from is not None:
             self._load_weights(cfg.init_from)
         self.model.to(self.device).train()
-        self.optimizer = torch.optim.AdamW(_param_groups(self.model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+        self.optimizer = build_optimizer(self.model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.betas,
+                                         cfg.muon_lr_scale)
         curriculum = curriculum or default_curriculum(cfg.short_phase, cfg.long_phase_zero_shot, cfg.group_by_length)
         self.sampler = BatchSampler(cfg.seed, curriculum, token_budget=cfg.token_budget, max_rows=cfg.max_rows,
                                     family_weights=cfg.family_weights, late_family_weights=cfg.late_family_weights,
@@ -235,7 +233,8 @@ class Trainer:
     def load(self, path: str | os.PathLike | None = None) -> None:
         state = torch.load(path or self.out / CHECKPOINT, map_location="cpu", weights_only=False)
         saved = TrainConfig(**{**state["train_config"], "betas": tuple(state["train_config"]["betas"])})
-        for field in ("family", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "embedding_size"):
+        for field in ("family", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "embedding_size",
+                      "optimizer"):
             if getattr(saved, field) != getattr(self.cfg, field):
                 raise ValueError(f"checkpoint was trained with {field}={getattr(saved, field)!r}, "
                                  f"this run has {getattr(self.cfg, field)!r}")
@@ -267,7 +266,7 @@ class Trainer:
         lr = lr_at(self.step, cfg)
         block_prob = cfg.block_prefix_prob if self.step >= cfg.block_prefix_start * cfg.steps else 0.0
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         dev = self.device
         loss, _ = diffusion_loss(self.model, batch.input_ids.to(dev), batch.attention_mask.to(dev),
                                  batch.answer_mask.to(dev),

@@ -20,6 +20,7 @@ from dare_pipeline.training import (
     sample_noise,
     weighted_masked_loss,
 )
+from dare_pipeline.training.optimizers import build_optimizer
 from dare_pipeline.training.trainer import init_weights
 
 PAIRS = [("Q: add 12+34\nA: ", "2+4=6,1+3=4\n#### 46"), ("Q: reverse abc\nA: ", "#### cba"),
@@ -106,14 +107,15 @@ def test_shifted_loss_reads_previous_row():
         weighted_masked_loss(logits, targets, torch.ones_like(masked), t, n, shift=True)
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 @pytest.mark.parametrize("family", ["llada", "dream"])
-def test_steps_reduce_loss_on_fixed_batch(family):
+def test_steps_reduce_loss_on_fixed_batch(family, optimizer):
     torch.manual_seed(0)
     cfg = TrainConfig(family=family, **{**TINY, "n_kv_heads": 2 if family == "dream" else 4})
     model = DiffusionTransformer(cfg.model_config())
     init_weights(model, 0.02, torch.Generator().manual_seed(0))
     b = make_batch(PAIRS, canvas=24)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    opt = build_optimizer(model, optimizer, 3e-3, 0.0, (0.9, 0.98))
 
     def loss_at():
         return diffusion_loss(model, b.input_ids, b.attention_mask, b.answer_mask,
@@ -143,8 +145,9 @@ def test_sampler_state_round_trip():
     assert {x.kind for x in [a.next_batch(s, 6) for s in range(3, 9)]} <= {"fewshot", "long_canvas"}
 
 
-def test_resume_reproduces_uninterrupted_run(tmp_path):
-    cfg = TrainConfig(family="llada", steps=6, seed=3, **TINY)
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_reproduces_uninterrupted_run(tmp_path, optimizer):
+    cfg = TrainConfig(family="llada", steps=6, seed=3, optimizer=optimizer, **TINY)
     straight = Trainer(cfg, tmp_path / "a", curriculum=CURRICULUM, progress=False)
     straight.run()
     first = Trainer(cfg, tmp_path / "b", curriculum=CURRICULUM, progress=False)
@@ -187,6 +190,15 @@ def test_init_from_starts_at_the_exported_weights(tmp_path):
     for k, v in first.model.state_dict().items():
         assert torch.equal(v, tuned.model.state_dict()[k]), k
     assert tuned.step == 0 and tuned.optimizer.state_dict()["state"] == {}
+
+
+def test_resume_refuses_another_optimizer(tmp_path):
+    Trainer(TrainConfig(family="llada", steps=2, seed=3, **TINY), tmp_path / "a", curriculum=CURRICULUM,
+            progress=False).run(max_steps=1)
+    muon = Trainer(TrainConfig(family="llada", steps=2, seed=3, optimizer="muon", **TINY), tmp_path / "a",
+                   curriculum=CURRICULUM, progress=False)
+    with pytest.raises(ValueError, match="optimizer='adamw', this run has 'muon'"):
+        muon.load()
 
 
 def test_init_from_rejects_another_architecture(tmp_path):
@@ -327,11 +339,13 @@ def test_training_script_passes_the_schedule_options_to_the_config(tmp_path, tra
     assert training_main(["--out", str(out), "--steps", "10", "--max-steps", "0", "--no-progress", "--schedule", "wsd",
                           "--decay-fraction", "0.3", "--block-prefix-prob", "0.5", "--block-prefix-start", "0.75",
                           "--late-family-weights", "sort=3,add=1", "--late-mix-start", "0.4",
-                          "--long-phase-zero-shot", "0.7", "--group-by-length", "256"]) == 0
+                          "--long-phase-zero-shot", "0.7", "--group-by-length", "256", "--optimizer", "muon",
+                          "--muon-lr-scale", "4"]) == 0
     saved = json.loads((out / "train_config.json").read_text())
     assert (saved["schedule"], saved["decay_fraction"], saved["block_prefix_start"]) == ("wsd", 0.3, 0.75)
     assert (saved["late_family_weights"], saved["late_mix_start"]) == ({"sort": 3, "add": 1}, 0.4)
     assert (saved["long_phase_zero_shot"], saved["group_by_length"]) == (0.7, 256)
+    assert (saved["optimizer"], saved["muon_lr_scale"]) == ("muon", 4.0)
 
 
 def test_training_script_refuses_a_late_mix_start_without_a_late_mix(tmp_path, training_main, capsys):
