@@ -7,6 +7,7 @@ from dare_pipeline.training.optimizers import (
     Float32Muon,
     MuonWithAdamW,
     build_optimizer,
+    orthogonalise,
 )
 
 SMALL = {"d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "ffn_hidden": 64, "embedding_size": 101}
@@ -48,6 +49,34 @@ def test_muon_step_is_orthogonalised():
     s = torch.linalg.svdvals((before - w.detach()) / scale)
     assert s[:4].min() > 0.5 and s[:4].max() < 1.3  # Newton-Schulz pushes the four large directions toward 1
     assert torch.linalg.svdvals(grad)[:4].max() / torch.linalg.svdvals(grad)[:4].min() > 1.5  # they were unequal
+
+
+def test_a_stack_is_orthogonalised_matrix_by_matrix():
+    # the step stacks same-shape matrices; each must come out as if iterated alone (its own norm, tall or wide)
+    torch.manual_seed(0)
+    for shape in [(3, 24, 40), (2, 40, 24)]:
+        stack = torch.randn(shape) * torch.tensor([1.0, 30.0, 0.01][: shape[0]]).view(-1, 1, 1)
+        together = orthogonalise(stack, (3.4445, -4.7750, 2.0315), 5, 1e-7)
+        for m, out in zip(stack, together):
+            assert torch.allclose(out, orthogonalise(m, (3.4445, -4.7750, 2.0315), 5, 1e-7), atol=1e-5)
+
+
+def test_muon_step_matches_one_parameter_at_a_time():
+    # two parameters of one shape stepped together move exactly as each does in an optimiser of its own
+    torch.manual_seed(0)
+    pair = [torch.nn.Parameter(0.02 * torch.randn(16, 48)) for _ in range(2)]
+    alone = [torch.nn.Parameter(p.detach().clone()) for p in pair]
+    together = Float32Muon(pair, lr=1e-2, weight_decay=0.1)
+    separate = [Float32Muon([p], lr=1e-2, weight_decay=0.1) for p in alone]
+    for _ in range(3):
+        for p, q in zip(pair, alone):
+            p.grad = torch.randn(16, 48)
+            q.grad = p.grad.clone()
+        together.step()
+        for opt in separate:
+            opt.step()
+    for p, q in zip(pair, alone):
+        assert torch.allclose(p, q, atol=1e-6)
 
 
 def test_optimizer_state_round_trips_and_refuses_adamw_state():
