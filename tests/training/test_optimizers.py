@@ -54,11 +54,12 @@ def test_muon_step_is_orthogonalised():
 def test_a_stack_is_orthogonalised_matrix_by_matrix():
     # the step stacks same-shape matrices; each must come out as if iterated alone (its own norm, tall or wide)
     torch.manual_seed(0)
+    coefficients = (3.4445, -4.7750, 2.0315)  # torch.optim.Muon's defaults
     for shape in [(3, 24, 40), (2, 40, 24)]:
         stack = torch.randn(shape) * torch.tensor([1.0, 30.0, 0.01][: shape[0]]).view(-1, 1, 1)
-        together = orthogonalise(stack, (3.4445, -4.7750, 2.0315), 5, 1e-7)
+        together = orthogonalise(stack, coefficients, 5, 1e-7)
         for m, out in zip(stack, together):
-            assert torch.allclose(out, orthogonalise(m, (3.4445, -4.7750, 2.0315), 5, 1e-7), atol=1e-5)
+            assert torch.allclose(out, orthogonalise(m, coefficients, 5, 1e-7), atol=1e-5)
 
 
 def test_muon_step_matches_one_parameter_at_a_time():
