@@ -7,6 +7,7 @@ from pathlib import Path
 import attrs
 import torch
 
+from .execution.executor import executor_for
 from .loop import denoise
 from .recipe import Recipe
 from .registry import make_manager
@@ -41,6 +42,7 @@ class Pipeline:
         self.recipe = _as_recipe(recipe)
         self.plugins = self.recipe.instantiate_plugins()
         self.manager = make_manager(self.plugins)
+        self.executor = executor_for(model, self.recipe.execution)
 
     @classmethod
     def from_recipe(cls, recipe, model_path: str | None = None) -> Pipeline:
@@ -80,7 +82,7 @@ class Pipeline:
             raise ValueError(f"prompt of {longest} tokens + gen_length {gen.gen_length} exceeds the model's "
                              f"max_sequence_length {cfg.max_sequence_length}")
         with torch.inference_mode():
-            state = denoise(self.model, ids, gen, self.manager.hook)
+            state = denoise(self.model, ids, gen, self.manager.hook, executor=self.executor)
         return self._output(state, ids, gen)
 
     def _output(self, state, ids, gen) -> GenerationOutput:

@@ -6,7 +6,8 @@ The loop in loop.py calls these in this order for one generation:
     dare_layer_reuse(state)                          -> collected once, handed to the model
     for each block:
         dare_block_start(state)
-        until the block has no masked position:
+        dare_block_min_forwards(state)               -> int           (the commit policy's bound)
+        until the block has no masked position (not asked before that bound):
             dare_step_start(state)
             dare_plan_forward(state)                 -> ForwardPlan   (one owner: row_feed)
             <model forward over plan.fed>
@@ -46,6 +47,14 @@ def dare_layer_reuse(state):
 @hookspec
 def dare_block_start(state):
     """A block begins; `state.block` is its index and `state.block_columns` its canvas slice."""
+
+
+@hookspec(firstresult=True)
+def dare_block_min_forwards(state):
+    """Return how many forwards the current block needs at least (an int), or None. The loop does
+    not ask the device whether the block is finished before that many forwards, so a fixed-schedule
+    policy costs no host synchronisation per step. It must be a true lower bound: a block that ends
+    earlier would run forwards with nothing to commit. Answered by the commit policy."""
 
 
 @hookspec

@@ -16,10 +16,13 @@ class StepBudgetExceeded(RuntimeError):
     """A block still has masked positions after the step budget (the model keeps proposing the mask)."""
 
 
-def denoise(model, prompts: list[list[int]], gen, hooks, seed: int | None = None) -> DecodeState:
+def denoise(model, prompts: list[list[int]], gen, hooks, seed: int | None = None, executor=None) -> DecodeState:
     """Decode `prompts` (token id lists) with generation config `gen` and the plugins behind `hooks`
-    (a pluggy HookRelay). Returns the final DecodeState (canvas in `state.x`, stats in `state.stats`)."""
-    state = DecodeState.create(model, gen, prompts, gen.seed if seed is None else seed)
+    (a pluggy HookRelay); `executor` (execution.Executor) runs the model's forwards, eagerly when None.
+    Returns the final DecodeState (canvas in `state.x`, stats in `state.stats`)."""
+    state = DecodeState.create(model, gen, prompts, gen.seed if seed is None else seed, executor)
+    if executor is not None:
+        executor.begin_generation()
     started = time.perf_counter()
     try:
         _denoise_all_blocks(state, hooks)
@@ -32,6 +35,9 @@ def denoise(model, prompts: list[list[int]], gen, hooks, seed: int | None = None
         torch.cuda.synchronize(model.device)
     state.stats.wall_time_s = time.perf_counter() - started
     state.stats.steps = state.step
+    state.stats.finish()
+    if executor is not None:
+        state.stats.execution = executor.report()
     for name, report in _named_reports(hooks, state):
         state.stats.plugins[name] = report
     return state
@@ -51,7 +57,9 @@ def _denoise_all_blocks(state: DecodeState, hooks) -> None:
     for block in range(state.num_blocks):
         state.block, state.step_in_block = block, 0
         hooks.dare_block_start(state=state)
-        while bool(state.block_masked().any()):
+        # the one host read of a step ("block finished?"), skipped while the policy's bound holds
+        sure = hooks.dare_block_min_forwards(state=state) or 0
+        while state.step_in_block < sure or bool(state.block_masked().any()):
             if state.step_in_block >= budget:
                 raise StepBudgetExceeded(
                     f"block {block} still has {int(state.block_masked().sum())} masked positions after "
@@ -93,7 +101,7 @@ def _forward_and_propose(state: DecodeState, reuse: ReuseSet):
     head_rows = _prediction_rows(model.config.logits_shift, cols, fed, model.device)
     logits = model.forward_rows(state.model_tokens(fed), fed, state.model_rows(state.positions), state.key_mask,
                                 state.store, reuse, head_rows=head_rows, counters=state.stats.row_counter,
-                                refresh=plan.refresh, step=state.step)
+                                refresh=plan.refresh, step=state.step, executor=state.executor)
     state.stats.nfe += 1
     state.stats.rows_fed += state.model_batch * (fed.stop - fed.start)
     if state.cfg_scale > 0:
@@ -126,8 +134,7 @@ def _commit(state: DecodeState, proposal, committed: torch.Tensor) -> None:
     state.x[:, cols] = torch.where(committed, proposal.tokens, state.x[:, cols])
     answer = slice(cols.start - state.prompt_end, cols.stop - state.prompt_end)
     state.unmask_step[:, answer] = torch.where(committed, state.step + 1, state.unmask_step[:, answer])
-    for b, n in enumerate(committed.sum(-1).tolist()):
-        state.stats.tokens_per_step[b].append(n)
+    state.stats.record_commits(committed.sum(-1))  # on the device; read once when the generation ends
 
 
 def _abort(hooks, state: DecodeState, error: BaseException) -> None:

@@ -19,6 +19,7 @@ import attrs
 import yaml
 
 from .config_loading import ConfigError, at_least, choice, convert, structure
+from .execution import ExecutionConfig
 from .registry import available_plugins
 
 
@@ -67,6 +68,7 @@ class Recipe:
     dtype: str = attrs.field(default="float32", validator=choice("float32", "bfloat16", "float16"))
     device: str = "cpu"
     generation: GenerationConfig = attrs.Factory(GenerationConfig)
+    execution: ExecutionConfig = attrs.Factory(ExecutionConfig)
     plugins: tuple[PluginSpec, ...] = ()
     source: str = attrs.field(default="<dict>", eq=False)
 

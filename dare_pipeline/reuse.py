@@ -83,6 +83,9 @@ class ReuseSet:
     def __bool__(self) -> bool:
         return bool(self.objects)
 
+    def describe(self) -> str:
+        return ", ".join(type(obj).__name__ for obj in self.objects)
+
     def layer_rows(self, call, x):
         owner = self._owner.get("layer_rows")
         return None if owner is None else owner.layer_rows(call, x)

@@ -41,9 +41,10 @@ class DecodeState:
     # padding mask for attention keys, None when nothing is padded (the fast SDPA path); fixed for
     # the generation, so worked out once in `create` (it costs a host sync)
     key_mask: torch.Tensor | None = None
+    executor: object = None  # execution.Executor: how the model's forwards run (None: eagerly)
 
     @classmethod
-    def create(cls, model, gen, prompts: list[list[int]], seed: int) -> DecodeState:
+    def create(cls, model, gen, prompts: list[list[int]], seed: int, executor=None) -> DecodeState:
         cfg = model.config
         device = model.device
         batch = len(prompts)
@@ -61,7 +62,7 @@ class DecodeState:
         stats = GenerationStats(batch=batch, n_layers=cfg.n_layers)
         state = cls(model=model, gen=gen, x=x, attention_mask=attention_mask, positions=positions, prompt_end=p_end,
                     mask_id=cfg.mask_token_id, generators=prompt_generators(seed, prompts, device), stats=stats,
-                    prompt_lengths=[len(p) for p in prompts], cfg_scale=gen.cfg_scale)
+                    prompt_lengths=[len(p) for p in prompts], cfg_scale=gen.cfg_scale, executor=executor)
         state.unmask_step = torch.zeros(batch, gen.gen_length, dtype=torch.long, device=device)
         state.key_mask = None if bool(attention_mask.all()) else state.model_rows(attention_mask)
         return state
@@ -128,7 +129,8 @@ class DecodeState:
     def require_store(self) -> ActivationStore:
         """The activation store of this generation, created on first request."""
         if self.store is None:
-            self.store = self.model.new_store(self.model_batch, self.length)
+            self.store = (self.model.new_store(self.model_batch, self.length) if self.executor is None
+                          else self.executor.new_store(self.model, self.model_batch, self.length))
         return self.store
 
 

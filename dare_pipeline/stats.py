@@ -67,10 +67,26 @@ class GenerationStats:
     rows_fed: int = 0  # rows entering the model, summed over forwards (batch rows counted)
     row_counter: RowCounter | None = None  # what the model adds to at every layer of every forward
     plugins: dict[str, dict] = attrs.Factory(dict)
+    # how the forwards ran: mode, compile_time_s (paid by this generation), compiles, eager_forwards
+    execution: dict = attrs.Factory(lambda: {"mode": "eager"})
+    # per forward, the (B,) device tensor of tokens committed; turned into tokens_per_step by finish()
+    _commits: list[torch.Tensor] = attrs.Factory(list)
 
     def __attrs_post_init__(self):
         self.row_counter = RowCounter(self.n_layers)
         self.tokens_per_step = [[] for _ in range(self.batch)]
+
+    def record_commits(self, per_prompt: torch.Tensor) -> None:
+        """Tokens committed by one forward, (B,) on the device: kept there, no host sync."""
+        self._commits.append(per_prompt)
+
+    def finish(self) -> None:
+        """Read the device-side counters once, when the generation ends."""
+        if self._commits:
+            per_forward = torch.stack(self._commits, dim=1).cpu().tolist()  # (B, forwards)
+            for b, counts in enumerate(per_forward):
+                self.tokens_per_step[b].extend(counts)
+            self._commits = []
 
     @property
     def layer_rows(self) -> torch.Tensor:
@@ -94,7 +110,8 @@ class GenerationStats:
             "nfe": self.nfe, "steps": self.steps, "wall_time_s": round(self.wall_time_s, 6),
             "generated_tokens": self.generated_tokens, "total_generated_tokens": self.total_generated,
             "tokens_per_second": round(self.tokens_per_second, 3), "tokens_per_step": self.tokens_per_step,
-            "rows_fed": self.rows_fed, "layer_rows": self.rows_by_layer(), "plugins": self.plugins,
+            "rows_fed": self.rows_fed, "layer_rows": self.rows_by_layer(), "execution": self.execution,
+            "plugins": self.plugins,
         }
 
     def summary(self) -> str:

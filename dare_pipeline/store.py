@@ -29,6 +29,21 @@ class ActivationStore:
         self._fields: dict[str, list[torch.Tensor | None]] = {}
         self._written: dict[str, list[torch.Tensor]] = {}
         self._tracked: set[str] = set()
+        # called with every tensor created later (fields on first use): the cuda_graphs executor marks
+        # them as static addresses
+        self.on_new_tensor = None
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor the store holds (keys, values, written flags, fields)."""
+        fields = [t for rows in self._fields.values() for t in rows if t is not None]
+        written = [t for rows in self._written.values() for t in rows]
+        return self._k + self._v + self._kv_written + fields + written
+
+    def clear(self) -> None:
+        """Forget every value (a new generation) while keeping the tensors, and so their addresses."""
+        for t in self.tensors():
+            t.zero_()
+        self._tracked.clear()
 
     # ---- keys and values -------------------------------------------------------------------
     def keys(self, layer: int) -> torch.Tensor:
@@ -77,8 +92,14 @@ class ActivationStore:
         rows = self._fields.setdefault(name, [None] * self.n_layers)
         if rows[layer] is None:
             rows[layer] = torch.zeros(self.batch, self.length, dim, device=self.device, dtype=dtype or self.dtype)
-            self._written.setdefault(name, [torch.zeros(self.batch, self.length, dtype=torch.bool, device=self.device)
-                                            for _ in range(self.n_layers)])
+            new = [rows[layer]]
+            if name not in self._written:
+                self._written[name] = [torch.zeros(self.batch, self.length, dtype=torch.bool, device=self.device)
+                                       for _ in range(self.n_layers)]
+                new += self._written[name]
+            if self.on_new_tensor is not None:
+                for t in new:
+                    self.on_new_tensor(t)
         return rows[layer]
 
     def written(self, name: str, layer: int) -> torch.Tensor:
@@ -104,5 +125,4 @@ class ActivationStore:
         return rows[layer][:, columns]
 
     def nbytes(self) -> int:
-        tensors = self._k + self._v + [t for rows in self._fields.values() for t in rows if t is not None]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return sum(t.numel() * t.element_size() for t in self.tensors())

@@ -151,23 +151,69 @@ class DiffusionTransformer(nn.Module):
     @torch.no_grad()
     def forward_rows(self, tokens: torch.Tensor, fed: slice, positions: torch.Tensor, key_mask: torch.Tensor | None,
                      store: ActivationStore | None, reuse: ReuseSet, head_rows: torch.Tensor | None = None,
-                     counters: torch.Tensor | None = None, refresh: bool = False, step: int = 0) -> torch.Tensor:
+                     counters: torch.Tensor | None = None, refresh: bool = False, step: int = 0,
+                     executor=None) -> torch.Tensor:
         """Logits (B, r, V) for the fed canvas columns `fed`.
 
         tokens: (B, n) token ids of the fed columns; positions, key_mask: (B, L) over the whole canvas.
         store: None only when every column is fed and no reuse object is active (plain forward).
         head_rows: fed-relative row indices whose logits are wanted (None = all fed rows).
         counters: a `stats.RowCounter`, given the rows computed per layer and sub-operation.
+        executor: the `execution.Executor` that runs the forward (eager, compiled or graph-replayed);
+        None runs it eagerly here.
         """
+        if reuse:
+            if executor is not None:
+                executor.ran_eager(f"layer reuse ({reuse.describe()}) selects rows with data-dependent shapes")
+            return self._forward_with_reuse(tokens, fed, positions, key_mask, store, reuse, head_rows, counters,
+                                            refresh, step)
+        if executor is None:
+            logits = self.forward_fed(tokens, fed, positions, key_mask, store, head_rows)
+        else:
+            logits = executor.forward_fed(self, tokens, fed, positions, key_mask, store, head_rows)
+        if counters is not None:  # every fed row runs every sub-operation: counted on the host, no sync
+            rows = tokens.shape[0] * (fed.stop - fed.start)
+            for i in range(len(self.layers)):
+                counters.add(i, (rows,) * 4)
+        return logits
+
+    def forward_fed(self, tokens: torch.Tensor, cols: torch.Tensor | slice, positions: torch.Tensor,
+                    key_mask: torch.Tensor | None, store: ActivationStore | None,
+                    head_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The step forward without reuse: every fed row runs every layer. Static shapes and no host
+        synchronisation: with `cols` an index tensor (n,) of the fed columns, its graph depends only on
+        n, so one compiled graph serves every block of a dual cache. Eager callers pass a slice (views
+        instead of gathers). Without a store every column is fed and attention reads the fresh K/V."""
+        cos, sin = self._rope(positions[:, cols])
+        x = self.embed(tokens)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, key_mask) if store is None else self._layer_fed(layer, i, x, cols, cos, sin,
+                                                                                    key_mask, store)
+        if head_rows is not None:
+            x = x[:, head_rows]
+        return self._head(x)
+
+    @staticmethod
+    def _layer_fed(layer, i, x, cols, cos, sin, key_mask, store: ActivationStore):
+        """One layer over the fed rows: their fresh K/V go into the store, attention reads all of it."""
+        h = layer.attn_norm(x)
+        q = layer.project_q(h, cos, sin)
+        k, v = layer.project_kv(h, cos, sin)
+        store.write_kv(i, cols, k, v)
+        delta = layer.attend(q, store.keys(i), store.values(i), key_mask)
+        if store.tracks(ATTN_OUT):
+            store.write(ATTN_OUT, i, cols, delta)
+        x = x + delta
+        f = layer.ffn(x)
+        if store.tracks(FFN_OUT):
+            store.write(FFN_OUT, i, cols, f)
+        return x + f
+
+    def _forward_with_reuse(self, tokens, fed, positions, key_mask, store, reuse, head_rows, counters, refresh, step):
+        """forward_rows with reuse objects: per layer they choose which rows run (see reuse.py)."""
         cos, sin = self._rope(positions[:, fed])
         x = self.embed(tokens)
-        n = x.shape[1]
         for i, layer in enumerate(self.layers):
-            if store is None:
-                x = layer(x, cos, sin, key_mask)
-                if counters is not None:
-                    counters.add(i, (x.shape[0] * n,) * 4)
-                continue
             call = LayerCall(layer=i, module=layer, store=store, fed=fed, tokens=tokens, refresh=refresh, step=step,
                              key_mask=key_mask, rope=(cos, sin))
             x = self._layer_rows(layer, call, x, cos, sin, key_mask, reuse, counters)

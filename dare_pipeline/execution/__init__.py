@@ -1,0 +1,8 @@
+"""How a step executes on a device: eager, compiled, or compiled and replayed from CUDA graphs.
+
+The model (what runs) and the reuse plugins (what is skipped) call down into this layer; it holds
+no decoding logic of its own."""
+
+from .config import MODES, ExecutionConfig
+
+__all__ = ["MODES", "ExecutionConfig"]

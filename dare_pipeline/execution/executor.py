@@ -1,0 +1,128 @@
+"""The executor: runs the model's step forward eagerly, compiled, or compiled and replayed from CUDA graphs.
+
+One executor per (model, execution config) and process (`executor_for`), so compilation is paid
+once per process and input shape, not once per generation: a second Pipeline over the same model
+reuses the compiled code. What each generation paid is in its stats (`execution.compile_time_s`).
+
+Shapes are static: the fed columns reach the compiled forward as an index tensor, never as
+Python ints, so a dual cache's block forward is one graph for every block, the full-canvas
+refresh another, and a prefix cache's suffix one per distinct suffix length (after the second
+length torch.compile makes that dimension dynamic and stops recompiling). In cuda_graphs mode
+the activation store is allocated once per (batch, canvas length) and kept, because a replayed
+graph writes into fixed addresses.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+
+import torch
+
+from .config import ExecutionConfig
+
+# compiled graphs a model may keep: full canvas, block, suffix lengths, with and without padding
+_RECOMPILE_LIMIT = 64
+
+
+class Executor:
+    def __init__(self, model, config: ExecutionConfig):
+        self.config = config
+        self.mode = config.resolved_mode(model.device.type)
+        if self.mode == "cuda_graphs" and model.device.type != "cuda":
+            raise ValueError(f"execution.mode = 'cuda_graphs' needs a CUDA device; the model is on "
+                             f"{model.device}; allowed here: eager, compiled, auto")
+        if self.mode == "cuda_graphs" and config.backend != "inductor":
+            raise ValueError(f"execution.mode = 'cuda_graphs' with backend = {config.backend!r}: CUDA graphs "
+                             f"come from inductor; use backend: inductor, or mode: compiled")
+        self._compiled = None
+        self._stores: dict[tuple[int, int], object] = {}
+        self.compile_time_s = 0.0  # of the current generation
+        self.compiles = 0
+        self.eager_forwards = 0  # forwards of the current generation that could not run compiled
+        self.eager_reason: str | None = None
+
+    # ---- per generation -----------------------------------------------------------------------
+    def begin_generation(self) -> None:
+        self.compile_time_s, self.compiles, self.eager_forwards, self.eager_reason = 0.0, 0, 0, None
+
+    def report(self) -> dict:
+        return {"mode": self.mode, "backend": None if self.mode == "eager" else self.config.backend,
+                "compile_time_s": round(self.compile_time_s, 6), "compiles": self.compiles,
+                "eager_forwards": self.eager_forwards, "eager_reason": self.eager_reason}
+
+    def ran_eager(self, reason: str) -> None:
+        """Note a forward the caller had to run eagerly (e.g. a reuse object that cannot be captured)."""
+        if self.mode != "eager":
+            self.eager_forwards += 1
+            self.eager_reason = reason
+
+    def new_store(self, model, batch: int, length: int):
+        """The activation store of a generation. Graph replays write into fixed addresses, so in
+        cuda_graphs mode one store per shape is kept, cleared, and its tensors marked static."""
+        if self.mode != "cuda_graphs":
+            return model.new_store(batch, length)
+        store = self._stores.get((batch, length))
+        if store is None:
+            store = self._stores[(batch, length)] = model.new_store(batch, length)
+            store.on_new_tensor = torch._dynamo.mark_static_address
+            for t in store.tensors():
+                torch._dynamo.mark_static_address(t)
+        else:
+            store.clear()
+        return store
+
+    # ---- the step forward ---------------------------------------------------------------------
+    def forward_fed(self, model, tokens, fed: slice, positions, key_mask, store, head_rows):
+        """`model.forward_fed` for the fed columns `fed`, in this executor's mode."""
+        if self.mode == "eager":
+            return model.forward_fed(tokens, fed, positions, key_mask, store, head_rows)
+        cols = torch.arange(fed.start, fed.stop, device=tokens.device)
+        fn = self._compiled or self._compile(model)
+        if self.mode == "cuda_graphs":
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
+        # a call that compiled (dynamo's graph counter moved) is timed after the fact: a clock read
+        # around every call would cost a device synchronisation per step
+        frames = _compiled_frames()
+        started = time.perf_counter()
+        out = fn(tokens, cols, positions, key_mask, store, head_rows)
+        if _compiled_frames() != frames:
+            self.compile_time_s += _clock(tokens.device) - started
+            self.compiles += _compiled_frames() - frames
+        return out
+
+    def _compile(self, model):
+        _raise_recompile_limit()
+        options = {"fullgraph": self.config.fullgraph, "backend": self.config.backend}
+        if self.mode == "cuda_graphs":
+            options["mode"] = "reduce-overhead"
+        self._compiled = torch.compile(model.forward_fed, **options)
+        return self._compiled
+
+
+def _compiled_frames() -> int:
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+def _clock(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _raise_recompile_limit() -> None:
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):  # renamed in torch 2.7; both exist in between
+        if hasattr(config, name) and getattr(config, name) < _RECOMPILE_LIMIT:
+            setattr(config, name, _RECOMPILE_LIMIT)
+
+
+_EXECUTORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def executor_for(model, config: ExecutionConfig) -> Executor:
+    """The process-wide executor of `model` under `config` (created on first request)."""
+    per_model = _EXECUTORS.setdefault(model, {})
+    if config not in per_model:
+        per_model[config] = Executor(model, config)
+    return per_model[config]
