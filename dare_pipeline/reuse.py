@@ -10,6 +10,14 @@ Per layer and per forward the model asks three questions, each answered by at mo
 
 Each answer is a bool mask (B, rows) or None for "all". Asking per layer through pluggy would cost
 microseconds per call on a hot path; these are plain method calls.
+
+Capture (compiled and cuda_graphs execution): a reuse object that sets `capturable = True` runs
+inside the compiled step forward. It then may not read tensor values on the host, and its per-forward
+decisions that depend on Python state (the step, a refresh) are taken in `begin_forward`, on the
+host, before the forward. Row selection cannot have a data-dependent size there, so the model
+computes a fixed number of rows per decision: `capacity(decision, layer, rows)` on the host, and
+the object's mask must never ask for more rows than that (counted over the batch: a row any batch
+element needs is computed for all). Objects that are not capturable run their forwards eagerly.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ class LayerCall:
     layer: int
     module: torch.nn.Module  # the TransformerLayer: its norms and projections are public
     store: ActivationStore
-    fed: slice  # absolute canvas columns fed to this forward
+    fed: slice | None  # absolute canvas columns fed to this forward (None under capture: see `cols`)
     tokens: torch.Tensor  # (B, n) token ids of the fed rows
     refresh: bool  # a full cache refresh: the row feeder's, or a block's first forward without one
     step: int  # decoding step (0-based, counted over the whole generation)
@@ -43,6 +51,12 @@ class LayerCall:
     run: torch.Tensor | None = None
     # attn_norm of the running rows' input (B, m, d), set with `active`
     h: torch.Tensor | None = None
+    # the fed columns as an index tensor (n,) (under capture the only form: no Python ints)
+    cols: torch.Tensor | None = None
+    # fed-relative indices of `active` (None when every fed row runs)
+    active_rows: torch.Tensor | None = None
+    # inside a compiled forward: no host reads, selections of `capacity` rows
+    capture: bool = False
 
 
 class LayerReuse:
@@ -51,6 +65,16 @@ class LayerReuse:
     decisions: frozenset[str] = frozenset()
     # store fields (store.ATTN_OUT, store.FFN_OUT) the core must keep written for this object
     fields: frozenset[str] = frozenset()
+    # may run inside a compiled forward (see the module docstring)
+    capturable: bool = False
+
+    def begin_forward(self, refresh: bool, step: int) -> None:
+        """On the host, before each forward: `refresh` as LayerCall.refresh, `step` the 0-based forward."""
+
+    def capacity(self, decision: str, layer: int, rows: int) -> int:
+        """Under capture: how many of the `rows` running rows `decision` recomputes at `layer` (all by
+        default; fewer is what saves work in a compiled forward)."""
+        return rows
 
     def layer_rows(self, call: LayerCall, x: torch.Tensor) -> torch.Tensor | None:
         return None
@@ -85,6 +109,18 @@ class ReuseSet:
 
     def describe(self) -> str:
         return ", ".join(type(obj).__name__ for obj in self.objects)
+
+    @property
+    def capturable(self) -> bool:
+        return all(obj.capturable for obj in self.objects)
+
+    def begin_forward(self, refresh: bool, step: int) -> None:
+        for obj in self.objects:
+            obj.begin_forward(refresh, step)
+
+    def capacity(self, decision: str, layer: int, rows: int) -> int:
+        owner = self._owner.get(decision)
+        return rows if owner is None else min(rows, owner.capacity(decision, layer, rows))
 
     def layer_rows(self, call, x):
         owner = self._owner.get("layer_rows")

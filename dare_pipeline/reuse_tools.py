@@ -13,6 +13,8 @@ Padding columns (left-padded prompts) are never counted.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .reuse import LayerCall
@@ -54,33 +56,59 @@ class QueryDrift:
         self.threshold = options.threshold
         self.exempt = frozenset(options.exempt_layers)
         self.refresh_every = options.refresh_every
+        # under capture: the fraction of running rows a layer may recompute (None: all of them)
+        self.row_budget = getattr(options, "row_budget", None)
         self.real = real  # (B, L) bool: not padding
         self.n_layers = n_layers
-        # per layer: eligible rows, reused rows, then one column per entry of REASONS
-        self.counts = torch.zeros(n_layers, 2 + len(REASONS), dtype=torch.long, device=real.device)
+        # per layer: eligible rows, reused rows, one column per entry of REASONS, then rows reused only
+        # because a compiled forward's row budget was full (see `_within_capacity`)
+        self.counts = torch.zeros(n_layers, 3 + len(REASONS), dtype=torch.long, device=real.device)
         self._seen_step: int | None = None
         self._full = False
         self._last_full: int | None = None
 
+    def prepare(self, store, q_dim: int, dtype: torch.dtype) -> None:
+        """Create the store fields and the counters up front (a compiled forward cannot create them)."""
+        for layer in range(self.n_layers):
+            store.field(self.ref_field, layer, q_dim, dtype)
+            store.field(self.token_field, layer, 1, torch.long)
+        self.counts = store.buffer(f"{self.prefix}.counts", tuple(self.counts.shape), torch.long)
+
+    def begin_forward(self, refresh: bool, step: int) -> None:
+        """Decide on the host whether this forward recomputes every row (see `_forced`)."""
+        self._forced_at(refresh, step)
+
+    def capacity(self, layer: int, rows: int) -> int:
+        """Rows a compiled forward recomputes at `layer` (all at a forced forward or an exempt layer)."""
+        if self._full or layer in self.exempt or self.row_budget is None:
+            return rows
+        return max(1, min(rows, math.ceil(self.row_budget * rows)))
+
     def _forced(self, call: LayerCall) -> bool:
-        """Whether this forward recomputes every row (decided once per forward, at its first layer call)."""
-        if call.step != self._seen_step:
-            self._seen_step = call.step
+        """Whether this forward recomputes every row (decided once per forward, at its first layer call;
+        under capture in `begin_forward`, since the step is not known inside a compiled forward)."""
+        if call.capture:
+            return self._full
+        return self._forced_at(call.refresh, call.step)
+
+    def _forced_at(self, refresh: bool, step: int) -> bool:
+        if step != self._seen_step:
+            self._seen_step = step
             every = self.refresh_every
-            self._full = (call.refresh or self._last_full is None
-                          or (every > 0 and call.step - self._last_full >= every))
+            self._full = refresh or self._last_full is None or (every > 0 and step - self._last_full >= every)
             if self._full:
-                self._last_full = call.step
+                self._last_full = step
         return self._full
 
     def decide(self, call: LayerCall, q: torch.Tensor, entry: torch.Tensor) -> torch.Tensor | None:
         store, layer = call.store, call.layer
         batch, heads, m, hd = q.shape
         if call.run is None:  # the running rows are exactly the fed ones: index with slices (views, no gathers)
-            cols, tokens = slice(call.fed.start, call.fed.stop), call.tokens
+            cols, tokens = (call.cols if call.capture else slice(call.fed.start, call.fed.stop)), call.tokens
             real = self.real[:, cols]
         else:
-            cols, tokens = call.active, call.tokens[:, call.active - call.fed.start]
+            rows = call.active_rows if call.active_rows is not None else call.active - call.fed.start
+            cols, tokens = call.active, call.tokens[:, rows]
             real = self.real[:, cols] & call.run
         qf = q.transpose(1, 2).reshape(batch, m, heads * hd)
         ref = store.field(self.ref_field, layer, heads * hd, qf.dtype)
@@ -91,8 +119,8 @@ class QueryDrift:
         forced = self._forced(call)
         if forced or layer in self.exempt:
             recompute = None
-            counts = [n_real, zero, n_real, zero, zero, zero, zero] if forced else \
-                [n_real, zero, zero, n_real, zero, zero, zero]
+            counts = [n_real, zero, n_real, zero, zero, zero, zero, zero] if forced else \
+                [n_real, zero, zero, n_real, zero, zero, zero, zero]
         else:
             has = entry[:, cols] & store.written(self.ref_field, layer)[:, cols]
             same = last_token[:, cols, 0] == tokens
@@ -101,9 +129,13 @@ class QueryDrift:
                 torch.linalg.vector_norm(q_ref, dim=-1).clamp_min(torch.finfo(torch.float).tiny)
             close = drift < self.threshold
             reuse = has & same & close
+            over = torch.zeros_like(reuse)
+            if call.capture and self.capacity(layer, m) < m:
+                reuse, over = _within_capacity(reuse, has & same, drift, self.capacity(layer, m))
             counts = [n_real, (reuse & real).sum(), zero, zero, (~has & real).sum(), (has & ~same & real).sum(),
-                      (has & same & ~close & real).sum()]
-            recompute = None if not bool(reuse.any()) else ~reuse
+                      (has & same & ~close & real).sum(), (over & real).sum()]
+            # eager: skip the gathers when nothing is reused (a host read; under capture always a mask)
+            recompute = ~reuse if call.capture or bool(reuse.any()) else None
 
         update = recompute if call.run is None else (call.run if recompute is None else recompute & call.run)
         store.write(self.ref_field, layer, cols, qf, update)
@@ -127,9 +159,23 @@ class QueryDrift:
         eligible = sum(c[0] for c in counts)
         reused = sum(c[1] for c in counts)
         reasons = {name: sum(c[2 + i] for c in counts) for i, name in enumerate(REASONS)}
-        return {"threshold": self.threshold, "rows_eligible": eligible, "rows_reused": reused,
-                "reuse_fraction": _fraction(reused, eligible), "per_layer": per_layer,
+        return {"threshold": self.threshold, "row_budget": self.row_budget, "rows_eligible": eligible,
+                "rows_reused": reused, "reuse_fraction": _fraction(reused, eligible),
+                "reused_over_budget": sum(c[-1] for c in counts), "per_layer": per_layer,
                 "recompute_reasons": reasons}
+
+
+def _within_capacity(reuse: torch.Tensor, valid: torch.Tensor, drift: torch.Tensor, capacity: int):
+    """Limit the rows to recompute (those not in `reuse`, (B, m)) to `capacity` columns over the batch,
+    without a data-dependent shape. Columns are ranked by their most urgent row: a row whose cache
+    entry is missing or whose token changed first, then by drift. Rows left out are reused although
+    the threshold says otherwise; returns (reuse, over) with `over` marking them."""
+    need = ~reuse
+    urgency = torch.where(valid, drift, torch.full_like(drift, torch.inf))
+    urgency = torch.where(need, urgency, torch.full_like(drift, -1.0)).amax(0)  # (m,)
+    picked = torch.zeros_like(urgency, dtype=torch.bool).scatter_(0, torch.topk(urgency, capacity).indices, True)
+    over = need & ~picked
+    return reuse | over, over
 
 
 def _fraction(part: int, whole: int) -> float:

@@ -29,6 +29,7 @@ class ActivationStore:
         self._fields: dict[str, list[torch.Tensor | None]] = {}
         self._written: dict[str, list[torch.Tensor]] = {}
         self._tracked: set[str] = set()
+        self._buffers: dict[str, torch.Tensor] = {}
         # called with every tensor created later (fields on first use): the cuda_graphs executor marks
         # them as static addresses
         self.on_new_tensor = None
@@ -37,7 +38,7 @@ class ActivationStore:
         """Every tensor the store holds (keys, values, written flags, fields)."""
         fields = [t for rows in self._fields.values() for t in rows if t is not None]
         written = [t for rows in self._written.values() for t in rows]
-        return self._k + self._v + self._kv_written + fields + written
+        return self._k + self._v + self._kv_written + fields + written + list(self._buffers.values())
 
     def clear(self) -> None:
         """Forget every value (a new generation) while keeping the tensors, and so their addresses."""
@@ -117,6 +118,16 @@ class ActivationStore:
         target[:, columns] = rows
         written = self._written[name][layer]
         written[:, columns] = True if mask is None else (written[:, columns] | mask)
+
+    def buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A named tensor of any shape (e.g. a plugin's device-side counters), zeros on first use and
+        after `clear`: kept with the store so that a replayed graph finds it at the same address."""
+        t = self._buffers.get(name)
+        if t is None or tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+            t = self._buffers[name] = torch.zeros(shape, dtype=dtype, device=self.device)
+            if self.on_new_tensor is not None:
+                self.on_new_tensor(t)
+        return t
 
     def read(self, name: str, layer: int, columns: torch.Tensor | slice) -> torch.Tensor:
         rows = self._fields.get(name)

@@ -34,7 +34,7 @@ from typing import Any, ClassVar
 import attrs
 import torch
 
-from dare_pipeline.config_loading import at_least
+from dare_pipeline.config_loading import at_least, in_range
 from dare_pipeline.hookspecs import hookimpl
 from dare_pipeline.plugin import Plugin
 from dare_pipeline.reuse import LayerReuse
@@ -58,8 +58,11 @@ class DareOOptions:
     # also recompute every row at least every this many forwards (0: only at the cache refreshes)
     refresh_every: int = attrs.field(default=0, validator=at_least(0))
     # also compute the exact values of reused rows and report their relative error (slower; the
-    # decode still uses the reused values)
+    # decode still uses the reused values; runs eagerly, it is not capturable)
     shadow: bool = False
+    # compiled execution: the fraction of a layer's running rows that may recompute (null: all, which
+    # keeps the threshold rule exact but saves nothing there); see docs/reuse.md
+    row_budget: float | None = attrs.field(default=None, validator=attrs.validators.optional(in_range(0.0, 1.0)))
 
 
 class _AttnReuse(LayerReuse):
@@ -68,6 +71,13 @@ class _AttnReuse(LayerReuse):
 
     def __init__(self, plugin: DareO):
         self.plugin = plugin
+        self.capturable = plugin.shadow is None
+
+    def begin_forward(self, refresh, step):
+        self.plugin.drift.begin_forward(refresh, step)
+
+    def capacity(self, decision, layer, rows):
+        return self.plugin.drift.capacity(layer, rows)
 
     def attn_rows(self, call, q):
         p = self.plugin
@@ -101,6 +111,8 @@ class DareO(Plugin):
         state.require_store()
         n_layers = state.model.config.n_layers
         self.drift = QueryDrift(self.name, self.options, n_layers, state.model_rows(state.attention_mask))
+        cfg = state.model.config
+        self.drift.prepare(state.store, cfg.n_heads * cfg.head_dim, state.model.dtype)
         self.shadow = ShadowLog(n_layers) if self.options.shadow else None
 
     @hookimpl

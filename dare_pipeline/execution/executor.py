@@ -35,7 +35,7 @@ class Executor:
         if self.mode == "cuda_graphs" and config.backend != "inductor":
             raise ValueError(f"execution.mode = 'cuda_graphs' with backend = {config.backend!r}: CUDA graphs "
                              f"come from inductor; use backend: inductor, or mode: compiled")
-        self._compiled = None
+        self._compiled = self._compiled_reused = None  # torch.compile wrappers of the model's forwards
         self._stores: dict[tuple[int, int], object] = {}
         self.compile_time_s = 0.0  # of the current generation
         self.compiles = 0
@@ -78,17 +78,38 @@ class Executor:
         if self.mode == "eager":
             return model.forward_fed(tokens, fed, positions, key_mask, store, head_rows)
         cols = torch.arange(fed.start, fed.stop, device=tokens.device)
-        fn = self._compiled or self._compile(model)
+        if self._compiled is None:
+            self._compile(model)
+        return self._call(self._compiled, tokens.device, tokens, cols, positions, key_mask, store, head_rows)
+
+    def captures(self, reuse) -> bool:
+        """Whether forwards with these reuse objects run compiled; notes the reason when they cannot."""
+        if self.mode == "eager":
+            return False
+        if not reuse.capturable:
+            self.ran_eager(f"layer reuse ({reuse.describe()}) is not capturable: its rows are selected with "
+                           f"data-dependent shapes")
+            return False
+        return True
+
+    def forward_reused(self, model, tokens, fed: slice, positions, key_mask, store, reuse, head_rows, refresh):
+        """`model.forward_reused` (capturable reuse objects) for the fed columns `fed`, compiled."""
+        cols = torch.arange(fed.start, fed.stop, device=tokens.device)
+        if self._compiled_reused is None:
+            self._compile(model)
+        return self._call(self._compiled_reused, tokens.device, tokens, cols, positions, key_mask, store, reuse, head_rows, refresh)
+
+    def _call(self, fn, device, *args):
         if self.mode == "cuda_graphs":
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
         # a call that compiled (dynamo's graph counter moved) is timed after the fact: a clock read
         # around every call would cost a device synchronisation per step
-        frames = _compiled_frames()
+        graphs = _compiled_graphs()
         started = time.perf_counter()
-        out = fn(tokens, cols, positions, key_mask, store, head_rows)
-        if _compiled_frames() != frames:
-            self.compile_time_s += _clock(tokens.device) - started
-            self.compiles += _compiled_frames() - frames
+        out = fn(*args)
+        if _compiled_graphs() != graphs:
+            self.compile_time_s += _clock(device) - started
+            self.compiles += _compiled_graphs() - graphs
         return out
 
     def _compile(self, model):
@@ -97,10 +118,10 @@ class Executor:
         if self.mode == "cuda_graphs":
             options["mode"] = "reduce-overhead"
         self._compiled = torch.compile(model.forward_fed, **options)
-        return self._compiled
+        self._compiled_reused = torch.compile(model.forward_reused, **options)
 
 
-def _compiled_frames() -> int:
+def _compiled_graphs() -> int:
     return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
 

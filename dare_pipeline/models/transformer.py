@@ -98,11 +98,6 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def _pick(mask: torch.Tensor) -> torch.Tensor:
-    """Indices of rows that at least one batch element needs (computed once for the whole batch)."""
-    return mask.any(0).nonzero().squeeze(1)
-
-
 class DiffusionTransformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -163,8 +158,13 @@ class DiffusionTransformer(nn.Module):
         None runs it eagerly here.
         """
         if reuse:
-            if executor is not None:
-                executor.ran_eager(f"layer reuse ({reuse.describe()}) selects rows with data-dependent shapes")
+            reuse.begin_forward(refresh, step)
+            if executor is not None and executor.captures(reuse):
+                logits = executor.forward_reused(self, tokens, fed, positions, key_mask, store, reuse, head_rows,
+                                                 refresh)
+                if counters is not None:
+                    _count_captured(counters, reuse, len(self.layers), tokens.shape[0], fed.stop - fed.start)
+                return logits
             return self._forward_with_reuse(tokens, fed, positions, key_mask, store, reuse, head_rows, counters,
                                             refresh, step)
         if executor is None:
@@ -210,66 +210,86 @@ class DiffusionTransformer(nn.Module):
         return x + f
 
     def _forward_with_reuse(self, tokens, fed, positions, key_mask, store, reuse, head_rows, counters, refresh, step):
-        """forward_rows with reuse objects: per layer they choose which rows run (see reuse.py)."""
+        """forward_rows with reuse objects, eagerly: per layer they choose which rows run (see reuse.py),
+        and the chosen rows are picked with data-dependent shapes."""
         cos, sin = self._rope(positions[:, fed])
+        cols = torch.arange(fed.start, fed.stop, device=tokens.device)
         x = self.embed(tokens)
         for i, layer in enumerate(self.layers):
             call = LayerCall(layer=i, module=layer, store=store, fed=fed, tokens=tokens, refresh=refresh, step=step,
-                             key_mask=key_mask, rope=(cos, sin))
+                             key_mask=key_mask, rope=(cos, sin), cols=cols)
             x = self._layer_rows(layer, call, x, cos, sin, key_mask, reuse, counters)
+        if head_rows is not None:
+            x = x[:, head_rows]
+        return self._head(x)
+
+    def forward_reused(self, tokens: torch.Tensor, cols: torch.Tensor, positions: torch.Tensor,
+                       key_mask: torch.Tensor | None, store: ActivationStore, reuse: ReuseSet,
+                       head_rows: torch.Tensor | None = None, refresh: bool = False) -> torch.Tensor:
+        """The step forward with capturable reuse objects, for the compiled executor: the fed columns
+        are an index tensor, every selection has the size `reuse.capacity` gives, nothing is read on
+        the host (the rows are counted by the caller, from the same capacities)."""
+        cos, sin = self._rope(positions[:, cols])
+        x = self.embed(tokens)
+        for i, layer in enumerate(self.layers):
+            call = LayerCall(layer=i, module=layer, store=store, fed=None, tokens=tokens, refresh=refresh, step=-1,
+                             key_mask=key_mask, rope=(cos, sin), cols=cols, capture=True)
+            x = self._layer_rows(layer, call, x, cos, sin, key_mask, reuse, None)
         if head_rows is not None:
             x = x[:, head_rows]
         return self._head(x)
 
     def _layer_rows(self, layer, call, x, cos, sin, key_mask, reuse: ReuseSet, counters):
         """One layer over the fed rows with the store as key/value source; see module docstring."""
-        i, store, fed = call.layer, call.store, call.fed
-        batch = x.shape[0]
-        # absolute columns of the fed rows, for reuse objects (none active: not built, one op less a layer)
-        fed_cols = torch.arange(fed.start, fed.stop, device=x.device) if reuse else None
+        i, store = call.layer, call.store
+        batch, n = x.shape[0], x.shape[1]
+        # where the fed rows live in the store: a slice (cheap views) eagerly, the index tensor under capture
+        fed_where = call.cols if call.capture else call.fed
 
         # 1. which rows run this layer (the rest add cached deltas at the end)
         run = reuse.layer_rows(call, x)
         if run is None:
-            idx, xa, cols, run_sub, cos_a, sin_a = None, x, fed_cols, None, cos, sin
+            idx, xa, cols, run_sub, cos_a, sin_a = None, x, call.cols, None, cos, sin
         else:
-            idx = _pick(run)
-            xa, cols, run_sub = x[:, idx], fed_cols[idx], run[:, idx]
+            idx = _select(run, call, reuse, "layer_rows", n)
+            xa, cols, run_sub = x[:, idx], call.cols[idx], run[:, idx]
             cos_a, sin_a = cos[:, :, idx], sin[:, :, idx]
         # store location of the running rows: a slice (a cheap view) unless rows were picked
-        where = fed if idx is None else cols
+        where = fed_where if idx is None else cols
         active = xa.shape[1]
         h = layer.attn_norm(xa)
-        call.active, call.run, call.h = cols, run_sub, h
+        call.active, call.active_rows, call.run, call.h = cols, idx, run_sub, h
         q = layer.project_q(h, cos_a, sin_a)
 
         # 2. keys and values: recompute the chosen rows, write them into the store, attend over it
         kv = reuse.kv_rows(call, q)
         if kv is None:
+            _check_full(call, reuse, "kv_rows", active)
             k, v = layer.project_kv(h, cos_a, sin_a)
             store.write_kv(i, where, k, v, run_sub)
-            kv_count = _count(run_sub, batch, active)
+            kv_count = active
         else:
             if run_sub is not None:
                 kv = kv & run_sub
-            sel = _pick(kv)
+            sel = _select(kv, call, reuse, "kv_rows", active)
             k, v = layer.project_kv(h[:, sel], cos_a[:, :, sel], sin_a[:, :, sel])
             store.write_kv(i, cols[sel], k, v, kv[:, sel])
-            kv_count = kv.sum()
+            kv_count = sel.shape[0]
 
         # 3. attention rows: recompute the chosen rows, take the cached delta for the rest
         attn = reuse.attn_rows(call, q)
         if attn is None:
+            _check_full(call, reuse, "attn_rows", active)
             delta = layer.attend(q, store.keys(i), store.values(i), key_mask)
-            attn_count = _count(run_sub, batch, active)
+            attn_count = active
         else:
             if run_sub is not None:
                 attn = attn & run_sub
-            sel = _pick(attn)
+            sel = _select(attn, call, reuse, "attn_rows", active)
             delta = store.read(ATTN_OUT, i, where).clone()
             fresh = layer.attend(q[:, :, sel], store.keys(i), store.values(i), key_mask)
             delta[:, sel] = torch.where(attn[:, sel, None], fresh, delta[:, sel])
-            attn_count = attn.sum()
+            attn_count = sel.shape[0]
         if store.tracks(ATTN_OUT):
             store.write(ATTN_OUT, i, where, delta, run_sub)
         xa = xa + delta
@@ -279,15 +299,38 @@ class DiffusionTransformer(nn.Module):
         if store.tracks(FFN_OUT):
             store.write(FFN_OUT, i, where, f, run_sub)
         xa = xa + f
-        if counters is not None:
-            q_count = _count(run_sub, batch, active)
-            counters.add(i, (q_count, kv_count, attn_count, q_count))
+        if counters is not None:  # what ran: a row any batch element needs is computed for all of them
+            counters.add(i, (batch * active, batch * kv_count, batch * attn_count, batch * active))
         if idx is None:
             return xa
-        out = x + store.read(ATTN_OUT, i, fed) + store.read(FFN_OUT, i, fed)
+        out = x + store.read(ATTN_OUT, i, fed_where) + store.read(FFN_OUT, i, fed_where)
         out[:, idx] = torch.where(run_sub[..., None], xa, out[:, idx])
         return out
 
 
-def _count(mask: torch.Tensor | None, batch: int, rows: int):
-    return batch * rows if mask is None else mask.sum()
+def _select(mask: torch.Tensor, call: LayerCall, reuse: ReuseSet, decision: str, rows: int) -> torch.Tensor:
+    """Indices of the rows that at least one batch element needs (computed once for the whole batch):
+    eagerly exactly those (a data-dependent size), under capture `reuse.capacity` of them, needed
+    rows first and the rest by column (the object never asks for more than the capacity)."""
+    if not call.capture:
+        return mask.any(0).nonzero().squeeze(1)
+    capacity = reuse.capacity(decision, call.layer, rows)
+    order = torch.arange(rows, 0, -1, device=mask.device)  # earlier columns first among equals
+    key = mask.any(0).long() * (rows + 1) + order
+    return torch.topk(key, capacity).indices.sort().values
+
+
+def _check_full(call: LayerCall, reuse: ReuseSet, decision: str, rows: int) -> None:
+    # under capture the caller counts `capacity` rows: an object that answers "all" must say so there too
+    if call.capture and reuse.capacity(decision, call.layer, rows) != rows:
+        raise RuntimeError(f"{decision} at layer {call.layer}: the reuse object answered 'every row' but its "
+                           f"capacity is {reuse.capacity(decision, call.layer, rows)} of {rows}")
+
+
+def _count_captured(counters, reuse: ReuseSet, n_layers: int, batch: int, rows: int) -> None:
+    """Rows a captured forward computed, from the capacities it was built with (no device read)."""
+    for i in range(n_layers):
+        active = reuse.capacity("layer_rows", i, rows)
+        counters.add(i, (batch * active, batch * reuse.capacity("kv_rows", i, active),
+                         batch * reuse.capacity("attn_rows", i, active), batch * active))
+

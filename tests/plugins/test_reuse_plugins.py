@@ -116,7 +116,8 @@ def test_exempt_layers_beyond_the_model_are_refused():
 
 
 # ---- stats -----------------------------------------------------------------------------------------
-DARE_KEYS = {"threshold", "rows_eligible", "rows_reused", "reuse_fraction", "per_layer", "recompute_reasons"}
+DARE_KEYS = {"threshold", "row_budget", "rows_eligible", "rows_reused", "reuse_fraction", "reused_over_budget", "per_layer",
+             "recompute_reasons"}
 DLLM_KEYS = {"refresh_counts", "rows_eligible", "rows_reused", "reuse_fraction", "per_layer", "min_verify_margin",
              "verify_margins"}
 
