@@ -7,6 +7,7 @@ from pathlib import Path
 import attrs
 import torch
 
+from .config_loading import ConfigError
 from .execution.executor import executor_for
 from .loop import denoise
 from .recipe import Recipe
@@ -42,7 +43,10 @@ class Pipeline:
         self.recipe = _as_recipe(recipe)
         self.plugins = self.recipe.instantiate_plugins()
         self.manager = make_manager(self.plugins)
-        self.executor = executor_for(model, self.recipe.execution)
+        try:
+            self.executor = executor_for(model, self.recipe.execution)
+        except ValueError as error:  # a mode the device cannot run: name the recipe it came from
+            raise ConfigError(f"{self.recipe.source}: {error}") from None
 
     @classmethod
     def from_recipe(cls, recipe, model_path: str | None = None) -> Pipeline:

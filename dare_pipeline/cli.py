@@ -7,6 +7,7 @@ import json
 import sys
 
 from .config_loading import ConfigError
+from .execution.config import MODES
 from .models.loader import CheckpointError
 
 
@@ -14,6 +15,12 @@ def _recipe(args):
     from .recipe import Recipe
 
     return Recipe.from_yaml(args.recipe, overrides=args.set)
+
+
+def _execution_override(args) -> None:
+    """--execution MODE is shorthand for --set execution.mode=MODE."""
+    if getattr(args, "execution", None):
+        args.set.append(f"execution.mode={args.execution}")
 
 
 def _set_threads(threads: int | None) -> None:
@@ -28,6 +35,7 @@ def cmd_generate(args) -> int:
     from .progress import ProgressBar
 
     _set_threads(args.threads)
+    _execution_override(args)
     recipe = _recipe(args)
     pipe = Pipeline.from_recipe(recipe, model_path=args.model)
     prompts = [[int(t) for t in ids.split(",") if t.strip()] for ids in args.prompt_ids or []]
@@ -92,6 +100,7 @@ def cmd_eval(args) -> int:
 
     set_offline()
     _set_threads(args.threads)
+    _execution_override(args)
     tasks = [t.strip() for spec in args.tasks for t in spec.split(",") if t.strip()]
     limit = args.limit
     if limit is not None and float(limit).is_integer() and float(limit) >= 1:
@@ -135,6 +144,7 @@ def cmd_ablate(args) -> int:
     if limit is not None and float(limit).is_integer() and float(limit) >= 1:
         limit = int(limit)
     output = Path(args.output or Path("runs") / "ablation" / f"{abl.name}.jsonl")
+    _execution_override(args)
     extra_set = list(args.set)
     base_output = output
     world = distributed.launched_world_size()
@@ -226,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt-ids", action="append", metavar="1,2,3", help="a prompt as comma-separated token ids")
     gen.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a recipe key")
     gen.add_argument("--chat", action="store_true", help="wrap prompts in the tokenizer's chat template")
+    gen.add_argument("--execution", choices=MODES, help="how forwards run: eager, compiled (torch.compile), "
+                     "cuda_graphs (compiled + CUDA graphs), auto (the recipe's default: cuda_graphs on CUDA, "
+                     "eager on CPU); shorthand for --set execution.mode=MODE")
     gen.add_argument("--json", action="store_true", help="print one JSON object: sequences, text, stats")
     gen.add_argument("--no-progress", action="store_true", help="no progress bar")
     gen.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
@@ -250,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", help="checkpoint directory (overrides the recipe's model)")
     ev.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a recipe key")
     ev.add_argument("--batch-size", type=int, default=1, help="prompts decoded together (default 1)")
+    ev.add_argument("--execution", choices=MODES, help="shorthand for --set execution.mode=MODE (see generate)")
     ev.add_argument("--output", help="write the results JSON here (atomically)")
     ev.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template (lm-eval's)")
     ev.add_argument("--log-samples", action="store_true", help="keep every response in the results JSON")
@@ -274,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
                     help="override a key of the base recipe (repeatable)")
     ab.add_argument("--batch-size", type=int, help="prompts decoded together (overrides the file's batch_size)")
+    ab.add_argument("--execution", choices=MODES, help="shorthand for --set execution.mode=MODE (see generate)")
     ab.add_argument("--retry-failed", action="store_true", help="run again the runs recorded as failed")
     ab.add_argument("--report-dir", help="where the report goes (default: the output path without .jsonl)")
     ab.add_argument("--no-report", action="store_true", help="do not write the report at the end")

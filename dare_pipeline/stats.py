@@ -117,5 +117,8 @@ class GenerationStats:
     def summary(self) -> str:
         tps = [sum(t) / len(t) for t in self.tokens_per_step if t]
         avg = sum(tps) / len(tps) if tps else 0.0
-        return (f"nfe={self.nfe} generated={self.total_generated} tokens/step={avg:.2f} "
+        line = (f"nfe={self.nfe} generated={self.total_generated} tokens/step={avg:.2f} "
                 f"time={self.wall_time_s:.3f}s tokens/s={self.tokens_per_second:.1f}")
+        if self.execution.get("mode", "eager") != "eager":
+            line += f" execution={self.execution['mode']} compile={self.execution.get('compile_time_s', 0.0):.1f}s"
+        return line
