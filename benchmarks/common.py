@@ -31,6 +31,21 @@ LLADA_8B_CONFIG = {
 }
 SHAPES = {"bench": BENCH_CONFIG, "llada-8b": LLADA_8B_CONFIG}
 
+# Dream-v0-Instruct-7B's published shape (Qwen2 layout, GQA 28/4 heads; family "dream" adds the QKV
+# bias and the one-position logit shift in bench_model), for GPU runs
+DREAM_7B_CONFIG = {
+    "d_model": 3584, "n_layers": 28, "n_heads": 28, "n_kv_heads": 4, "ffn_hidden": 18944, "vocab_size": 152064,
+    "embedding_size": 152064, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "max_sequence_length": 4096,
+    "mask_token_id": 151666, "eos_token_id": 151643, "pad_token_id": 151643,
+}
+# a ~0.2M-parameter model for CPU smoke runs of the GPU scripts (every code path, no meaningful speed)
+TINY_CONFIG = {
+    "d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 4, "ffn_hidden": 128, "vocab_size": 512,
+    "embedding_size": 512, "rope_theta": 10000.0, "max_sequence_length": 4096, "mask_token_id": 511,
+    "eos_token_id": 510, "pad_token_id": 510,
+}
+SHAPES.update({"dream-7b": DREAM_7B_CONFIG, "tiny": TINY_CONFIG})
+
 
 def bench_model(family: str = "llada", dtype=torch.float32, device="cpu", seed: int = 0,
                 shape: str = "bench") -> DiffusionTransformer:

@@ -51,10 +51,11 @@ def dare_block_start(state):
 
 @hookspec(firstresult=True)
 def dare_block_min_forwards(state):
-    """Return how many forwards the current block needs at least (an int), or None. The loop does
-    not ask the device whether the block is finished before that many forwards, so a fixed-schedule
-    policy costs no host synchronisation per step. It must be a true lower bound: a block that ends
-    earlier would run forwards with nothing to commit. Answered by the commit policy."""
+    """Return how many forwards every prompt of the batch needs at least in the current block (an
+    int), or None. Before that many forwards the loop does not ask the device which prompts are done
+    (it takes all as unfinished), so a fixed-schedule policy costs no host synchronisation per step.
+    It must be a true lower bound for each prompt: a prompt done earlier would be taken as still
+    decoding. Answered by the commit policy."""
 
 
 @hookspec

@@ -57,9 +57,8 @@ def _denoise_all_blocks(state: DecodeState, hooks) -> None:
     for block in range(state.num_blocks):
         state.block, state.step_in_block = block, 0
         hooks.dare_block_start(state=state)
-        # the one host read of a step ("block finished?"), skipped while the policy's bound holds
         sure = hooks.dare_block_min_forwards(state=state) or 0
-        while state.step_in_block < sure or bool(state.block_masked().any()):
+        while _unfinished(state, sure):
             if state.step_in_block >= budget:
                 raise StepBudgetExceeded(
                     f"block {block} still has {int(state.block_masked().sum())} masked positions after "
@@ -77,6 +76,16 @@ def _denoise_all_blocks(state: DecodeState, hooks) -> None:
             state.step_in_block += 1
             hooks.dare_step_end(state=state, committed=committed)
         hooks.dare_block_end(state=state)
+
+
+def _unfinished(state: DecodeState, sure: int) -> bool:
+    """Whether the block goes on, and which prompts still decode (`state.unfinished`, on the host for
+    plugins). The step's one host read, skipped while the policy's bound says no prompt can be done."""
+    if state.step_in_block < sure:
+        state.unfinished = [True] * state.batch
+    else:
+        state.unfinished = state.block_masked().any(-1).tolist()
+    return any(state.unfinished)
 
 
 def _default_plan(state: DecodeState) -> ForwardPlan:

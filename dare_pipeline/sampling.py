@@ -46,7 +46,14 @@ def gumbel_argmax(logits: torch.Tensor, temperature: float, generators: list[tor
 def propose(logits: torch.Tensor, canvas: torch.Tensor, candidates: torch.Tensor, columns: slice, *,
             family: str, temperature: float, remasking: str, confidence: str,
             generators: list[torch.Generator]) -> Proposal:
-    """Proposal for `columns` from their logits (B, c, V); `canvas` (B, c) holds the current tokens."""
+    """Proposal for `columns` from their logits (B, c, V); `canvas` (B, c) holds the current tokens.
+
+    Greedy decoding (temperature 0, confidence remasking) runs on the device without a host
+    synchronisation. Sampling (temperature > 0 or random remasking) has exactly one: which rows
+    still have a candidate is read on the host, because a row without one must draw no random
+    numbers (its generator's stream then stays that of the prompt decoded alone), and whether a
+    generator advances is decided on the host."""
+    # the one sync of sampling (see the docstring)
     active = candidates.any(-1).tolist() if temperature > 0 or remasking == "random" else None
     tokens = gumbel_argmax(logits, temperature, generators, active)
     probs = torch.softmax(logits.to(CONFIDENCE_DTYPE.get(family, torch.float32)), dim=-1)
@@ -67,12 +74,17 @@ def propose(logits: torch.Tensor, canvas: torch.Tensor, candidates: torch.Tensor
     return Proposal(columns=columns, tokens=tokens, confidence=score, candidates=candidates, probability=prob)
 
 
+def descending_rank(score: torch.Tensor) -> torch.Tensor:
+    """Long (B, c): each column's 0-based rank in its row by `score`, highest first, ties by column
+    (a stable sort): fixed-shape device ops only, so ranking never waits on the host."""
+    order = score.argsort(dim=-1, descending=True, stable=True)
+    positions = torch.arange(score.shape[-1], device=score.device).expand_as(order)
+    return torch.empty_like(order).scatter_(-1, order, positions)
+
+
 def top_k_mask(confidence: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Bool (B, c): the counts[b] highest-confidence columns of each row (never a -inf column)."""
-    mask = torch.zeros_like(confidence, dtype=torch.bool)
-    for b in range(confidence.shape[0]):
-        k = int(counts[b])
-        if k > 0:
-            idx = torch.topk(confidence[b], k).indices
-            mask[b, idx] = True
-    return mask & torch.isfinite(confidence)
+    """Bool (B, c): the counts[b] highest-confidence columns of each row (never a -inf column).
+
+    Ranked on the device (`descending_rank`) and compared with the (B,) counts, with no per-row
+    read of a count on the host; equal confidences go to the leftmost column."""
+    return (descending_rank(confidence) < counts[:, None]) & torch.isfinite(confidence)

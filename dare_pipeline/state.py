@@ -42,6 +42,9 @@ class DecodeState:
     # the generation, so worked out once in `create` (it costs a host sync)
     key_mask: torch.Tensor | None = None
     executor: object = None  # execution.Executor: how the model's forwards run (None: eagerly)
+    # per prompt: its current block still has masked columns (set by the loop before each step, on
+    # the host; a prompt that is done only waits for the rest of its batch)
+    unfinished: list[bool] = attrs.Factory(list)
 
     @classmethod
     def create(cls, model, gen, prompts: list[list[int]], seed: int, executor=None) -> DecodeState:

@@ -69,15 +69,18 @@ class ActivationStore:
         written[:, columns] = True if mask is None else (written[:, columns] | mask)
 
     def write_v(self, layer: int, columns: torch.Tensor | slice, v: torch.Tensor,
-                mask: torch.Tensor | None = None) -> None:
+                mask: torch.Tensor | None = None, check: bool = True) -> None:
         """Replace value rows (B, heads, n, hd) at absolute `columns`, keys untouched (dLLM-Cache's
-        V-verify refreshes every value it computed); only rows that already hold K/V may be replaced."""
-        missing = ~self._kv_written[layer][:, columns]
+        V-verify refreshes every value it computed); only rows that already hold K/V may be replaced
+        (`check`: verified on the host, which a compiled forward cannot do)."""
         if mask is not None:
-            missing &= mask
             v = torch.where(mask[:, None, :, None], v, self._v[layer][:, :, columns])
-        if bool(missing.any()):
-            raise ValueError(f"write_v at layer {layer}: some rows hold no keys/values yet (use write_kv)")
+        if check:
+            missing = ~self._kv_written[layer][:, columns]
+            if mask is not None:
+                missing &= mask
+            if bool(missing.any()):
+                raise ValueError(f"write_v at layer {layer}: some rows hold no keys/values yet (use write_kv)")
         self._v[layer][:, :, columns] = v
 
     # ---- row fields (attention output, FFN output, plugin fields) ---------------------------

@@ -54,6 +54,7 @@ from dare_pipeline.store import ATTN_OUT, FFN_OUT
 
 KINDS = ("full", "response", "prompt", "none")
 FULL, RESPONSE, PROMPT, NONE = range(4)
+WAITING = len(KINDS)  # a prompt whose block is done, waiting for the rest of its batch
 
 ROW_FEEDER = ("dLLM-Cache schedules its own prompt and response refreshes over the whole canvas (V-verify picks "
               "floor(ratio * G) of all G response rows); prefix_cache / dual_cache feed only part of the canvas "
@@ -72,29 +73,58 @@ class DllmCacheOptions:
 
 
 class _LayerCache(LayerReuse):
+    """The per-layer decision. What each prompt refreshes at each layer is decided on the host in
+    `begin_forward` (it depends on Python counters only); the rows are then selected on the device
+    from those kinds, so the same code runs eagerly and inside a compiled forward."""
+
     decisions = frozenset({"layer_rows"})
     fields = frozenset({ATTN_OUT, FFN_OUT})
 
     def __init__(self, plugin: DllmCache, state):
         self.p = plugin
+        self.capturable = plugin.shadow is None
         self.prompt_end, self.length = state.prompt_end, state.length
         self.real = state.model_rows(state.attention_mask)
         self.n_verify = int((self.length - self.prompt_end) * plugin.options.ratio)  # floor(rho * G)
+        self.columns = torch.arange(self.length, device=self.real.device)
+        self.n_layers = state.model.config.n_layers
+
+    def begin_forward(self, refresh, step):
+        """Advance each taking-part prompt's counters and fix, per layer, what it refreshes."""
+        p = self.p
+        kinds = [[self._kind(b, layer) if on else WAITING for layer in range(self.n_layers)]
+                 for b, on in enumerate(p.active)]
+        self.kinds = kinds
+        # layers where every prompt runs every row (a waiting prompt's layer 0 is recomputed too: its
+        # layer-0 caches are never read)
+        self.all_rows = [all(k[layer] == FULL or (k[layer] == WAITING and layer == 0) for k in kinds)
+                         for layer in range(self.n_layers)]
+        self.kind_codes = torch.tensor(kinds, dtype=torch.long).to(self.real.device, non_blocking=True)
+        self.active = torch.tensor(p.active).to(self.real.device, non_blocking=True)
+
+    def capacity(self, decision, layer, rows):
+        """Rows the batch runs at `layer`: all, or the prompt rows if any prompt refreshes them plus the
+        response rows if any refreshes them, else V-verify's picks of every verifying prompt."""
+        if self.all_rows[layer]:
+            return rows
+        kinds = [k[layer] for k in self.kinds]
+        prompt = self.prompt_end if any(k in (FULL, PROMPT) for k in kinds) else 0
+        response = rows - self.prompt_end
+        if not any(k in (FULL, RESPONSE) for k in kinds):
+            response = min(response, self.n_verify * sum(k in (PROMPT, NONE) for k in kinds))
+        return min(rows, prompt + response)
 
     def layer_rows(self, call, x):
         p, layer = self.p, call.layer
-        if call.fed.start != 0 or call.fed.stop != self.length:
+        if x.shape[1] != self.length:
             raise RuntimeError(f"dllm_cache needs every canvas column fed; this forward feeds {call.fed} "
                                f"(a row feeder is active)")
-        kinds = [self._kind(b, layer) if on else None for b, on in enumerate(p.active)]
-        if all(k == FULL or (k is None and layer == 0) for k in kinds):
-            run = None  # (a waiting prompt's layer 0 is recomputed too: its layer-0 caches are never read)
-        else:
-            run = self._rows(call, x, kinds)
-        real = self.real & self.real.new_tensor(p.active)[:, None]  # waiting prompts are not counted
+        code = self.kind_codes[:, layer]
+        run = None if self.all_rows[layer] else self._rows(call, x, code)
+        real = self.real & self.active[:, None]  # waiting prompts are not counted
         ran = real if run is None else run & real
-        verified = self.real.new_tensor([k in (PROMPT, NONE) and self.n_verify > 0 for k in kinds])
-        verify_rows = (real[:, self.prompt_end:].sum(-1) * verified).sum()
+        verified = (code == PROMPT) | (code == NONE)
+        verify_rows = (real[:, self.prompt_end:].sum(-1) * verified).sum() if self.n_verify > 0 else real.sum() * 0
         p.counts[layer] += torch.stack([real.sum(), (real & ~ran).sum(), verify_rows])
         if p.shadow is not None and run is not None:
             _shadow_layer(p, call, x, real & ~run)
@@ -111,45 +141,39 @@ class _LayerCache(LayerReuse):
         p.kinds[layer][kind] += 1
         return kind
 
-    def _rows(self, call, x, kinds) -> torch.Tensor:
+    def _rows(self, call, x, code) -> torch.Tensor:
         """(B, n) rows that run the layer, per prompt: all (full refresh), the response (response refresh),
-        the real prompt rows (prompt refresh), plus V-verify's picks where the response is not refreshed;
-        none for a prompt that only waits for the rest of its batch."""
-        P = self.prompt_end
-        run = torch.zeros_like(self.real)
-        verify = []
-        for b, kind in enumerate(kinds):
-            if kind == FULL:
-                run[b] = True
-            elif kind == RESPONSE:
-                run[b, P:] = True
-            elif kind == PROMPT:
-                run[b, :P] = self.real[b, :P]  # padding is never selected
-            if kind in (PROMPT, NONE) and self.n_verify > 0:
-                verify.append(b)
-        if verify:
-            picked, mask = self._verify(call, x, verify)
-            run[:, P:] |= picked & mask
+        the real prompt rows (prompt refresh; padding is never selected), plus V-verify's picks where
+        the response is not refreshed; none for a prompt that only waits for the rest of its batch."""
+        response_col = (self.columns >= self.prompt_end)[None]
+        code = code[:, None]
+        run = (code == FULL) | ((code == RESPONSE) & response_col) | ((code == PROMPT) & ~response_col & self.real)
+        verify = ((code == PROMPT) | (code == NONE))[:, 0]
+        if self.n_verify > 0 and any(k[call.layer] in (PROMPT, NONE) for k in self.kinds):
+            picked = self._verify(call, x, verify)
+            run = run | F.pad(picked, (self.prompt_end, 0))
         return run
 
-    def _verify(self, call, x, prompts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """V-verify for the batch rows `prompts`: fresh values of every response row, the n least similar
-        to the cached ones recompute the layer, and every response row's cached value becomes the fresh
-        one. Returns the (B, G) picks and the (B, G) mask of the verified prompts."""
+    def _verify(self, call, x, verify: torch.Tensor) -> torch.Tensor:
+        """V-verify for the batch rows `verify` ((B,) bool): fresh values of every response row, the n
+        least similar to the cached ones recompute the layer, and every verified prompt's cached
+        response values become the fresh ones. Returns the (B, G) picks (none for other prompts)."""
         P, store, layer, n = self.prompt_end, call.store, call.layer, self.n_verify
         v = call.module.project_v(call.module.attn_norm(x[:, P:]))  # (B, kv_heads, G, hd)
         cached = store.values(layer)[:, :, P:]
         b, _, g, _ = v.shape
         sim = F.cosine_similarity(v.transpose(1, 2).reshape(b, g, -1), cached.transpose(1, 2).reshape(b, g, -1), dim=-1)
         idx = torch.topk(sim, n, largest=False).indices
-        rows = torch.tensor(prompts, device=x.device)
         if n < g:  # how far the selection is from a tie: last selected vs first unselected similarity
-            ranked = torch.topk(sim[rows], n + 1, largest=False).values
-            self.p.margins.append((call.step, (ranked[:, n] - ranked[:, n - 1]).min()))
-        mask = torch.zeros(b, g, dtype=torch.bool, device=x.device)
-        mask[rows] = True
-        store.write_v(layer, slice(P, self.length), v, mask)
-        return torch.zeros(b, g, dtype=torch.bool, device=x.device).scatter_(1, idx, True), mask
+            ranked = torch.topk(sim, n + 1, largest=False).values
+            margin = torch.where(verify, ranked[:, n] - ranked[:, n - 1], torch.inf).amin()
+            margins = self.p.margin_buffer
+            margins[layer] = torch.minimum(margins[layer], margin)
+        mask = verify[:, None].expand(b, g)
+        store.write_v(layer, self.columns[P:] if call.capture else slice(P, self.length), v, mask,
+                      check=not call.capture)
+        picked = torch.zeros(b, g, dtype=torch.bool, device=x.device).scatter_(1, idx, True)
+        return picked & mask
 
 
 def _shadow_layer(plugin: DllmCache, call, x: torch.Tensor, reused: torch.Tensor) -> None:
@@ -188,15 +212,23 @@ class DllmCache(Plugin):
         self.active = [True] * state.model_batch
         self.kinds = [[0] * len(KINDS) for _ in range(n_layers)]  # per layer: (prompt, forward)s of each kind
         # per layer: eligible real rows, real rows that reused their deltas, rows V-verify computed V for
-        self.counts = torch.zeros(n_layers, 3, dtype=torch.long, device=store.device)
+        self.counts = store.buffer("dllm_cache.counts", (n_layers, 3), torch.long)
         self.margins: list[tuple[int, torch.Tensor]] = []  # (forward, V-verify selection margin)
+        # per layer, the current forward's margin (inf: no verification), written inside the forward
+        self.margin_buffer = store.buffer("dllm_cache.margins", (n_layers,), torch.float)
         self.shadow = ShadowLog(n_layers) if self.options.shadow else None
 
     @hookimpl
     def dare_step_start(self, state):
         # a prompt whose block is complete only waits for the rest of its batch: the forward does not
-        # count for it and changes none of its caches, so it decodes as it would alone
-        self.active = state.model_rows(state.block_masked().any(-1)).tolist()
+        # count for it and changes none of its caches, so it decodes as it would alone (the loop has
+        # read which prompts go on: no host read here)
+        self.active = state.unfinished * (2 if state.cfg_scale > 0 else 1)
+        self.margin_buffer.fill_(torch.inf)
+
+    @hookimpl
+    def dare_step_end(self, state, committed):
+        self.margins.append((state.step - 1, self.margin_buffer.amin()))  # on the device, read at the report
 
     @hookimpl
     def dare_layer_reuse(self, state):
@@ -230,7 +262,11 @@ class DllmCache(Plugin):
         values = torch.stack([m for _, m in self.margins]).cpu().tolist()
         per_forward: dict[int, float] = {}
         for (step, _), value in zip(self.margins, values):
-            per_forward[step + 1] = min(value, per_forward.get(step + 1, value))
+            if value != float("inf"):  # a forward without V-verify has no margin
+                per_forward[step + 1] = min(value, per_forward.get(step + 1, value))
+        values = list(per_forward.values())
+        if not values:
+            return {"min_verify_margin": None, "verify_margins": []}
         listed = [[f, m] for f, m in sorted(per_forward.items())] if len(per_forward) <= limit else \
             f"{len(per_forward)} forwards (more than {limit}): left out"
         return {"min_verify_margin": min(values), "verify_margins": listed}

@@ -7,6 +7,8 @@ rank r the r - 1 most confident candidates are committed; when no rank fails all
 reference has a quirk kept here for parity: when the first failing rank is the last one (r = n), all
 n are committed too. Ranking and test both use the probability of the proposed token (LLaDA:
 float64 softmax), not generation.confidence. The loop runs each block until it has no masked column.
+All rows are decided at once on the device (a stable descending sort, the rule tested rank by rank,
+the first failing rank found by a min), with no host synchronisation.
 
 Options:
   factor  the f of the rule (1.0 in the paper); larger commits more per step
@@ -27,15 +29,24 @@ class FactorOptions:
     factor: float = attrs.field(default=1.0, validator=at_least(0.0, strict=True))
 
 
+def factor_counts(sorted_conf: torch.Tensor, n: torch.Tensor, factor: float) -> torch.Tensor:
+    """How many candidates the rule commits in each row, on the device: (B,) from `sorted_conf` (B, c)
+    (each row's probabilities sorted descending, its n[b] candidates first) and `n` (B,).
+
+    need_r = 1 - factor / (r + 1) is computed in float64 like Python's float, then rounded to the
+    probabilities' dtype, as the reference compares; ranks past a row's n are not tested."""
+    c = sorted_conf.shape[-1]
+    rank = torch.arange(1, c + 1, device=sorted_conf.device)
+    need = (1 - factor / (rank + 1).to(torch.float64)).to(sorted_conf.dtype)
+    fails = (sorted_conf < need) & (rank >= 2) & (rank <= n[:, None])  # rank 1 always passes
+    first = torch.where(fails, rank, c + 1).amin(-1)  # first failing rank; c + 1 when none fails
+    return torch.where(first >= n, n, first - 1)  # none fails, or the last rank fails: all n
+
+
 def factor_count(sorted_conf: torch.Tensor, factor: float) -> int:
-    """How many of the n candidates (probabilities sorted descending, a 1-d tensor) the rule commits."""
-    n = sorted_conf.numel()
-    need = torch.tensor([1 - factor / (r + 1) for r in range(1, n + 1)], dtype=sorted_conf.dtype)
-    fails = (sorted_conf.cpu() < need).nonzero().squeeze(1).tolist()
-    first = next((i + 1 for i in fails if i > 0), None)  # 1-based rank; rank 1 always passes
-    if first is None or first == n:
-        return n
-    return first - 1
+    """`factor_counts` of one row whose entries are all candidates (a 1-d tensor); reads the result."""
+    n = torch.tensor([sorted_conf.numel()], device=sorted_conf.device)
+    return int(factor_counts(sorted_conf[None], n, factor)[0])
 
 
 class FactorDecoding(Plugin):
@@ -45,14 +56,11 @@ class FactorDecoding(Plugin):
 
     @hookimpl
     def dare_select_commits(self, state, proposal):
+        # every row at once: sort the candidates by probability (stable: ties go to the leftmost
+        # column), count, and scatter "sorted position < count" back to the columns; no host read
         cand = proposal.candidates
         score = torch.where(cand, proposal.probability, torch.full_like(proposal.probability, -torch.inf))
-        committed = torch.zeros_like(cand)
-        for b in range(cand.shape[0]):
-            n = int(cand[b].sum())
-            if n == 0:
-                continue
-            conf, idx = torch.topk(score[b], n)
-            k = factor_count(conf, self.options.factor)
-            committed[b, idx[:k]] = True
-        return committed
+        order = score.argsort(dim=-1, descending=True, stable=True)
+        k = factor_counts(score.gather(-1, order), cand.sum(-1), self.options.factor)
+        take = torch.arange(cand.shape[-1], device=cand.device) < k[:, None]
+        return cand & torch.zeros_like(cand).scatter_(-1, order, take)

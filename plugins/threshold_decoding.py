@@ -11,7 +11,9 @@ block's masked count is spread over its planned steps (steps / blocks); a step c
 quota (that base plus every rejection carried over from earlier steps) of the most confident
 candidates: the first always commits, the others iff they reach the threshold, and each rejection
 is carried to the next step. At the planned last step (and after it) the quota is everything still
-masked; a rejection there plans one more step with a base quota of 0.
+masked; a rejection there plans one more step with a base quota of 0. The per-row state (base,
+carried rejections, planned steps) lives in (B,) device tensors and each step is decided with
+fixed-shape device ops, so neither mode synchronises with the host.
 
 Options:
   threshold  probability a candidate needs (0.9 in the paper)
@@ -27,6 +29,7 @@ import torch
 from dare_pipeline.config_loading import choice, in_range
 from dare_pipeline.hookspecs import hookimpl
 from dare_pipeline.plugin import Plugin
+from dare_pipeline.sampling import descending_rank
 
 
 @attrs.frozen(kw_only=True)
@@ -60,11 +63,12 @@ class ThresholdDecoding(Plugin):
         if self._quota_mode is None:
             self._quota_mode = self._use_quota(state)
             if self._quota_mode:
+                # per-row quota state, (B,) tensors on the device: nothing is read on the host
                 steps = state.steps_per_block
                 masked = proposal.candidates.sum(-1)
-                self._base = (masked // steps).tolist()
-                self._left = [0] * state.batch
-                self._planned = [steps] * state.batch
+                self._base = masked // steps
+                self._left = torch.zeros_like(masked)
+                self._planned = torch.full_like(masked, steps)
         if self._quota_mode:
             return self._select_quota(state, proposal)
         return self._select_threshold(proposal)
@@ -72,30 +76,32 @@ class ThresholdDecoding(Plugin):
     def _select_threshold(self, proposal):
         cand = proposal.candidates
         committed = cand & (proposal.probability >= self.options.threshold)
-        best = proposal.confidence.argmax(-1)
-        has = cand.any(-1)
-        committed[has, best[has]] = True
-        return committed
+        return committed | _best_of_rows(proposal.confidence, cand)
 
     def _select_quota(self, state, proposal):
-        thr = self.options.threshold
+        """The quota rule of the module docstring for all rows at once: ranks by a stable descending
+        sort of the confidence; a row without candidates keeps its state. Rank 0 commits even at a
+        quota of 0 (fewer masked columns than steps, which the reference refuses)."""
         i = state.step_in_block
-        committed = torch.zeros_like(proposal.candidates)
-        for b in range(state.batch):
-            n = int(proposal.candidates[b].sum())
-            if n == 0:
-                continue
-            last = i >= self._planned[b] - 1
-            quota = n if last else min(n, self._base[b] + self._left[b])
-            self._left[b] = 0
-            _, idx = torch.topk(proposal.confidence[b], quota)
-            committed[b, idx[0]] = True
-            if quota > 1:
-                keep = proposal.probability[b, idx[1:]] >= thr
-                committed[b, idx[1:][keep]] = True
-                rejected = int((~keep).sum())
-                self._left[b] = rejected
-                if last and rejected:
-                    self._planned[b] = i + 2
-                    self._base[b] = 0
-        return committed
+        cand = proposal.candidates
+        n = cand.sum(-1)
+        has = n > 0
+        last = self._planned <= i + 1
+        quota = torch.where(last, n, torch.minimum(n, self._base + self._left))
+        rank = descending_rank(proposal.confidence)
+        considered = cand & (rank < quota[:, None]) & (rank > 0)  # rank 0 always commits
+        keep = considered & (proposal.probability >= self.options.threshold)
+        rejected = (considered & ~keep).sum(-1)
+        self._left = torch.where(has, rejected, self._left)
+        replan = has & last & (rejected > 0)  # a rejection at the last step plans one more
+        self._planned = torch.where(replan, i + 2, self._planned)
+        self._base = torch.where(replan, 0, self._base)
+        return keep | (cand & (rank == 0))
+
+
+def _best_of_rows(confidence, candidates):
+    """Bool (B, c): the most confident column of each row that has a candidate (argmax scattered
+    into the mask, no boolean indexing)."""
+    best = confidence.argmax(-1, keepdim=True)
+    has = candidates.any(-1, keepdim=True)
+    return torch.zeros_like(candidates).scatter_(-1, best, has)

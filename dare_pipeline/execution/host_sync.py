@@ -9,6 +9,10 @@ Counted: a scalar read (`.item()`, `bool()`, `int()`, `float()`: aten `_local_sc
 operator whose output size depends on the data (`nonzero`, `masked_select`, `unique`, indexing with
 a bool mask, `repeat_interleave` with tensor repeats), and a device-to-host read (`.tolist()`,
 `.cpu()`, `.numpy()`, which on a CPU tensor reach no operator at all and are counted at the method).
+
+Inference mode hides operators on inference tensors from dispatch modes, so while counting,
+`torch.inference_mode` is replaced by `torch.no_grad` (the same operators, visible): code that
+enters inference mode inside the block (Pipeline.generate does) is counted whole.
 """
 
 from __future__ import annotations
@@ -75,9 +79,12 @@ def count_host_syncs():
 
     for name, original in originals.items():
         setattr(torch.Tensor, name, wrap(name, original))
+    inference_mode = torch.inference_mode
+    torch.inference_mode = torch.no_grad
     try:
         with counter:
             yield counter
     finally:
+        torch.inference_mode = inference_mode
         for name, original in originals.items():
             setattr(torch.Tensor, name, original)

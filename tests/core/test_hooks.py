@@ -37,6 +37,10 @@ class Recorder(Plugin):
         self.events.append(f"block_start {state.block}")
 
     @hookimpl
+    def dare_block_min_forwards(self, state):
+        self.events.append("block_min_forwards")  # None: the policy's answer (the baseline's) is used
+
+    @hookimpl
     def dare_step_start(self, state):
         self.events.append("step_start")
 
@@ -68,8 +72,9 @@ def test_hooks_fire_in_documented_order():
     out = pipe.generate([[1, 2, 3]])
     events = pipe.plugins[1].events
     step = ["step_start", "plan_forward", "step_end 2"]
-    assert events == (["generation_start", "layer_reuse", "block_start 0"] + step * 2 + ["block_end", "block_start 1"]
-                      + step * 2 + ["block_end", "generation_end", "report_stats"])
+    assert events == (["generation_start", "layer_reuse", "block_start 0", "block_min_forwards"] + step * 2
+                      + ["block_end", "block_start 1", "block_min_forwards"] + step * 2
+                      + ["block_end", "generation_end", "report_stats"])
     assert out.stats.plugins == {"recorder": {"events": len(events)}}
 
 

@@ -1,0 +1,100 @@
+"""Compiled execution decodes exactly as eager, for every shipped recipe and both families.
+
+The step forward is captured whole (`fullgraph=True`: a graph break is an error) with the
+`aot_eager` backend, which traces and functionalises the forward exactly as inductor's front end
+does but runs the captured graph with eager kernels: the proof of capture without paying
+inductor's compile time. One recipe also runs through inductor itself. Float32 golden checkpoints,
+a left-padded batch of two prompts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dare_pipeline import Pipeline, Recipe
+from dare_pipeline.config_loading import ConfigError
+from dare_pipeline.testing import tiny_model
+
+RECIPES = sorted((Path(__file__).parents[2] / "recipes").glob("*.yaml"))
+GEN = ["generation.gen_length=32", "generation.block_length=16", "generation.steps=32"]
+PROMPTS = [[5, 17, 3, 9, 11, 2], [40, 8, 21]]
+# recipes whose reuse objects select rows with data-dependent shapes and so still run eagerly
+NOT_CAPTURABLE: set[str] = set()  # reuse plugins that still run their forwards eagerly
+
+
+def _decode(model, recipe_path: Path, execution: list[str]):
+    recipe = Recipe.from_yaml(recipe_path, overrides=GEN + execution)
+    return Pipeline(model, recipe).generate(PROMPTS)
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_compiled_decode_equals_eager(golden_models, family, recipe):
+    model = golden_models[family]
+    eager = _decode(model, recipe, [])
+    compiled = _decode(model, recipe, ["execution.mode=compiled", "execution.backend=aot_eager"])
+    assert compiled.sequences == eager.sequences
+    assert compiled.unmask_step == eager.unmask_step
+    assert compiled.stats.nfe == eager.stats.nfe
+    assert compiled.stats.execution["mode"] == "compiled"
+    if recipe.stem in NOT_CAPTURABLE:
+        assert compiled.stats.execution["eager_forwards"] == compiled.stats.nfe
+        assert "not capturable" in compiled.stats.execution["eager_reason"]
+    else:
+        assert compiled.stats.execution["eager_forwards"] == 0, compiled.stats.execution
+
+
+def test_inductor_compiles_a_cached_decode_exactly(golden_models):
+    model = golden_models["llada"]
+    recipe = Path(__file__).parents[2] / "recipes" / "dual_cache_threshold_dare_kv.yaml"
+    eager = _decode(model, recipe, [])
+    compiled = _decode(model, recipe, ["execution.mode=compiled", "execution.backend=inductor"])
+    assert compiled.sequences == eager.sequences and compiled.unmask_step == eager.unmask_step
+    assert compiled.stats.execution["eager_forwards"] == 0
+
+
+def test_compilation_is_paid_once_per_process_and_shape():
+    # a shape no other test compiles (compiled code is shared by models of one architecture)
+    model = tiny_model("dream", seed=3, d_model=40, n_heads=4, n_layers=2)
+    recipe = Path(__file__).parents[2] / "recipes" / "dual_cache.yaml"
+    mode = ["execution.mode=compiled", "execution.backend=aot_eager"]
+    first = _decode(model, recipe, mode + ["generation.seed=1"])
+    again = _decode(model, recipe, mode + ["generation.seed=1"])  # a new Pipeline, same model and shapes
+    assert first.stats.execution["compiles"] >= 1 and first.stats.execution["compile_time_s"] > 0
+    assert again.stats.execution["compiles"] == 0 and again.stats.execution["compile_time_s"] == 0
+    assert again.sequences == first.sequences
+
+
+def test_rows_counted_under_capture_are_the_rows_computed(golden_models):
+    """DARE-KV with a row budget computes exactly `capacity` K/V rows per layer, and says so."""
+    model = golden_models["llada"]
+    recipe = Path(__file__).parents[2] / "recipes" / "dare_kv.yaml"
+    out = _decode(model, recipe, ["execution.mode=compiled", "execution.backend=aot_eager",
+                                  "plugins.dare_kv.row_budget=0.25", "plugins.dare_kv.threshold=0.5"])
+    rows = out.stats.rows_by_layer()
+    full = out.stats.rows_fed  # every forward feeds the whole canvas (no row feeder)
+    assert all(layer["q"] == full for layer in rows)
+    assert all(layer["kv"] < full for layer in rows)  # fewer K/V rows ran than were fed
+    report = out.stats.plugins["dare_kv"]
+    assert report["row_budget"] == 0.25 and report["rows_reused"] > 0
+
+
+def test_cuda_graphs_on_a_cpu_model_is_a_clear_error(golden_models):
+    recipe = Recipe.from_dict({"execution": {"mode": "cuda_graphs"}}, source="r.yaml")
+    with pytest.raises(ConfigError, match="r.yaml: execution.mode = 'cuda_graphs' needs a CUDA device"):
+        Pipeline(golden_models["llada"], recipe)
+
+
+def test_execution_section_is_validated():
+    with pytest.raises(ConfigError, match="execution: mode = 'fast': allowed values"):
+        Recipe.from_dict({"execution": {"mode": "fast"}})
+    with pytest.raises(ConfigError, match="backend"):
+        Recipe.from_dict({"execution": {"backend": "tensorrt"}})
+
+
+def test_auto_is_eager_on_the_cpu(golden_models):
+    out = Pipeline(golden_models["llada"], {"generation": {"gen_length": 8, "block_length": 8, "steps": 8}}) \
+        .generate([[1, 2, 3]])
+    assert out.stats.execution["mode"] == "eager" and out.stats.execution["compiles"] == 0
