@@ -42,8 +42,11 @@ class QueryDrift:
     `decide(call, q, entry)` returns the (B, m) bool mask of running rows to recompute (None when
     every row recomputes). A row may be reused only if it has a cache entry (`entry`, (B, L)) and a
     reference query, its token is the one it had at its last recompute at this layer, the forward
-    is not a refresh (the row feeder's, or forced by `refresh_every`), the layer is not exempt, and
-    its drift is strictly below the threshold. Recomputed rows get a new reference query and token.
+    is not a full recompute (the generation's first forward, every `refresh_every` forwards, and,
+    with `recompute_at_refresh`, the row feeder's refreshes), the layer is not exempt, and its drift
+    is strictly below the threshold. Recomputed rows get a new reference query and token. Without
+    `recompute_at_refresh` the references and cached rows outlive the row feeder's refreshes: a
+    refresh forward feeds every row, and the rule decides which of them recompute.
     """
 
     def __init__(self, prefix: str, options, n_layers: int, real: torch.Tensor):
@@ -56,6 +59,9 @@ class QueryDrift:
         self.threshold = options.threshold
         self.exempt = frozenset(options.exempt_layers)
         self.refresh_every = options.refresh_every
+        # recompute every row at the row feeder's refreshes too (otherwise the references and cached
+        # rows outlive them, and a refresh recomputes only the rows the rule asks for)
+        self.recompute_at_refresh = getattr(options, "recompute_at_refresh", False)
         # under capture: the fraction of running rows a layer may recompute (None: all of them)
         self.row_budget = getattr(options, "row_budget", None)
         self.real = real  # (B, L) bool: not padding
@@ -95,7 +101,8 @@ class QueryDrift:
         if step != self._seen_step:
             self._seen_step = step
             every = self.refresh_every
-            self._full = refresh or self._last_full is None or (every > 0 and step - self._last_full >= every)
+            self._full = ((refresh and self.recompute_at_refresh) or self._last_full is None
+                          or (every > 0 and step - self._last_full >= every))
             if self._full:
                 self._last_full = step
         return self._full

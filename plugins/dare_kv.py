@@ -5,9 +5,12 @@ d = ||q - q_ref|| / ||q_ref|| over all heads, against the query it had when its 
 recomputed at that layer, decides: rows with d < threshold skip the K and V projections and keep
 the store's rows; the others recompute them and take q as their new reference. Always recomputed:
 rows whose token changed since their last recompute at that layer, rows without K/V in the store,
-every row at a cache refresh (the row feeder's, or each block's first forward without one, or
-every `refresh_every` forwards), and every row of `exempt_layers`. Strict `<`: threshold 0 reuses
-nothing and reproduces the recipe without this plugin token for token.
+every row at the generation's first forward and every `refresh_every` forwards (and, with
+`recompute_at_refresh`, at each cache refresh: the row feeder's, or each block's first forward
+without one), and every row of `exempt_layers`. A cache refresh feeds every row; without
+`recompute_at_refresh` the rule decides which of them recompute, so reuse pays at exactly the
+forwards that cost the most. Strict `<`: threshold 0 reuses nothing and reproduces the recipe
+without this plugin token for token.
 
 The reference query and the token are kept in the activation store (`dare_kv.q_ref`,
 `dare_kv.token`, per layer and column); the plugin holds counters only.
@@ -15,9 +18,9 @@ The reference query and the token are kept in the activation store (`dare_kv.q_r
 Stacks with prefix_cache / dual_cache (it decides among the rows they still feed) and with every
 decoding policy.
 
-Options: threshold (default 0.05), exempt_layers, refresh_every, shadow (also compute the
-exact K/V of reused rows and report their relative error per layer and forward; the decode still
-uses the reused rows).
+Options: threshold (default 0.05), exempt_layers, refresh_every, recompute_at_refresh, row_budget
+(compiled execution, see docs/reuse.md), shadow (also compute the exact K/V of reused rows and
+report their relative error per layer and forward; the decode still uses the reused rows).
 
 Stats (under `dare_kv`): threshold, rows_eligible / rows_reused / reuse_fraction (running real rows
 over all layers and forwards; padding is never counted), per_layer (eligible, reused,
@@ -51,8 +54,11 @@ class DareKVOptions:
     # layers that always recompute every row (layer 0's K/V depend only on token and position,
     # so reusing them there is exact)
     exempt_layers: tuple[int, ...] = attrs.field(default=(), validator=layer_indices)
-    # also recompute every row at least every this many forwards (0: only at the cache refreshes)
+    # also recompute every row at least every this many forwards (0: never after the first forward)
     refresh_every: int = attrs.field(default=0, validator=at_least(0))
+    # also recompute every row at each cache refresh (the row feeder's, or each block's first forward
+    # without one); off: the cached rows outlive refreshes, which is where reuse pays with a cache
+    recompute_at_refresh: bool = False
     # also compute the exact values of reused rows and report their relative error (slower; the
     # decode still uses the reused values; runs eagerly, it is not capturable)
     shadow: bool = False

@@ -6,10 +6,10 @@ last recomputed at that layer, decides: rows with d < threshold skip their atten
 output projection and add the cached attention delta (store field ATTN_OUT) to the residual stream;
 the others recompute it and take q as their new reference. Keys and values are still computed for
 every running row. Always recomputed: rows whose token changed since their last recompute at that
-layer, rows without a cached attention output, every row at a cache refresh (the row feeder's, or
-each block's first forward without one, or every `refresh_every` forwards), and every row of
-`exempt_layers`. Strict `<`: threshold 0 reuses nothing and reproduces the recipe without this
-plugin token for token.
+layer, rows without a cached attention output, every row at the generation's first forward and
+every `refresh_every` forwards (and, with `recompute_at_refresh`, at each cache refresh: the row
+feeder's, or each block's first forward without one), and every row of `exempt_layers`. Strict
+`<`: threshold 0 reuses nothing and reproduces the recipe without this plugin token for token.
 
 The reference query and the token are kept in the activation store (`dare_o.q_ref`,
 `dare_o.token`), the attention outputs in ATTN_OUT; the plugin holds counters only.
@@ -17,9 +17,9 @@ The reference query and the token are kept in the activation store (`dare_o.q_re
 Stacks with prefix_cache / dual_cache (it decides among the rows they still feed), with dare_kv
 (which decides K/V, a different decision) and with every decoding policy.
 
-Options: threshold (default 0.05), exempt_layers, refresh_every, shadow (also compute the
-exact attention output of reused rows and report its relative error per layer and forward; the
-decode still uses the reused rows).
+Options: threshold (default 0.05), exempt_layers, refresh_every, recompute_at_refresh, row_budget
+(compiled execution, see docs/reuse.md), shadow (also compute the exact attention output of reused
+rows and report its relative error per layer and forward; the decode still uses the reused rows).
 
 Stats (under `dare_o`): threshold, rows_eligible / rows_reused / reuse_fraction (running real rows
 over all layers and forwards; padding is never counted), per_layer (eligible, reused,
@@ -55,8 +55,11 @@ class DareOOptions:
     # on its token and position, so it never drifts, while its attention output depends on every
     # other row; reusing it would freeze the row's residual stream and every later query with it
     exempt_layers: tuple[int, ...] = attrs.field(default=(0,), validator=layer_indices)
-    # also recompute every row at least every this many forwards (0: only at the cache refreshes)
+    # also recompute every row at least every this many forwards (0: never after the first forward)
     refresh_every: int = attrs.field(default=0, validator=at_least(0))
+    # also recompute every row at each cache refresh (the row feeder's, or each block's first forward
+    # without one); off: the cached rows outlive refreshes, which is where reuse pays with a cache
+    recompute_at_refresh: bool = False
     # also compute the exact values of reused rows and report their relative error (slower; the
     # decode still uses the reused values; runs eagerly, it is not capturable)
     shadow: bool = False

@@ -41,10 +41,12 @@ def _still_model(seed=0, family="llada"):
 
 
 # ---- mandatory recomputes --------------------------------------------------------------------------
+@pytest.mark.parametrize("at_refresh", [False, True])
 @pytest.mark.parametrize("name", DARE)
-def test_changed_tokens_missing_entries_and_refreshes_are_always_recomputed(name, monkeypatch):
+def test_changed_tokens_missing_entries_and_refreshes_are_always_recomputed(name, at_refresh, monkeypatch):
     """With a threshold no drift reaches, a row is recomputed exactly when it must be: its token changed
-    since the previous forward, or the forward is the block's first (a refresh)."""
+    since the previous forward, or the forward is the generation's first; with `recompute_at_refresh`
+    also every block's first forward (a refresh). Without it a refresh recomputes only changed rows."""
     calls = []
     decide = QueryDrift.decide
 
@@ -57,18 +59,21 @@ def test_changed_tokens_missing_entries_and_refreshes_are_always_recomputed(name
 
     monkeypatch.setattr(QueryDrift, "decide", spy)
     model = tiny_model("llada", seed=4, n_layers=3)
-    _run(model, [{"name": name, "threshold": 1e9, "exempt_layers": []}], [[5, 6, 7]])
+    _run(model, [{"name": name, "threshold": 1e9, "exempt_layers": [], "recompute_at_refresh": at_refresh}],
+         [[5, 6, 7]])
     previous = {}
-    checked = 0
+    checked = refreshes_reusing = 0
     for step, layer, refresh, active, tokens, recompute in calls:
-        if refresh:
+        if step == 0 or (refresh and at_refresh):
             assert bool(recompute.all())
-        elif layer in previous:
+        else:
             changed = tokens != previous[layer]
             assert torch.equal(recompute, changed), (step, layer)  # changed rows, and only they
             checked += int(changed.sum())
+            refreshes_reusing += int(refresh and not bool(recompute.all()))
         previous[layer] = tokens
     assert checked > 0
+    assert (refreshes_reusing > 0) != at_refresh  # the second block's refresh reuses unless told not to
 
 
 @pytest.mark.parametrize("name", DARE)
@@ -99,12 +104,14 @@ def test_dare_o_exempts_layer_0_by_default_and_dare_kv_does_not():
     assert plugins["dare_kv"].Options().exempt_layers == ()
 
 
-def test_refresh_every_forces_full_recomputes():
+def test_refresh_every_and_recompute_at_refresh_force_full_recomputes():
     model = _still_model()
     base = _run(model, [{"name": "dare_kv", "threshold": 0.5}], [[1, 2, 3]])
+    at_refresh = _run(model, [{"name": "dare_kv", "threshold": 0.5, "recompute_at_refresh": True}], [[1, 2, 3]])
     forced = _run(model, [{"name": "dare_kv", "threshold": 0.5, "refresh_every": 2}], [[1, 2, 3]])
     rows = 3 * (3 + GEN["gen_length"])  # layers x real rows of one full forward
-    assert base.stats.plugins["dare_kv"]["recompute_reasons"]["refresh"] == 2 * rows  # the two block starts
+    assert base.stats.plugins["dare_kv"]["recompute_reasons"]["refresh"] == rows  # the first forward only
+    assert at_refresh.stats.plugins["dare_kv"]["recompute_reasons"]["refresh"] == 2 * rows  # the two block starts
     assert forced.stats.plugins["dare_kv"]["recompute_reasons"]["refresh"] == 8 * rows  # every other forward
 
 

@@ -1,0 +1,82 @@
+"""What DARE adds on top of a cache and threshold decoding, on the embedded model: forwards, FLOPs,
+reuse and exact matches for a few recipes over held-out problems (the first N of each family).
+
+    python benchmarks/dare_stacking.py                      # one problem per family, gen_length 64
+    python benchmarks/dare_stacking.py --per-family 5 --gen-length 256
+
+FLOPs are estimated from the rows each sub-operation computed (dare_pipeline/flops.py), so they
+count what ran; reuse is rows reused over rows eligible (the plugins' own counters).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from dare_pipeline import Pipeline, flops, load_model
+from dare_pipeline.tasks import read_jsonl, score
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE_THRESHOLD = [{"name": "dual_cache"}, {"name": "threshold_decoding", "threshold": 0.9}]
+RECIPES = {
+    "dual_cache + threshold": CACHE_THRESHOLD,
+    "+ dare_kv": CACHE_THRESHOLD + [{"name": "dare_kv", "threshold": 0.1}],
+    "+ dare_kv (recompute_at_refresh)": CACHE_THRESHOLD + [{"name": "dare_kv", "threshold": 0.1,
+                                                            "recompute_at_refresh": True}],
+    "+ dare_o": CACHE_THRESHOLD + [{"name": "dare_o", "threshold": 0.1}],
+    "+ dare_o (recompute_at_refresh)": CACHE_THRESHOLD + [{"name": "dare_o", "threshold": 0.1,
+                                                           "recompute_at_refresh": True}],
+    "dual_cache + dare_kv": [{"name": "dual_cache"}, {"name": "dare_kv", "threshold": 0.1}],
+}
+
+
+def problems(per_family: int) -> list[dict]:
+    picked: dict[str, list[dict]] = {}
+    for p in read_jsonl(ROOT / "data" / "heldout.jsonl"):
+        if len(picked.setdefault(p["family"], [])) < per_family:
+            picked[p["family"]].append(p)
+    return [p for family in picked.values() for p in family]
+
+
+def measure(model, plugins, probs, gen) -> dict:
+    pipe = Pipeline(model, {"generation": gen, "plugins": plugins})
+    nfe = total = exact = reused = eligible = 0
+    for p in probs:
+        out = pipe.generate([p["prompt"]])
+        nfe += out.stats.nfe
+        total += sum(flops.estimate(model.config, out.stats.layer_rows, len(out.sequences[0])).values())
+        exact += score(p, out.text[0])["exact_match"]
+        for report in out.stats.plugins.values():
+            if "rows_reused" in report:
+                reused += report["rows_reused"]
+                eligible += report["rows_eligible"]
+    return {"nfe": nfe, "gflops": total / 1e9, "exact": exact, "reuse": reused / eligible if eligible else 0.0}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--per-family", type=int, default=1)
+    ap.add_argument("--gen-length", type=int, default=64)
+    ap.add_argument("--block-length", type=int, default=32)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    model = load_model("default")
+    probs = problems(args.per_family)
+    gen = {"gen_length": args.gen_length, "block_length": args.block_length, "steps": args.gen_length}
+    print(f"embedded model, {len(probs)} held-out problems ({args.per_family} per family), gen_length "
+          f"{args.gen_length}, block {args.block_length}, batch 1, float32, 1 thread")
+    print("| recipe | NFE | GFLOPs | FLOPs gain vs dual_cache + threshold | reuse | exact |")
+    print("|---|---|---|---|---|---|")
+    reference = None
+    for name, plugins in RECIPES.items():
+        m = measure(model, plugins, probs, gen)
+        reference = reference or m["gflops"]
+        print(f"| {name} | {m['nfe']} | {m['gflops']:.2f} | {reference / m['gflops']:.3f}x | "
+              f"{100 * m['reuse']:.1f} % | {m['exact']}/{len(probs)} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
