@@ -89,6 +89,71 @@ def cmd_recipe_check(args) -> int:
     return 0
 
 
+def cmd_calibrate(args) -> int:
+    """Pick a DARE plugin's threshold for a target reuse on given prompts; write the recipe with it."""
+    import yaml
+
+    from .api import Pipeline
+    from .calibration import calibrate
+    from .evaluation.run import write_text_atomic
+
+    _set_threads(args.threads)
+    recipe = _recipe(args)
+    prompts = _read_prompts(args.prompts)
+    pipe = Pipeline.from_recipe(recipe, model_path=args.model)
+    ids = pipe.encode(prompts, chat=args.chat)
+
+    def progress(trial):
+        print(f"threshold {trial.threshold:.6g}: reuse {trial.reuse:.4f} ({trial.nfe} forwards)", file=sys.stderr)
+
+    result = calibrate(pipe.model, recipe, ids, args.target_reuse, plugin=args.plugin, tolerance=args.tolerance,
+                       max_trials=args.max_trials, progress=progress)
+    doc = result.recipe.to_dict()
+    header = (f"# {result.plugin}.threshold calibrated by `dare-pipeline calibrate`: target reuse "
+              f"{result.target}, measured {result.reuse:.4f} on {len(ids)} prompts from {args.prompts}\n")
+    text = header + yaml.safe_dump(doc, sort_keys=False)
+    if args.output:
+        write_text_atomic(args.output, text)
+    else:
+        print(text, end="")
+    print(f"{result.plugin}: threshold {result.threshold:.6g} gives reuse {result.reuse:.4f} "
+          f"(target {result.target}, {len(result.trials)} trials)" + (f"; wrote {args.output}" if args.output else ""),
+          file=sys.stderr)
+    if not result.converged:
+        print(f"warning: no threshold tried gives reuse within {args.tolerance} of {result.target}: the reuse "
+              f"jumps between thresholds on these prompts; the closest is written", file=sys.stderr)
+    return 0
+
+
+def _read_prompts(path: str) -> list:
+    """Prompts from a JSONL file: each line a JSON string, a list of token ids, or an object with a
+    "prompt" field (the held-out data's layout)."""
+    from pathlib import Path
+
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"{path}: prompts file not found")
+    prompts = []
+    for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"{path}:{number}: not JSON ({error.msg}); each line is a JSON string, a list of "
+                              f"token ids or an object with a 'prompt' field") from None
+        if isinstance(item, dict):
+            item = item.get("prompt")
+        if not (isinstance(item, str) and item) and not (
+                isinstance(item, list) and item and all(isinstance(t, int) and not isinstance(t, bool) for t in item)):
+            raise ConfigError(f"{path}:{number}: {line[:60]!r}: expected a non-empty string, a list of token ids or "
+                              f"an object with a 'prompt' field")
+        prompts.append(item)
+    if not prompts:
+        raise ConfigError(f"{path}: no prompts")
+    return prompts
+
+
 def cmd_eval(args) -> int:
     """Accuracy on lm-eval tasks (the dare_* suite by default) with a recipe; writes a results JSON.
     Under torchrun / accelerate launch the problems are split over the processes; rank 0 reports."""
@@ -254,6 +319,21 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("recipe")
     check.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE")
     check.set_defaults(func=cmd_recipe_check)
+
+    cal = sub.add_parser("calibrate", help="choose a DARE plugin's threshold for a target reuse on given prompts")
+    cal.add_argument("--recipe", required=True, help="recipe YAML with one DARE plugin (dare_kv or dare_o)")
+    cal.add_argument("--prompts", required=True, help="JSONL: a JSON string, a list of token ids or {\"prompt\": ...} "
+                     "per line (e.g. data/heldout.jsonl)")
+    cal.add_argument("--target-reuse", type=float, required=True, help="reused / eligible rows wanted, e.g. 0.8")
+    cal.add_argument("--plugin", choices=["dare_kv", "dare_o"], help="which DARE plugin (when the recipe has both)")
+    cal.add_argument("--output", help="write the calibrated recipe here (atomically; default: print it)")
+    cal.add_argument("--tolerance", type=float, default=0.01, help="accepted |reuse - target| (default 0.01)")
+    cal.add_argument("--max-trials", type=int, default=16, help="decodes of the prompt set at most (default 16)")
+    cal.add_argument("--model", help="checkpoint directory (overrides the recipe's model)")
+    cal.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a recipe key")
+    cal.add_argument("--chat", action="store_true", help="wrap prompts in the tokenizer's chat template")
+    cal.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    cal.set_defaults(func=cmd_calibrate)
 
     ev = sub.add_parser("eval", help="accuracy on lm-eval tasks (dare_suite, dare_add, ...) with a recipe")
     ev.add_argument("--recipe", help="recipe YAML file (default: the baseline settings)")

@@ -136,11 +136,12 @@ class QueryDrift:
                 torch.linalg.vector_norm(q_ref, dim=-1).clamp_min(torch.finfo(torch.float).tiny)
             close = drift < self.threshold
             reuse = has & same & close
-            over = torch.zeros_like(reuse)
+            over = zero
             if call.capture and self.capacity(layer, m) < m:
-                reuse, over = _within_capacity(reuse, has & same, drift, self.capacity(layer, m))
+                reuse, over_rows = _within_capacity(reuse, has & same, drift, self.capacity(layer, m))
+                over = (over_rows & real).sum()
             counts = [n_real, (reuse & real).sum(), zero, zero, (~has & real).sum(), (has & ~same & real).sum(),
-                      (has & same & ~close & real).sum(), (over & real).sum()]
+                      (has & same & ~close & real).sum(), over]
             # eager: skip the gathers when nothing is reused (a host read; under capture always a mask)
             recompute = ~reuse if call.capture or bool(reuse.any()) else None
 
