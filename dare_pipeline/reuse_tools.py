@@ -85,8 +85,9 @@ class QueryDrift:
         self._forced_at(refresh, step)
 
     def capacity(self, layer: int, rows: int) -> int:
-        """Rows a compiled forward recomputes at `layer` (all at a forced forward or an exempt layer)."""
-        if self._full or layer in self.exempt or self.row_budget is None:
+        """Rows a compiled forward recomputes at `layer`: all at a forced forward, an exempt layer,
+        without a budget, or at threshold 0 (the rule reuses nothing, so no budget may overrule it)."""
+        if self._full or layer in self.exempt or self.row_budget is None or self.threshold == 0:
             return rows
         return max(1, min(rows, math.ceil(self.row_budget * rows)))
 

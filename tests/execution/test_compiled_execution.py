@@ -98,3 +98,16 @@ def test_auto_is_eager_on_the_cpu(golden_models):
     out = Pipeline(golden_models["llada"], {"generation": {"gen_length": 8, "block_length": 8, "steps": 8}}) \
         .generate([[1, 2, 3]])
     assert out.stats.execution["mode"] == "eager" and out.stats.execution["compiles"] == 0
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+@pytest.mark.parametrize("name", ["dare_kv", "dare_o"])
+def test_threshold_zero_with_a_row_budget_is_the_recipe_without_the_plugin(golden_models, family, name):
+    model = golden_models[family]
+    recipe = Path(__file__).parents[2] / "recipes" / "dual_cache.yaml"
+    plain = _decode(model, recipe, [])
+    captured = _decode(model, recipe, ["execution.mode=compiled", "execution.backend=aot_eager",
+                                       f"plugins=[{{name: dual_cache}}, {{name: {name}, threshold: 0.0, "
+                                       f"row_budget: 0.25}}]"])
+    assert captured.sequences == plain.sequences and captured.unmask_step == plain.unmask_step
+    assert captured.stats.plugins[name]["rows_reused"] == 0
