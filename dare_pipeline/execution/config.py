@@ -6,9 +6,9 @@
       fullgraph: true     # a graph break is an error, not a silent slow path
 
 `auto` is eager on the CPU and cuda_graphs on CUDA (inductor plus CUDA graphs: one launch per
-forward instead of ~1,500). On the CPU inductor's code is at most 1.2x faster per generation
-(the embedded model; 1.0x on the matrix-bound benchmark model) and compiling costs 10-23 s, which
-a command that decodes a few prompts never earns back (docs/benchmarks.md).
+forward instead of ~1,500). On the CPU inductor's code is 1.0-1.2x faster per generation and
+compiling costs 2-23 s, which a command that decodes a few prompts never earns back
+(docs/benchmarks.md).
 """
 
 from __future__ import annotations

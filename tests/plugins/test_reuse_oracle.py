@@ -1,4 +1,4 @@
-"""Oracle tests for DARE-KV and DARE-O: an independent implementation of the documented rule.
+"""Oracle tests for DARE-KV, DARE-O and dLLM-Cache: independent implementations of the documented rules.
 
 The oracle computes every row of every layer and substitutes the cached rows by the rule of
 docs/reuse.md (a row reuses when it has a cache entry, its token is the one of its last recompute
@@ -8,7 +8,7 @@ canvases the plugin's decode fed, forward by forward, and its logits must match 
 plugin that computes rows it claims to reuse, reuses rows the rule recomputes, or writes a cached
 row at the wrong position fails here; so does one that saves nothing (the counting test below).
 Batch of left-padded prompts, both families, thresholds where rows really are reused, eager and
-captured execution.
+captured execution. dLLM-Cache's oracle (below) follows its interval and V-verify rule the same way.
 """
 
 from __future__ import annotations
@@ -170,3 +170,73 @@ def test_rows_counted_are_rows_that_entered_the_projections(plugins, saves, fami
             assert seen[sub][i] == counted[i][sub], (i, sub)
     fed = out.stats.rows_fed * len(model.layers)
     assert sum(seen[saves]) < fed  # the plugin really skipped rows of its sub-operation
+
+
+# ---- dLLM-Cache --------------------------------------------------------------------------------------
+FULL, RESPONSE, PROMPT, NONE = range(4)
+
+
+class DllmOracle:
+    """dLLM-Cache by its documented rule, every projection computed for every row: per layer the
+    forward counter s picks the kind (prompt rows refresh when (s-1) % Kp == 0, response rows when
+    (s-1) % Kr == 0, layer 0 always); V-verify (prompt-only and no refresh) replaces the cached values
+    of the response rows and the floor(ratio G) least similar run the layer; the other rows add
+    their cached attention and FFN deltas."""
+
+    def __init__(self, model, prompt_end, kp, kr, ratio):
+        self.model, self.P, self.kp, self.kr, self.ratio = model, prompt_end, kp, kr, ratio
+        self.s = 0
+        self.cache: dict[int, dict] = {}
+
+    def forward(self, tokens, positions, key_mask, head_rows):
+        model, P = self.model, self.P
+        self.s += 1
+        b, n = tokens.shape
+        cos, sin = model._rope(positions)
+        x = model.embed(tokens)
+        for i, layer in enumerate(model.layers):
+            response = (self.s - 1) % self.kr == 0 or i == 0
+            prompt = (self.s - 1) % self.kp == 0 or i == 0
+            h = layer.attn_norm(x)
+            q = layer.project_q(h, cos, sin)
+            k, v = layer.project_kv(h, cos, sin)
+            c = self.cache.setdefault(i, {"k": k, "v": v, "attn": None, "ffn": None})
+            run = torch.zeros(b, n, dtype=torch.bool)
+            run[:, P:] = response
+            run[:, :P] = prompt
+            if not response and self.ratio > 0:  # V-verify
+                g = n - P
+                sim = torch.nn.functional.cosine_similarity(
+                    v[:, :, P:].transpose(1, 2).reshape(b, g, -1), c["v"][:, :, P:].transpose(1, 2).reshape(b, g, -1),
+                    dim=-1)
+                picked = torch.topk(sim, int(g * self.ratio), largest=False).indices
+                run[:, P:] |= torch.zeros(b, g, dtype=torch.bool).scatter_(1, picked, True)
+                c["v"] = torch.cat([c["v"][:, :, :P], v[:, :, P:]], dim=2)
+            mask = run[:, None, :, None]
+            c["k"], c["v"] = torch.where(mask, k, c["k"]), torch.where(mask, v, c["v"])
+            attn = layer.attend(q, c["k"], c["v"], key_mask)
+            ffn = layer.ffn(x + attn)
+            if c["attn"] is not None:
+                attn = torch.where(run[..., None], attn, c["attn"])
+                ffn = torch.where(run[..., None], ffn, c["ffn"])
+            c["attn"], c["ffn"] = attn, ffn
+            x = x + attn + ffn
+        return model._head(x if head_rows is None else x[:, head_rows])
+
+
+@pytest.mark.parametrize("execution", MODES, ids=lambda e: e["mode"])
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_dllm_cache_logits_equal_the_oracles(family, execution, monkeypatch):
+    model = _model(family)
+    options = {"name": "dllm_cache", "prompt_interval": 5, "response_interval": 3, "ratio": 0.25}
+    gen = {"gen_length": 16, "block_length": 16, "steps": 16}
+    pipe = Pipeline(model, {"generation": gen, "execution": execution, "plugins": [options]})
+    pipe.generate(_prompts())
+    calls = _record_forwards(model, monkeypatch)
+    out = pipe.generate(_prompts())
+    prompt_end = calls[0][0].shape[1] - gen["gen_length"]  # every prompt left-padded to one end
+    oracle = DllmOracle(model, prompt_end, kp=5, kr=3, ratio=0.25)
+    for step, (tokens, fed, positions, key_mask, head_rows, logits) in enumerate(calls):
+        expected = oracle.forward(tokens, positions, key_mask, head_rows)
+        torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4, msg=f"forward {step}")
+    assert out.stats.plugins["dllm_cache"]["rows_reused"] > 0
