@@ -15,6 +15,7 @@ graph writes into fixed addresses.
 from __future__ import annotations
 
 import time
+import types
 import weakref
 
 import torch
@@ -80,7 +81,7 @@ class Executor:
         cols = torch.arange(fed.start, fed.stop, device=tokens.device)
         if self._compiled is None:
             self._compile(model)
-        return self._call(self._compiled, tokens.device, tokens, cols, positions, key_mask, store, head_rows)
+        return self._call(self._compiled, tokens.device, model, tokens, cols, positions, key_mask, store, head_rows)
 
     def captures(self, reuse) -> bool:
         """Whether forwards with these reuse objects run compiled; notes the reason when they cannot."""
@@ -97,7 +98,8 @@ class Executor:
         cols = torch.arange(fed.start, fed.stop, device=tokens.device)
         if self._compiled_reused is None:
             self._compile(model)
-        return self._call(self._compiled_reused, tokens.device, tokens, cols, positions, key_mask, store, reuse, head_rows, refresh)
+        return self._call(self._compiled_reused, tokens.device, model, tokens, cols, positions, key_mask, store, reuse,
+                          head_rows, refresh)
 
     def _call(self, fn, device, *args):
         if self.mode == "cuda_graphs":
@@ -117,8 +119,18 @@ class Executor:
         options = {"fullgraph": self.config.fullgraph, "backend": self.config.backend}
         if self.mode == "cuda_graphs":
             options["mode"] = "reduce-overhead"
-        self._compiled = torch.compile(model.forward_fed, **options)
-        self._compiled_reused = torch.compile(model.forward_reused, **options)
+        # unbound (the model is an argument): the executor, kept per model in a weak mapping, must not
+        # hold the model alive
+        self._compiled = torch.compile(_own_code(type(model).forward_fed), **options)
+        self._compiled_reused = torch.compile(_own_code(type(model).forward_reused), **options)
+
+
+def _own_code(function):
+    """A copy of `function` with its own code object. Dynamo keeps compiled graphs per code object
+    and stops compiling one after `recompile_limit` graphs; with a copy per executor that limit
+    counts this model's shapes only, not every model a long-lived process has compiled."""
+    return types.FunctionType(function.__code__.replace(), function.__globals__, function.__name__,
+                              function.__defaults__, function.__closure__)
 
 
 def _compiled_graphs() -> int:

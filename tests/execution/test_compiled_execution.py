@@ -9,12 +9,16 @@ a left-padded batch of two prompts.
 
 from __future__ import annotations
 
+import gc
+import weakref
 from pathlib import Path
 
 import pytest
+import torch
 
 from dare_pipeline import Pipeline, Recipe
 from dare_pipeline.config_loading import ConfigError
+from dare_pipeline.execution import executor as executor_module
 from dare_pipeline.testing import tiny_model
 
 RECIPES = sorted((Path(__file__).parents[2] / "recipes").glob("*.yaml"))
@@ -106,8 +110,31 @@ def test_threshold_zero_with_a_row_budget_is_the_recipe_without_the_plugin(golde
     model = golden_models[family]
     recipe = Path(__file__).parents[2] / "recipes" / "dual_cache.yaml"
     plain = _decode(model, recipe, [])
-    captured = _decode(model, recipe, ["execution.mode=compiled", "execution.backend=aot_eager",
-                                       f"plugins=[{{name: dual_cache}}, {{name: {name}, threshold: 0.0, "
-                                       f"row_budget: 0.25}}]"])
+    plugins = f"plugins=[{{name: dual_cache}}, {{name: {name}, threshold: 0.0, row_budget: 0.25}}]"
+    captured = _decode(model, recipe, ["execution.mode=compiled", "execution.backend=aot_eager", plugins])
     assert captured.sequences == plain.sequences and captured.unmask_step == plain.unmask_step
     assert captured.stats.plugins[name]["rows_reused"] == 0
+
+
+def test_a_compiled_executor_does_not_keep_its_model_alive():
+    model = tiny_model("llada", seed=1, d_model=40, n_layers=2)
+    alive = weakref.ref(model)
+    pipe = Pipeline(model, {"generation": {"gen_length": 8, "block_length": 8, "steps": 8},
+                            "plugins": [{"name": "dare_kv"}], "execution": {"mode": "compiled", "backend": "aot_eager"}})
+    pipe.generate([[1, 2, 3]])
+    del pipe, model
+    gc.collect()
+    assert alive() is None
+
+
+def test_each_model_has_its_own_recompile_limit(monkeypatch):
+    """Dynamo stops compiling a code object after `recompile_limit` graphs; many models in one process
+    (a test suite, a server) must not use up each other's."""
+    monkeypatch.setattr(executor_module, "_RECOMPILE_LIMIT", 2)
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
+    gen = {"gen_length": 8, "block_length": 8, "steps": 8}
+    for width in (24, 32, 40, 56):  # four architectures: one graph each, more than the limit together
+        model = tiny_model("dream", seed=2, d_model=width, n_heads=4, n_layers=1)
+        out = Pipeline(model, {"generation": gen, "execution": {"mode": "compiled", "backend": "aot_eager"}}) \
+            .generate([[1, 2, 3]])
+        assert out.stats.execution["compiles"] >= 1

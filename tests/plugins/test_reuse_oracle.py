@@ -112,11 +112,22 @@ def _flat(q):
     return q.transpose(1, 2).reshape(b, n, heads * hd).float()
 
 
-@pytest.mark.parametrize("execution", MODES, ids=lambda e: e["mode"])
-@pytest.mark.parametrize("family", ["llada", "dream"])
-# 0.3: drift decides; 1e9: only a changed token (or the first forward) makes a row recompute
-@pytest.mark.parametrize("name, kind, threshold", [("dare_kv", "kv", 0.3), ("dare_o", "o", 0.3),
-                                                   ("dare_kv", "kv", 1e9), ("dare_o", "o", 1e9)])
+EAGER, CAPTURED = MODES
+
+
+def _cases():
+    """Every plugin x family x threshold eagerly (0.3: drift decides; 1e9: only a changed token or the
+    first forward makes a row recompute); the captured path once per plugin (compiling is slow here,
+    and test_compiled_execution already holds every recipe's captured tokens to the eager ones)."""
+    for name, kind in (("dare_kv", "kv"), ("dare_o", "o")):
+        for family in ("llada", "dream"):
+            for threshold in (0.3, 1e9):
+                yield pytest.param(name, kind, threshold, family, EAGER, id=f"{name}-{family}-{threshold:g}-eager")
+        family = "llada" if name == "dare_kv" else "dream"
+        yield pytest.param(name, kind, 0.3, family, CAPTURED, id=f"{name}-{family}-0.3-compiled")
+
+
+@pytest.mark.parametrize("name, kind, threshold, family, execution", _cases())
 def test_plugin_logits_equal_the_oracles(name, kind, threshold, family, execution, monkeypatch):
     model = _model(family)
     pipe = Pipeline(model, {"generation": GEN, "execution": execution,
@@ -224,8 +235,8 @@ class DllmOracle:
         return model._head(x if head_rows is None else x[:, head_rows])
 
 
-@pytest.mark.parametrize("execution", MODES, ids=lambda e: e["mode"])
-@pytest.mark.parametrize("family", ["llada", "dream"])
+@pytest.mark.parametrize("family, execution", [("llada", EAGER), ("dream", EAGER), ("llada", CAPTURED)],
+                         ids=["llada-eager", "dream-eager", "llada-compiled"])
 def test_dllm_cache_logits_equal_the_oracles(family, execution, monkeypatch):
     model = _model(family)
     options = {"name": "dllm_cache", "prompt_interval": 5, "response_interval": 3, "ratio": 0.25}
