@@ -26,8 +26,11 @@ RECIPES = {
     "+ dare_kv (recompute_at_refresh)": CACHE_THRESHOLD + [{"name": "dare_kv", "threshold": 0.1,
                                                             "recompute_at_refresh": True}],
     "+ dare_o": CACHE_THRESHOLD + [{"name": "dare_o", "threshold": 0.1}],
+    "+ dare_o (recompute_block: false)": CACHE_THRESHOLD + [{"name": "dare_o", "threshold": 0.1,
+                                                             "recompute_block": False}],
     "+ dare_o (recompute_at_refresh)": CACHE_THRESHOLD + [{"name": "dare_o", "threshold": 0.1,
                                                            "recompute_at_refresh": True}],
+    "+ dare_o 0.3": CACHE_THRESHOLD + [{"name": "dare_o", "threshold": 0.3}],
     "dual_cache + dare_kv": [{"name": "dual_cache"}, {"name": "dare_kv", "threshold": 0.1}],
 }
 

@@ -8,6 +8,7 @@ L = keys attended over = the canvas length, padding included; a multiply-add cou
     attn  4 * L * d + 2 * d * d          scores (2 L d) and weighted values (2 L d) over all heads,
                                          then the output projection
     ffn   6 * d * f                      SwiGLU: gate, up and down projections
+    v     2 * d * d_kv                   a value projection alone (dLLM-Cache's V-verify)
 
 plus, per LM-head row (the rows whose logits are read: the current block's columns, per forward
 and per model batch row), `2 * d * V` with V the LM head's output rows (`embedding_size`).
@@ -19,7 +20,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-SUB_OPS = ("q", "kv", "attn", "ffn")
+ROW_OPS = ("q", "kv", "attn", "ffn")  # what a plain forward computes for every row
+SUB_OPS = (*ROW_OPS, "v")
 
 
 def per_row(config, key_length: int) -> dict[str, int]:
@@ -31,20 +33,22 @@ def per_row(config, key_length: int) -> dict[str, int]:
         "kv": 2 * 2 * d * d_kv,
         "attn": 4 * key_length * d + 2 * d * d,
         "ffn": 6 * d * config.ffn_hidden,
+        "v": 2 * d * d_kv,
         "lm_head": 2 * d * config.embedding_size,
     }
 
 
 def _totals(layer_rows) -> dict[str, int]:
-    """Rows per sub-operation summed over layers, from a (n_layers, 4) tensor, a list of
-    [q, kv, attn, ffn] rows, a list of {sub_op: rows} dicts, or an already summed mapping."""
+    """Rows per sub-operation summed over layers, from a (n_layers, 5) tensor, a list of
+    [q, kv, attn, ffn, v] rows (4 in results written before `v` was counted), a list of
+    {sub_op: rows} dicts, or an already summed mapping."""
     if isinstance(layer_rows, Mapping):
         return {op: int(layer_rows.get(op, 0)) for op in SUB_OPS}
     if hasattr(layer_rows, "tolist"):
         layer_rows = layer_rows.tolist()
     out = dict.fromkeys(SUB_OPS, 0)
     for row in layer_rows:
-        values = [row[op] for op in SUB_OPS] if isinstance(row, Mapping) else row
+        values = [row.get(op, 0) for op in SUB_OPS] if isinstance(row, Mapping) else row
         for op, v in zip(SUB_OPS, values):
             out[op] += int(v)
     return out
@@ -67,7 +71,7 @@ def full_recompute(config, forwards: int, rows_per_forward: int, key_length: int
     """FLOPs of `forwards` plain forwards of `rows_per_forward` rows each (every row through every
     sub-operation of every layer): the reference a reuse fraction or FLOPs saving is measured against."""
     rows = forwards * rows_per_forward * config.n_layers
-    return estimate(config, {op: rows for op in SUB_OPS}, key_length, head_rows)
+    return estimate(config, {op: rows for op in ROW_OPS}, key_length, head_rows)
 
 
 def add(a: dict[str, int], b: Mapping[str, int]) -> dict[str, int]:
@@ -87,4 +91,4 @@ def format_flops(value: float | None) -> str:
     return f"{value:.0f} FLOP"
 
 
-__all__: Sequence[str] = ("SUB_OPS", "add", "estimate", "format_flops", "full_recompute", "per_row")
+__all__: Sequence[str] = ("ROW_OPS", "SUB_OPS", "add", "estimate", "format_flops", "full_recompute", "per_row")

@@ -76,6 +76,11 @@ class LayerReuse:
         default; fewer is what saves work in a compiled forward)."""
         return rows
 
+    def value_rows(self, layer: int, batch: int) -> int:
+        """Value projections this object computes itself at `layer` in the current forward (e.g.
+        dLLM-Cache's V-verify), so the stats count them (sub-operation `v`); known on the host."""
+        return 0
+
     def layer_rows(self, call: LayerCall, x: torch.Tensor) -> torch.Tensor | None:
         return None
 
@@ -121,6 +126,9 @@ class ReuseSet:
     def capacity(self, decision: str, layer: int, rows: int) -> int:
         owner = self._owner.get(decision)
         return rows if owner is None else min(rows, owner.capacity(decision, layer, rows))
+
+    def value_rows(self, layer: int, batch: int) -> int:
+        return sum(obj.value_rows(layer, batch) for obj in self.objects)
 
     def layer_rows(self, call, x):
         owner = self._owner.get("layer_rows")

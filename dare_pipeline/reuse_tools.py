@@ -26,7 +26,7 @@ WHOLE_LAYER_REUSE = ("dLLM-Cache already decides per layer which rows recompute 
                      "dLLM-Cache's interval refreshes")
 
 # why a running row was recomputed, first matching reason wins (see QueryDrift.report)
-REASONS = ("refresh", "exempt", "no_entry", "token_changed", "drift")
+REASONS = ("refresh", "exempt", "no_entry", "token_changed", "block", "drift")
 
 
 def layer_indices(instance, attribute, value):
@@ -62,6 +62,9 @@ class QueryDrift:
         # recompute every row at the row feeder's refreshes too (otherwise the references and cached
         # rows outlive them, and a refresh recomputes only the rows the rule asks for)
         self.recompute_at_refresh = getattr(options, "recompute_at_refresh", False)
+        # the rows of the block being decoded always recompute (see `set_block`)
+        self.recompute_block = getattr(options, "recompute_block", False)
+        self.block = torch.zeros(real.shape[1], dtype=torch.bool, device=real.device)
         # under capture: the fraction of running rows a layer may recompute (None: all of them)
         self.row_budget = getattr(options, "row_budget", None)
         self.real = real  # (B, L) bool: not padding
@@ -79,6 +82,12 @@ class QueryDrift:
             store.field(self.ref_field, layer, q_dim, dtype)
             store.field(self.token_field, layer, 1, torch.long)
         self.counts = store.buffer(f"{self.prefix}.counts", tuple(self.counts.shape), torch.long)
+        self.block = store.buffer(f"{self.prefix}.block", tuple(self.block.shape), torch.bool)
+
+    def set_block(self, columns: slice) -> None:
+        """The canvas columns of the block being decoded (at each block start, on the host)."""
+        self.block.zero_()
+        self.block[columns] = True
 
     def begin_forward(self, refresh: bool, step: int) -> None:
         """Decide on the host whether this forward recomputes every row (see `_forced`)."""
@@ -127,8 +136,8 @@ class QueryDrift:
         forced = self._forced(call)
         if forced or layer in self.exempt:
             recompute = None
-            counts = [n_real, zero, n_real, zero, zero, zero, zero, zero] if forced else \
-                [n_real, zero, zero, n_real, zero, zero, zero, zero]
+            counts = [n_real, zero, n_real, zero, zero, zero, zero, zero, zero] if forced else \
+                [n_real, zero, zero, n_real, zero, zero, zero, zero, zero]
         else:
             has = entry[:, cols] & store.written(self.ref_field, layer)[:, cols]
             same = last_token[:, cols, 0] == tokens
@@ -136,13 +145,18 @@ class QueryDrift:
             drift = torch.linalg.vector_norm(qf.float() - q_ref, dim=-1) / \
                 torch.linalg.vector_norm(q_ref, dim=-1).clamp_min(torch.finfo(torch.float).tiny)
             close = drift < self.threshold
-            reuse = has & same & close
+            valid = has & same
+            in_block = zero.bool()  # a 0-d False: no row is held back for being in the block
+            if self.recompute_block:
+                in_block = self.block[cols][None]
+                valid = valid & ~in_block
+            reuse = valid & close
             over = zero
             if call.capture and self.capacity(layer, m) < m:
-                reuse, over_rows = _within_capacity(reuse, has & same, drift, self.capacity(layer, m))
+                reuse, over_rows = _within_capacity(reuse, valid, drift, self.capacity(layer, m))
                 over = (over_rows & real).sum()
             counts = [n_real, (reuse & real).sum(), zero, zero, (~has & real).sum(), (has & ~same & real).sum(),
-                      (has & same & ~close & real).sum(), over]
+                      (has & same & in_block & real).sum(), (valid & ~close & real).sum(), over]
             # eager: skip the gathers when nothing is reused (a host read; under capture always a mask)
             recompute = ~reuse if call.capture or bool(reuse.any()) else None
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 import attrs
 import torch
 
-SUB_OPS = ("q", "kv", "attn", "ffn")
+# the four sub-operations a row runs through a layer, then value projections computed outside the
+# K/V path (dLLM-Cache's V-verify computes values to compare, which no row runs through)
+ROW_OPS = ("q", "kv", "attn", "ffn")
+SUB_OPS = (*ROW_OPS, "v")
 
 
 class RowCounter:

@@ -59,6 +59,8 @@ class DareKVOptions:
     # also recompute every row at each cache refresh (the row feeder's, or each block's first forward
     # without one); off: the cached rows outlive refreshes, which is where reuse pays with a cache
     recompute_at_refresh: bool = False
+    # the rows of the block being decoded always recompute; off: stale keys of the block's rows barely move its predictions
+    recompute_block: bool = False
     # also compute the exact values of reused rows and report their relative error (slower; the
     # decode still uses the reused values; runs eagerly, it is not capturable)
     shadow: bool = False
@@ -119,6 +121,10 @@ class DareKV(Plugin):
         cfg = state.model.config
         self.drift.prepare(state.store, cfg.n_heads * cfg.head_dim, state.model.dtype)
         self.shadow = ShadowLog(n_layers) if self.options.shadow else None
+
+    @hookimpl
+    def dare_block_start(self, state):
+        self.drift.set_block(state.block_columns)
 
     @hookimpl
     def dare_layer_reuse(self, state):

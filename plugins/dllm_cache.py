@@ -114,6 +114,11 @@ class _LayerCache(LayerReuse):
             response = min(response, self.n_verify * sum(k in (PROMPT, NONE) for k in kinds))
         return min(rows, prompt + response)
 
+    def value_rows(self, layer, batch):
+        """V-verify's value projections: every response row of the batch where a prompt verifies."""
+        verifies = self.n_verify > 0 and any(k[layer] in (PROMPT, NONE) for k in self.kinds)
+        return batch * (self.length - self.prompt_end) if verifies else 0
+
     def layer_rows(self, call, x):
         p, layer = self.p, call.layer
         if x.shape[1] != self.length:

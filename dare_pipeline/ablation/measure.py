@@ -14,7 +14,7 @@ import torch
 from .. import flops as flops_mod
 from ..evaluation.lm_eval_model import DareLM, DecodingStats
 from ..hookspecs import hookimpl
-from ..stats import SUB_OPS
+from ..stats import ROW_OPS, SUB_OPS
 
 # plugin numbers whose name says they are a fraction, a rate or a setting (reuse_fraction, threshold,
 # interval): averaged over generations (weighted by prompts); every other number is a count and summed
@@ -110,9 +110,9 @@ class RunStats(DecodingStats):
         """1 - computed / fed rows (per sub-operation: rows that entered the model but skipped it),
         1 - computed / full-canvas rows (against plain forwards at the same NFE), the same for FLOPs,
         and the plugins' own fractions."""
-        fed = {op: (1 - self.rows[op] / self.rows_fed_layers) if self.rows_fed_layers else None for op in SUB_OPS}
+        fed = {op: (1 - self.rows[op] / self.rows_fed_layers) if self.rows_fed_layers else None for op in ROW_OPS}
         canvas = {op: (1 - self.rows[op] / self.canvas_rows_layers) if self.canvas_rows_layers else None
-                  for op in SUB_OPS}
+                  for op in ROW_OPS}
         full = self.flops_full.get("total", 0)
         return {"fed": fed, "canvas": canvas,
                 "flops": (1 - self.flops.get("total", 0) / full) if full else None,

@@ -300,7 +300,8 @@ class DiffusionTransformer(nn.Module):
             store.write(FFN_OUT, i, where, f, run_sub)
         xa = xa + f
         if counters is not None:  # what ran: a row any batch element needs is computed for all of them
-            counters.add(i, (batch * active, batch * kv_count, batch * attn_count, batch * active))
+            counters.add(i, (batch * active, batch * kv_count, batch * attn_count, batch * active,
+                             reuse.value_rows(i, batch)))
         if idx is None:
             return xa
         out = x + store.read(ATTN_OUT, i, fed_where) + store.read(FFN_OUT, i, fed_where)
@@ -332,5 +333,5 @@ def _count_captured(counters, reuse: ReuseSet, n_layers: int, batch: int, rows: 
     for i in range(n_layers):
         active = reuse.capacity("layer_rows", i, rows)
         counters.add(i, (batch * active, batch * reuse.capacity("kv_rows", i, active),
-                         batch * reuse.capacity("attn_rows", i, active), batch * active))
+                         batch * reuse.capacity("attn_rows", i, active), batch * active, reuse.value_rows(i, batch)))
 

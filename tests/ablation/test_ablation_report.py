@@ -19,7 +19,7 @@ def test_flops_per_row_formula():
     d, f, v, length = 48, 96, 64, 100
     cost = flops.per_row(cfg, length)
     assert cost == {"q": 2 * d * d, "kv": 2 * 2 * d * 24, "attn": 4 * length * d + 2 * d * d, "ffn": 6 * d * f,
-                    "lm_head": 2 * d * v}
+                    "v": 2 * d * 24, "lm_head": 2 * d * v}
     rows = torch.tensor([[10, 4, 3, 10], [10, 0, 10, 10]])  # (layers, [q, kv, attn, ffn])
     est = flops.estimate(cfg, rows, length, head_rows=5)
     assert est["q"] == 20 * cost["q"] and est["kv"] == 4 * cost["kv"] and est["attn"] == 13 * cost["attn"]
@@ -30,7 +30,9 @@ def test_flops_per_row_formula():
     assert flops.estimate(cfg, as_dicts, length, 5) == est
     assert flops.estimate(cfg, {"q": 20, "kv": 4, "attn": 13, "ffn": 20}, length, 5) == est
     full = flops.full_recompute(cfg, forwards=2, rows_per_forward=5, key_length=length, head_rows=5)
-    assert full == flops.estimate(cfg, torch.full((2, 4), 10), length, 5)
+    assert full == flops.estimate(cfg, torch.full((2, 4), 10), length, 5)  # no value-only rows in a plain forward
+    with_v = flops.estimate(cfg, torch.tensor([[10, 4, 3, 10, 7], [10, 0, 10, 10, 0]]), length, 5)
+    assert with_v["v"] == 7 * cost["v"] and with_v["total"] == est["total"] + 7 * cost["v"]
     assert flops.format_flops(2.5e9) == "2.50 GFLOP"
 
 

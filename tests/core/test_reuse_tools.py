@@ -135,7 +135,8 @@ def test_query_drift_mandatory_recomputes_and_threshold():
     assert torch.equal(ref[:, :, 2], q2[:, :, 2]) and torch.equal(ref[:, :, 1], q[:, :, 1])
     assert store.read("t.token", 1, slice(0, 6))[0, :, 0].tolist() == [1, 2, 3, 9, 5, 6]
     report = drift.report("kv")
-    assert report["recompute_reasons"] == {"refresh": 6, "exempt": 0, "no_entry": 1, "token_changed": 1, "drift": 1}
+    assert report["recompute_reasons"] == {"refresh": 6, "exempt": 0, "no_entry": 1, "token_changed": 1, "block": 0,
+                                            "drift": 1}
     assert report["per_layer"][1] == {"layer": 1, "eligible": 12, "reused": 3, "reuse_fraction": 0.25,
                                       "recomputed": {"q": 12, "kv": 9}}
 

@@ -29,6 +29,7 @@ import torch
 
 from dare_pipeline import Pipeline, Recipe
 from dare_pipeline.registry import available_plugins, registered
+from dare_pipeline.stats import SUB_OPS
 from dare_pipeline.testing import CrashAtStep, commit_order, random_prompts, tiny_model
 
 torch.set_num_threads(1)
@@ -104,7 +105,7 @@ def test_stats_are_complete_and_reset_between_generations(name, family):
     assert stats.nfe > 0 and stats.steps == stats.nfe
     assert len(stats.tokens_per_step) == len(prompts)
     assert all(sum(t) == GEN["gen_length"] for t in stats.tokens_per_step)
-    assert stats.layer_rows.shape == (_model(family).config.n_layers, 4) and int(stats.layer_rows.sum()) > 0
+    assert stats.layer_rows.shape == (_model(family).config.n_layers, len(SUB_OPS)) and int(stats.layer_rows.sum()) > 0
     assert len(stats.generated_tokens) == len(prompts)
     if callable(getattr(_cls(name), "dare_report_stats", None)):
         assert isinstance(stats.plugins.get(name), dict), f"{name} implements dare_report_stats but reported nothing"

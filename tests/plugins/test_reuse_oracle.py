@@ -57,8 +57,9 @@ def _record_forwards(model, monkeypatch):
 class Oracle:
     """Every row computed; cached rows substituted by the rule (kind: 'kv' or 'o')."""
 
-    def __init__(self, model, kind: str, threshold: float, exempt: tuple[int, ...]):
+    def __init__(self, model, kind: str, threshold: float, exempt: tuple[int, ...], recompute_block: bool):
         self.model, self.kind, self.threshold, self.exempt = model, kind, threshold, set(exempt)
+        self.recompute_block = recompute_block
         self.cache: dict[int, dict] = {}  # per layer: reference query, token, cached values
         self.reused_real = 0  # reused rows that are not padding (what the plugin counts)
 
@@ -71,6 +72,8 @@ class Oracle:
             h = layer.attn_norm(x)
             q = layer.project_q(h, cos, sin)
             keep = self._keep(i, q, tokens)
+            if self.recompute_block:
+                keep = keep & ~_current_block(tokens, model.config.mask_token_id)
             k, v = layer.project_kv(h, cos, sin)
             if self.kind == "kv":
                 k, v = self._substitute(i, keep, [k, v], row_dim=2)
@@ -107,6 +110,17 @@ class Oracle:
         entry["token"] = torch.where(keep, entry["token"], tokens) if "token" in entry else tokens.clone()
 
 
+def _current_block(tokens, mask_id):
+    """(1, L) bool: the columns of the block being decoded, the first block of the answer (the last
+    GEN["gen_length"] columns) that still holds a mask token in some prompt."""
+    start = tokens.shape[1] - GEN["gen_length"]
+    masked = (tokens[:, start:] == mask_id).any(0).view(-1, GEN["block_length"]).any(-1)
+    block = int(masked.float().argmax())
+    out = torch.zeros(1, tokens.shape[1], dtype=torch.bool)
+    out[:, start + block * GEN["block_length"]: start + (block + 1) * GEN["block_length"]] = True
+    return out
+
+
 def _flat(q):
     b, heads, n, hd = q.shape
     return q.transpose(1, 2).reshape(b, n, heads * hd).float()
@@ -135,8 +149,8 @@ def test_plugin_logits_equal_the_oracles(name, kind, threshold, family, executio
     pipe.generate(_prompts())  # warm-up (compiles in the captured mode)
     calls = _record_forwards(model, monkeypatch)
     out = pipe.generate(_prompts())
-    exempt = pipe.plugins[-1].options.exempt_layers
-    oracle = Oracle(model, kind, threshold, exempt)
+    options = pipe.plugins[-1].options
+    oracle = Oracle(model, kind, threshold, options.exempt_layers, options.recompute_block)
     for step, (tokens, fed, positions, key_mask, head_rows, logits) in enumerate(calls):
         assert fed == slice(0, tokens.shape[1])  # no row feeder: the whole canvas every forward
         expected = oracle.forward(tokens, positions, key_mask, head_rows)
@@ -147,7 +161,7 @@ def test_plugin_logits_equal_the_oracles(name, kind, threshold, family, executio
 
 
 # ---- counted work is work done -----------------------------------------------------------------------
-COUNTED = {"q": "q_proj", "kv": "k_proj", "attn": "o_proj", "ffn": "gate_proj"}
+COUNTED = {"q": "q_proj", "kv": "k_proj", "attn": "o_proj", "ffn": "gate_proj", "v": "v_proj"}
 
 
 @pytest.mark.parametrize("family", ["llada", "dream"])
@@ -159,9 +173,9 @@ COUNTED = {"q": "q_proj", "kv": "k_proj", "attn": "o_proj", "ffn": "gate_proj"}
     ([{"name": "prefix_cache"}, {"name": "dare_o", "threshold": 0.3}], "attn"),
 ])
 def test_rows_counted_are_rows_that_entered_the_projections(plugins, saves, family):
-    """Counting wrappers around the projections see exactly the rows the stats report, and fewer
-    than were fed for the sub-operation the plugin skips: a plugin that computes every row and then
-    overwrites the reused ones fails here."""
+    """Counting wrappers around the projections see exactly the rows the stats report (V-verify's
+    value projections included), and fewer than were fed for the sub-operation the plugin skips: a
+    plugin that computes every row and then overwrites the reused ones fails here."""
     model = _model(family)
     seen = {sub: [0] * len(model.layers) for sub in COUNTED}
     handles = []
@@ -177,8 +191,10 @@ def test_rows_counted_are_rows_that_entered_the_projections(plugins, saves, fami
             handle.remove()
     counted = out.stats.rows_by_layer()
     for i in range(len(model.layers)):
-        for sub in COUNTED:
+        for sub in ("q", "kv", "attn", "ffn"):
             assert seen[sub][i] == counted[i][sub], (i, sub)
+        # values are projected with the keys, and alone by dLLM-Cache's V-verify (counted as `v`)
+        assert seen["v"][i] == counted[i]["kv"] + counted[i]["v"], i
     fed = out.stats.rows_fed * len(model.layers)
     assert sum(seen[saves]) < fed  # the plugin really skipped rows of its sub-operation
 

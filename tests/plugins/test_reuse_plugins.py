@@ -59,8 +59,8 @@ def test_changed_tokens_missing_entries_and_refreshes_are_always_recomputed(name
 
     monkeypatch.setattr(QueryDrift, "decide", spy)
     model = tiny_model("llada", seed=4, n_layers=3)
-    _run(model, [{"name": name, "threshold": 1e9, "exempt_layers": [], "recompute_at_refresh": at_refresh}],
-         [[5, 6, 7]])
+    _run(model, [{"name": name, "threshold": 1e9, "exempt_layers": [], "recompute_at_refresh": at_refresh,
+                  "recompute_block": False}], [[5, 6, 7]])
     previous = {}
     checked = refreshes_reusing = 0
     for step, layer, refresh, active, tokens, recompute in calls:
@@ -78,7 +78,8 @@ def test_changed_tokens_missing_entries_and_refreshes_are_always_recomputed(name
 
 @pytest.mark.parametrize("name", DARE)
 def test_rows_are_reused_when_queries_barely_move(name):
-    out = _run(_still_model(), [{"name": name, "threshold": 0.05}], random_prompts(2, 62, seed=1))
+    out = _run(_still_model(), [{"name": name, "threshold": 0.05, "recompute_block": False}],
+               random_prompts(2, 62, seed=1))
     report = out.stats.plugins[name]
     assert report["reuse_fraction"] > 0.5
     assert report["recompute_reasons"]["token_changed"] > 0
@@ -87,6 +88,27 @@ def test_rows_are_reused_when_queries_barely_move(name):
     assert int(out.stats.layer_rows[:, sub].sum()) < int(out.stats.layer_rows[:, 0].sum())
     assert report["rows_eligible"] - report["rows_reused"] == sum(
         layer["recomputed"]["kv" if name == "dare_kv" else "attn"] for layer in report["per_layer"])
+
+
+@pytest.mark.parametrize("name", DARE)
+def test_rows_of_the_block_being_decoded_always_recompute_with_recompute_block(name, monkeypatch):
+    seen = []
+    decide = QueryDrift.decide
+
+    def spy(self, call, q, entry):
+        mask = decide(self, call, q, entry)
+        if mask is not None:
+            seen.append((self.block[call.active].clone(), mask.clone()))
+        return mask
+
+    monkeypatch.setattr(QueryDrift, "decide", spy)
+    out = _run(_still_model(), [{"name": name, "threshold": 0.5, "recompute_block": True}], random_prompts(2, 62, seed=1))
+    assert seen and all(bool(mask[:, block].all()) for block, mask in seen)  # every block row recomputes
+    assert any(bool((~mask[:, ~block]).any()) for block, mask in seen)  # the others may be reused
+    report = out.stats.plugins[name]
+    assert report["recompute_reasons"]["block"] > 0 and report["rows_reused"] > 0
+    assert available_plugins()["dare_o"].Options().recompute_block is True
+    assert available_plugins()["dare_kv"].Options().recompute_block is False
 
 
 @pytest.mark.parametrize("name", DARE)
