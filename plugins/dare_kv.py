@@ -25,7 +25,8 @@ report their relative error per layer and forward; the decode still uses the reu
 Stats (under `dare_kv`): threshold, rows_eligible / rows_reused / reuse_fraction (running real rows
 over all layers and forwards; padding is never counted), per_layer (eligible, reused,
 reuse_fraction, recomputed {q, kv}), recompute_reasons (refresh, exempt, no_entry,
-token_changed, drift), and `shadow` in shadow mode.
+token_changed, block, drift), row_budget and reused_over_budget (compiled execution), and `shadow`
+in shadow mode.
 """
 
 from __future__ import annotations

@@ -8,8 +8,10 @@ the others recompute it and take q as their new reference. Keys and values are s
 every running row. Always recomputed: rows whose token changed since their last recompute at that
 layer, rows without a cached attention output, every row at the generation's first forward and
 every `refresh_every` forwards (and, with `recompute_at_refresh`, at each cache refresh: the row
-feeder's, or each block's first forward without one), and every row of `exempt_layers`. Strict
-`<`: threshold 0 reuses nothing and reproduces the recipe without this plugin token for token.
+feeder's, or each block's first forward without one), every row of `exempt_layers`, and (with
+`recompute_block`, the default) the rows of the block being decoded: reusing their attention
+output would hide the tokens just committed beside them (docs/reuse.md). Strict `<`: threshold 0
+reuses nothing and reproduces the recipe without this plugin token for token.
 
 The reference query and the token are kept in the activation store (`dare_o.q_ref`,
 `dare_o.token`), the attention outputs in ATTN_OUT; the plugin holds counters only.
@@ -24,7 +26,8 @@ rows and report its relative error per layer and forward; the decode still uses 
 Stats (under `dare_o`): threshold, rows_eligible / rows_reused / reuse_fraction (running real rows
 over all layers and forwards; padding is never counted), per_layer (eligible, reused,
 reuse_fraction, recomputed {q, attn}), recompute_reasons (refresh, exempt, no_entry,
-token_changed, drift), and `shadow` in shadow mode.
+token_changed, block, drift), row_budget and reused_over_budget (compiled execution), and `shadow`
+in shadow mode.
 """
 
 from __future__ import annotations
