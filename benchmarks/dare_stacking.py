@@ -3,6 +3,7 @@ reuse and exact matches for a few recipes over held-out problems (the first N of
 
     python benchmarks/dare_stacking.py                      # one problem per family, gen_length 64
     python benchmarks/dare_stacking.py --per-family 5 --gen-length 256
+    python benchmarks/dare_stacking.py --per-family 125 --recipes "dual_cache + threshold" "+ dare_kv" "+ dare_o"
 
 FLOPs are estimated from the rows each sub-operation computed (dare_pipeline/flops.py), so they
 count what ran; reuse is rows reused over rows eligible (the plugins' own counters).
@@ -63,6 +64,7 @@ def main(argv=None) -> int:
     ap.add_argument("--per-family", type=int, default=1)
     ap.add_argument("--gen-length", type=int, default=64)
     ap.add_argument("--block-length", type=int, default=32)
+    ap.add_argument("--recipes", nargs="*", choices=list(RECIPES), help="a subset of the rows (default: all)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     model = load_model("default")
@@ -74,10 +76,12 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|")
     reference = None
     for name, plugins in RECIPES.items():
+        if args.recipes and name not in args.recipes:
+            continue
         m = measure(model, plugins, probs, gen)
         reference = reference or m["gflops"]
         print(f"| {name} | {m['nfe']} | {m['gflops']:.2f} | {reference / m['gflops']:.3f}x | "
-              f"{100 * m['reuse']:.1f} % | {m['exact']}/{len(probs)} |")
+              f"{100 * m['reuse']:.1f} % | {m['exact']}/{len(probs)} |", flush=True)
     return 0
 
 
