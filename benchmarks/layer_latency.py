@@ -63,7 +63,8 @@ class Condition:
         module = self.model.layers[self.layer]
         tokens = torch.zeros(1, self.fed.stop - self.fed.start, dtype=torch.long)
         call = LayerCall(layer=self.layer, module=module, store=self.store, fed=self.fed, tokens=tokens,
-                         refresh=refresh, step=self.step, key_mask=None, rope=(self.cos, self.sin))
+                         refresh=refresh, step=self.step, key_mask=None, rope=(self.cos, self.sin),
+                         cols=torch.arange(self.fed.start, self.fed.stop, device=self.x.device))
         self.step += 1
         return self.model._layer_rows(module, call, self.x, self.cos, self.sin, None, self.reuse, None)
 
