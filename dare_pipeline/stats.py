@@ -50,7 +50,7 @@ class RowCounter:
         self._pending = []
 
     def totals(self) -> torch.Tensor:
-        """(n_layers, 4) long tensor on the CPU (synchronises with the device once)."""
+        """(n_layers, len(SUB_OPS)) long tensor on the CPU (synchronises with the device once)."""
         self._fold()
         out = torch.tensor(self._host, dtype=torch.long)
         if self._folded is not None:
@@ -93,7 +93,7 @@ class GenerationStats:
 
     @property
     def layer_rows(self) -> torch.Tensor:
-        """(n_layers, 4) rows computed per layer and sub-operation (CPU tensor)."""
+        """(n_layers, len(SUB_OPS)) rows computed per layer and sub-operation (CPU tensor)."""
         return self.row_counter.totals()
 
     @property

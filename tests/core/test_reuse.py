@@ -98,8 +98,9 @@ def test_row_counter_sums_host_and_device_counts_alike(monkeypatch):
     for step in range(5):
         counter.add(0, (4, torch.tensor(3), 4, torch.tensor(step)))
         counter.add(1, (torch.tensor(2), 1, 0, 5))
-    assert counter.totals().tolist() == [[20, 15, 20, 10], [10, 5, 0, 25]]
-    assert counter.totals().tolist() == [[20, 15, 20, 10], [10, 5, 0, 25]]  # reading twice changes nothing
+    counter.add(1, (0, 0, 0, 0, torch.tensor(7)))  # value-only rows (V-verify): the fifth column
+    assert counter.totals().tolist() == [[20, 15, 20, 10, 0], [10, 5, 0, 25, 7]]
+    assert counter.totals().tolist() == [[20, 15, 20, 10, 0], [10, 5, 0, 25, 7]]  # reading twice changes nothing
 
 
 def test_two_owners_of_a_layer_decision_are_refused():
