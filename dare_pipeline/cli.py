@@ -99,7 +99,7 @@ def cmd_calibrate(args) -> int:
 
     _set_threads(args.threads)
     recipe = _recipe(args)
-    prompts = _read_prompts(args.prompts)
+    prompts = _read_prompts(args.prompts)[: args.limit]
     pipe = Pipeline.from_recipe(recipe, model_path=args.model)
     ids = pipe.encode(prompts, chat=args.chat)
 
@@ -325,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--prompts", required=True, help="JSONL: a JSON string, a list of token ids or {\"prompt\": ...} "
                      "per line (e.g. data/heldout.jsonl)")
     cal.add_argument("--target-reuse", type=float, required=True, help="reused / eligible rows wanted, e.g. 0.8")
+    cal.add_argument("--limit", type=int, help="the first N prompts of the file only")
     cal.add_argument("--plugin", choices=["dare_kv", "dare_o"], help="which DARE plugin (when the recipe has both)")
     cal.add_argument("--output", help="write the calibrated recipe here (atomically; default: print it)")
     cal.add_argument("--tolerance", type=float, default=0.01, help="accepted |reuse - target| (default 0.01)")

@@ -75,13 +75,14 @@ def test_cli_writes_a_recipe_that_loads(tmp_path, golden_dir, capsys):
     recipe.write_text("generation: {gen_length: 16, block_length: 8, steps: 16}\n"
                       "plugins: [{name: dual_cache}, {name: dare_kv, threshold: 0.01}]\n")
     prompts = tmp_path / "p.jsonl"
-    prompts.write_text('[5, 17, 3, 9]\n{"prompt": [40, 8, 21, 30, 2]}\n\n')
+    prompts.write_text('[5, 17, 3, 9]\n{"prompt": [40, 8, 21, 30, 2]}\n\n[7, 7, 7]\n')
     out = tmp_path / "calibrated.yaml"
     code = main(["calibrate", "--recipe", str(recipe), "--prompts", str(prompts), "--target-reuse", "0.2",
-                 "--tolerance", "0.05", "--model", str(golden_dir / "llada"), "--output", str(out)])
+                 "--tolerance", "0.05", "--model", str(golden_dir / "llada"), "--output", str(out), "--limit", "2"])
     assert code == 0, capsys.readouterr().err
     text = out.read_text()
     assert text.startswith("# dare_kv.threshold calibrated by `dare-pipeline calibrate`: target reuse 0.2")
+    assert " on 2 prompts from " in text.splitlines()[0]  # --limit: the first two of three
     loaded = Recipe.from_yaml(out)
     threshold = {p.name: p.options for p in loaded.plugins}["dare_kv"].threshold
     assert threshold != 0.01 and f"threshold {threshold:.6g} gives reuse" in capsys.readouterr().err
