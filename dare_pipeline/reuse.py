@@ -81,6 +81,11 @@ class LayerReuse:
         dLLM-Cache's V-verify), so the stats count them (sub-operation `v`); known on the host."""
         return 0
 
+    def values_fresh(self, layer: int) -> bool:
+        """Whether, at `layer` in the current forward, this object has already written every running
+        row's value into the store (from this forward's input): the model then projects keys only."""
+        return False
+
     def layer_rows(self, call: LayerCall, x: torch.Tensor) -> torch.Tensor | None:
         return None
 
@@ -129,6 +134,9 @@ class ReuseSet:
 
     def value_rows(self, layer: int, batch: int) -> int:
         return sum(obj.value_rows(layer, batch) for obj in self.objects)
+
+    def values_fresh(self, layer: int) -> bool:
+        return any(obj.values_fresh(layer) for obj in self.objects)
 
     def layer_rows(self, call, x):
         owner = self._owner.get("layer_rows")

@@ -119,6 +119,13 @@ class _LayerCache(LayerReuse):
         verifies = self.n_verify > 0 and any(k[layer] in (PROMPT, NONE) for k in self.kinds)
         return batch * (self.length - self.prompt_end) if verifies else 0
 
+    def values_fresh(self, layer):
+        """Where every prompt verifies (or waits), the rows that run are V-verify's picks, whose values
+        it has just written: the model does not project them again."""
+        kinds = [k[layer] for k in self.kinds]
+        return (self.n_verify > 0 and not self.all_rows[layer] and NONE in kinds
+                and all(k in (NONE, WAITING) for k in kinds))
+
     def layer_rows(self, call, x):
         p, layer = self.p, call.layer
         if x.shape[1] != self.length:

@@ -66,9 +66,13 @@ class TransformerLayer(nn.Module):
         """Values (B, kv_heads, n, hd): no rotation, so they can be compared across steps directly."""
         return self._heads(self.v_proj(h), self.n_kv_heads)
 
+    def project_k(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotated keys (B, kv_heads, n, hd)."""
+        return apply_rope(self._heads(self.k_proj(h), self.n_kv_heads), cos, sin)
+
     def project_kv(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotated keys and values (B, kv_heads, n, hd)."""
-        return apply_rope(self._heads(self.k_proj(h), self.n_kv_heads), cos, sin), self.project_v(h)
+        return self.project_k(h, cos, sin), self.project_v(h)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
         """Attention rows for queries q over keys k/v, through the output projection: (B, n, d)."""
@@ -263,9 +267,13 @@ class DiffusionTransformer(nn.Module):
 
         # 2. keys and values: recompute the chosen rows, write them into the store, attend over it
         kv = reuse.kv_rows(call, q)
+        fresh_values = reuse.values_fresh(i)  # a reuse object already wrote every running row's value
         if kv is None:
             _check_full(call, reuse, "kv_rows", active)
-            k, v = layer.project_kv(h, cos_a, sin_a)
+            if fresh_values:
+                k, v = layer.project_k(h, cos_a, sin_a), store.values(i)[:, :, where]
+            else:
+                k, v = layer.project_kv(h, cos_a, sin_a)
             store.write_kv(i, where, k, v, run_sub)
             kv_count = active
         else:
@@ -301,7 +309,7 @@ class DiffusionTransformer(nn.Module):
         xa = xa + f
         if counters is not None:  # what ran: a row any batch element needs is computed for all of them
             counters.add(i, (batch * active, batch * kv_count, batch * attn_count, batch * active,
-                             reuse.value_rows(i, batch)))
+                             _value_only_rows(reuse, i, batch, active)))
         if idx is None:
             return xa
         out = x + store.read(ATTN_OUT, i, fed_where) + store.read(FFN_OUT, i, fed_where)
@@ -333,5 +341,14 @@ def _count_captured(counters, reuse: ReuseSet, n_layers: int, batch: int, rows: 
     for i in range(n_layers):
         active = reuse.capacity("layer_rows", i, rows)
         counters.add(i, (batch * active, batch * reuse.capacity("kv_rows", i, active),
-                         batch * reuse.capacity("attn_rows", i, active), batch * active, reuse.value_rows(i, batch)))
+                         batch * reuse.capacity("attn_rows", i, active), batch * active,
+                         _value_only_rows(reuse, i, batch, active)))
+
+
+def _value_only_rows(reuse: ReuseSet, layer: int, batch: int, active: int) -> int:
+    """Values projected outside the K/V path (`v`). Where the running rows took their values from
+    those (values_fresh), only their keys were projected: counted as `kv` rows, so the value half of
+    them is taken off `v` (kv + v then counts every projection once)."""
+    rows = reuse.value_rows(layer, batch)
+    return rows - batch * active if reuse.values_fresh(layer) else rows
 

@@ -267,3 +267,27 @@ def test_dllm_cache_logits_equal_the_oracles(family, execution, monkeypatch):
         expected = oracle.forward(tokens, positions, key_mask, head_rows)
         torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4, msg=f"forward {step}")
     assert out.stats.plugins["dllm_cache"]["rows_reused"] > 0
+
+
+def test_v_verify_values_are_not_projected_a_second_time():
+    """Intervals that refresh only at the first forward: every later forward at layers >= 1 is
+    V-verify alone, whose picks take the values it projected; the value projection then sees the
+    G response rows once per forward, not G plus the picks."""
+    model = _model("llada")
+    prompt, gen = [[5, 6, 7, 8]], {"gen_length": 16, "block_length": 16, "steps": 16}
+    seen = {"k": [0] * len(model.layers), "v": [0] * len(model.layers)}
+    handles = [getattr(layer, f"{sub}_proj").register_forward_hook(
+        lambda module, args, output, sub=sub, i=i: seen[sub].__setitem__(i, seen[sub][i] + args[0].shape[1]))
+        for i, layer in enumerate(model.layers) for sub in ("k", "v")]
+    try:
+        out = Pipeline(model, {"generation": gen, "plugins": [
+            {"name": "dllm_cache", "prompt_interval": 1000, "response_interval": 1000, "ratio": 0.25}]}) \
+            .generate(prompt)
+    finally:
+        for handle in handles:
+            handle.remove()
+    length, answer, nfe = len(prompt[0]) + 16, 16, out.stats.nfe
+    picks = int(answer * 0.25)
+    for i in range(1, len(model.layers)):
+        assert seen["v"][i] == length + (nfe - 1) * answer  # V-verify's values only
+        assert seen["k"][i] == length + (nfe - 1) * picks  # keys for the picks
