@@ -4,14 +4,20 @@ reuse and exact matches for a few recipes over held-out problems (the first N of
     python benchmarks/dare_stacking.py                      # one problem per family, gen_length 64
     python benchmarks/dare_stacking.py --per-family 5 --gen-length 256
     python benchmarks/dare_stacking.py --per-family 125 --recipes "dual_cache + threshold" "+ dare_kv" "+ dare_o"
+    python benchmarks/dare_stacking.py --per-family 25 --repeats 3 --recipes "dual_cache + threshold" "+ dare_kv" "+ dare_o"
 
 FLOPs are estimated from the rows each sub-operation computed (dare_pipeline/flops.py), so they
-count what ran; reuse is rows reused over rows eligible (the plugins' own counters).
+count what ran; reuse is rows reused over rows eligible (the plugins' own counters). With
+`--repeats N` each recipe decodes the problem set N times, round-robin across recipes, and the
+table adds its CPU seconds (median and min-max over the repeats, one torch thread) and the ratio
+of the first recipe's median to its own.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -46,6 +52,7 @@ def problems(per_family: int) -> list[dict]:
 
 def measure(model, plugins, probs, gen) -> dict:
     pipe = Pipeline(model, {"generation": gen, "plugins": plugins})
+    started = time.process_time()
     nfe = total = exact = reused = eligible = 0
     for p in probs:
         out = pipe.generate([p["prompt"]])
@@ -56,7 +63,8 @@ def measure(model, plugins, probs, gen) -> dict:
             if "rows_reused" in report:
                 reused += report["rows_reused"]
                 eligible += report["rows_eligible"]
-    return {"nfe": nfe, "gflops": total / 1e9, "exact": exact, "reuse": reused / eligible if eligible else 0.0}
+    return {"nfe": nfe, "gflops": total / 1e9, "exact": exact, "reuse": reused / eligible if eligible else 0.0,
+            "cpu_s": time.process_time() - started}
 
 
 def main(argv=None) -> int:
@@ -65,6 +73,7 @@ def main(argv=None) -> int:
     ap.add_argument("--gen-length", type=int, default=64)
     ap.add_argument("--block-length", type=int, default=32)
     ap.add_argument("--recipes", nargs="*", choices=list(RECIPES), help="a subset of the rows (default: all)")
+    ap.add_argument("--repeats", type=int, default=0, help="also time N decodes of the set per recipe")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     model = load_model("default")
@@ -72,16 +81,26 @@ def main(argv=None) -> int:
     gen = {"gen_length": args.gen_length, "block_length": args.block_length, "steps": args.gen_length}
     print(f"embedded model, {len(probs)} held-out problems ({args.per_family} per family), gen_length "
           f"{args.gen_length}, block {args.block_length}, batch 1, float32, 1 thread")
-    print("| recipe | NFE | GFLOPs | FLOPs gain vs dual_cache + threshold | reuse | exact |")
-    print("|---|---|---|---|---|---|")
-    reference = None
-    for name, plugins in RECIPES.items():
-        if args.recipes and name not in args.recipes:
-            continue
-        m = measure(model, plugins, probs, gen)
-        reference = reference or m["gflops"]
-        print(f"| {name} | {m['nfe']} | {m['gflops']:.2f} | {reference / m['gflops']:.3f}x | "
-              f"{100 * m['reuse']:.1f} % | {m['exact']}/{len(probs)} |", flush=True)
+    names = [name for name in RECIPES if not args.recipes or name in args.recipes]
+    runs = {name: [measure(model, RECIPES[name], probs, gen)] for name in names}
+    for _ in range(args.repeats - 1):  # round-robin, so drifting load hits every recipe alike
+        for name in names:
+            runs[name].append(measure(model, RECIPES[name], probs, gen))
+    timed = args.repeats > 0
+    print("| recipe | NFE | GFLOPs | FLOPs gain vs dual_cache + threshold | reuse | exact |"
+          + (" CPU s (median, min-max) | time ratio |" if timed else ""))
+    print("|---|---|---|---|---|---|" + ("---|---|" if timed else ""))
+    reference = runs[names[0]][0]["gflops"]
+    reference_s = statistics.median(r["cpu_s"] for r in runs[names[0]])
+    for name in names:
+        m = runs[name][0]
+        row = (f"| {name} | {m['nfe']} | {m['gflops']:.2f} | {reference / m['gflops']:.3f}x | "
+               f"{100 * m['reuse']:.1f} % | {m['exact']}/{len(probs)} |")
+        if timed:
+            seconds = [r["cpu_s"] for r in runs[name]]
+            median = statistics.median(seconds)
+            row += f" {median:.1f} ({min(seconds):.1f}-{max(seconds):.1f}) | {reference_s / median:.3f}x |"
+        print(row, flush=True)
     return 0
 
 
