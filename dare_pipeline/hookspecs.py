@@ -67,7 +67,7 @@ def dare_step_start(state):
 def dare_plan_forward(state):
     """Return the ForwardPlan of this step: which canvas columns enter the model and whether the
     forward refreshes the cache. One owner (decision `row_feed`); without one every column is fed and
-    each block's first forward is the refresh (reuse objects recompute every row there)."""
+    each block's first forward is the refresh."""
 
 
 @hookspec(firstresult=True)

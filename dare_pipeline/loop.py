@@ -89,8 +89,8 @@ def _unfinished(state: DecodeState, sure: int) -> bool:
 
 
 def _default_plan(state: DecodeState) -> ForwardPlan:
-    """Without a row feeder every column is fed, and the block's first forward is the refresh: reuse
-    objects (DARE) recompute every row there and may serve cached rows at the block's other forwards."""
+    """Without a row feeder every column is fed, and the block's first forward is the refresh (reuse
+    objects may treat it as one: DARE recomputes every row there with `recompute_at_refresh`)."""
     return ForwardPlan.full(state.length, refresh=state.step_in_block == 0)
 
 

@@ -10,8 +10,8 @@ class ForwardPlan:
     # contiguous absolute canvas columns fed to the model; attention still spans the whole canvas
     # through the activation store
     fed: slice
-    # every cached row is recomputed by this forward (a cache refresh); reuse objects must not
-    # serve cached rows at a refresh
+    # a cache refresh: the row feeder recomputes its cached rows (every fed row enters the model);
+    # reuse objects decide whether to recompute theirs there too (DARE's `recompute_at_refresh`)
     refresh: bool = False
     # commit the current block's first column with its proposed token and nothing else, without
     # asking the decoding policy: Dream's reference does this at every cache refresh, because that
