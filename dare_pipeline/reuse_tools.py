@@ -136,8 +136,7 @@ class QueryDrift:
         forced = self._forced(call)
         if forced or layer in self.exempt:
             recompute = None
-            counts = [n_real, zero, n_real, zero, zero, zero, zero, zero, zero] if forced else \
-                [n_real, zero, zero, n_real, zero, zero, zero, zero, zero]
+            counts = _row_counts(n_real, **{"refresh" if forced else "exempt": n_real})
         else:
             has = entry[:, cols] & store.written(self.ref_field, layer)[:, cols]
             same = last_token[:, cols, 0] == tokens
@@ -152,11 +151,13 @@ class QueryDrift:
                 valid = valid & ~in_block
             reuse = valid & close
             over = zero
-            if call.capture and self.capacity(layer, m) < m:
-                reuse, over_rows = _within_capacity(reuse, valid, drift, self.capacity(layer, m))
+            capacity = self.capacity(layer, m)
+            if call.capture and capacity < m:
+                reuse, over_rows = _within_capacity(reuse, valid, drift, capacity)
                 over = (over_rows & real).sum()
-            counts = [n_real, (reuse & real).sum(), zero, zero, (~has & real).sum(), (has & ~same & real).sum(),
-                      (has & same & in_block & real).sum(), (valid & ~close & real).sum(), over]
+            counts = _row_counts(n_real, reused=(reuse & real).sum(), over_budget=over,
+                                 no_entry=(~has & real).sum(), token_changed=(has & ~same & real).sum(),
+                                 block=(has & same & in_block & real).sum(), drift=(valid & ~close & real).sum())
             # eager: skip the gathers when nothing is reused (a host read; under capture always a mask)
             recompute = ~reuse if call.capture or bool(reuse.any()) else None
 
@@ -186,6 +187,14 @@ class QueryDrift:
                 "rows_reused": reused, "reuse_fraction": _fraction(reused, eligible),
                 "reused_over_budget": sum(c[-1] for c in counts), "per_layer": per_layer,
                 "recompute_reasons": reasons}
+
+
+def _row_counts(eligible: torch.Tensor, reused=None, over_budget=None, **reasons) -> list[torch.Tensor]:
+    """One layer's row of `QueryDrift.counts`: eligible, reused, one per entry of REASONS (by name),
+    over-budget; what is not given is 0."""
+    zero = torch.zeros_like(eligible)
+    return [eligible, zero if reused is None else reused, *(reasons.get(r, zero) for r in REASONS),
+            zero if over_budget is None else over_budget]
 
 
 def _within_capacity(reuse: torch.Tensor, valid: torch.Tensor, drift: torch.Tensor, capacity: int):

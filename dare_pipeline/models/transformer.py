@@ -216,16 +216,9 @@ class DiffusionTransformer(nn.Module):
     def _forward_with_reuse(self, tokens, fed, positions, key_mask, store, reuse, head_rows, counters, refresh, step):
         """forward_rows with reuse objects, eagerly: per layer they choose which rows run (see reuse.py),
         and the chosen rows are picked with data-dependent shapes."""
-        cos, sin = self._rope(positions[:, fed])
         cols = torch.arange(fed.start, fed.stop, device=tokens.device)
-        x = self.embed(tokens)
-        for i, layer in enumerate(self.layers):
-            call = LayerCall(layer=i, module=layer, store=store, fed=fed, tokens=tokens, refresh=refresh, step=step,
-                             key_mask=key_mask, rope=(cos, sin), cols=cols)
-            x = self._layer_rows(layer, call, x, cos, sin, key_mask, reuse, counters)
-        if head_rows is not None:
-            x = x[:, head_rows]
-        return self._head(x)
+        return self._reuse_layers(tokens, fed, positions, key_mask, store, reuse, head_rows, counters,
+                                  fed=fed, cols=cols, refresh=refresh, step=step)
 
     def forward_reused(self, tokens: torch.Tensor, cols: torch.Tensor, positions: torch.Tensor,
                        key_mask: torch.Tensor | None, store: ActivationStore, reuse: ReuseSet,
@@ -233,12 +226,18 @@ class DiffusionTransformer(nn.Module):
         """The step forward with capturable reuse objects, for the compiled executor: the fed columns
         are an index tensor, every selection has the size `reuse.capacity` gives, nothing is read on
         the host (the rows are counted by the caller, from the same capacities)."""
-        cos, sin = self._rope(positions[:, cols])
+        return self._reuse_layers(tokens, cols, positions, key_mask, store, reuse, head_rows, None,
+                                  fed=None, cols=cols, refresh=refresh, step=-1, capture=True)
+
+    def _reuse_layers(self, tokens, where, positions, key_mask, store, reuse, head_rows, counters, **call_fields):
+        """Every layer through `_layer_rows`; `where` indexes the fed columns of `positions` (a slice
+        eagerly, the index tensor under capture), `call_fields` complete each layer's LayerCall."""
+        cos, sin = self._rope(positions[:, where])
         x = self.embed(tokens)
         for i, layer in enumerate(self.layers):
-            call = LayerCall(layer=i, module=layer, store=store, fed=None, tokens=tokens, refresh=refresh, step=-1,
-                             key_mask=key_mask, rope=(cos, sin), cols=cols, capture=True)
-            x = self._layer_rows(layer, call, x, cos, sin, key_mask, reuse, None)
+            call = LayerCall(layer=i, module=layer, store=store, tokens=tokens, key_mask=key_mask, rope=(cos, sin),
+                             **call_fields)
+            x = self._layer_rows(layer, call, x, cos, sin, key_mask, reuse, counters)
         if head_rows is not None:
             x = x[:, head_rows]
         return self._head(x)
