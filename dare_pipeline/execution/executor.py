@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import time
 import types
+import warnings
 import weakref
 
 import torch
 
+from . import regions as compile_regions
 from .config import ExecutionConfig
 
 # compiled graphs a model may keep: full canvas, block, suffix lengths, with and without padding
@@ -36,12 +38,15 @@ class Executor:
         if self.mode == "cuda_graphs" and config.backend != "inductor":
             raise ValueError(f"execution.mode = 'cuda_graphs' with backend = {config.backend!r}: CUDA graphs "
                              f"come from inductor; use backend: inductor, or mode: compiled")
-        self._compiled = self._compiled_reused = None  # torch.compile wrappers of the model's forwards
+        self._compiled: dict[tuple[str, bool], object] = {}  # (forward, regions) -> its torch.compile wrapper
         self._stores: dict[tuple[int, int], object] = {}
         self.compile_time_s = 0.0  # of the current generation
         self.compiles = 0
         self.eager_forwards = 0  # forwards of the current generation that could not run compiled
         self.eager_reason: str | None = None
+        # compile repeated layer code once; switched off for good if a compile with regions fails
+        self.regions = config.regions and compile_regions.AVAILABLE
+        self.regions_error: str | None = None
 
     # ---- per generation -----------------------------------------------------------------------
     def begin_generation(self) -> None:
@@ -50,7 +55,8 @@ class Executor:
     def report(self) -> dict:
         return {"mode": self.mode, "backend": None if self.mode == "eager" else self.config.backend,
                 "compile_time_s": round(self.compile_time_s, 6), "compiles": self.compiles,
-                "eager_forwards": self.eager_forwards, "eager_reason": self.eager_reason}
+                "eager_forwards": self.eager_forwards, "eager_reason": self.eager_reason,
+                "regions": self.mode != "eager" and self.regions, "regions_error": self.regions_error}
 
     def ran_eager(self, reason: str) -> None:
         """Note a forward the caller had to run eagerly (e.g. a reuse object that cannot be captured)."""
@@ -79,9 +85,7 @@ class Executor:
         if self.mode == "eager":
             return model.forward_fed(tokens, fed, positions, key_mask, store, head_rows)
         cols = torch.arange(fed.start, fed.stop, device=tokens.device)
-        if self._compiled is None:
-            self._compile(model)
-        return self._call(self._compiled, tokens.device, model, tokens, cols, positions, key_mask, store, head_rows)
+        return self._call("forward_fed", tokens.device, model, tokens, cols, positions, key_mask, store, head_rows)
 
     def captures(self, reuse) -> bool:
         """Whether forwards with these reuse objects run compiled; notes the reason when they cannot."""
@@ -96,33 +100,51 @@ class Executor:
     def forward_reused(self, model, tokens, fed: slice, positions, key_mask, store, reuse, head_rows, refresh):
         """`model.forward_reused` (capturable reuse objects) for the fed columns `fed`, compiled."""
         cols = torch.arange(fed.start, fed.stop, device=tokens.device)
-        if self._compiled_reused is None:
-            self._compile(model)
-        return self._call(self._compiled_reused, tokens.device, model, tokens, cols, positions, key_mask, store, reuse,
+        return self._call("forward_reused", tokens.device, model, tokens, cols, positions, key_mask, store, reuse,
                           head_rows, refresh)
 
-    def _call(self, fn, device, *args):
+    def _call(self, forward: str, device, *args):
         if self.mode == "cuda_graphs":
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
         # a call that compiled (dynamo's graph counter moved) is timed after the fact: a clock read
         # around every call would cost a device synchronisation per step
         graphs = _compiled_graphs()
         started = time.perf_counter()
-        out = fn(*args)
+        out = self._run(forward, args)
         if _compiled_graphs() != graphs:
             self.compile_time_s += _clock(device) - started
             self.compiles += _compiled_graphs() - graphs
         return out
 
-    def _compile(self, model):
-        _raise_recompile_limit()
-        options = {"fullgraph": self.config.fullgraph, "backend": self.config.backend}
-        if self.mode == "cuda_graphs":
-            options["mode"] = "reduce-overhead"
-        # unbound (the model is an argument): the executor, kept per model in a weak mapping, must not
-        # hold the model alive
-        self._compiled = torch.compile(_own_code(type(model).forward_fed), **options)
-        self._compiled_reused = torch.compile(_own_code(type(model).forward_reused), **options)
+    def _run(self, forward: str, args):
+        if self.regions:
+            try:
+                with compile_regions.regions(True):
+                    return self._compiled_forward(args[0], forward)(*args)
+            except torch._dynamo.exc.TorchDynamoException as error:
+                # regions are young in torch: compile every layer inline instead, for this executor's lifetime
+                self.regions, self.regions_error = False, f"{type(error).__name__}: {str(error).splitlines()[0]}"
+                warnings.warn(f"compiling with regions failed ({self.regions_error}); compiling every layer "
+                              f"inline instead (slower to compile, same results)", RuntimeWarning, stacklevel=4)
+        with compile_regions.regions(False):
+            return self._compiled_forward(args[0], forward)(*args)
+
+    def _compiled_forward(self, model, forward: str):
+        """The torch.compile wrapper of the model's `forward` ("forward_fed" | "forward_reused") for the
+        current regions setting. With regions, shapes stay static: a new shape costs one region-sized
+        compile, and regions cannot yet be stamped out under dynamic shapes. Inline, the second shape
+        of a dimension makes it dynamic, so that a prefix cache's many suffix lengths share a graph."""
+        key = (forward, self.regions)
+        if key not in self._compiled:
+            _raise_recompile_limit()
+            options = {"fullgraph": self.config.fullgraph, "backend": self.config.backend,
+                       "dynamic": False if self.regions else None}
+            if self.mode == "cuda_graphs":
+                options["mode"] = "reduce-overhead"
+            # unbound (the model is an argument): the executor, kept per model in a weak mapping, must
+            # not hold the model alive
+            self._compiled[key] = torch.compile(_own_code(getattr(type(model), forward)), **options)
+        return self._compiled[key]
 
 
 def _own_code(function):

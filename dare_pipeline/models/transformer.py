@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..execution.regions import compile_region
 from ..reuse import LayerCall, ReuseSet
 from ..store import ATTN_OUT, FFN_OUT, ActivationStore
 from .config import ModelConfig
@@ -58,14 +59,17 @@ class TransformerLayer(nn.Module):
         b, n, _ = t.shape
         return t.view(b, n, heads, self.head_dim).transpose(1, 2)
 
+    @compile_region
     def project_q(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Rotated queries (B, heads, n, hd) from normed rows h (B, n, d)."""
         return apply_rope(self._heads(self.q_proj(h), self.n_heads), cos, sin)
 
+    @compile_region
     def project_v(self, h: torch.Tensor) -> torch.Tensor:
         """Values (B, kv_heads, n, hd): no rotation, so they can be compared across steps directly."""
         return self._heads(self.v_proj(h), self.n_kv_heads)
 
+    @compile_region
     def project_k(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Rotated keys (B, kv_heads, n, hd)."""
         return apply_rope(self._heads(self.k_proj(h), self.n_kv_heads), cos, sin)
@@ -74,6 +78,7 @@ class TransformerLayer(nn.Module):
         """Rotated keys and values (B, kv_heads, n, hd)."""
         return self.project_k(h, cos, sin), self.project_v(h)
 
+    @compile_region
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
         """Attention rows for queries q over keys k/v, through the output projection: (B, n, d)."""
         rep = self.n_heads // self.n_kv_heads
@@ -86,7 +91,10 @@ class TransformerLayer(nn.Module):
 
     def ffn(self, x: torch.Tensor) -> torch.Tensor:
         """The feed-forward block's residual delta for residual rows x."""
-        h = self.ffn_norm(x)
+        return self.swiglu(self.ffn_norm(x))
+
+    @compile_region  # the norm stays outside: its float eps cannot be a region operand
+    def swiglu(self, h: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
 
     def forward(self, x, cos, sin, key_mask):
