@@ -83,9 +83,9 @@ def encode(tokenizer, prompts, chat: bool | None = None, source: str = "the mode
     return ids
 
 
-def empty_answer_hint(tokenizer, prompt, chat: bool | None) -> str | None:
-    """Why an empty answer is expected: a raw text prompt to a model that answers only `Q: ...\\nA: `."""
+def format_hint(tokenizer, prompt, chat: bool | None) -> str | None:
+    """Why an answer will be empty or nonsense: raw text to a model that answers only `Q: ...\nA: `."""
     if isinstance(prompt, str) and chat is False and answers_qa_format_only(tokenizer) and not QA_PROMPT.match(prompt):
-        return (f"the answer to {prompt[:40]!r} is empty: this model answers only prompts of the form "
-                f"'Q: <question>\\nA: ' (docs/tasks.md); leave chat unset (no --no-chat) and its chat template adds them")
+        return (f"{prompt[:40]!r} is not in this model's prompt format 'Q: <question>\\nA: ' (docs/tasks.md), "
+                f"so its answer is empty or nonsense; without --no-chat (chat=False) its chat template adds it")
     return None

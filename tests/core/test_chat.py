@@ -5,7 +5,7 @@ import copy
 import pytest
 
 from dare_pipeline import Pipeline, generate, load_model
-from dare_pipeline.prompts import QA_PROMPT, empty_answer_hint, encode, render
+from dare_pipeline.prompts import QA_PROMPT, encode, format_hint, render
 from dare_pipeline.tasks import format_prompt, heldout_problems
 
 GEN = {"gen_length": 64, "block_length": 32, "steps": 64}
@@ -100,8 +100,8 @@ def test_chat_without_a_template_is_a_clear_error(tok):
     assert encode(bare, "add 3+4+5+6") == [_ids(tok, "add 3+4+5+6")]
 
 
-def test_empty_answer_hint_only_for_raw_text_outside_the_format(tok):
-    assert "Q: <question>" in empty_answer_hint(tok, "add 12+34", chat=False)
-    assert empty_answer_hint(tok, "add 12+34", chat=None) is None
-    assert empty_answer_hint(tok, "Q: add 1+2\nA: ", chat=False) is None
-    assert empty_answer_hint(None, "add 12+34", chat=False) is None
+def test_format_hint_only_for_raw_text_outside_the_format(tok):
+    assert "not in this model's prompt format 'Q: <question>\\nA: '" in format_hint(tok, "add 12+34", chat=False)
+    assert format_hint(tok, "add 12+34", chat=None) is None
+    assert format_hint(tok, "Q: add 1+2\nA: ", chat=False) is None
+    assert format_hint(None, "add 12+34", chat=False) is None
