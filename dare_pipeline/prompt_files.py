@@ -56,7 +56,8 @@ def _json_prompt(line: str, name: str, number: int):
     if isinstance(item, dict):
         item = item.get("messages", item.get("prompt"))
     if not (_is_text(item) or _is_ids(item) or (is_chat(item) and all(isinstance(m, dict) for m in item))):
-        raise ConfigError(f"{name}:{number}: {line[:60]!r}: not a prompt; {_JSONL_HELP}")
+        raise ConfigError(f"{name}:{number}: {line[:60]!r}: expected a non-empty string, a list of token ids, a list "
+                          f"of chat messages, or an object with a 'prompt' or 'messages' key")
     return item
 
 

@@ -50,9 +50,9 @@ def test_stdin(monkeypatch):
 
 @pytest.mark.parametrize("text, message", [
     ('"ok"\n{"prompt": \n', r"p\.jsonl:2: not JSON .*--prompts-format lines"),
-    ('{"question": "x"}\n', r"p\.jsonl:1: '\{\"question\": \"x\"\}': not a prompt; each line is a JSON string"),
-    ("[1, true]\n", r"p\.jsonl:1: .*not a prompt"),
-    ('""\n', r"p\.jsonl:1: .*not a prompt"),
+    ('{"question": "x"}\n', r"p\.jsonl:1: '\{\"question\": \"x\"\}': expected a non-empty string, a list of token"),
+    ("[1, true]\n", r"p\.jsonl:1: .*expected a non-empty string"),
+    ('""\n', r"p\.jsonl:1: .*expected a non-empty string"),
     ("\n\n", r"p\.jsonl: no prompts"),
 ])
 def test_bad_files_name_the_line(tmp_path, text, message):
