@@ -329,8 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     cal = sub.add_parser("calibrate", help="choose a DARE plugin's threshold for a target reuse on given prompts")
     cal.add_argument("--recipe", required=True, help="recipe YAML with one DARE plugin (dare_kv or dare_o)")
-    cal.add_argument("--prompts", required=True, help="JSONL: a JSON string, a list of token ids or {\"prompt\": ...} "
-                     "per line (e.g. data/heldout.jsonl)")
+    cal.add_argument("--prompts", required=True, help="prompts file (- for stdin), read as generate --prompts "
+                     "(e.g. dare_pipeline/evaluation/tasks/heldout.jsonl)")
     cal.add_argument("--target-reuse", type=float, required=True, help="reused / eligible rows wanted, e.g. 0.8")
     cal.add_argument("--limit", type=int, help="the first N prompts of the file only")
     cal.add_argument("--plugin", choices=["dare_kv", "dare_o"], help="which DARE plugin (when the recipe has both)")
