@@ -304,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompts-format", choices=FORMATS, default="auto", help="how --prompts is read (default "
                      "auto: JSONL for *.jsonl or a first line starting with { [ or \", else one prompt per line)")
     gen.add_argument("--chat", action=argparse.BooleanOptionalAction, help="wrap text prompts in the tokenizer's "
-                     "chat template (default: only for the embedded model, when not in its 'Q: ...\nA: ' format)")
+                     "chat template (default: only for the embedded model, when not in its 'Q: ...\\nA: ' format)")
     gen.add_argument("--execution", choices=MODES, help="how forwards run: eager, compiled (torch.compile), "
                      "cuda_graphs (compiled + CUDA graphs), auto (the recipe's default: cuda_graphs on CUDA, "
                      "eager on CPU); shorthand for --set execution.mode=MODE")

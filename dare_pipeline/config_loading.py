@@ -2,7 +2,8 @@
 
 Written here rather than taken from cattrs because every message must carry the file, the dotted
 key path, the bad value and what is allowed (the allowed keys for an unknown key, the allowed
-choices for a bad choice); cattrs' grouped exceptions do not list allowed keys.
+choices for a bad choice); cattrs' grouped exceptions do not list allowed keys. Every mistake of
+a mapping is collected and raised as one ConfigError, so a file's errors are reported at once.
 """
 
 from __future__ import annotations
