@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from dare_pipeline import Pipeline, flops, load_model
-from dare_pipeline.tasks import read_jsonl, score
+from dare_pipeline.tasks import HELDOUT_FILE, read_jsonl, score
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE_THRESHOLD = [{"name": "dual_cache"}, {"name": "threshold_decoding", "threshold": 0.9}]
@@ -44,7 +44,7 @@ RECIPES = {
 
 def problems(per_family: int) -> list[dict]:
     picked: dict[str, list[dict]] = {}
-    for p in read_jsonl(ROOT / "data" / "heldout.jsonl"):
+    for p in read_jsonl(HELDOUT_FILE):
         if len(picked.setdefault(p["family"], [])) < per_family:
             picked[p["family"]].append(p)
     return [p for family in picked.values() for p in family]

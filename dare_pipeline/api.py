@@ -10,6 +10,7 @@ import torch
 from .config_loading import ConfigError
 from .execution.executor import executor_for
 from .loop import denoise
+from .prompts import encode as encode_prompts
 from .recipe import Recipe
 from .registry import make_manager
 
@@ -28,6 +29,8 @@ class GenerationOutput:
 
 
 def _as_recipe(recipe) -> Recipe:
+    if recipe is None:  # the baseline settings
+        return Recipe()
     if isinstance(recipe, Recipe):
         return recipe
     if isinstance(recipe, dict):
@@ -55,27 +58,12 @@ class Pipeline:
         recipe = _as_recipe(recipe)
         return cls(load_model(model_path or recipe.model, dtype=recipe.dtype, device=recipe.device), recipe)
 
-    def encode(self, prompts, chat: bool = False) -> list[list[int]]:
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        ids = []
-        tok = self.model.tokenizer
-        for p in prompts:
-            if isinstance(p, str):
-                if tok is None:
-                    raise ValueError(f"{self.model.source}: this checkpoint has no tokenizer; pass token ids")
-                if chat:
-                    p = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                                tokenize=False)
-                ids.append(tok(p, add_special_tokens=False)["input_ids"])
-            else:
-                ids.append([int(t) for t in p])
-        if not ids or any(len(p) == 0 for p in ids):
-            raise ValueError("every prompt needs at least one token")
-        return ids
+    def encode(self, prompts, chat: bool | None = None) -> list[list[int]]:
+        """Token ids for text, token-id or chat-message prompts (`dare_pipeline.prompts`)."""
+        return encode_prompts(self.model.tokenizer, prompts, chat, source=str(getattr(self.model, "source", "the model")))
 
-    def generate(self, prompts, chat: bool = False, **generation_overrides) -> GenerationOutput:
-        """Decode one prompt or a batch (strings or token id lists) as one batch."""
+    def generate(self, prompts, chat: bool | None = None, **generation_overrides) -> GenerationOutput:
+        """Decode one prompt or a batch (text, token ids or chat message lists) as one batch."""
         gen = self.recipe.generation
         if generation_overrides:
             gen = attrs.evolve(gen, **generation_overrides)
@@ -112,6 +100,7 @@ def _cut_at_stop(text: str, stops) -> str:
     return text
 
 
-def generate(model, prompts, recipe, **generation_overrides) -> GenerationOutput:
-    """One-shot: build a Pipeline for `recipe` (a Recipe, a dict or a YAML path) and decode `prompts`."""
+def generate(model, prompts, recipe=None, **generation_overrides) -> GenerationOutput:
+    """One-shot: build a Pipeline for `recipe` (a Recipe, a dict, a YAML path, or None for the baseline
+    settings) and decode `prompts`; `chat=` as in `Pipeline.generate`."""
     return Pipeline(model, recipe).generate(prompts, **generation_overrides)

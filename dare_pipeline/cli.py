@@ -9,6 +9,8 @@ import sys
 from .config_loading import ConfigError
 from .execution.config import MODES
 from .models.loader import CheckpointError
+from .prompt_files import FORMATS, read_prompts
+from .prompts import format_hint
 
 
 def _recipe(args):
@@ -40,8 +42,10 @@ def cmd_generate(args) -> int:
     pipe = Pipeline.from_recipe(recipe, model_path=args.model)
     prompts = [[int(t) for t in ids.split(",") if t.strip()] for ids in args.prompt_ids or []]
     prompts += list(args.prompt or [])
+    if args.prompts:
+        prompts += read_prompts(args.prompts, args.prompts_format)
     if not prompts:
-        raise ConfigError("generate: give at least one PROMPT or --prompt-ids")
+        raise ConfigError("generate: give at least one PROMPT, --prompt-ids or --prompts FILE")
     show_bar = not args.json and sys.stderr.isatty() and not args.no_progress
     if show_bar:
         pipe.manager.register(ProgressBar(total=recipe.generation.gen_length * len(prompts)), name="progress")
@@ -53,6 +57,8 @@ def cmd_generate(args) -> int:
         if len(prompts) > 1:
             print(f"--- [{i}]")
         print(answer if isinstance(answer, str) else ",".join(map(str, answer)))
+    for hint in filter(None, (format_hint(pipe.model.tokenizer, p, args.chat) for p in prompts)):
+        print(f"note: {hint}", file=sys.stderr)
     print(f"[{recipe.name}] {out.stats.summary()}", file=sys.stderr)
     return 0
 
@@ -60,6 +66,7 @@ def cmd_generate(args) -> int:
 def cmd_plugins(args) -> int:
     import attrs
 
+    from .plugin_info import conflicts, description
     from .registry import available_plugins, hook_names, plugin_version
 
     plugins = available_plugins()
@@ -67,13 +74,17 @@ def cmd_plugins(args) -> int:
     for name, cls in sorted(plugins.items()):
         options = {f.name: f.default for f in attrs.fields(cls.Options)}
         rows.append({"name": name, "version": plugin_version(name), "class": f"{cls.__module__}.{cls.__qualname__}",
-                     "provides": sorted(cls.provides), "hooks": hook_names(cls), "options": options})
+                     "description": description(cls), "provides": sorted(cls.provides),
+                     "conflicts": conflicts(name, plugins), "hooks": hook_names(cls), "options": options})
     if args.json:
         print(json.dumps(rows, default=repr))
         return 0
     for r in rows:
         print(f"{r['name']} {r['version']}  ({r['class']})")
+        if r["description"]:
+            print(f"  {r['description']}")
         print(f"  provides: {', '.join(r['provides']) or '-'}")
+        print(f"  conflicts: {', '.join(r['conflicts']) or '-'}")  # why: in --json
         print(f"  hooks:    {', '.join(r['hooks'])}")
         opts = ", ".join(f"{k}={v!r}" for k, v in r["options"].items())
         print(f"  options:  {opts or '-'}")
@@ -81,12 +92,28 @@ def cmd_plugins(args) -> int:
 
 
 def cmd_recipe_check(args) -> int:
-    recipe = _recipe(args)
-    plugins = ", ".join(p.name for p in recipe.plugins) or "none (baseline policy)"
-    g = recipe.generation
-    print(f"{args.recipe}: ok — {recipe.name}: model={recipe.model} gen_length={g.gen_length} "
-          f"block_length={g.block_length} steps={g.steps} plugins: {plugins}")
-    return 0
+    """Validate each recipe file (every error of each); --print writes the resolved recipes as YAML."""
+    import yaml
+
+    from .recipe import Recipe
+
+    failed = 0
+    for i, path in enumerate(args.recipe):
+        try:
+            recipe = Recipe.from_yaml(path, overrides=args.set)
+        except ConfigError as exc:
+            failed += 1
+            _print_error(exc)
+            continue
+        plugins = ", ".join(p.name for p in recipe.plugins) or "none (baseline policy)"
+        g = recipe.generation
+        print(f"{path}: ok — {recipe.name}: model={recipe.model} gen_length={g.gen_length} "
+              f"block_length={g.block_length} steps={g.steps} plugins: {plugins}",
+              file=sys.stderr if args.print else sys.stdout)
+        if args.print:  # several files: one YAML document each
+            print(("---\n" if i else "") + f"# {path} resolved\n" + yaml.safe_dump(recipe.to_dict(), sort_keys=False),
+                  end="")
+    return 2 if failed else 0
 
 
 def cmd_calibrate(args) -> int:
@@ -99,7 +126,7 @@ def cmd_calibrate(args) -> int:
 
     _set_threads(args.threads)
     recipe = _recipe(args)
-    prompts = _read_prompts(args.prompts)[: args.limit]
+    prompts = read_prompts(args.prompts)[: args.limit]
     pipe = Pipeline.from_recipe(recipe, model_path=args.model)
     ids = pipe.encode(prompts, chat=args.chat)
 
@@ -123,35 +150,6 @@ def cmd_calibrate(args) -> int:
         print(f"warning: no threshold tried gives reuse within {args.tolerance} of {result.target}: the reuse "
               f"jumps between thresholds on these prompts; the closest is written", file=sys.stderr)
     return 0
-
-
-def _read_prompts(path: str) -> list:
-    """Prompts from a JSONL file: each line a JSON string, a list of token ids, or an object with a
-    "prompt" field (the held-out data's layout)."""
-    from pathlib import Path
-
-    file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"{path}: prompts file not found")
-    prompts = []
-    for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ConfigError(f"{path}:{number}: not JSON ({error.msg}); each line is a JSON string, a list of "
-                              f"token ids or an object with a 'prompt' field") from None
-        if isinstance(item, dict):
-            item = item.get("prompt")
-        if not (isinstance(item, str) and item) and not (
-                isinstance(item, list) and item and all(isinstance(t, int) and not isinstance(t, bool) for t in item)):
-            raise ConfigError(f"{path}:{number}: {line[:60]!r}: expected a non-empty string, a list of token ids or "
-                              f"an object with a 'prompt' field")
-        prompts.append(item)
-    if not prompts:
-        raise ConfigError(f"{path}: no prompts")
-    return prompts
 
 
 def cmd_eval(args) -> int:
@@ -292,6 +290,7 @@ def cmd_report(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dare-pipeline", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="decode prompts with a recipe (several prompts decode as one batch)")
@@ -300,7 +299,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", help="checkpoint directory (overrides the recipe's model)")
     gen.add_argument("--prompt-ids", action="append", metavar="1,2,3", help="a prompt as comma-separated token ids")
     gen.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a recipe key")
-    gen.add_argument("--chat", action="store_true", help="wrap prompts in the tokenizer's chat template")
+    gen.add_argument("--prompts", metavar="FILE", help="more prompts from a file, - for stdin: one per line, or "
+                     "JSONL (text, token ids, chat messages; docs/prompts.md)")
+    gen.add_argument("--prompts-format", choices=FORMATS, default="auto", help="how --prompts is read (default "
+                     "auto: JSONL for *.jsonl or a first line starting with { [ or \", else one prompt per line)")
+    gen.add_argument("--chat", action=argparse.BooleanOptionalAction, help="wrap text prompts in the tokenizer's "
+                     "chat template (default: only for the embedded model, when not in its 'Q: ...\\nA: ' format)")
     gen.add_argument("--execution", choices=MODES, help="how forwards run: eager, compiled (torch.compile), "
                      "cuda_graphs (compiled + CUDA graphs), auto (the recipe's default: cuda_graphs on CUDA, "
                      "eager on CPU); shorthand for --set execution.mode=MODE")
@@ -309,21 +313,24 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     gen.set_defaults(func=cmd_generate)
 
-    plug = sub.add_parser("plugins", help="list the loaded plugins with version, hooks and options")
+    plug = sub.add_parser("plugins", help="list the loaded plugins: version, description, decisions, conflicts, "
+                          "hooks and options (--json: with why each conflict exists)")
     plug.add_argument("--json", action="store_true")
     plug.set_defaults(func=cmd_plugins)
 
     rec = sub.add_parser("recipe", help="recipe tools")
     rec_sub = rec.add_subparsers(dest="recipe_command", required=True)
     check = rec_sub.add_parser("check", help="validate a recipe")
-    check.add_argument("recipe")
+    check.add_argument("recipe", nargs="+", help="recipe YAML file(s); every error of each is reported")
+    check.add_argument("--print", action="store_true", help="print each resolved recipe (defaults filled in) as "
+                       "YAML on stdout, the ok lines on stderr")
     check.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE")
     check.set_defaults(func=cmd_recipe_check)
 
     cal = sub.add_parser("calibrate", help="choose a DARE plugin's threshold for a target reuse on given prompts")
     cal.add_argument("--recipe", required=True, help="recipe YAML with one DARE plugin (dare_kv or dare_o)")
-    cal.add_argument("--prompts", required=True, help="JSONL: a JSON string, a list of token ids or {\"prompt\": ...} "
-                     "per line (e.g. data/heldout.jsonl)")
+    cal.add_argument("--prompts", required=True, help="prompts file (- for stdin), read as generate --prompts "
+                     "(e.g. dare_pipeline/evaluation/tasks/heldout.jsonl)")
     cal.add_argument("--target-reuse", type=float, required=True, help="reused / eligible rows wanted, e.g. 0.8")
     cal.add_argument("--limit", type=int, help="the first N prompts of the file only")
     cal.add_argument("--plugin", choices=["dare_kv", "dare_o"], help="which DARE plugin (when the recipe has both)")
@@ -332,7 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--max-trials", type=int, default=16, help="decodes of the prompt set at most (default 16)")
     cal.add_argument("--model", help="checkpoint directory (overrides the recipe's model)")
     cal.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a recipe key")
-    cal.add_argument("--chat", action="store_true", help="wrap prompts in the tokenizer's chat template")
+    cal.add_argument("--chat", action=argparse.BooleanOptionalAction, help="wrap text prompts in the tokenizer's "
+                     "chat template (default: as generate)")
     cal.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     cal.set_defaults(func=cmd_calibrate)
 
@@ -391,8 +399,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as exc:
-        print(f"dare-pipeline: error: {exc}", file=sys.stderr)
+        _print_error(exc)
         return 2
+
+
+def _print_error(exc: Exception) -> None:
+    """One line per error (a recipe with several mistakes reports each on its own line)."""
+    for line in str(exc).splitlines() or [""]:
+        print(f"dare-pipeline: error: {line}", file=sys.stderr)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("dare-pipeline")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        from . import __version__
+
+        return __version__
 
 
 if __name__ == "__main__":

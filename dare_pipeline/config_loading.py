@@ -2,7 +2,8 @@
 
 Written here rather than taken from cattrs because every message must carry the file, the dotted
 key path, the bad value and what is allowed (the allowed keys for an unknown key, the allowed
-choices for a bad choice); cattrs' grouped exceptions do not list allowed keys.
+choices for a bad choice); cattrs' grouped exceptions do not list allowed keys. Every mistake of
+a mapping is collected and raised as one ConfigError, so a file's errors are reported at once.
 """
 
 from __future__ import annotations
@@ -14,7 +15,21 @@ import attrs
 
 
 class ConfigError(ValueError):
-    """Bad configuration; the message names the source file, the key path and the value."""
+    """Bad configuration; the message names the source file, the key path and the value.
+
+    One ConfigError may report several mistakes of a file at once: `errors` holds one message each,
+    and the message is those lines."""
+
+    def __init__(self, message: str = "", errors: typing.Sequence[str] = ()):
+        self.errors = list(errors) or [message]
+        super().__init__("\n".join(self.errors))
+
+    @classmethod
+    def combine(cls, errors: typing.Sequence[ConfigError]) -> ConfigError:
+        """One error reporting every message of `errors` (each once, in order)."""
+        if len(errors) == 1:
+            return errors[0]
+        return cls(errors=list(dict.fromkeys(m for e in errors for m in e.errors)))
 
 
 def _describe(tp) -> str:
@@ -39,7 +54,15 @@ def convert(tp, value, path: str, source: str):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{source}: {path} = {value!r}: expected a list")
         (item,) = typing.get_args(tp)[:1] or (typing.Any,)
-        return tuple(convert(item, v, f"{path}[{i}]", source) for i, v in enumerate(value))
+        items, errors = [], []
+        for i, v in enumerate(value):
+            try:
+                items.append(convert(item, v, f"{path}[{i}]", source))
+            except ConfigError as exc:
+                errors.append(exc)
+        if errors:
+            raise ConfigError.combine(errors)
+        return tuple(items)
     if attrs.has(tp):
         return structure(tp, value, path, source)
     if tp is typing.Any:
@@ -73,14 +96,56 @@ def structure(cls, data, path: str, source: str):
     attrs.resolve_types(cls)
     fields = {f.name: f for f in attrs.fields(cls) if f.init}
     prefix = f"{path}." if path else ""
-    for key in data:
+    errors, kwargs = [], {}
+    for key, value in data.items():  # every key: all mistakes of a file are reported at once
         if key not in fields:
-            raise ConfigError(f"{source}: {prefix}{key}: unknown key; allowed keys: {sorted(fields)}")
-    kwargs = {k: convert(fields[k].type, v, f"{prefix}{k}", source) for k, v in data.items()}
-    try:
+            errors.append(ConfigError(f"{source}: {prefix}{key}: unknown key; allowed keys: {sorted(fields)}"))
+            continue
+        try:
+            kwargs[key] = convert(fields[key].type, value, f"{prefix}{key}", source)
+        except ConfigError as exc:
+            errors.append(exc)
+    errors += [ConfigError(f"{source}: {path or 'top level'}: {exc}") for exc in _validator_errors(cls, kwargs)]
+    if errors:
+        raise ConfigError.combine(errors)
+    try:  # checks across fields (__attrs_post_init__) run once every field is valid
         return cls(**kwargs)
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"{source}: {path or 'top level'}: {exc}") from exc
+
+
+def _validator_errors(cls, kwargs: dict) -> list[Exception]:
+    """The ValueErrors / TypeErrors of every given field's validator, each run on its own.
+
+    attrs stops at the first failing validator; here each runs against a draft instance holding the
+    given values and the defaults (a validator may read other fields). A field with a converter is
+    left to the constructor, which converts before validating."""
+    fields = attrs.fields_dict(cls)
+    draft = object.__new__(cls)
+    for name, f in fields.items():
+        if name in kwargs:
+            value = kwargs[name]
+        elif isinstance(f.default, attrs.Factory) and f.default.takes_self:
+            continue  # built from the finished instance: only the constructor can
+        elif isinstance(f.default, attrs.Factory):
+            value = f.default.factory()
+        elif f.default is not attrs.NOTHING:
+            value = f.default
+        else:
+            continue
+        object.__setattr__(draft, name, value)  # frozen classes: bypass their __setattr__
+    errors = []
+    for name, value in kwargs.items():
+        f = fields[name]
+        if f.validator is None or f.converter is not None:
+            continue
+        try:
+            f.validator(draft, f, value)
+        except (ValueError, TypeError) as exc:
+            errors.append(exc)
+        except AttributeError:  # it reads a field only the constructor builds: checked there
+            pass
+    return errors
 
 
 def choice(*allowed):

@@ -89,13 +89,17 @@ class Recipe:
         data = copy.deepcopy(data) if data is not None else {}
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: top level: expected a mapping, got {type(data).__name__}")
+        errors = []  # every mistake of the file and the overrides, reported at once
         for item in overrides or ():
-            apply_override(data, item, source)
+            _collect(errors, apply_override, data, item, source)
         raw_plugins = data.pop("plugins", None) or []
-        recipe = structure(cls, data, "", source)
-        specs = tuple(_plugin_spec(entry, i, source) for i, entry in enumerate(convert(list, raw_plugins, "plugins",
-                                                                                        source)))
-        check_composition(specs, source)
+        recipe = _collect(errors, structure, cls, data, "", source)
+        entries = _collect(errors, convert, list, raw_plugins, "plugins", source) or ()
+        specs = tuple(s for s in (_collect(errors, _plugin_spec, e, i, source) for i, e in enumerate(entries)) if s)
+        if len(specs) == len(entries):  # composition is judged on the whole list
+            _collect(errors, check_composition, specs, source)
+        if errors:
+            raise ConfigError.combine(errors)
         return attrs.evolve(recipe, plugins=specs, source=source)
 
     def with_overrides(self, overrides: list[str]) -> Recipe:
@@ -116,6 +120,15 @@ class Recipe:
         if not any("commit_policy" in p.provides for p in plugins):
             plugins.insert(0, classes[DEFAULT_POLICY]())
         return plugins
+
+
+def _collect(errors: list, fn, *args):
+    """fn(*args), or None with its ConfigError appended to `errors`."""
+    try:
+        return fn(*args)
+    except ConfigError as exc:
+        errors.append(exc)
+        return None
 
 
 def _plugin_spec(entry, index: int, source: str) -> PluginSpec:

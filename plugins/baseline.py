@@ -28,6 +28,8 @@ from dare_pipeline.schedule import (
 
 
 class BaselineDecoding(Plugin):
+    """The reference decoding policy: a fixed number of commits per step, the most confident first."""
+
     name = "baseline"
     provides = frozenset({"commit_policy"})
 

@@ -108,6 +108,8 @@ def _shadow_kv(plugin: DareKV, call, reused: torch.Tensor) -> None:
 
 
 class DareKV(Plugin):
+    """DARE-KV: reuse a row's cached keys and values while its query barely moves."""
+
     name = "dare_kv"
     Options = DareKVOptions
     provides = frozenset({"kv_rows"})

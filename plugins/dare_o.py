@@ -109,6 +109,8 @@ def _shadow_attn(plugin: DareO, call, q: torch.Tensor, reused: torch.Tensor) -> 
 
 
 class DareO(Plugin):
+    """DARE-O: reuse a row's cached attention output while its query barely moves."""
+
     name = "dare_o"
     Options = DareOOptions
     provides = frozenset({"attn_rows"})

@@ -209,6 +209,8 @@ def _shadow_layer(plugin: DllmCache, call, x: torch.Tensor, reused: torch.Tensor
 
 
 class DllmCache(Plugin):
+    """dLLM-Cache: long-interval prompt refresh, short-interval response refresh, V-verify between."""
+
     name = "dllm_cache"
     Options = DllmCacheOptions
     provides = frozenset({"layer_rows"})

@@ -37,6 +37,8 @@ class DualCacheOptions:
 
 
 class DualCache(KVCacheFeeder):
+    """Fast-dLLM's dual KV cache: after a block's refresh, feed only the block's own columns."""
+
     name = "dual_cache"
     Options = DualCacheOptions
     exact_options: ClassVar[dict[str, Any]] = {"refresh_every": 1, "head_commit": "off"}

@@ -50,6 +50,8 @@ def factor_count(sorted_conf: torch.Tensor, factor: float) -> int:
 
 
 class FactorDecoding(Plugin):
+    """Fast-dLLM's factor rule: commit the most confident candidates while rank r has c_r >= 1 - f/(r+1)."""
+
     name = "factor_decoding"
     Options = FactorOptions
     provides = frozenset({"commit_policy"})

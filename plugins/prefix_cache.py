@@ -42,6 +42,8 @@ class PrefixCacheOptions:
 
 
 class PrefixCache(KVCacheFeeder):
+    """Fast-dLLM's prefix KV cache (FreeCache's frozen blocks as an option): feed the block and what follows."""
+
     name = "prefix_cache"
     Options = PrefixCacheOptions
     exact_options: ClassVar[dict[str, Any]] = {"refresh_every": 1, "freeze_finished_blocks": False, "head_commit": "off"}

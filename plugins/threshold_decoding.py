@@ -39,6 +39,8 @@ class ThresholdOptions:
 
 
 class ThresholdDecoding(Plugin):
+    """Fast-dLLM's parallel decoding: commit every candidate whose probability reaches the threshold."""
+
     name = "threshold_decoding"
     Options = ThresholdOptions
     provides = frozenset({"commit_policy"})

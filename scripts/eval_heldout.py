@@ -29,13 +29,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dare_pipeline import Pipeline, Recipe, load_model
-from dare_pipeline.tasks import read_jsonl, score
+from dare_pipeline.tasks import HELDOUT_FILE, read_jsonl, score
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="default", help="checkpoint directory or embedded name (default, default-dream)")
-    ap.add_argument("--data", default=str(ROOT / "data" / "heldout.jsonl"))
+    ap.add_argument("--data", default=str(HELDOUT_FILE))
     ap.add_argument("--limit", type=int, default=None, help="first N problems (the file is family-interleaved)")
     ap.add_argument("--offset", type=int, default=0, help="skip the first problems (for a sample further in)")
     ap.add_argument("--batch-size", type=int, default=16)

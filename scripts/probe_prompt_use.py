@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dare_pipeline import load_model
-from dare_pipeline.tasks import FAMILY_NAMES, format_prompt, read_jsonl
+from dare_pipeline.tasks import FAMILY_NAMES, HELDOUT_FILE, format_prompt, read_jsonl
 from dare_pipeline.tokenizer import EOS_ID
 from dare_pipeline.training.batches import make_batch
 from dare_pipeline.training.objective import weighted_masked_loss
@@ -65,7 +65,7 @@ def probe(model, problems: list[dict], per_family: int, t: float, seed: int) -> 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="default", help="checkpoint directory or embedded name")
-    ap.add_argument("--data", default=str(ROOT / "data" / "heldout.jsonl"))
+    ap.add_argument("--data", default=str(HELDOUT_FILE))
     ap.add_argument("--per-family", type=int, default=16)
     ap.add_argument("--t", type=float, default=0.5, help="masking probability of the answer tokens")
     ap.add_argument("--seed", type=int, default=0)

@@ -1,17 +1,18 @@
-"""``python -m dare_pipeline.tasks generate --out data/ --heldout 500 --seed 1234``"""
+"""``python -m dare_pipeline.tasks generate --heldout 500 --seed 1234`` rewrites the packaged held-out file."""
 
 from __future__ import annotations
 
 import argparse
 
-from .suite import DEFAULT_TARGET_PROMPT_CHARS, generate_data
+from .suite import DEFAULT_TARGET_PROMPT_CHARS, HELDOUT_FILE, generate_data
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dare_pipeline.tasks")
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="write <out>/heldout.jsonl (atomically, deterministically)")
-    gen.add_argument("--out", default="data", help="output directory (default: data)")
+    gen.add_argument("--out", default=str(HELDOUT_FILE.parent),
+                     help="output directory (default: the package's, dare_pipeline/evaluation/tasks)")
     gen.add_argument("--heldout", type=int, default=500, help="number of held-out problems (default: 500)")
     gen.add_argument("--seed", type=int, default=1234, help="generation seed (default: 1234)")
     gen.add_argument(

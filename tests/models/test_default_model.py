@@ -19,10 +19,10 @@ from transformers import AutoTokenizer
 
 from dare_pipeline import Pipeline, Recipe, load_model
 from dare_pipeline.default_model import EMBEDDED
-from dare_pipeline.tasks import read_jsonl, score
+from dare_pipeline.tasks import HELDOUT_FILE, read_jsonl, score
 
 ROOT = Path(__file__).resolve().parents[2]
-HELDOUT = read_jsonl(ROOT / "data" / "heldout.jsonl")
+HELDOUT = read_jsonl(HELDOUT_FILE)
 MAX_BYTES = 25 * 2**20
 
 

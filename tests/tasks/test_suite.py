@@ -15,6 +15,7 @@ import pytest
 from dare_pipeline.tasks import (
     FAMILIES,
     FAMILY_NAMES,
+    HELDOUT_FILE,
     extract_final,
     family_stream,
     format_prompt,
@@ -31,7 +32,6 @@ from dare_pipeline.tasks import (
 from dare_pipeline.tasks.__main__ import main
 
 REPO = Path(__file__).resolve().parents[2]
-HELDOUT_FILE = REPO / "data" / "heldout.jsonl"
 SEED = 1234
 
 

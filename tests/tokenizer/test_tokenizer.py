@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 from itertools import islice
-from pathlib import Path
 
 import pytest
 from transformers import AutoTokenizer
 
-from dare_pipeline.tasks import format_prompt, read_jsonl, training_pairs
+from dare_pipeline.tasks import HELDOUT_FILE, format_prompt, read_jsonl, training_pairs
 from dare_pipeline.tokenizer import (
     BOS_ID,
     CHARS,
@@ -24,7 +23,6 @@ from dare_pipeline.tokenizer import (
     save_tokenizer,
 )
 
-HELDOUT_FILE = Path(__file__).resolve().parents[2] / "data" / "heldout.jsonl"
 TRICKY = "  a . b , c 's n't ! ? --  \n\n Q: x\nA:  #### 1 " + "".join(chr(i) for i in range(32, 127)) + "\n"
 
 
