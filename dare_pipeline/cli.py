@@ -42,10 +42,16 @@ def cmd_generate(args) -> int:
     prompts += list(args.prompt or [])
     if not prompts:
         raise ConfigError("generate: give at least one PROMPT or --prompt-ids")
-    show_bar = not args.json and sys.stderr.isatty() and not args.no_progress
+    show_bar = not args.json and sys.stderr.isatty() and not args.no_progress and not args.stream
     if show_bar:
         pipe.manager.register(ProgressBar(total=recipe.generation.gen_length * len(prompts)), name="progress")
-    out = pipe.generate(prompts, chat=args.chat)
+    view = None
+    if args.stream:
+        from .canvas_view import CanvasView
+
+        view = CanvasView(len(prompts), recipe.generation.gen_length, pipe.model.tokenizer,
+                          file=sys.stderr if args.json else sys.stdout)
+    out = pipe.generate(prompts, chat=args.chat, step_callback=view)
     if args.json:
         print(json.dumps({"sequences": out.sequences, "text": out.text, "stats": out.stats.to_dict()}))
         return 0
@@ -306,6 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "eager on CPU); shorthand for --set execution.mode=MODE")
     gen.add_argument("--json", action="store_true", help="print one JSON object: sequences, text, stats")
     gen.add_argument("--no-progress", action="store_true", help="no progress bar")
+    gen.add_argument("--stream", action="store_true", help="draw each answer canvas after every step (on stderr "
+                     "with --json); one host read per step")
     gen.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     gen.set_defaults(func=cmd_generate)
 
