@@ -9,6 +9,7 @@ import sys
 from .config_loading import ConfigError
 from .execution.config import MODES
 from .models.loader import CheckpointError
+from .serving.command import add_parser as add_serve_parser
 
 
 def _recipe(args):
@@ -391,6 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--metric", choices=["exact_match", "final_match"], help="accuracy metric shown")
     rep.add_argument("--merged", help="also write the merged, deduplicated results to this JSONL")
     rep.set_defaults(func=cmd_report)
+
+    add_serve_parser(sub)
     return parser
 
 
