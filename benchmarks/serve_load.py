@@ -11,6 +11,7 @@ docs/benchmarks.md: requests/s, p50/p99 latency, mean batch size and tokens/s (f
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import re
 import statistics
@@ -120,12 +121,15 @@ def main() -> None:
           f"model: embedded default (float32); recipe: {args.recipe}; {args.requests} requests from "
           f"{args.concurrency} concurrent clients, max_tokens {args.max_tokens}; --batch-window-ms "
           f"{args.batch_window_ms}\n")
-    print("| --max-batch | requests/s | p50 latency s | p99 latency s | mean batch | tokens/s | wall s |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"({os.cpu_count()} CPU cores; load average = the machine's 1-minute load before / after the row)\n")
+    print("| --max-batch | requests/s | p50 latency s | p99 latency s | mean batch | tokens/s | wall s | load average |")
+    print("|---|---|---|---|---|---|---|---|")
     for max_batch in args.max_batch:
+        load = os.getloadavg()[0]
         r = run(args, max_batch)
         print(f"| {r['max_batch']} | {r['requests_per_s']:.2f} | {r['p50_s']:.2f} | {r['p99_s']:.2f} | "
-              f"{r['mean_batch']:.1f} | {r['tokens_per_s']:.0f} | {r['wall_s']:.1f} |", flush=True)
+              f"{r['mean_batch']:.1f} | {r['tokens_per_s']:.0f} | {r['wall_s']:.1f} | "
+              f"{load:.1f} / {os.getloadavg()[0]:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

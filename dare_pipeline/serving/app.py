@@ -57,6 +57,11 @@ def create_app(served: Served, *, max_batch: int = 16, batch_window_ms: float = 
         return JSONResponse(RequestError(error.status_code, f"{request.method} {request.url.path}: {error.detail}; "
                                          f"endpoints: {list(ENDPOINTS)}").body(), status_code=error.status_code)
 
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, error: Exception):  # logged by uvicorn; the client gets JSON
+        return JSONResponse(RequestError(500, f"decoding failed: {type(error).__name__}: {error}",
+                                         kind="server_error").body(), status_code=500)
+
     @app.get("/health")
     async def health():
         return {"status": "ok"}
