@@ -33,10 +33,13 @@ def _post_all(app, bodies):
 
 
 def test_rows_batch_only_with_equal_settings(app):
-    bodies = [BODY, {**BODY, "prompt": [8, 9]}, {**BODY, "prompt": [[1, 2], [3]]}, {**BODY, "max_tokens": 64}]
+    bodies = [BODY, {**BODY, "prompt": [8, 9], "n": 2}, {**BODY, "prompt": [[1, 2], [3]]}, {**BODY, "max_tokens": 64}]
     replies = _post_all(app, bodies)
     sizes = [c["dare"]["batch_size"] for r in replies for c in r.json()["choices"]]
-    assert sizes == [4, 4, 4, 4, 1]  # the four rows of max_tokens 32 together, the 64 alone
+    assert sizes == [5, 5, 5, 5, 5, 1]  # the five rows of max_tokens 32 together, the 64 alone
+    n_two = replies[1].json()["choices"]
+    assert [c["index"] for c in n_two] == [0, 1] and n_two[0]["dare"]["token_ids"] == n_two[1]["dare"]["token_ids"]
+    assert [c["index"] for c in replies[2].json()["choices"]] == [0, 1]
     assert [len(c["dare"]["token_ids"]) for c in replies[3].json()["choices"]] == [64]
 
 
