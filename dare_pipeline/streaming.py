@@ -68,7 +68,7 @@ class StepReporter:
     def dare_generation_start(self, state):
         self._texts = [None if self.tokenizer is None else "" for _ in range(state.batch)]
 
-    @hookimpl
+    @hookimpl(trylast=True)  # after every plugin's own step end: it reports the step as they leave it
     def dare_step_end(self, state, committed):
         # the step's one host read: the answer canvas and which of its positions this step committed
         answer = state.x[:, state.prompt_end:]
@@ -125,26 +125,16 @@ class GenerationStream:
         self._cancel = threading.Event()
         self._output = None
         self._done = False
-        self._thread = threading.Thread(target=self._work, args=(run,), name="dare-stream", daemon=True)
+        # the thread holds the queue and the flag, not the stream: a dropped stream is collected,
+        # and its __del__ stops the generation
+        self._thread = threading.Thread(target=_work, args=(run, self._events, self._cancel), name="dare-stream",
+                                        daemon=True)
         self._thread.start()
-
-    _END = object()
-
-    def _work(self, run) -> None:
-        def on_step(event: StepEvent) -> None:
-            if self._cancel.is_set():
-                raise GenerationCancelled("the stream was closed")
-            self._events.put(event)
-
-        try:
-            self._events.put((self._END, run(on_step), None))
-        except BaseException as error:  # noqa: BLE001 -- handed to the consumer, raised there
-            self._events.put((self._END, None, error))
 
     def __iter__(self) -> Iterator[StepEvent]:
         while not self._done:
             item = self._events.get()
-            if isinstance(item, tuple) and item[0] is self._END:
+            if isinstance(item, tuple) and item[0] is _END:
                 self._done = True
                 _, self._output, error = item
                 if error is not None and not isinstance(error, GenerationCancelled):
@@ -167,3 +157,18 @@ class GenerationStream:
 
     def __del__(self):
         self._cancel.set()
+
+
+_END = object()  # the worker's last queue item: (_END, output or None, error or None)
+
+
+def _work(run, events: queue.Queue, cancel: threading.Event) -> None:
+    def on_step(event: StepEvent) -> None:
+        if cancel.is_set():
+            raise GenerationCancelled("the stream was closed")
+        events.put(event)
+
+    try:
+        events.put((_END, run(on_step), None))
+    except BaseException as error:  # noqa: BLE001 -- handed to the consumer, raised there
+        events.put((_END, None, error))

@@ -1,5 +1,6 @@
 """Step callbacks and Pipeline.stream: events describe exactly the commits, change no token, at batch > 1."""
 
+import gc
 import itertools
 
 import pytest
@@ -83,6 +84,17 @@ def test_closing_a_stream_stops_the_generation_and_the_pipeline_goes_on(pipe, pl
     assert stream.output is None
     assert len(pipe.manager.get_plugins()) == 1  # the reporter is gone, only the decoding policy is left
     assert pipe.generate(PROMPTS, **SHORT).sequences == plain.sequences
+
+
+def test_dropping_a_stream_stops_its_generation(pipe):
+    stream = pipe.stream(PROMPTS[:1], gen_length=1024, steps=1024)
+    events = iter(stream)
+    next(events)
+    thread = stream._thread
+    del stream, events
+    gc.collect()
+    thread.join(timeout=30)  # decoding all 1024 steps would take minutes on one thread
+    assert not thread.is_alive()
 
 
 def test_a_raising_callback_aborts_the_generation(pipe, plain):
