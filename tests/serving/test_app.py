@@ -86,6 +86,14 @@ def test_streamed_completion_sends_each_step_and_the_same_text(client, reference
     assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
 
 
+def test_stop_strings_end_the_answer_plain_and_streamed(client):
+    # "#### draziwnohtyp" settles as "#### dra", "#### drazi", ...: "iw" ends it at "#### draz"
+    out = client.completions.create(model="default", prompt=PROMPT, max_tokens=64, stop=["iw"])
+    assert out.choices[0].text == "#### draz" and out.choices[0].finish_reason == "stop"
+    chunks = client.completions.create(model="default", prompt=PROMPT, max_tokens=64, stop="iw", stream=True)
+    assert "".join(c.choices[0].text for c in chunks) == "#### draz"
+
+
 def test_streamed_chat_completion(client):
     chunks = list(client.chat.completions.create(model="default", max_tokens=64, stream=True,
                                                  messages=[{"role": "user", "content": "reverse pythonwizard"}]))

@@ -57,3 +57,12 @@ def test_a_failing_batch_answers_500_json_and_the_server_goes_on(app, monkeypatc
     monkeypatch.setattr(model, "forward_rows", original)
     (reply,) = _post_all(app, [BODY])
     assert reply.status_code == 200 and len(reply.json()["choices"][0]["dare"]["token_ids"]) == 32
+
+
+def test_sampled_choices_draw_from_seed_plus_their_index(app):
+    sampled = {**BODY, "temperature": 1.0, "seed": 3}
+    two, again, fourth = _post_all(app, [{**sampled, "n": 2}, sampled, {**sampled, "seed": 4}])
+    ids = [c["dare"]["token_ids"] for c in two.json()["choices"]]
+    assert ids[0] == again.json()["choices"][0]["dare"]["token_ids"]  # same seed, same sample
+    assert ids[1] == fourth.json()["choices"][0]["dare"]["token_ids"]  # choice 1 drew from seed 4
+    assert ids[0] != ids[1]
