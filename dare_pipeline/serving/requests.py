@@ -117,7 +117,7 @@ def request_recipe(request, served: Served) -> Recipe:
         if len(stop) > 4 or not all(stop):
             raise RequestError(400, f"stop = {request.stop!r}: at most 4 non-empty strings", "stop")
         gen["stop"] = list(served.recipe.generation.stop) + stop
-    max_tokens = request.max_tokens or served.recipe.generation.gen_length
+    max_tokens = request.max_tokens or min(served.recipe.generation.gen_length, served.max_tokens)
     if max_tokens > served.max_tokens:
         raise RequestError(400, f"max_tokens = {max_tokens}: must be between 1 and {served.max_tokens}", "max_tokens")
     steps = gen["steps"]

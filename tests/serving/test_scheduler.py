@@ -66,3 +66,8 @@ def test_sampled_choices_draw_from_seed_plus_their_index(app):
     assert ids[0] == again.json()["choices"][0]["dare"]["token_ids"]  # same seed, same sample
     assert ids[1] == fourth.json()["choices"][0]["dare"]["token_ids"]  # choice 1 drew from seed 4
     assert ids[0] != ids[1]
+
+
+def test_without_max_tokens_the_recipe_length_is_capped_by_the_server_limit(app):
+    (reply,) = _post_all(app, [{"prompt": [5, 6, 7]}])  # baseline's gen_length 256 > this server's 64
+    assert reply.status_code == 200 and reply.json()["choices"][0]["dare"]["nfe"] == 64
