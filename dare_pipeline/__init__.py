@@ -3,6 +3,8 @@
 from .api import GenerationOutput, Pipeline, generate
 from .models import load_model
 from .recipe import GenerationConfig, Recipe
+from .streaming import GenerationStream, PromptStep, StepEvent
 
 __version__ = "0.1.0"
-__all__ = ["GenerationConfig", "GenerationOutput", "Pipeline", "Recipe", "generate", "load_model"]
+__all__ = ["GenerationConfig", "GenerationOutput", "GenerationStream", "Pipeline", "PromptStep", "Recipe", "StepEvent",
+           "generate", "load_model"]

@@ -13,6 +13,7 @@ from .loop import denoise
 from .prompts import encode as encode_prompts
 from .recipe import Recipe
 from .registry import make_manager
+from .streaming import GenerationStream, StepReporter
 
 
 @attrs.define
@@ -62,8 +63,10 @@ class Pipeline:
         """Token ids for text, token-id or chat-message prompts (`dare_pipeline.prompts`)."""
         return encode_prompts(self.model.tokenizer, prompts, chat, source=str(getattr(self.model, "source", "the model")))
 
-    def generate(self, prompts, chat: bool | None = None, **generation_overrides) -> GenerationOutput:
-        """Decode one prompt or a batch (text, token ids or chat message lists) as one batch."""
+    def generate(self, prompts, chat: bool | None = None, step_callback=None, **generation_overrides) -> GenerationOutput:
+        """Decode one prompt or a batch (text, token ids or chat message lists) as one batch.
+        `step_callback`, if given, is called after every step with a streaming.StepEvent (what the
+        step committed); it costs one host read per step. Raising in it aborts the generation."""
         gen = self.recipe.generation
         if generation_overrides:
             gen = attrs.evolve(gen, **generation_overrides)
@@ -73,9 +76,23 @@ class Pipeline:
         if longest + gen.gen_length > cfg.max_sequence_length:
             raise ValueError(f"prompt of {longest} tokens + gen_length {gen.gen_length} exceeds the model's "
                              f"max_sequence_length {cfg.max_sequence_length}")
-        with torch.inference_mode():
-            state = denoise(self.model, ids, gen, self.manager.hook, executor=self.executor)
+        reporter = None
+        if step_callback is not None:
+            reporter = StepReporter(step_callback, self.model.tokenizer, self.model.config.stop_token_ids, gen.stop)
+            self.manager.register(reporter, name=f"{reporter.name}_{id(reporter)}")
+        try:
+            with torch.inference_mode():
+                state = denoise(self.model, ids, gen, self.manager.hook, executor=self.executor)
+        finally:
+            if reporter is not None:
+                self.manager.unregister(reporter)
         return self._output(state, ids, gen)
+
+    def stream(self, prompts, chat: bool | None = None, **generation_overrides) -> GenerationStream:
+        """Like `generate`, but returns at once: iterate over the result for each step's StepEvent
+        (decoding runs in a worker thread); its `output` is the GenerationOutput afterwards."""
+        return GenerationStream(lambda on_step: self.generate(prompts, chat, step_callback=on_step,
+                                                              **generation_overrides))
 
     def _output(self, state, ids, gen) -> GenerationOutput:
         stops = set(self.model.config.stop_token_ids)

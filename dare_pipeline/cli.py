@@ -11,6 +11,7 @@ from .execution.config import MODES
 from .models.loader import CheckpointError
 from .prompt_files import FORMATS, read_prompts
 from .prompts import format_hint
+from .serving.command import add_parser as add_serve_parser
 
 
 def _recipe(args):
@@ -46,10 +47,16 @@ def cmd_generate(args) -> int:
         prompts += read_prompts(args.prompts, args.prompts_format)
     if not prompts:
         raise ConfigError("generate: give at least one PROMPT, --prompt-ids or --prompts FILE")
-    show_bar = not args.json and sys.stderr.isatty() and not args.no_progress
+    show_bar = not args.json and sys.stderr.isatty() and not args.no_progress and not args.stream
     if show_bar:
         pipe.manager.register(ProgressBar(total=recipe.generation.gen_length * len(prompts)), name="progress")
-    out = pipe.generate(prompts, chat=args.chat)
+    view = None
+    if args.stream:
+        from .canvas_view import CanvasView
+
+        view = CanvasView(len(prompts), recipe.generation.gen_length, pipe.model.tokenizer,
+                          file=sys.stderr if args.json else sys.stdout)
+    out = pipe.generate(prompts, chat=args.chat, step_callback=view)
     if args.json:
         print(json.dumps({"sequences": out.sequences, "text": out.text, "stats": out.stats.to_dict()}))
         return 0
@@ -310,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "eager on CPU); shorthand for --set execution.mode=MODE")
     gen.add_argument("--json", action="store_true", help="print one JSON object: sequences, text, stats")
     gen.add_argument("--no-progress", action="store_true", help="no progress bar")
+    gen.add_argument("--stream", action="store_true", help="draw each answer canvas after every step (on stderr "
+                     "with --json); one host read per step")
     gen.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     gen.set_defaults(func=cmd_generate)
 
@@ -391,6 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--metric", choices=["exact_match", "final_match"], help="accuracy metric shown")
     rep.add_argument("--merged", help="also write the merged, deduplicated results to this JSONL")
     rep.set_defaults(func=cmd_report)
+
+    add_serve_parser(sub)
     return parser
 
 
