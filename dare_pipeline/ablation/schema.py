@@ -95,6 +95,8 @@ class Ablation:
     sweep: dict = attrs.Factory(dict)
     # the accuracy metric the report shows (exact_match or final_match)
     metric: str = "exact_match"
+    # timed passes per run after its first (accuracy) pass, round-robin across the runs (--repeats)
+    repeats: int = attrs.field(default=3, validator=at_least(0))
     source: str = attrs.field(default="<dict>", eq=False)
 
     # ---- loading ----------------------------------------------------------------------------
@@ -123,6 +125,7 @@ class Ablation:
         _check_metric(abl, source)
         _check_plugin_options(abl.plugin_options, source)
         _parse_sweep(abl.sweep, source)  # validates the sweep's shape
+        _check_plugin_names(abl, source)
         for i, item in enumerate(abl.set):
             if "=" not in item:
                 raise ConfigError(f"{source}: set[{i}] = {item!r}: expected KEY.PATH=VALUE")
@@ -175,6 +178,29 @@ def _check_plugin_options(options: dict, source: str) -> None:
             raise ConfigError(f"{source}: plugin_options.{name} = {opts!r}: expected a mapping of options")
         if "name" in opts:
             raise ConfigError(f"{source}: plugin_options.{name}.name: not an option (the key is the plugin name)")
+
+
+def _check_plugin_names(abl: Ablation, source: str) -> None:
+    """Every plugin the file names is registered: a typo is an error here, not runs recorded as
+    skipped."""
+    import difflib
+
+    classes = available_plugins()
+    named = []  # (where, name)
+    for i, group in enumerate(abl.plugins.subsets_of):
+        for name in ([group] if isinstance(group, str) else group):
+            named.append((f"plugins.subsets_of[{i}]", name))
+    for i, plugin_set in enumerate(abl.plugins.sets):
+        named += [(f"plugins.sets[{i}]", name) for name in plugin_set]
+    named += [(f"plugin_options.{name}", name) for name in abl.plugin_options]
+    for e in _parse_sweep(abl.sweep, source):
+        named += [(f"sweep.{k}", e.plugin_of(k)) for k in e.keys if e.plugin_of(k) is not None]
+    for where, name in named:
+        if name not in classes:
+            close = difflib.get_close_matches(str(name), list(classes), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{source}: {where}: unknown plugin {name!r}{hint} (registered plugins: "
+                              f"{sorted(classes)})")
 
 
 @attrs.frozen
@@ -267,6 +293,10 @@ def plan_runs(abl: Ablation, *, model: str | None = None, limit=None, extra_set=
     a recipe that fails to load for another reason comes back "failed" with the error."""
     limit = abl.limit if limit is None else limit
     batch_size = abl.batch_size if batch_size is None else batch_size
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"--batch-size {batch_size!r}: must be an integer >= 1")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0):
+        raise ConfigError(f"--limit {limit!r}: must be > 0 (a number of problems per task, or a share below 1)")
     base = abl.base_recipe_dict(model=model, extra_set=extra_set)
     base_plugins = [p["name"] for p in base["plugins"]]
     classes = available_plugins()
