@@ -444,26 +444,26 @@ class DareLM(TemplateLM):
         for i, req in enumerate(requests):
             key = json.dumps(req.args[1] or {}, sort_keys=True, default=repr)
             groups.setdefault(key, []).append(i)
-        bar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="dare generate_until")
-        for indices in groups.values():
-            gen_kwargs = requests[indices[0]].args[1]
-            overrides, until = self._generation_overrides(gen_kwargs)
-            gen = attrs.evolve(self.recipe.generation, **overrides)
-            # longest first: padding waste stays low and a too-long batch fails at once
-            order = sorted(indices, key=lambda i: -len(requests[i].args[0]))
-            for start in range(0, len(order), self.batch_size):
-                chunk = order[start:start + self.batch_size]
-                prompts = [self._fit(self.tok_encode(requests[i].args[0]), gen.gen_length) for i in chunk]
-                t0, cpu0 = time.perf_counter(), time.process_time()
-                out = self.pipeline.generate(prompts, **overrides)
-                cpu = time.process_time() - cpu0
-                texts = [cut_at_stops(self.tok_decode(a), list(gen.stop) + until) for a in out.answers]
-                self.stats.add(out.stats, len(chunk), time.perf_counter() - t0, cpu)
-                for i, text in zip(chunk, texts):
-                    results[i] = text
-                    self.cache_hook.add_partial("generate_until", requests[i].args, text)
-                bar.update(len(chunk))
-        bar.close()
+        # closed on the way out of an interruption too, before the command prints its last line
+        with tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="dare generate_until") as bar:
+            for indices in groups.values():
+                gen_kwargs = requests[indices[0]].args[1]
+                overrides, until = self._generation_overrides(gen_kwargs)
+                gen = attrs.evolve(self.recipe.generation, **overrides)
+                # longest first: padding waste stays low and a too-long batch fails at once
+                order = sorted(indices, key=lambda i: -len(requests[i].args[0]))
+                for start in range(0, len(order), self.batch_size):
+                    chunk = order[start:start + self.batch_size]
+                    prompts = [self._fit(self.tok_encode(requests[i].args[0]), gen.gen_length) for i in chunk]
+                    t0, cpu0 = time.perf_counter(), time.process_time()
+                    out = self.pipeline.generate(prompts, **overrides)
+                    cpu = time.process_time() - cpu0
+                    texts = [cut_at_stops(self.tok_decode(a), list(gen.stop) + until) for a in out.answers]
+                    self.stats.add(out.stats, len(chunk), time.perf_counter() - t0, cpu)
+                    for i, text in zip(chunk, texts):
+                        results[i] = text
+                        self.cache_hook.add_partial("generate_until", requests[i].args, text)
+                    bar.update(len(chunk))
         return results
 
     # ---- likelihoods (Monte Carlo, as in the LLaDA paper) ------------------------------------
