@@ -296,7 +296,8 @@ def plan_runs(abl: Ablation, *, model: str | None = None, limit=None, extra_set=
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"--batch-size {batch_size!r}: must be an integer >= 1")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0):
-        raise ConfigError(f"--limit {limit!r}: must be > 0 (a number of problems per task, or a share below 1)")
+        shown = f"{limit:g}" if isinstance(limit, (int, float)) and not isinstance(limit, bool) else repr(limit)
+        raise ConfigError(f"--limit {shown}: must be > 0 (a number of problems per task, or a share below 1)")
     base = abl.base_recipe_dict(model=model, extra_set=extra_set)
     base_plugins = [p["name"] for p in base["plugins"]]
     classes = available_plugins()
