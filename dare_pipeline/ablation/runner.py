@@ -159,7 +159,12 @@ def execute_run(spec: RunSpec, ablation: dict, progress=None, data_parallel: boo
                 nonlocal device
                 recipe = Recipe.from_dict(spec.recipe, source=f"{ablation.get('source')} [{spec.name}]")
                 device = recipe.device
-                return AblationLM(recipe=recipe, model=_load(recipe), batch_size=spec.batch_size, progress=progress,
+                model = _load(recipe)
+                if spec.calibrate is not None:  # a target_reuse: the threshold that gives it
+                    from .calibrated import resolve
+
+                    recipe, record["calibration"] = resolve(recipe, spec.calibrate, model, spec.key)
+                return AblationLM(recipe=recipe, model=model, batch_size=spec.batch_size, progress=progress,
                                   data_parallel=data_parallel)
 
             lm = _together(data_parallel, "loading the run", load)

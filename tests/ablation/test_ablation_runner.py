@@ -6,6 +6,7 @@ from pathlib import Path
 
 import attrs
 import pytest
+import yaml
 
 from dare_pipeline.ablation import Ablation, plan_runs
 from dare_pipeline.ablation.results import append_record, merge, read_records
@@ -432,3 +433,44 @@ def test_under_torchrun_each_rank_takes_its_shard_and_its_own_file(write_ablatio
     out = capsys.readouterr().out
     assert "this shard: 1 to run, 1 to record without running" in out
     assert str(tmp_path / "o.rank1-of-2.jsonl") in out
+
+
+# ---- target_reuse sweeps: calibrated per run --------------------------------------------------------
+
+def test_a_target_reuse_sweep_calibrates_each_run_on_the_embedded_model(tmp_path):
+    path = tmp_path / "cal.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "cal", "model": "default", "tasks": ["dare_add"], "limit": 1, "repeats": 0,
+        "set": ["generation.gen_length=16", "generation.block_length=16", "generation.steps=16"],
+        "plugins": {"sets": [["dare_kv"]]}, "sweep": {"plugins.dare_kv.target_reuse": [0.5]},
+        # the same single problem the run evaluates: the run's reuse is the calibration's
+        "calibration": {"limit": 1, "tolerance": 0.05, "max_trials": 10}}))
+    abl = Ablation.from_yaml(path)
+    (spec,) = plan_runs(abl)
+    assert spec.calibrate["plugin"] == "dare_kv" and spec.calibrate["target"] == 0.5 and spec.name.endswith(
+        "[dare_kv.target_reuse=0.5]")
+    assert spec.key != plan_runs(attrs.evolve(abl, sweep={"plugins.dare_kv.target_reuse": [0.6]}))[0].key
+    out = tmp_path / "cal.jsonl"
+    summary = run_ablation(abl, out, quiet=True)
+    (record,) = read_records(out)
+    assert summary.ok == 1, record.get("error")
+    cal = record["calibration"]
+    assert cal["converged"] and abs(cal["reuse"] - 0.5) <= 0.05 and cal["threshold"] > 0
+    assert record["recipe"]["plugins"][0]["threshold"] == cal["threshold"]  # the run used the chosen threshold
+    assert record["reuse"]["plugins"]["dare_kv"]["reuse_fraction"] == pytest.approx(cal["reuse"], abs=1e-6)
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"sweep": {"plugins.prefix_cache.target_reuse": [0.5]}}, "target_reuse is calibrated for ['dare_kv', 'dare_o'] only"),
+    ({"sweep": {"plugins.dare_kv.target_reuse": [0.5, 1.5]}},
+     "sweep.plugins.dare_kv.target_reuse[1] = 1.5: a reuse fraction between 0 and 1"),
+    ({"sweep": {"plugins.dare_o.target_reuse": [0.5], "plugins.dare_o.threshold": [0.1]}},
+     "sweep either dare_o's threshold or its target_reuse"),
+    ({"sweep": {"plugins.dare_kv.target_reuse": [0.5]}, "calibration": {"prompts": "nowhere.jsonl"}},
+     "calibration.prompts = 'nowhere.jsonl': prompts file not found"),
+    ({"calibration": {"limit": 0}}, "calibration: limit = 0: must be >= 1"),
+])
+def test_target_reuse_errors_name_the_key_and_value(fields, message):
+    with pytest.raises(ConfigError) as err:
+        Ablation.from_dict({"name": "x", **fields}, source="abl.yaml")
+    assert str(err.value).startswith("abl.yaml: ") and message in str(err.value), str(err.value)
