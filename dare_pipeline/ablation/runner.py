@@ -22,7 +22,7 @@ import attrs
 
 from ..config_loading import ConfigError
 from . import timing
-from .display import Display
+from .display import Display, describe
 from .results import SCHEMA, append_record, dedupe, read_records
 from .schema import Ablation, RunSpec, plan_runs
 from .timing import needs_timing
@@ -394,7 +394,11 @@ def run_ablation(abl: Ablation, output, *, limit=None, model=None, extra_set=(),
         summary.executed += status in ("ok", "failed") and record.get("started") is not None
         display.finish_run(record)
 
-    rounds = _Rounds(repeats, write, recorded)
+    def first_pass(spec, record):
+        display.message(f"#{spec.index} {spec.name}: first pass {describe(record)}; {repeats} timed repeat(s) follow, "
+                        f"round-robin")
+
+    rounds = _Rounds(repeats, write, recorded, first_pass)
     try:
         for spec in write_now:
             record = _clean(base_record(spec, info) | {"finished": _now()})
@@ -425,8 +429,8 @@ class _Rounds:
     Writes a run's record after its first pass when the file has none yet (timing pending), and
     the complete record after its last repeat; a failed pass ends the run with a failed record."""
 
-    def __init__(self, repeats: int, write, recorded: set):
-        self.repeats, self.write, self.recorded = repeats, write, recorded
+    def __init__(self, repeats: int, write, recorded: set, on_first=None):
+        self.repeats, self.write, self.recorded, self.on_first = repeats, write, recorded, on_first
         self.first: dict[int, dict] = {}
         self.samples: dict[int, list] = {}
         self.ended: set[int] = set()
@@ -448,6 +452,8 @@ class _Rounds:
                 return self._end(spec, record)
             if spec.key not in self.recorded:  # the accuracy is kept if the repeats are interrupted
                 self.write(record | {"timing": timing.pending(self.repeats)}, final=False)
+            if self.on_first is not None:
+                self.on_first(spec, record)
             return
         samples = self.samples[spec.index]
         samples.append(timing.sample(record) | {"round": round_})
