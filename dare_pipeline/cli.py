@@ -161,7 +161,6 @@ def cmd_eval(args) -> int:
 
     if importlib.util.find_spec("lm_eval") is None:
         raise ConfigError("eval needs lm-eval: pip install 'dare-pipeline[eval]'")
-    from .ablation.runner import check_output_file
     from .evaluation.run import evaluate, format_table, set_offline, write_json_atomic
 
     set_offline()
@@ -172,6 +171,8 @@ def cmd_eval(args) -> int:
     if limit is not None and float(limit).is_integer() and float(limit) >= 1:
         limit = int(limit)
     if args.output:
+        from .evaluation.run import check_output_file
+
         check_output_file(args.output)  # before the evaluation, not after it
     doc = evaluate(tasks, recipe=args.recipe, model=args.model, overrides=args.set, batch_size=args.batch_size,
                    limit=limit, chat=args.chat, log_samples=args.log_samples, include_path=args.include_path,
@@ -393,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .lifecycle import as_interrupted, interrupt_handlers
+    from .lifecycle import as_interrupted, interrupt_handlers, interrupted_line
 
     args = build_parser().parse_args(argv)
     try:
@@ -404,19 +405,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt as exc:  # SIGINT / SIGTERM: one line, no traceback (lifecycle.py)
         stop = as_interrupted(exc)
-        print(f"dare-pipeline: {_interrupted_line(args, stop.message)}", file=sys.stderr)
+        print(f"dare-pipeline: {interrupted_line(args.command, getattr(args, 'output', None), stop.message)}",
+              file=sys.stderr)
         return stop.exit_status
-
-
-def _interrupted_line(args, message: str) -> str:
-    if message != "interrupted":  # the command said how far it got
-        return message
-    if args.command == "eval":
-        return "interrupted; 0 of 1 runs recorded" + (f" ({args.output} not written)" if args.output else "") + \
-            ", rerun to resume"
-    if args.command == "generate":
-        return "interrupted; nothing generated, nothing written"
-    return "interrupted"
 
 
 if __name__ == "__main__":

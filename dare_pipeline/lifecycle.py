@@ -41,6 +41,19 @@ class Interrupted(KeyboardInterrupt):
         return Interrupted(message, self.signum)
 
 
+def interrupted_line(command: str, output, message: str) -> str:
+    """The line a command ends with when interrupted: the command's own (ablate says how many runs
+    it recorded), else what was kept for the one-shot commands."""
+    if message != "interrupted":
+        return message
+    if command == "eval":
+        written = f" ({output} not written)" if output else ""
+        return f"interrupted; 0 of 1 runs recorded{written}, rerun to resume"
+    if command == "generate":
+        return "interrupted; nothing generated, nothing written"
+    return "interrupted"
+
+
 def as_interrupted(exc: KeyboardInterrupt) -> Interrupted:
     return exc if isinstance(exc, Interrupted) else Interrupted()
 

@@ -21,6 +21,7 @@ from datetime import datetime, timezone
 import attrs
 
 from ..config_loading import ConfigError
+from ..evaluation.run import check_output_file
 from . import timing
 from .display import Display, describe
 from .results import SCHEMA, append_record, dedupe, read_records
@@ -352,7 +353,8 @@ def run_ablation(abl: Ablation, output, *, limit=None, model=None, extra_set=(),
     repeats = abl.repeats if repeats is None else repeats
     if repeats < 0:
         raise ConfigError(f"--repeats {repeats}: must be >= 0")
-    check_output_file(output)
+    if output is not None:
+        check_output_file(output)
     runs = plan_runs(abl, model=model, limit=limit, extra_set=extra_set, batch_size=batch_size)
     rank = 0
     if data_parallel:
@@ -481,22 +483,6 @@ def oversubscription(workers: int, threads: int | None) -> str | None:
     return (f"{max(workers, 1)} process(es) x {per_process} torch thread(s) = {total} threads on {cores} cores: "
             f"the runs compete for the cores and their timings measure that contention (use --workers "
             f"{max(cores // per_process, 1)} or fewer, or fewer --threads)")
-
-
-def check_output_file(output) -> None:
-    """Refuse an output path that cannot take the results before anything runs."""
-    if output is None:
-        return
-    from pathlib import Path
-
-    path = Path(output)
-    if path.is_dir():
-        raise ConfigError(f"--output {output}: is a directory; give the results file's path, e.g. {path / 'results.jsonl'}")
-    parent = next((p for p in [path.parent, *path.parent.parents] if p.exists()), None)
-    if parent is not None and not parent.is_dir():
-        raise ConfigError(f"--output {output}: {parent} is not a directory")
-    if path.exists() and not os.access(path, os.W_OK):
-        raise ConfigError(f"--output {output}: not writable")
 
 
 def check_tasks(tasks) -> None:

@@ -20,6 +20,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from ..config_loading import ConfigError
+
 SCHEMA = "dare-pipeline/eval-results/v1"
 METRICS = ("exact_match", "final_match")
 
@@ -77,6 +79,18 @@ def hardware(device, ranks: int = 1) -> dict:
         info["gpu"] = props.name
         info["gpu_memory_gb"] = round(props.total_memory / 2**30, 1)
     return info
+
+
+def check_output_file(output) -> None:
+    """Refuse an output path that cannot take the results before anything runs."""
+    path = Path(output)
+    if path.is_dir():
+        raise ConfigError(f"--output {output}: is a directory; give the results file's path (a file in it, say)")
+    parent = next((p for p in [path.parent, *path.parent.parents] if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ConfigError(f"--output {output}: {parent} is not a directory")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ConfigError(f"--output {output}: not writable")
 
 
 def write_json_atomic(path: str | os.PathLike, data: dict) -> Path:
