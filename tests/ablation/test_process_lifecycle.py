@@ -125,8 +125,10 @@ def _cpu_ticks(pid: int) -> int:
         return 0
 
 
-@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM])
-def test_no_worker_outlives_a_killed_ablate(tmp_path, signum):
+@pytest.mark.parametrize("signum, group", [(signal.SIGKILL, False), (signal.SIGTERM, False), (signal.SIGINT, False),
+                                           (signal.SIGINT, True)], ids=["kill-9", "term", "int", "ctrl-c-to-the-group"])
+def test_no_worker_outlives_a_killed_ablate(tmp_path, signum, group):
+    """group: the signal goes to the whole process group, as Ctrl-C in a terminal does."""
     path = _ablation(tmp_path)
     proc, err = start(["ablate", str(path), "--workers", "2", "--output", str(tmp_path / "out.jsonl"), "--quiet",
                        "--no-report"], tmp_path)
@@ -134,13 +136,16 @@ def test_no_worker_outlives_a_killed_ablate(tmp_path, signum):
         wait_for(lambda: _workers_busy(proc, 2), 240, "two busy workers")
         procs = descendants(proc.pid)  # workers, resource tracker: everything below the runner
         assert len(procs) >= 2
-        os.kill(proc.pid, signum)
+        if group:
+            os.killpg(proc.pid, signum)
+        else:
+            os.kill(proc.pid, signum)
         rc = proc.wait(timeout=30)
         wait_for(lambda: not alive(procs), 10, "every descendant of the killed runner to exit")
         err.seek(0)
         text = err.read()
-        if signum == signal.SIGTERM:
-            assert rc == 128 + signal.SIGTERM, text
+        if signum != signal.SIGKILL:
+            assert rc == 128 + signum, text
             assert text.strip().splitlines()[-1] == "dare-pipeline: interrupted; 0 of 2 runs recorded, rerun to resume"
             assert "Traceback" not in text
         else:
