@@ -198,10 +198,13 @@ def _section_title(key: tuple) -> str:
 def markdown(an: Analysis, plots: list[str] = ()) -> str:
     lines = ["# Ablation report", ""]
     n_ok, n_failed, n_skipped = len(an.ok), len(an.failed), len(an.skipped)
-    repeats = sorted({len((r.get("timing") or {}).get("samples") or []) for r in an.ok})
+    counts = [len((r.get("timing") or {}).get("samples") or []) for r in an.ok]
+    repeats = sorted(set(counts) - {0})
     timed = (f"median over {'/'.join(map(str, repeats))} timed repeats per run (after an untimed first pass, "
-             f"round-robin across the runs), [min, max] in brackets" if repeats and repeats != [0] else
+             f"round-robin across the runs), [min, max] in brackets" if repeats else
              "one pass per run (no timed repeats: no spread)")
+    if repeats and 0 in counts:
+        timed += f" ({counts.count(0)} run(s) without repeats: their single pass, no spread)"
     lines.append(f"{len(an.records)} runs: {n_ok} measured, {n_failed} failed, {n_skipped} skipped. "
                  f"Accuracy: `{an.metric}` x 100 (mean over the groups, else over the tasks, in the run's "
                  f"own columns per task). Times: {timed}; tokens/s: generated tokens per second of decoding; "
