@@ -245,6 +245,9 @@ def _worker_init(threads: int | None, queue, parent_pid: int) -> None:
     _QUEUE = queue
 
 
+_WARM: set = set()  # run keys this worker has executed a pass of
+
+
 def _worker_execute(spec: RunSpec, ablation: dict, round_: int = 0) -> dict:
     index = spec.index
 
@@ -252,6 +255,9 @@ def _worker_execute(spec: RunSpec, ablation: dict, round_: int = 0) -> dict:
         _QUEUE.put(("progress", index, done, total))
 
     _QUEUE.put(("start", index, round_, os.getpid()))
+    if round_ > 0 and spec.key not in _WARM:  # a timed repeat is never a process's first pass of its run
+        execute_run(spec, ablation)
+    _WARM.add(spec.key)
     return execute_run(spec, ablation, progress=progress)
 
 
@@ -449,17 +455,16 @@ class _Rounds:
             return self._end(spec, record)
         if round_ == 0:
             self.first[spec.index] = record
-            self.samples[spec.index] = []
             if self.repeats == 0:
                 return self._end(spec, record)
             if spec.key not in self.recorded:  # the accuracy is kept if the repeats are interrupted
                 self.write(record | {"timing": timing.pending(self.repeats)}, final=False)
             if self.on_first is not None:
                 self.on_first(spec, record)
-            return
-        samples = self.samples[spec.index]
-        samples.append(timing.sample(record) | {"round": round_})
-        if len(samples) >= self.repeats:
+        else:  # with workers a repeat can finish before its run's first pass
+            self.samples.setdefault(spec.index, []).append(timing.sample(record) | {"round": round_})
+        samples = sorted(self.samples.get(spec.index, []), key=lambda x: x["round"])
+        if spec.index in self.first and len(samples) >= self.repeats:
             self._end(spec, self.first[spec.index] | {"timing": timing.summarize(samples, self.repeats)})
 
     def _end(self, spec: RunSpec, record: dict) -> None:

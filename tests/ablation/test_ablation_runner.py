@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from dare_pipeline.ablation import Ablation, plan_runs
-from dare_pipeline.ablation.results import append_record, merge, read_records
+from dare_pipeline.ablation.results import append_record, dedupe, merge, read_records
 from dare_pipeline.ablation.runner import parse_shard, run_ablation, select
 from dare_pipeline.cli import main
 from dare_pipeline.config_loading import ConfigError
@@ -474,3 +474,35 @@ def test_target_reuse_errors_name_the_key_and_value(fields, message):
     with pytest.raises(ConfigError) as err:
         Ablation.from_dict({"name": "x", **fields}, source="abl.yaml")
     assert str(err.value).startswith("abl.yaml: ") and message in str(err.value), str(err.value)
+
+
+def test_workers_take_the_repeats_round_robin(write_ablation, tmp_path):
+    path = write_ablation(name="pooled", limit=1, repeats=1, plugins={"sets": [[], ["dual_cache"]]})
+    out = tmp_path / "pooled.jsonl"
+    summary = run_ablation(Ablation.from_yaml(path), out, workers=2, quiet=True)
+    records = read_records(out)
+    assert summary.ok == 2 and len(out.read_text().splitlines()) == 4, records
+    final = dedupe(records)
+    assert all(r["timing"]["complete"] and [s["round"] for s in r["timing"]["samples"]] == [1] for r in final)
+    assert all(s["nfe_total"] == r["metrics"]["nfe_total"] for r in final for s in r["timing"]["samples"])
+
+
+def test_a_repeat_that_finishes_before_its_first_pass_waits_for_it():
+    from dare_pipeline.ablation.runner import _Rounds
+
+    written = []
+    rounds = _Rounds(2, lambda record, final=True: written.append((record, final)), recorded=set())
+    spec = plan_runs(Ablation.from_dict({"name": "x"}))[0]
+
+    def passed(tps):
+        return {"status": "ok", "metrics": {"tokens_per_second": tps, "nfe_total": 4}, "wall_time_s": 1.0}
+
+    rounds.result(spec, 2, passed(30.0))  # two workers: the repeats come back first
+    rounds.result(spec, 1, passed(10.0))
+    assert written == []
+    rounds.result(spec, 0, passed(99.0))
+    (pending, final_a), (done, final_b) = written
+    assert not final_a and pending["timing"]["complete"] is False
+    assert final_b and [s["round"] for s in done["timing"]["samples"]] == [1, 2]
+    assert done["timing"]["tokens_per_second"]["median"] == 20.0 and done["metrics"]["tokens_per_second"] == 99.0
+    assert rounds.dead(spec)
