@@ -417,12 +417,15 @@ def _plot_accuracy_speedup(an: Analysis, path: Path, plt) -> bool:
                 errs.append(an.speedup_interval(r))
     if not pts:
         return False
-    fig, ax = plt.subplots(figsize=(11, 5.5))
+    columns = 1 + len(pts) // 30  # legend columns: a long ablation's legend stays within the figure
+    fig, ax = plt.subplots(figsize=(8 + 3.5 * columns, max(5.5, 0.16 * len(pts) / columns + 1.5)))
     cmap = plt.get_cmap("tab10")
     titles = [_section_title(k) for k in sections]
     several = len(set(groups)) > 1
     for i, ((x, y), label, gi, err) in enumerate(zip(pts, labels, groups, errs)):
-        color = cmap(gi % 10)
+        # colour: the setting; past 12 runs the shapes repeat with the next colour, so every
+        # (shape, colour) pair names one run (up to 120)
+        color = cmap(((gi if several else 0) + i // len(_MARKERS)) % 10)
         name = f"{label} — {titles[gi][:60]}" if several else label
         xerr = None if err is None else [[max(x - err[0], 0)], [max(err[1] - x, 0)]]
         ax.errorbar([x], [y * 100], xerr=xerr, fmt=_MARKERS[i % len(_MARKERS)], color=color, ms=7, capsize=3,
@@ -440,7 +443,7 @@ def _plot_accuracy_speedup(an: Analysis, path: Path, plt) -> bool:
     ax.set_ylabel(f"accuracy ({an.metric}, %)")
     ax.set_title("Accuracy against speed-up")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0, ncol=columns)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
