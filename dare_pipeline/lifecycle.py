@@ -3,7 +3,10 @@
 Worker processes (the ablation runner's `--workers`) call `die_with_parent(parent_pid)` first
 thing: on Linux the kernel sends them SIGKILL when the parent dies (prctl PR_SET_PDEATHSIG),
 whatever killed it, `kill -9` included; a daemon thread also polls the parent's pid (the portable
-fallback, and a guard against the race where the parent died before prctl ran). Workers ignore
+fallback, and a guard against the race where the parent died before prctl ran). The kernel
+signal follows the parent *thread* that started the worker: the runner starts its workers from
+the main thread (ProcessPoolExecutor.submit with the spawn method), which lives as long as the
+process. Workers ignore
 SIGINT: Ctrl-C in a terminal reaches the whole process group, and the parent is the one that
 stops them and says how far the work got.
 
