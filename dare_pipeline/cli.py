@@ -175,6 +175,10 @@ def cmd_eval(args) -> int:
     limit = args.limit
     if limit is not None and float(limit).is_integer() and float(limit) >= 1:
         limit = int(limit)
+    if args.output:
+        from .evaluation.run import check_output_file
+
+        check_output_file(args.output)  # before the evaluation, not after it
     doc = evaluate(tasks, recipe=args.recipe, model=args.model, overrides=args.set, batch_size=args.batch_size,
                    limit=limit, chat=args.chat, log_samples=args.log_samples, include_path=args.include_path,
                    command={k: v for k, v in vars(args).items() if k != "func"})
@@ -257,7 +261,8 @@ def cmd_ablate(args) -> int:
     try:
         summary = run_ablation(abl, output, limit=limit, model=args.model, extra_set=extra_set,
                                batch_size=args.batch_size, shard=shard, workers=args.workers, threads=args.threads,
-                               retry_failed=args.retry_failed, quiet=args.quiet, data_parallel=args.data_parallel)
+                               retry_failed=args.retry_failed, quiet=args.quiet, data_parallel=args.data_parallel,
+                               repeats=args.repeats)
     except PluginLoadError as exc:  # a broken plugin entry point: no recipe can load
         raise ConfigError(str(exc)) from exc
     if args.data_parallel and distributed.rank() != 0:  # rank 0 wrote the records and reports
@@ -388,6 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--batch-size", type=int, help="prompts decoded together (overrides the file's batch_size)")
     ab.add_argument("--execution", choices=MODES, help="shorthand for --set execution.mode=MODE (see generate)")
     ab.add_argument("--retry-failed", action="store_true", help="run again the runs recorded as failed")
+    ab.add_argument("--repeats", type=int, help="timed passes per run after its untimed first pass, round-robin "
+                    "across the runs (overrides the file's repeats, default 3; 0: time the first pass only)")
     ab.add_argument("--report-dir", help="where the report goes (default: the output path without .jsonl)")
     ab.add_argument("--no-report", action="store_true", help="do not write the report at the end")
     ab.add_argument("--dry-run", action="store_true", help="list the runs and what would happen to each; run nothing")
@@ -406,12 +413,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .lifecycle import as_interrupted, interrupt_handlers, interrupted_line
+
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with interrupt_handlers():
+            return args.func(args)
     except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as exc:
         _print_error(exc)
         return 2
+    except KeyboardInterrupt as exc:  # SIGINT / SIGTERM: one line, no traceback (lifecycle.py)
+        stop = as_interrupted(exc)
+        print(f"dare-pipeline: {interrupted_line(args.command, getattr(args, 'output', None), stop.message)}",
+              file=sys.stderr)
+        return stop.exit_status
 
 
 def _print_error(exc: Exception) -> None:

@@ -14,8 +14,12 @@ def describe(record: dict) -> str:
         m = record.get("metrics", {})
         acc = record.get("accuracy_mean")
         acc_s = f"acc={acc:.3f} " if isinstance(acc, (int, float)) else ""
-        return (f"ok {acc_s}tok/s={m.get('tokens_per_second', 0):.1f} nfe/req={m.get('nfe_per_request', 0):.1f} "
-                f"({record.get('wall_time_s', 0):.1f}s)")
+        timed = (record.get("timing") or {}).get("tokens_per_second")
+        if isinstance(timed, dict) and isinstance(timed.get("median"), (int, float)):  # over the timed repeats
+            tps = f"tok/s={timed['median']:.1f} [{timed['min']:.1f}, {timed['max']:.1f}]"
+        else:
+            tps = f"tok/s={m.get('tokens_per_second') or 0:.1f}"
+        return f"ok {acc_s}{tps} nfe/req={m.get('nfe_per_request') or 0:.1f} ({record.get('wall_time_s') or 0:.1f}s)"
     if status == "failed":
         err = record.get("error") or {}
         return f"FAILED {err.get('type')}: {str(err.get('message', ''))[:160]}"

@@ -41,7 +41,6 @@ class RunStats(DecodingStats):
     config: object = None
     progress: object = None  # callable(done_requests, expected_requests) or None
     requests_expected: int = 0
-    flops: dict = attrs.Factory(dict)
     flops_full: dict = attrs.Factory(dict)  # plain forwards over the whole canvas, same NFE
     rows: dict = attrs.Factory(lambda: dict.fromkeys(SUB_OPS, 0))  # computed, summed over layers
     rows_fed_layers: int = 0  # rows entering the model x layers
@@ -56,8 +55,7 @@ class RunStats(DecodingStats):
         st, cfg = state.stats, self.config
         length, mb = state.length, state.model_batch
         head_rows = st.nfe * mb * state.gen.block_length
-        layer_rows = st.layer_rows
-        self.flops = flops_mod.add(self.flops, flops_mod.estimate(cfg, layer_rows, length, head_rows))
+        layer_rows = st.layer_rows  # (`flops` itself is added by the lm-eval model's own counter)
         self.flops_full = flops_mod.add(self.flops_full,
                                         flops_mod.full_recompute(cfg, st.nfe, mb * length, length, head_rows))
         for op, v in zip(SUB_OPS, layer_rows.sum(0).tolist()):
@@ -66,8 +64,8 @@ class RunStats(DecodingStats):
         self.canvas_rows_layers += st.nfe * mb * length * cfg.n_layers
         self.head_rows += head_rows
 
-    def add(self, stats, size: int, wall: float) -> None:
-        super().add(stats, size, wall)
+    def add(self, stats, size: int, wall: float, cpu: float = 0.0) -> None:
+        super().add(stats, size, wall, cpu)
         for name, counters in (stats.plugins or {}).items():
             for key, value in (counters or {}).items():
                 if not isinstance(value, (int, float)) or isinstance(value, bool):

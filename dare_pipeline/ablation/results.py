@@ -17,7 +17,10 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-SCHEMA = "dare-pipeline/ablation-run/v1"
+SCHEMA = "dare-pipeline/ablation-run/v2"
+# v1 records (no timed repeats) are read as they are: their runs are done, and a run asked for with
+# repeats gets them on the next invocation; records of another schema are skipped with a warning
+READABLE_SCHEMAS = ("dare-pipeline/ablation-run/v1", SCHEMA)
 # when two records share a run key: a finished run beats a failed one, which beats a skipped one;
 # among equals the later record wins
 _RANK = {"ok": 2, "failed": 1, "skipped": 0}
@@ -46,14 +49,22 @@ def append_record(path: str | os.PathLike, record: dict) -> None:
 
 
 def read_records(path: str | os.PathLike) -> list[dict]:
-    """Every complete record of a results file, in file order; lines that do not parse are skipped
-    with a warning (a partial line from a crash). A missing file has no records."""
+    """Every complete record of a results file, in file order. A line that is not a record is
+    skipped with a warning naming the file and line: a partial line from a crash, bytes that are not
+    UTF-8, JSON that is not an object with a string `key`, a record of an unknown schema. A missing
+    file has no records."""
     path = Path(path)
     if not path.exists():
         return []
     out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            problem = None
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                log.warning("%s:%d: not UTF-8 (%s); line ignored", path, n, exc.reason)
+                continue
             if not line.strip():
                 continue
             try:
@@ -61,15 +72,22 @@ def read_records(path: str | os.PathLike) -> list[dict]:
             except json.JSONDecodeError:
                 log.warning("%s:%d: not a complete JSON record (interrupted write?); ignored", path, n)
                 continue
-            if isinstance(record, dict) and "key" in record:
-                out.append(record)
-            else:
-                log.warning("%s:%d: not a run record; ignored", path, n)
+            if not isinstance(record, dict) or "key" not in record:
+                problem = "not a run record"
+            elif not isinstance(record["key"], str):
+                problem = f"run key {record['key']!r} is not a string"
+            elif record.get("schema") is not None and record.get("schema") not in READABLE_SCHEMAS:
+                problem = f"schema {record.get('schema')!r} is not one this version reads ({list(READABLE_SCHEMAS)})"
+            if problem:
+                log.warning("%s:%d: %s; ignored", path, n, problem)
+                continue
+            out.append(record)
     return out
 
 
 def _order(record: dict) -> tuple:
-    return (_RANK.get(record.get("status"), -1), record.get("finished") or "")
+    status = record.get("status")
+    return (_RANK.get(status, -1) if isinstance(status, str) else -1, str(record.get("finished") or ""))
 
 
 def dedupe(records: list[dict]) -> list[dict]:

@@ -20,9 +20,13 @@ from datetime import datetime, timezone
 
 import attrs
 
-from .display import Display
+from ..config_loading import ConfigError
+from ..evaluation.run import check_output_file
+from . import timing
+from .display import Display, describe
 from .results import SCHEMA, append_record, dedupe, read_records
 from .schema import Ablation, RunSpec, plan_runs
+from .timing import needs_timing
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +160,12 @@ def execute_run(spec: RunSpec, ablation: dict, progress=None, data_parallel: boo
                 nonlocal device
                 recipe = Recipe.from_dict(spec.recipe, source=f"{ablation.get('source')} [{spec.name}]")
                 device = recipe.device
-                return AblationLM(recipe=recipe, model=_load(recipe), batch_size=spec.batch_size, progress=progress,
+                model = _load(recipe)
+                if spec.calibrate is not None:  # a target_reuse: the threshold that gives it
+                    from .calibrated import resolve
+
+                    recipe, record["calibration"] = resolve(recipe, spec.calibrate, model, spec.key)
+                return AblationLM(recipe=recipe, model=model, batch_size=spec.batch_size, progress=progress,
                                   data_parallel=data_parallel)
 
             lm = _together(data_parallel, "loading the run", load)
@@ -204,7 +213,8 @@ def _results(doc: dict, stats, memory: dict, metric: str) -> dict:
         "requests": d["requests"], "batches": d["batches"], "nfe_total": d["nfe_total"],
         "nfe_per_request": d["nfe_per_request"], "steps": d["steps"], "generated_tokens": d["generated_tokens"],
         "generated_tokens_per_request": d["generated_tokens_per_request"],
-        "tokens_per_second": d["tokens_per_second"], "decode_time_s": d["decode_time_s"], "ranks": d["ranks"],
+        "tokens_per_second": d["tokens_per_second"], "decode_time_s": d["decode_time_s"],
+        "decode_cpu_s": d.get("decode_cpu_s"), "ranks": d["ranks"],
         "generate_wall_time_s": d["wall_time_s"], "eval_wall_time_s": doc["eval"]["wall_time_s"],
         "flops": stats.flops, "flops_per_request": flops_total / requests,
         "flops_full_recompute": stats.flops_full.get("total", 0),
@@ -222,8 +232,11 @@ def _results(doc: dict, stats, memory: dict, metric: str) -> dict:
 _QUEUE = None
 
 
-def _worker_init(threads: int | None, queue) -> None:
+def _worker_init(threads: int | None, queue, parent_pid: int) -> None:
     global _QUEUE
+    from ..lifecycle import die_with_parent
+
+    die_with_parent(parent_pid)  # first: a worker never outlives the runner, whatever ends it
     os.environ.setdefault("TQDM_DISABLE", "1")
     import torch
 
@@ -232,13 +245,19 @@ def _worker_init(threads: int | None, queue) -> None:
     _QUEUE = queue
 
 
-def _worker_execute(spec: RunSpec, ablation: dict) -> dict:
+_WARM: set = set()  # run keys this worker has executed a pass of
+
+
+def _worker_execute(spec: RunSpec, ablation: dict, round_: int = 0) -> dict:
     index = spec.index
 
     def progress(done, total):
         _QUEUE.put(("progress", index, done, total))
 
-    _QUEUE.put(("start", index, os.getpid()))
+    _QUEUE.put(("start", index, round_, os.getpid()))
+    if round_ > 0 and spec.key not in _WARM:  # a timed repeat is never a process's first pass of its run
+        execute_run(spec, ablation)
+    _WARM.add(spec.key)
     return execute_run(spec, ablation, progress=progress)
 
 
@@ -258,9 +277,14 @@ class Summary:
                 f"({self.ok} ok, {self.failed} failed), {self.skipped} skipped, {self.already} already in the "
                 f"results file")
 
+    def interrupted_line(self) -> str:
+        return f"interrupted; {self.already + len(self.records)} of {self.in_shard} runs recorded, rerun to resume"
 
-def select(runs: list[RunSpec], existing: list[dict], shard=(0, 1), retry_failed: bool = False):
-    """(runs to execute, records to write without running, runs already done) for this shard."""
+
+def select(runs: list[RunSpec], existing: list[dict], shard=(0, 1), retry_failed: bool = False, repeats: int = 0):
+    """(runs to execute, records to write without running, runs already done) for this shard. A
+    finished run whose record lacks the `repeats` timed passes is run again (its accuracy pass is
+    then the warm-up of its repeats)."""
     i, n = shard
     done = {r["key"]: r for r in dedupe(existing)}
     todo, write_now, already = [], [], []
@@ -274,7 +298,8 @@ def select(runs: list[RunSpec], existing: list[dict], shard=(0, 1), retry_failed
             else:
                 already.append(spec)
             continue
-        if prev is not None and (prev.get("status") == "ok" or (prev.get("status") == "failed" and not retry_failed)):
+        finished = prev is not None and prev.get("status") == "ok" and not needs_timing(prev, repeats)
+        if finished or (prev is not None and prev.get("status") == "failed" and not retry_failed):
             already.append(spec)
             continue
         todo.append(spec)
@@ -284,7 +309,6 @@ def select(runs: list[RunSpec], existing: list[dict], shard=(0, 1), retry_failed
 def check_models(runs: list[RunSpec]) -> None:
     """Refuse before running anything when a run's checkpoint cannot serve lm-eval (missing, or
     without tokenizer files), rather than record every run as failed (failed runs count as done)."""
-    from ..config_loading import ConfigError
     from ..default_model import resolve_model_path
 
     for model in dict.fromkeys(str((r.recipe or {}).get("model")) for r in runs):
@@ -293,18 +317,18 @@ def check_models(runs: list[RunSpec]) -> None:
             raise ConfigError(f"model {model!r}: no checkpoint at {directory} (config.json missing)")
         if not any((directory / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
             raise ConfigError(f"model {model!r} ({directory}) has no tokenizer files; lm-eval works on text. "
-                              f"Pass --model DIR with a checkpoint that has one (the embedded default model is "
-                              f"a placeholder until the trained one lands)")
+                              f"Pass --model DIR with a checkpoint that has one (e.g. --model default, the "
+                              f"embedded model)")
 
 
-def _select_on_rank0(runs: list[RunSpec], output, shard, retry_failed: bool):
+def _select_on_rank0(runs: list[RunSpec], output, shard, retry_failed: bool, repeats: int = 0):
     """select() as rank 0 sees the results file, on every rank of the process group (the ranks
     must run the same runs in the same order; only rank 0 reads and writes the file)."""
     from ..evaluation import distributed
 
     chosen = None
     if distributed.rank() == 0:
-        chosen = [[(s.index, s.key) for s in part] for part in select(runs, read_records(output), shard, retry_failed)]
+        chosen = [[(s.index, s.key) for s in part] for part in select(runs, read_records(output), shard, retry_failed, repeats)]
     chosen = distributed.broadcast_object(chosen)
     by_index = {s.index: s for s in runs}
     mismatch = [i for part in chosen for i, key in part if i not in by_index or by_index[i].key != key]
@@ -316,13 +340,27 @@ def _select_on_rank0(runs: list[RunSpec], output, shard, retry_failed: bool):
 
 def run_ablation(abl: Ablation, output, *, limit=None, model=None, extra_set=(), batch_size=None, shard=(0, 1),
                  workers: int = 0, threads: int | None = 1, retry_failed: bool = False, quiet: bool = False,
-                 rich: bool | None = None, data_parallel: bool = False) -> Summary:
+                 rich: bool | None = None, data_parallel: bool = False, repeats: int | None = None) -> Summary:
     """Execute the runs of `abl` for this shard that `output` does not hold yet; append a record per
     run as it finishes. workers=0 runs in this process; K >= 1 in K spawned worker processes.
 
+    repeats (default: the file's): timed passes per run after its first (accuracy) pass, interleaved
+    across the runs (see timing.py); a run's record is written after its first pass (timing pending)
+    and again, complete, after its last repeat.
+
     data_parallel: this process is one rank of a torchrun / accelerate launch (the process group is
     joined here); every rank takes part in every run with its share of the problems, and rank 0
-    alone reads and writes `output` and shows progress."""
+    alone reads and writes `output` and shows progress.
+
+    An interruption (KeyboardInterrupt) stops the workers and raises lifecycle.Interrupted with the
+    line to show ("interrupted; N of M runs recorded, rerun to resume")."""
+    from ..lifecycle import as_interrupted
+
+    repeats = abl.repeats if repeats is None else repeats
+    if repeats < 0:
+        raise ConfigError(f"--repeats {repeats}: must be >= 0")
+    if output is not None:
+        check_output_file(output)
     runs = plan_runs(abl, model=model, limit=limit, extra_set=extra_set, batch_size=batch_size)
     rank = 0
     if data_parallel:
@@ -332,22 +370,30 @@ def run_ablation(abl: Ablation, output, *, limit=None, model=None, extra_set=(),
             raise ValueError("data parallelism runs in the launched processes themselves: workers must be 0")
         device = next((str(r.recipe.get("device", "cpu")) for r in runs if isinstance(r.recipe, dict)), "cpu")
         rank, world = distributed.init(device)
-        todo, write_now, already = _select_on_rank0(runs, output, shard, retry_failed)
+        todo, write_now, already = _select_on_rank0(runs, output, shard, retry_failed, repeats)
         small = sorted({s.limit for s in todo if isinstance(s.limit, int) and s.limit < world})
         if small:  # every rank needs a problem of every task (see evaluation.run.evaluate)
             raise ValueError(f"limit {small[0]} gives some of the {world} data-parallel processes no problem; use a "
                              f"limit of at least {world} or fewer processes")
         _together(True, "checking the models", lambda: check_models(todo))
     else:
-        todo, write_now, already = select(runs, read_records(output), shard, retry_failed)
+        todo, write_now, already = select(runs, read_records(output), shard, retry_failed, repeats)
         check_models(todo)
+    if todo:
+        check_tasks(abl.tasks)
     summary = Summary(planned=len(runs), in_shard=len(todo) + len(write_now) + len(already), already=len(already))
     info = {"name": abl.name, "source": abl.source, "metric": abl.metric}
     display = Display(len(todo) + len(write_now), quiet=quiet or rank != 0, rich=rich)
+    warning = oversubscription(workers, threads)
+    if warning and todo:
+        display.message(f"warning: {warning}")
+    recorded = {r["key"] for r in dedupe(read_records(output))} if rank == 0 and output is not None else set()
 
-    def write(record):
+    def write(record, final: bool = True):
         if rank == 0:
             append_record(output, record)
+        if not final:
+            return
         summary.records.append(record)
         status = record["status"]
         summary.ok += status == "ok"
@@ -356,6 +402,11 @@ def run_ablation(abl: Ablation, output, *, limit=None, model=None, extra_set=(),
         summary.executed += status in ("ok", "failed") and record.get("started") is not None
         display.finish_run(record)
 
+    def first_pass(spec, record):
+        display.message(f"#{spec.index} {spec.name}: first pass {describe(record)}; {repeats} timed repeat(s) follow, "
+                        f"round-robin")
+
+    rounds = _Rounds(repeats, write, recorded, first_pass)
     try:
         for spec in write_now:
             record = _clean(base_record(spec, info) | {"finished": _now()})
@@ -364,65 +415,161 @@ def run_ablation(abl: Ablation, output, *, limit=None, model=None, extra_set=(),
             import torch
 
             torch.set_num_threads(threads)
+        tasks = [(spec, r) for r in range(repeats + 1) for spec in todo]  # round-robin over the runs
         if workers == 0:
-            for spec in todo:
+            for spec, r in tasks:
+                if rounds.dead(spec):
+                    continue
                 display.start_run(spec.index, spec.name)
-                write(execute_run(spec, info, progress=lambda d, t, i=spec.index: display.run_progress(i, d, t),
-                                  data_parallel=data_parallel))
+                rounds.result(spec, r, execute_run(spec, info, data_parallel=data_parallel,
+                                                   progress=lambda d, t, i=spec.index: display.run_progress(i, d, t)))
         else:
-            _run_pool(todo, info, workers, threads, display, write)
+            _run_pool(tasks, info, workers, threads, display, rounds)
+    except KeyboardInterrupt as exc:
+        raise as_interrupted(exc).with_message(summary.interrupted_line()) from None
     finally:
         display.close()
     return summary
 
 
-def _run_pool(todo: list[RunSpec], info: dict, workers: int, threads, display: Display, write) -> None:
+class _Rounds:
+    """The passes of each run: the first (accuracy, counters; the warm-up) and the timed repeats.
+    Writes a run's record after its first pass when the file has none yet (timing pending), and
+    the complete record after its last repeat; a failed pass ends the run with a failed record."""
+
+    def __init__(self, repeats: int, write, recorded: set, on_first=None):
+        self.repeats, self.write, self.recorded, self.on_first = repeats, write, recorded, on_first
+        self.first: dict[int, dict] = {}
+        self.samples: dict[int, list] = {}
+        self.ended: set[int] = set()
+
+    def dead(self, spec: RunSpec) -> bool:
+        return spec.index in self.ended
+
+    def result(self, spec: RunSpec, round_: int, record: dict) -> None:
+        if spec.index in self.ended:
+            return
+        if record.get("status") != "ok":
+            if round_ > 0:
+                record["error"] = dict(record.get("error") or {}, round=round_)
+            return self._end(spec, record)
+        if round_ == 0:
+            self.first[spec.index] = record
+            if self.repeats == 0:
+                return self._end(spec, record)
+            if spec.key not in self.recorded:  # the accuracy is kept if the repeats are interrupted
+                self.write(record | {"timing": timing.pending(self.repeats)}, final=False)
+            if self.on_first is not None:
+                self.on_first(spec, record)
+        else:  # with workers a repeat can finish before its run's first pass
+            self.samples.setdefault(spec.index, []).append(timing.sample(record) | {"round": round_})
+        samples = sorted(self.samples.get(spec.index, []), key=lambda x: x["round"])
+        if spec.index in self.first and len(samples) >= self.repeats:
+            self._end(spec, self.first[spec.index] | {"timing": timing.summarize(samples, self.repeats)})
+
+    def _end(self, spec: RunSpec, record: dict) -> None:
+        self.ended.add(spec.index)
+        self.write(_clean(record))
+
+
+def oversubscription(workers: int, threads: int | None) -> str | None:
+    """A warning when the processes' torch threads exceed the machine's cores (timings then measure
+    the contention)."""
+    cores = os.cpu_count() or 1
+    if threads:
+        per_process = threads
+    else:
+        import torch
+
+        per_process = torch.get_num_threads()
+    total = max(workers, 1) * per_process
+    if total <= cores:
+        return None
+    return (f"{max(workers, 1)} process(es) x {per_process} torch thread(s) = {total} threads on {cores} cores: "
+            f"the runs compete for the cores and their timings measure that contention (use --workers "
+            f"{max(cores // per_process, 1)} or fewer, or fewer --threads)")
+
+
+def check_tasks(tasks) -> None:
+    """Refuse unknown tasks before any run starts (rather than one failed record per run)."""
+    from ..evaluation.run import check_tasks as check
+
+    try:
+        check(list(tasks))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _run_pool(tasks: list, info: dict, workers: int, threads, display: Display, rounds: _Rounds) -> None:
+    """The passes in `workers` spawned processes, submitted in round-robin order. No multiprocessing
+    Manager (its server process would outlive a killed runner): progress comes back through a plain
+    queue, and every worker dies with this process (lifecycle.die_with_parent)."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
-    remaining = list(todo)
-    attempts: dict[int, int] = {}
-    with ctx.Manager() as manager:
-        queue = manager.Queue()
+    remaining = list(tasks)
+    attempts: dict[tuple, int] = {}
+    queue = ctx.Queue()
+    try:
         while remaining:
-            started: dict[int, int] = {}
-            finished: set[int] = set()
+            started: dict[int, int] = {}  # run index -> round in flight
+            finished: set[tuple] = set()
             broken = None
-            with ProcessPoolExecutor(max_workers=min(workers, len(remaining)), mp_context=ctx,
-                                     initializer=_worker_init, initargs=(threads, queue)) as pool:
-                futures = {pool.submit(_worker_execute, spec, info): spec for spec in remaining}
+            pool = ProcessPoolExecutor(max_workers=min(workers, len({s.index for s, _ in remaining})), mp_context=ctx,
+                                       initializer=_worker_init, initargs=(threads, queue, os.getpid()))
+            try:
+                futures = {pool.submit(_worker_execute, spec, info, r): (spec, r) for spec, r in remaining}
                 pending = set(futures)
                 while pending:
                     done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
-                    _drain(queue, display, started, {s.index: s for s in remaining})
+                    _drain(queue, display, started, {s.index: s for s, _ in remaining})
                     for fut in done:
-                        spec = futures[fut]
+                        spec, r = futures[fut]
                         try:
                             record = fut.result()
                         except BrokenProcessPool as exc:
                             broken = exc
                             continue
-                        finished.add(spec.index)
-                        write(record)
+                        finished.add((spec.index, r))
+                        rounds.result(spec, r, record)
                     if broken is not None:
                         break
-            _drain(queue, display, started, {s.index: s for s in remaining})
+            except BaseException:
+                _stop(pool)
+                raise
+            pool.shutdown(wait=True)
+            _drain(queue, display, started, {s.index: s for s, _ in remaining})
             if broken is None:
                 return
-            # a worker died (killed, out of memory, a crash in native code) and the pool with it: a run
-            # in flight alone, or in flight at two such deaths, is recorded as failed; the others go
+            # a worker died (killed, out of memory, a crash in native code) and the pool with it: a pass
+            # in flight alone, or in flight at two such deaths, ends its run as failed; the others go
             # to a fresh pool
-            in_flight = [s for s in remaining if s.index in started and s.index not in finished]
-            for spec in in_flight:
-                attempts[spec.index] = attempts.get(spec.index, 0) + 1
-                if len(in_flight) == 1 or attempts[spec.index] >= 2:
+            in_flight = [(s, r) for s, r in remaining if started.get(s.index) == r and (s.index, r) not in finished]
+            for spec, r in in_flight:
+                attempts[(spec.index, r)] = attempts.get((spec.index, r), 0) + 1
+                if len(in_flight) == 1 or attempts[(spec.index, r)] >= 2:
                     record = base_record(spec, info) | {
                         "status": "failed", "started": _now(), "finished": _now(),
                         "error": {"type": "WorkerDied", "message": f"the worker process running this run died "
                                                                   f"({broken})", "traceback": ""}}
-                    finished.add(spec.index)
-                    write(_clean(record))
-            remaining = [s for s in remaining if s.index not in finished]
+                    finished.add((spec.index, r))
+                    rounds.result(spec, r, _clean(record))
+            remaining = [(s, r) for s, r in remaining if (s.index, r) not in finished and not rounds.dead(s)]
+    finally:
+        queue.close()
+        queue.cancel_join_thread()
+
+
+def _stop(pool: ProcessPoolExecutor) -> None:
+    """Stop the pool now: kill its workers (their passes can no longer be recorded) and do not wait."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())  # no public way before Python 3.14
+    for p in processes:
+        with contextlib.suppress(Exception):
+            p.kill()
+    pool.shutdown(wait=False, cancel_futures=True)
+    for p in processes:
+        with contextlib.suppress(Exception):
+            p.join(timeout=5)
 
 
 def _drain(queue, display: Display, started: dict, specs: dict) -> None:
@@ -431,7 +578,7 @@ def _drain(queue, display: Display, started: dict, specs: dict) -> None:
     while True:
         try:
             msg = queue.get_nowait()
-        except (queue_mod.Empty, EOFError, OSError):
+        except (queue_mod.Empty, EOFError, OSError, ValueError):
             return
         if msg[0] == "start":
             started[msg[1]] = msg[2]

@@ -14,6 +14,9 @@
     sweep:                               # parameter sweeps, applied as a product
       plugins.threshold_decoding.threshold: [0.7, 0.9]
       generation.gen_length,generation.steps: [[64, 64], [128, 128]]   # tied keys move together
+      plugins.dare_kv.target_reuse: [0.5, 0.8]   # calibrated per run (calibrated.py), not an option
+    calibration: {prompts: prompts.jsonl, limit: 8}  # what target_reuse calibrates on (optional)
+    repeats: 3                           # timed passes per run after its first (the CLI's --repeats)
 
 Every error names the file, the key path, the bad value and what is allowed.
 """
@@ -30,9 +33,10 @@ from typing import Any
 import attrs
 import yaml
 
-from ..config_loading import ConfigError, at_least, structure
+from ..config_loading import ConfigError, at_least, in_range, structure
 from ..recipe import PluginSpec, Recipe, apply_override, check_composition
 from ..registry import available_plugins
+from .calibrated import is_target_key
 
 
 def _str_or_mapping(value, path: str, source: str):
@@ -79,6 +83,17 @@ class PluginAxis:
 
 
 @attrs.frozen(kw_only=True)
+class CalibrationSpec:
+    """How a `target_reuse` sweep value becomes a threshold (see calibrated.py)."""
+
+    # JSONL prompts file, relative to the ablation file; None: the packaged held-out problems of the tasks
+    prompts: str | None = None
+    limit: int = attrs.field(default=8, validator=at_least(1))  # the first N prompts
+    tolerance: float = attrs.field(default=0.01, validator=in_range(0.0, 1.0))  # accepted |reuse - target|
+    max_trials: int = attrs.field(default=16, validator=at_least(1))  # decodes of the prompts at most
+
+
+@attrs.frozen(kw_only=True)
 class Ablation:
     name: str
     description: str = ""
@@ -95,6 +110,9 @@ class Ablation:
     sweep: dict = attrs.Factory(dict)
     # the accuracy metric the report shows (exact_match or final_match)
     metric: str = "exact_match"
+    # timed passes per run after its first (accuracy) pass, round-robin across the runs (--repeats)
+    repeats: int = attrs.field(default=3, validator=at_least(0))
+    calibration: CalibrationSpec = attrs.Factory(CalibrationSpec)
     source: str = attrs.field(default="<dict>", eq=False)
 
     # ---- loading ----------------------------------------------------------------------------
@@ -123,6 +141,8 @@ class Ablation:
         _check_metric(abl, source)
         _check_plugin_options(abl.plugin_options, source)
         _parse_sweep(abl.sweep, source)  # validates the sweep's shape
+        _check_plugin_names(abl, source)
+        _check_targets(abl, source)
         for i, item in enumerate(abl.set):
             if "=" not in item:
                 raise ConfigError(f"{source}: set[{i}] = {item!r}: expected KEY.PATH=VALUE")
@@ -175,6 +195,66 @@ def _check_plugin_options(options: dict, source: str) -> None:
             raise ConfigError(f"{source}: plugin_options.{name} = {opts!r}: expected a mapping of options")
         if "name" in opts:
             raise ConfigError(f"{source}: plugin_options.{name}.name: not an option (the key is the plugin name)")
+
+
+def _check_plugin_names(abl: Ablation, source: str) -> None:
+    """Every plugin the file names is registered: a typo is an error here, not runs recorded as
+    skipped."""
+    import difflib
+
+    classes = available_plugins()
+    named = []  # (where, name)
+    for i, group in enumerate(abl.plugins.subsets_of):
+        for name in ([group] if isinstance(group, str) else group):
+            named.append((f"plugins.subsets_of[{i}]", name))
+    for i, plugin_set in enumerate(abl.plugins.sets):
+        named += [(f"plugins.sets[{i}]", name) for name in plugin_set]
+    named += [(f"plugin_options.{name}", name) for name in abl.plugin_options]
+    for e in _parse_sweep(abl.sweep, source):
+        named += [(f"sweep.{k}", e.plugin_of(k)) for k in e.keys if e.plugin_of(k) is not None]
+    for where, name in named:
+        if name not in classes:
+            close = difflib.get_close_matches(str(name), list(classes), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{source}: {where}: unknown plugin {name!r}{hint} (registered plugins: "
+                              f"{sorted(classes)})")
+
+
+def _check_targets(abl: Ablation, source: str) -> None:
+    """`plugins.<dare plugin>.target_reuse` sweeps: a DARE plugin, values in (0, 1), no threshold
+    sweep of the same plugin beside it, and a prompts file that exists."""
+    from ..calibration import DARE_PLUGINS
+    from .calibrated import is_target_key
+
+    keys = [k for e in _parse_sweep(abl.sweep, source) for k in e.keys]
+    targets = [k for k in keys if is_target_key(k)]
+    for e in _parse_sweep(abl.sweep, source):
+        for i, k in enumerate(e.keys):
+            if not is_target_key(k):
+                continue
+            plugin = e.plugin_of(k)
+            if plugin not in DARE_PLUGINS:
+                raise ConfigError(f"{source}: sweep.{k}: target_reuse is calibrated for {list(DARE_PLUGINS)} only")
+            if f"plugins.{plugin}.threshold" in keys:
+                raise ConfigError(f"{source}: sweep.{k}: sweep either {plugin}'s threshold or its target_reuse "
+                                  f"(the target sets the threshold)")
+            for j, point in enumerate(e.values):
+                v = point[i]
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < v < 1.0:
+                    raise ConfigError(f"{source}: sweep.{k}[{j}] = {v!r}: a reuse fraction between 0 and 1, both "
+                                      f"excluded")
+    if targets and abl.calibration.prompts is not None:
+        path = calibration_prompts_path(abl)
+        if not path.is_file():
+            raise ConfigError(f"{source}: calibration.prompts = {abl.calibration.prompts!r}: prompts file not found "
+                              f"(looked at {path})")
+
+
+def calibration_prompts_path(abl: Ablation) -> Path | None:
+    if abl.calibration.prompts is None:
+        return None
+    path = Path(abl.calibration.prompts)
+    return path if path.is_absolute() else Path(abl.source).parent / path
 
 
 @attrs.frozen
@@ -230,6 +310,7 @@ class RunSpec:
     status: str = "pending"  # pending | skipped (refused, unknown plugin) | failed (recipe does not load)
     reason: str | None = None
     error: dict | None = None
+    calibrate: dict | None = None  # a target_reuse to calibrate before the run (calibrated.py)
 
     @property
     def name(self) -> str:
@@ -246,13 +327,16 @@ def _short(key: str) -> str:
     return parts[-1]
 
 
-def run_key(recipe: dict, tasks, limit, batch_size) -> str:
+def run_key(recipe: dict, tasks, limit, batch_size, calibrate: dict | None = None) -> str:
     """Stable hash of what determines a run's results: the recipe (its name and description
-    excluded, `cuda:N` counted as `cuda`), the tasks, the limit and the batch size."""
+    excluded, `cuda:N` counted as `cuda`), the tasks, the limit, the batch size and, for a
+    target_reuse run, what it calibrates on."""
     body = {k: v for k, v in recipe.items() if k not in ("name", "description")}
     if isinstance(body.get("device"), str) and body["device"].startswith("cuda:"):
         body["device"] = "cuda"  # which GPU ran it does not change the run (one shard per GPU)
     doc = {"recipe": body, "tasks": list(tasks), "limit": limit, "batch_size": batch_size}
+    if calibrate is not None:
+        doc["calibrate"] = calibrate
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -267,6 +351,11 @@ def plan_runs(abl: Ablation, *, model: str | None = None, limit=None, extra_set=
     a recipe that fails to load for another reason comes back "failed" with the error."""
     limit = abl.limit if limit is None else limit
     batch_size = abl.batch_size if batch_size is None else batch_size
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"--batch-size {batch_size!r}: must be an integer >= 1")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0):
+        shown = f"{limit:g}" if isinstance(limit, (int, float)) and not isinstance(limit, bool) else repr(limit)
+        raise ConfigError(f"--limit {shown}: must be > 0 (a number of problems per task, or a share below 1)")
     base = abl.base_recipe_dict(model=model, extra_set=extra_set)
     base_plugins = [p["name"] for p in base["plugins"]]
     classes = available_plugins()
@@ -291,13 +380,29 @@ def plan_runs(abl: Ablation, *, model: str | None = None, limit=None, extra_set=
                                                        for n in plugin_set]
             common = {"label": label, "plugins": tuple(plugin_set), "sweep": sweep, "tasks": tuple(abl.tasks),
                       "limit": limit, "batch_size": batch_size}
-            spec = _resolve(data, sweep, base_plugins, plugin_set, common, abl.source, classes)
-            key = run_key(spec["recipe"], abl.tasks, limit, batch_size)
+            spec = _resolve(data, {k: v for k, v in sweep.items() if not is_target_key(k)}, base_plugins, plugin_set,
+                            common, abl.source, classes)
+            spec["calibrate"] = _calibration(abl, sweep)
+            key = run_key(spec["recipe"], abl.tasks, limit, batch_size, spec["calibrate"])
             if key in seen:
                 continue
             seen.add(key)
             runs.append(RunSpec(index=len(runs), key=key, **spec))
     return runs
+
+
+def _calibration(abl: Ablation, sweep: dict) -> dict | None:
+    """What a run with a target_reuse sweep value calibrates (None without one)."""
+    targets = [(k, v) for k, v in sweep.items() if is_target_key(k)]
+    if not targets:
+        return None
+    if len(targets) > 1:
+        raise ConfigError(f"{abl.source}: sweep: one target_reuse per run ({[k for k, _ in targets]} together)")
+    key, target = targets[0]
+    path = calibration_prompts_path(abl)
+    c = abl.calibration
+    return {"plugin": key.split(".")[1], "target": target, "prompts": None if path is None else str(path.resolve()),
+            "limit": c.limit, "tolerance": c.tolerance, "max_trials": c.max_trials, "tasks": list(abl.tasks)}
 
 
 def _resolve(data: dict, sweep: dict, base_plugins, plugin_set, common: dict, source: str, classes) -> dict:

@@ -33,11 +33,38 @@ def with_include_path(argv: list[str], tasks_dir: str) -> list[str]:
     return argv + ["--include_path", tasks_dir]
 
 
+def name_results_after_the_recipe() -> None:
+    """lm-eval names a run after the model_args' `pretrained=` / `model=` value, else after a random
+    id; a `dare` run is named after its recipe (e.g. results under OUTPUT/baseline/)."""
+    from lm_eval.loggers.evaluation_tracker import GeneralConfigTracker
+    from lm_eval.utils import sanitize_model_name
+
+    from .lm_eval_model import DareLM
+
+    if getattr(GeneralConfigTracker.log_experiment_args, "_dare", False):
+        return
+    original = GeneralConfigTracker.log_experiment_args
+
+    def log_experiment_args(self, model_source, *args, **kwargs):
+        original(self, model_source, *args, **kwargs)
+        if model_source == "dare" and DareLM.last_recipe_name:
+            self.model_name = DareLM.last_recipe_name
+            self.model_name_sanitized = sanitize_model_name(self.model_name)
+
+    log_experiment_args._dare = True
+    GeneralConfigTracker.log_experiment_args = log_experiment_args
+
+
 def main(argv: list[str] | None = None) -> None:
     set_offline()
     from lm_eval.__main__ import cli_evaluate
 
     from dare_pipeline import evaluation  # registers the "dare" model
+
+    from .run import quiet_lm_eval_git
+
+    quiet_lm_eval_git()  # no "fatal: not a git repository" outside a checkout
+    name_results_after_the_recipe()
 
     argv = sys.argv[1:] if argv is None else list(argv)
     sys.argv = ["lm-eval", *with_include_path(argv, str(evaluation.TASKS_DIR))]

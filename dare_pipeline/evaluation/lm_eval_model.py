@@ -34,7 +34,9 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
+from .. import flops as flops_mod
 from ..api import Pipeline
+from ..hookspecs import hookimpl
 from ..recipe import GenerationConfig, Recipe
 from . import distributed
 
@@ -133,8 +135,10 @@ class DecodingStats:
     steps: int = 0
     generated_tokens: int = 0  # answer tokens before the first stop token, summed over requests
     decode_time_s: float = 0.0  # the denoising loops themselves
+    decode_cpu_s: float = 0.0  # process CPU time (every thread) over the generate calls
     wall_time_s: float = 0.0  # generate_until batches end to end (tokenizing and decoding text included)
     plugins: dict = attrs.Factory(dict)  # numeric plugin counters, summed
+    flops: dict = attrs.Factory(dict)  # estimated FLOPs by operation (flops.py), from the rows each layer computed
     loglikelihood_requests: int = 0
     loglikelihood_forwards: int = 0  # rows scored by the Monte Carlo estimate (each a full forward)
     loglikelihood_time_s: float = 0.0
@@ -152,7 +156,8 @@ class DecodingStats:
             values[name] = max(column) if name in self._MAX_FIELDS else _merge_values(column)
         return attrs.evolve(self, **values)
 
-    def add(self, stats, size: int, wall: float) -> None:
+    def add(self, stats, size: int, wall: float, cpu: float = 0.0) -> None:
+        self.decode_cpu_s += cpu
         self.requests += size
         self.batches += 1
         self.nfe_total += stats.nfe
@@ -178,9 +183,11 @@ class DecodingStats:
             "generated_tokens": self.generated_tokens,
             "generated_tokens_per_request": self.generated_tokens / n if self.requests else 0.0,
             "decode_time_s": round(self.decode_time_s, 6),
+            "decode_cpu_s": round(self.decode_cpu_s, 6),
             "wall_time_s": round(self.wall_time_s, 6),
             "tokens_per_second": round(self.generated_tokens / self.decode_time_s, 3) if self.decode_time_s else 0.0,
             "plugins": self.plugins,
+            "flops": dict(self.flops),
             "loglikelihood_requests": self.loglikelihood_requests,
             "loglikelihood_forwards": self.loglikelihood_forwards,
             "loglikelihood_time_s": round(self.loglikelihood_time_s, 6),
@@ -204,6 +211,20 @@ def build_recipe(recipe=None, overrides=(), **generation) -> Recipe:
     data = base.to_dict()
     data["generation"].update(generation)
     return Recipe.from_dict(data, source=base.source, overrides=list(overrides))
+
+
+class _FlopsCounter:
+    """Registered on the model's plugin manager: adds each generation's estimated FLOPs (from the
+    rows each layer really computed) to the model's DecodingStats. Observes, decides nothing."""
+
+    def __init__(self, lm):
+        self.lm = lm
+
+    @hookimpl
+    def dare_generation_end(self, state):
+        head_rows = state.stats.nfe * state.model_batch * state.gen.block_length
+        self.lm.stats.flops = flops_mod.add(self.lm.stats.flops, flops_mod.estimate(
+            self.lm.config, state.stats.layer_rows, state.length, head_rows))
 
 
 @register_model("dare")
@@ -268,6 +289,11 @@ class DareLM(TemplateLM):
         self.add_bos_token = bool(add_bos_token)
         self.stats = DecodingStats()
         self._warned: set[str] = set()
+        self.pipeline.manager.register(_FlopsCounter(self), name="lm_eval_flops_counter")
+        DareLM.last_recipe_name = recipe.name  # lm_eval_cli names lm-eval's results after it
+
+    last_recipe_name: str | None = None  # the recipe of the latest DareLM built in this process
+    _merged_stats = None  # with data parallelism: every rank's counters, merged after generate_until
 
     @staticmethod
     def _batch_size(batch_size, max_batch_size) -> int:
@@ -356,9 +382,14 @@ class DareLM(TemplateLM):
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def get_model_info(self) -> dict:
+        """What lm-eval puts into its results' `config` (rank 0, at the end of an evaluation): the
+        recipe and model, and the decoding statistics (NFE, tokens/s, FLOPs, plugin counters) of
+        this process's generate_until requests, every rank's merged with data parallelism."""
+        stats = self._merged_stats if self._merged_stats is not None else self.stats
         return {"dare_recipe": self.recipe.name, "dare_model": str(self.model.source),
                 "model_num_parameters": sum(p.numel() for p in self.model.parameters()),
-                "model_dtype": str(self.model.dtype), "model_family": self.config.family}
+                "model_dtype": str(self.model.dtype), "model_family": self.config.family,
+                "dare_decoding": stats.to_dict()}
 
     # ---- generate_until -----------------------------------------------------------------------
     def _generation_overrides(self, gen_kwargs: dict) -> tuple[dict, list[str]]:
@@ -402,7 +433,10 @@ class DareLM(TemplateLM):
         return ids
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        return self._on_every_rank(self._generate_until, requests, "generate_until", disable_tqdm=disable_tqdm)
+        out = self._on_every_rank(self._generate_until, requests, "generate_until", disable_tqdm=disable_tqdm)
+        if self.world_size > 1:  # every rank is here: merge now, for get_model_info on rank 0 alone
+            self._merged_stats = self.gathered_stats()
+        return out
 
     def _generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         results: list[str | None] = [None] * len(requests)
@@ -410,25 +444,26 @@ class DareLM(TemplateLM):
         for i, req in enumerate(requests):
             key = json.dumps(req.args[1] or {}, sort_keys=True, default=repr)
             groups.setdefault(key, []).append(i)
-        bar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="dare generate_until")
-        for indices in groups.values():
-            gen_kwargs = requests[indices[0]].args[1]
-            overrides, until = self._generation_overrides(gen_kwargs)
-            gen = attrs.evolve(self.recipe.generation, **overrides)
-            # longest first: padding waste stays low and a too-long batch fails at once
-            order = sorted(indices, key=lambda i: -len(requests[i].args[0]))
-            for start in range(0, len(order), self.batch_size):
-                chunk = order[start:start + self.batch_size]
-                prompts = [self._fit(self.tok_encode(requests[i].args[0]), gen.gen_length) for i in chunk]
-                t0 = time.perf_counter()
-                out = self.pipeline.generate(prompts, **overrides)
-                texts = [cut_at_stops(self.tok_decode(a), list(gen.stop) + until) for a in out.answers]
-                self.stats.add(out.stats, len(chunk), time.perf_counter() - t0)
-                for i, text in zip(chunk, texts):
-                    results[i] = text
-                    self.cache_hook.add_partial("generate_until", requests[i].args, text)
-                bar.update(len(chunk))
-        bar.close()
+        # closed on the way out of an interruption too, before the command prints its last line
+        with tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="dare generate_until") as bar:
+            for indices in groups.values():
+                gen_kwargs = requests[indices[0]].args[1]
+                overrides, until = self._generation_overrides(gen_kwargs)
+                gen = attrs.evolve(self.recipe.generation, **overrides)
+                # longest first: padding waste stays low and a too-long batch fails at once
+                order = sorted(indices, key=lambda i: -len(requests[i].args[0]))
+                for start in range(0, len(order), self.batch_size):
+                    chunk = order[start:start + self.batch_size]
+                    prompts = [self._fit(self.tok_encode(requests[i].args[0]), gen.gen_length) for i in chunk]
+                    t0, cpu0 = time.perf_counter(), time.process_time()
+                    out = self.pipeline.generate(prompts, **overrides)
+                    cpu = time.process_time() - cpu0
+                    texts = [cut_at_stops(self.tok_decode(a), list(gen.stop) + until) for a in out.answers]
+                    self.stats.add(out.stats, len(chunk), time.perf_counter() - t0, cpu)
+                    for i, text in zip(chunk, texts):
+                        results[i] = text
+                        self.cache_hook.add_partial("generate_until", requests[i].args, text)
+                    bar.update(len(chunk))
         return results
 
     # ---- likelihoods (Monte Carlo, as in the LLaDA paper) ------------------------------------

@@ -20,6 +20,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from ..config_loading import ConfigError
+
 SCHEMA = "dare-pipeline/eval-results/v1"
 METRICS = ("exact_match", "final_match")
 
@@ -28,6 +30,26 @@ def set_offline() -> None:
     for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
         os.environ.setdefault(var, "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def git_describe() -> str | None:
+    """lm-eval's get_git_commit_hash without the noise: it runs `git describe` in the working
+    directory and lets git print "fatal: not a git repository" to stderr wherever that is not a
+    checkout. The same command with git's stderr discarded; None outside a checkout."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "describe", "--always"], check=False, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def quiet_lm_eval_git() -> None:
+    """Route lm-eval's git version lookup through git_describe (idempotent)."""
+    from lm_eval import evaluator
+
+    evaluator.get_git_commit_hash = git_describe
 
 
 def versions() -> dict:
@@ -57,6 +79,18 @@ def hardware(device, ranks: int = 1) -> dict:
         info["gpu"] = props.name
         info["gpu_memory_gb"] = round(props.total_memory / 2**30, 1)
     return info
+
+
+def check_output_file(output) -> None:
+    """Refuse an output path that cannot take the results before anything runs."""
+    path = Path(output)
+    if path.is_dir():
+        raise ConfigError(f"--output {output}: is a directory; give the results file's path (a file in it, say)")
+    parent = next((p for p in [path.parent, *path.parent.parents] if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ConfigError(f"--output {output}: {parent} is not a directory")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ConfigError(f"--output {output}: not writable")
 
 
 def write_json_atomic(path: str | os.PathLike, data: dict) -> Path:
@@ -138,27 +172,16 @@ def _local_rank_zero(lm):
         os.environ["LOCAL_RANK"] = saved
 
 
-def evaluate(tasks: list[str], recipe=None, model=None, overrides=(), batch_size: int = 1, limit=None,
-             chat: bool = False, log_samples: bool = False, include_path=None, lm=None, command=None) -> dict | None:
-    """Run the tasks and return the results document (see docs/evaluation.md).
-
-    With data parallelism (several ranks) every rank must call it; rank 0 gets the document (with
-    every rank's problems and decoding statistics), the other ranks get None."""
+def check_tasks(tasks: list[str], include_path=None):
+    """The lm-eval TaskManager that knows `tasks`; ValueError naming the unknown ones (checked before
+    anything runs). Our dare_* tasks are looked up first; lm-eval's own only when a task is not ours."""
     set_offline()
-    from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
     from . import TASKS_DIR
-    from .lm_eval_model import DareLM
 
-    t0 = time.perf_counter()
-    if lm is None:
-        lm = DareLM(recipe=recipe, model=model, set=list(overrides), batch_size=batch_size)
-    if lm.world_size > 1 and limit is not None and limit >= 1 and int(limit) < lm.world_size:
-        # lm-eval gives rank r the problems r, r + W, ...: a rank without any stops with "did not find
-        # any docs" while the others wait for it
-        raise ValueError(f"--limit {limit} gives some of the {lm.world_size} data-parallel processes no problem; "
-                         f"use a limit of at least {lm.world_size} or fewer processes")
+    if not tasks:
+        raise ValueError("no task given; the suite's tasks: dare_suite, dare_add, dare_sort, dare_reverse, dare_expr")
     paths = [str(TASKS_DIR)] + [str(p) for p in ([include_path] if isinstance(include_path, (str, Path))
                                                  else include_path or [])]
     manager = TaskManager(include_path=paths, include_defaults=False)
@@ -168,6 +191,35 @@ def evaluate(tasks: list[str], recipe=None, model=None, overrides=(), batch_size
         raise ValueError(f"unknown task(s) {ours}; the suite's tasks: {sorted(manager.all_tasks)}")
     if missing:  # lm-eval's own tasks (these may need the network)
         manager = TaskManager(include_path=paths, include_defaults=True)
+        unknown = [t for t in missing if not manager.match_tasks([t])]
+        if unknown:
+            raise ValueError(f"unknown task(s) {unknown}: neither one of the suite's tasks "
+                             f"(dare_suite, dare_add, dare_sort, dare_reverse, dare_expr) nor an lm-eval task")
+    return manager
+
+
+def evaluate(tasks: list[str], recipe=None, model=None, overrides=(), batch_size: int = 1, limit=None,
+             chat: bool = False, log_samples: bool = False, include_path=None, lm=None, command=None) -> dict | None:
+    """Run the tasks and return the results document (see docs/evaluation.md).
+
+    With data parallelism (several ranks) every rank must call it; rank 0 gets the document (with
+    every rank's problems and decoding statistics), the other ranks get None."""
+    set_offline()
+    from lm_eval import simple_evaluate
+
+    from .lm_eval_model import DareLM
+
+    quiet_lm_eval_git()
+
+    t0 = time.perf_counter()
+    manager = check_tasks(tasks, include_path)  # before the model loads
+    if lm is None:
+        lm = DareLM(recipe=recipe, model=model, set=list(overrides), batch_size=batch_size)
+    if lm.world_size > 1 and limit is not None and limit >= 1 and int(limit) < lm.world_size:
+        # lm-eval gives rank r the problems r, r + W, ...: a rank without any stops with "did not find
+        # any docs" while the others wait for it
+        raise ValueError(f"--limit {limit} gives some of the {lm.world_size} data-parallel processes no problem; "
+                         f"use a limit of at least {lm.world_size} or fewer processes")
     with _local_rank_zero(lm):
         raw = simple_evaluate(model=lm, tasks=list(tasks), limit=limit, task_manager=manager,
                               log_samples=log_samples, apply_chat_template=chat, fewshot_as_multiturn=False,

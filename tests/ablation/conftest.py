@@ -22,7 +22,7 @@ def write_ablation(tmp_path, tiny_ckpt):
     """write_ablation(**fields) -> path of an ablation YAML on the tiny checkpoint (dare_add, limit 2)."""
 
     def write(name="tiny", **fields):
-        doc = {"name": name, "model": str(tiny_ckpt), "tasks": ["dare_add"], "limit": 2, "set": list(GEN_SET)}
+        doc = {"name": name, "model": str(tiny_ckpt), "tasks": ["dare_add"], "limit": 2, "set": list(GEN_SET), "repeats": 0}
         doc.update(fields)
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(doc, sort_keys=False))

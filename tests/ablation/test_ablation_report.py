@@ -142,3 +142,76 @@ def test_threshold_sweep_gets_a_reuse_plot(tmp_path):
     md = (tmp_path / "report.md").read_text()
     assert "| dare_o (dare_o.threshold=0.2) |" in md
     assert (tmp_path / "reuse_vs_threshold.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# ---- timed repeats: spreads, intervals, within noise ------------------------------------------------
+
+def _timed(record, tps_values):
+    from dare_pipeline.ablation import timing
+
+    samples = [{"tokens_per_second": t, "decode_time_s": 10 / t, "decode_cpu_s": 5 / t} for t in tps_values]
+    record["metrics"]["requests"] = 2
+    return record | {"timing": timing.summarize(samples, len(samples))}
+
+
+def test_spread_is_median_quartiles_and_range():
+    from dare_pipeline.ablation.timing import needs_timing, spread
+
+    assert spread([3.0, 1.0, 2.0]) == {"median": 2.0, "q1": 1.5, "q3": 2.5, "min": 1.0, "max": 3.0, "n": 3}
+    assert spread([]) is None and spread([4.0])["q1"] == 4.0
+    assert needs_timing({"status": "ok"}, 3)  # a v1 record: no timing
+    assert needs_timing({"timing": {"samples": [{}]}}, 3) and not needs_timing({"timing": {"samples": [{}] * 3}}, 3)
+    assert not needs_timing({"status": "ok"}, 0)
+
+
+def test_gains_whose_interval_contains_one_are_within_noise(tmp_path):
+    base = _timed(_rec(0, [], 10, 0.5), [9, 10, 11])
+    a = _timed(_rec(1, ["a"], 20, 0.5), [19, 20, 22])  # 20/10: [19/11, 22/9] = [1.73, 2.44]
+    b = _timed(_rec(2, ["b"], 10.5, 0.5), [10, 10.5, 11])  # [10/11, 11/9]: contains 1.0
+    an = Analysis([base, a, b])
+    assert an.tps(a) == 20 and an.tps_range(a) == (19, 22)
+    assert an.speedup_interval(a) == pytest.approx((19 / 11, 22 / 9))
+    gains = {g["strategy"]: g for g in an.additive_gains()}
+    assert gains["a"]["within_noise"] is False and gains["b"]["within_noise"] is True
+    assert gains["b"]["low"] == pytest.approx(10 / 11) and gains["b"]["high"] == pytest.approx(11 / 9)
+    write_report([base, a, b], tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "| a | 1 | 2.00x | 2.00x | 2.00x | 0 of 1 |" in md
+    assert "| b | 1 | 1.05x | 1.05x | 1.05x | 1 of 1 |" in md
+    assert "| b | baseline | 1.05x | [0.91, 1.22] | within noise |" in md
+    # the run's row: median tokens/s with its range, the speed-up's interval, seconds per request
+    assert "| a | 50.0 | 50.0 | 20.0 [19.0, 22.0] | 2.00x [1.73, 2.44] | 0.25 [0.227, 0.263] |" in md
+    csv_text = (tmp_path / "results.csv").read_text()
+    assert "tokens_per_second_min" in csv_text.splitlines()[0]
+    gains_csv = (tmp_path / "additive_gain.csv").read_text()
+    assert gains_csv.splitlines()[0].endswith("gain,low,high,within_noise") and "True" in gains_csv
+    # untimed records (an older results file): no interval, said so
+    an = Analysis([_rec(0, [], 10, 0.5), _rec(1, ["a"], 20, 0.5)])
+    assert an.additive_gains()[0]["within_noise"] is None and an.speedup_interval(an.ok[1]) is None
+
+
+def test_a_policy_threshold_sweep_gets_no_reuse_plot(tmp_path):
+    records = [_rec(0, [], 10, 0.5)]
+    for i, t in enumerate((0.7, 0.9), 1):
+        r = _rec(i, ["threshold_decoding"], 10 + i, 0.5, sweep={"plugins.threshold_decoding.threshold": t})
+        r["reuse"] = {"flops": 0.0, "plugins": {}}
+        records.append(r)
+    files = {f.name for f in write_report(records, tmp_path)}
+    assert "reuse_vs_threshold.png" not in files and "accuracy_vs_speedup.png" in files
+
+
+def test_unreadable_lines_are_skipped_naming_the_file_and_line(tmp_path, caplog):
+    path = tmp_path / "r.jsonl"
+    append_record(path, {"key": "a", "status": "ok"})
+    with open(path, "ab") as f:
+        f.write(b'{"key": "\xff\xfe", "status": "ok"}\n')  # not UTF-8
+        f.write(b'{"key": ["un", "hashable"], "status": "ok"}\n')
+        f.write(b'{"key": "c", "status": ["odd"], "schema": "dare-pipeline/ablation-run/v1"}\n')
+        f.write(b'{"key": "d", "status": "ok", "schema": "someone-else/v9"}\n')
+    append_record(path, {"key": "b", "status": "ok"})
+    with caplog.at_level("WARNING"):
+        records = read_records(path)
+    assert [r["key"] for r in records] == ["a", "c", "b"]
+    assert f"{path}:2: not UTF-8" in caplog.text and f"{path}:3: run key ['un', 'hashable'] is not a string" in caplog.text
+    assert f"{path}:5: schema 'someone-else/v9'" in caplog.text
+    assert [r["key"] for r in dedupe(records)] == ["a", "c", "b"]  # an odd status does not break dedupe

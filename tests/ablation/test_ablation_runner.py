@@ -6,9 +6,10 @@ from pathlib import Path
 
 import attrs
 import pytest
+import yaml
 
 from dare_pipeline.ablation import Ablation, plan_runs
-from dare_pipeline.ablation.results import append_record, merge, read_records
+from dare_pipeline.ablation.results import append_record, dedupe, merge, read_records
 from dare_pipeline.ablation.runner import parse_shard, run_ablation, select
 from dare_pipeline.cli import main
 from dare_pipeline.config_loading import ConfigError
@@ -136,33 +137,133 @@ def test_failing_runs_are_recorded_and_the_others_complete(write_ablation, tmp_p
     assert "failed: RuntimeError" in md and "ConfigError" in md
 
 
-def test_refused_and_unknown_plugins_are_skipped_with_the_reason(write_ablation, tmp_path):
-    path = write_ablation(name="skips", plugins={"subsets_of": ["prefix_cache", "dual_cache", "no_such_plugin"]},
-                          sweep={"plugins.no_such_plugin.threshold": [0.1, 0.2]})
+def test_refused_combinations_are_skipped_with_the_reason(write_ablation, tmp_path):
+    path = write_ablation(name="skips", plugins={"subsets_of": ["prefix_cache", "dual_cache"]})
     abl = Ablation.from_yaml(path)
     runs = plan_runs(abl)
     by = {r.name: r for r in runs}
     refused = by["prefix_cache+dual_cache"]
     assert refused.status == "skipped"
     assert "refused at recipe load" in refused.reason and "both decide 'row_feed'" in refused.reason
-    unknown = [r for r in runs if "no_such_plugin" in r.plugins]
-    assert len(unknown) == 4 * 2  # each subset with it, at each sweep value
-    assert all(r.status == "skipped" and "unknown plugin 'no_such_plugin'" in r.reason for r in unknown)
-    # the sweep key of a plugin a run does not have is not applied to it: no extra runs
     assert [r.name for r in runs if r.status == "pending"] == ["baseline", "prefix_cache", "dual_cache"]
 
     out = tmp_path / "skips.jsonl"
     summary = run_ablation(abl, out, quiet=True)
-    assert summary.executed == 3 and summary.skipped == 1 + 8
+    assert summary.executed == 3 and summary.skipped == 1
     records = read_records(out)
-    assert len(records) == 12
-    assert {r["reason"] for r in records if r["status"] == "skipped"} >= {refused.reason}
+    assert len(records) == 4
+    assert {r["reason"] for r in records if r["status"] == "skipped"} == {refused.reason}
     # skipped runs are recorded once, not again on resume
     again = run_ablation(abl, out, quiet=True)
-    assert again.executed == 0 and again.skipped == 0 and len(read_records(out)) == 12
+    assert again.executed == 0 and again.skipped == 0 and len(read_records(out)) == 4
     rep = tmp_path / "rep"
     main(["report", str(out), "--out", str(rep)])
     assert "skipped: **prefix_cache + dual_cache** — refused at recipe load" in (rep / "report.md").read_text()
+
+
+@pytest.mark.parametrize("fields, where", [
+    ({"plugins": {"subsets_of": ["prefix_cache", "prefix_cahce"]}}, "plugins.subsets_of[1]: unknown plugin 'prefix_cahce'"),
+    ({"plugins": {"sets": [[], ["dual_cache", "no_such_plugin"]]}}, "plugins.sets[1]: unknown plugin 'no_such_plugin'"),
+    ({"plugin_options": {"treshold_decoding": {"threshold": 0.9}}}, "plugin_options.treshold_decoding: unknown plugin"),
+    ({"sweep": {"plugins.dare_k.threshold": [0.1]}}, "sweep.plugins.dare_k.threshold: unknown plugin 'dare_k'"),
+])
+def test_an_unknown_plugin_is_an_error_at_load(write_ablation, fields, where, capsys, tmp_path):
+    path = write_ablation(name="typo", **fields)
+    with pytest.raises(ConfigError) as err:
+        Ablation.from_yaml(path)
+    assert str(err.value).startswith(f"{path}: {where}"), str(err.value)
+    assert "registered plugins: [" in str(err.value)
+    if "cahce" in where:
+        assert "did you mean 'prefix_cache'?" in str(err.value)
+    assert main(["ablate", str(path), "--output", str(tmp_path / "o.jsonl"), "--quiet"]) == 2
+    assert "unknown plugin" in capsys.readouterr().err and not (tmp_path / "o.jsonl").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch-size", "0"], "--batch-size 0: must be an integer >= 1"),
+    (["--limit", "0"], "--limit 0: must be > 0"),
+    (["--repeats", "-1"], "--repeats -1: must be >= 0"),
+    (["--output", "{tmp}"], "is a directory; give the results file's path"),
+])
+def test_bad_arguments_are_refused_before_any_run(write_ablation, tmp_path, capsys, args, message):
+    path = write_ablation(name="bad")
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    out = ["--output", str(tmp_path / "o.jsonl")] if "--output" not in args else []
+    assert main(["ablate", str(path), *out, *args, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_an_unknown_task_is_refused_before_any_run(write_ablation, tmp_path, capsys, monkeypatch):
+    from dare_pipeline.ablation import runner
+
+    ran = []
+    monkeypatch.setattr(runner, "execute_run", lambda *a, **k: ran.append(a))
+    path = write_ablation(name="task", tasks=["dare_add", "dare_nothing"])
+    assert main(["ablate", str(path), "--output", str(tmp_path / "o.jsonl"), "--quiet"]) == 2
+    assert "unknown task(s) ['dare_nothing']" in capsys.readouterr().err
+    assert ran == [] and not (tmp_path / "o.jsonl").exists()
+
+
+def test_eval_refuses_a_directory_output_before_evaluating(tmp_path, capsys, monkeypatch):
+    from dare_pipeline.evaluation import run
+
+    monkeypatch.setattr(run, "evaluate", lambda *a, **k: pytest.fail("evaluated before checking --output"))
+    assert main(["eval", "--tasks", "dare_add", "--output", str(tmp_path)]) == 2
+    assert f"--output {tmp_path}: is a directory" in capsys.readouterr().err
+
+
+def test_too_many_threads_for_the_cores_is_warned(monkeypatch):
+    from dare_pipeline.ablation.runner import oversubscription
+
+    monkeypatch.setattr("os.cpu_count", lambda: 4)
+    assert oversubscription(4, 1) is None and oversubscription(0, 4) is None
+    warning = oversubscription(2, 4)
+    assert warning.startswith("2 process(es) x 4 torch thread(s) = 8 threads on 4 cores") and "--workers 1" in warning
+
+
+# ---- timed repeats -----------------------------------------------------------------------------------
+
+def test_repeats_run_round_robin_and_resume(write_ablation, tmp_path, monkeypatch):
+    from dare_pipeline.ablation import runner
+
+    order = []
+    real = runner.execute_run
+
+    def spy(spec, *args, **kwargs):
+        order.append(spec.index)
+        return real(spec, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "execute_run", spy)
+    path = write_ablation(name="timed", limit=1, repeats=2, plugins={"sets": [[], ["prefix_cache"]]})
+    abl = Ablation.from_yaml(path)
+    assert abl.repeats == 2
+    out = tmp_path / "timed.jsonl"
+    summary = run_ablation(abl, out, quiet=True)
+    assert order == [0, 1, 0, 1, 0, 1]  # first passes, then every run's first repeat, then the second
+    assert summary.executed == 2 and summary.ok == 2
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    # each run's record after its first pass (timing pending), then the complete one
+    assert [(r["index"], r["timing"]["complete"]) for r in lines] == [(0, False), (1, False), (0, True), (1, True)]
+    final = read_records(out)[2]
+    t = final["timing"]
+    assert [s["round"] for s in t["samples"]] == [1, 2] and t["tokens_per_second"]["n"] == 2
+    assert t["tokens_per_second"]["min"] <= t["tokens_per_second"]["median"] <= t["tokens_per_second"]["max"]
+    assert all(s["nfe_total"] == final["metrics"]["nfe_total"] for s in t["samples"])  # exact counters
+    assert t["decode_cpu_s"]["median"] > 0 and final["schema"].endswith("/v2")
+
+    # interrupted during the repeats: the first-pass records are kept; a rerun times those runs again
+    out.write_text("\n".join(out.read_text().splitlines()[:2]) + "\n")
+    order.clear()
+    again = run_ablation(abl, out, quiet=True)
+    assert order == [0, 1, 0, 1, 0, 1] and again.executed == 2
+    assert len(out.read_text().splitlines()) == 4  # no second first-pass record
+    assert run_ablation(abl, out, quiet=True).executed == 0
+    # a v1 record (no timing) counts as done without repeats, and is timed when repeats are asked for
+    assert run_ablation(abl, tmp_path / "none.jsonl", quiet=True, repeats=0).executed == 2
+    order.clear()
+    assert run_ablation(abl, tmp_path / "none.jsonl", quiet=True, repeats=1).executed == 2 and len(order) == 4
 
 
 # ---- shards, merge, crash safety ------------------------------------------------------------------
@@ -203,7 +304,7 @@ def test_shards_partition_the_runs_and_merge_dedupes(write_ablation, tmp_path):
     assert len((out / "results.csv").read_text().splitlines()) == 1 + 4
     # the two seeds are two settings of the table, each with its own baseline
     md = (out / "report.md").read_text()
-    assert md.count("seed=0") == 1 and md.count("seed=1") == 1 and md.count("| baseline |") == 2
+    assert md.count("## shards — generation.seed=0") == 1 and md.count("## shards — generation.seed=1") == 1 and md.count("| baseline |") == 2
 
 
 def test_a_partial_last_line_does_not_break_resume(write_ablation, tmp_path):
@@ -332,3 +433,76 @@ def test_under_torchrun_each_rank_takes_its_shard_and_its_own_file(write_ablatio
     out = capsys.readouterr().out
     assert "this shard: 1 to run, 1 to record without running" in out
     assert str(tmp_path / "o.rank1-of-2.jsonl") in out
+
+
+# ---- target_reuse sweeps: calibrated per run --------------------------------------------------------
+
+def test_a_target_reuse_sweep_calibrates_each_run_on_the_embedded_model(tmp_path):
+    path = tmp_path / "cal.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "cal", "model": "default", "tasks": ["dare_add"], "limit": 1, "repeats": 0,
+        "set": ["generation.gen_length=16", "generation.block_length=16", "generation.steps=16"],
+        "plugins": {"sets": [["dare_kv"]]}, "sweep": {"plugins.dare_kv.target_reuse": [0.5]},
+        # the same single problem the run evaluates: the run's reuse is the calibration's
+        "calibration": {"limit": 1, "tolerance": 0.05, "max_trials": 10}}))
+    abl = Ablation.from_yaml(path)
+    (spec,) = plan_runs(abl)
+    assert spec.calibrate["plugin"] == "dare_kv" and spec.calibrate["target"] == 0.5 and spec.name.endswith(
+        "[dare_kv.target_reuse=0.5]")
+    assert spec.key != plan_runs(attrs.evolve(abl, sweep={"plugins.dare_kv.target_reuse": [0.6]}))[0].key
+    out = tmp_path / "cal.jsonl"
+    summary = run_ablation(abl, out, quiet=True)
+    (record,) = read_records(out)
+    assert summary.ok == 1, record.get("error")
+    cal = record["calibration"]
+    assert cal["converged"] and abs(cal["reuse"] - 0.5) <= 0.05 and cal["threshold"] > 0
+    assert record["recipe"]["plugins"][0]["threshold"] == cal["threshold"]  # the run used the chosen threshold
+    assert record["reuse"]["plugins"]["dare_kv"]["reuse_fraction"] == pytest.approx(cal["reuse"], abs=1e-6)
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"sweep": {"plugins.prefix_cache.target_reuse": [0.5]}}, "target_reuse is calibrated for ['dare_kv', 'dare_o'] only"),
+    ({"sweep": {"plugins.dare_kv.target_reuse": [0.5, 1.5]}},
+     "sweep.plugins.dare_kv.target_reuse[1] = 1.5: a reuse fraction between 0 and 1"),
+    ({"sweep": {"plugins.dare_o.target_reuse": [0.5], "plugins.dare_o.threshold": [0.1]}},
+     "sweep either dare_o's threshold or its target_reuse"),
+    ({"sweep": {"plugins.dare_kv.target_reuse": [0.5]}, "calibration": {"prompts": "nowhere.jsonl"}},
+     "calibration.prompts = 'nowhere.jsonl': prompts file not found"),
+    ({"calibration": {"limit": 0}}, "calibration: limit = 0: must be >= 1"),
+])
+def test_target_reuse_errors_name_the_key_and_value(fields, message):
+    with pytest.raises(ConfigError) as err:
+        Ablation.from_dict({"name": "x", **fields}, source="abl.yaml")
+    assert str(err.value).startswith("abl.yaml: ") and message in str(err.value), str(err.value)
+
+
+def test_workers_take_the_repeats_round_robin(write_ablation, tmp_path):
+    path = write_ablation(name="pooled", limit=1, repeats=1, plugins={"sets": [[], ["dual_cache"]]})
+    out = tmp_path / "pooled.jsonl"
+    summary = run_ablation(Ablation.from_yaml(path), out, workers=2, quiet=True)
+    records = read_records(out)
+    assert summary.ok == 2 and len(out.read_text().splitlines()) == 4, records
+    final = dedupe(records)
+    assert all(r["timing"]["complete"] and [s["round"] for s in r["timing"]["samples"]] == [1] for r in final)
+    assert all(s["nfe_total"] == r["metrics"]["nfe_total"] for r in final for s in r["timing"]["samples"])
+
+
+def test_a_repeat_that_finishes_before_its_first_pass_waits_for_it():
+    from dare_pipeline.ablation.runner import _Rounds
+
+    written = []
+    rounds = _Rounds(2, lambda record, final=True: written.append((record, final)), recorded=set())
+    spec = plan_runs(Ablation.from_dict({"name": "x"}))[0]
+
+    def passed(tps):
+        return {"status": "ok", "metrics": {"tokens_per_second": tps, "nfe_total": 4}, "wall_time_s": 1.0}
+
+    rounds.result(spec, 2, passed(30.0))  # two workers: the repeats come back first
+    rounds.result(spec, 1, passed(10.0))
+    assert written == []
+    rounds.result(spec, 0, passed(99.0))
+    (pending, final_a), (done, final_b) = written
+    assert not final_a and pending["timing"]["complete"] is False
+    assert final_b and [s["round"] for s in done["timing"]["samples"]] == [1, 2]
+    assert done["timing"]["tokens_per_second"]["median"] == 20.0 and done["metrics"]["tokens_per_second"] == 99.0
+    assert rounds.dead(spec)

@@ -32,7 +32,7 @@ from dare_pipeline.testing import save_tiny_suite_checkpoint
 GEN_SET = ["generation.gen_length=32", "generation.steps=32", "generation.block_length=16"]
 EQUAL_DECODING = ("requests", "batches", "nfe_total", "nfe_per_request", "steps", "generated_tokens",
                   "generated_tokens_per_request", "plugins", "loglikelihood_requests")
-TIMES = ("tokens_per_second", "decode_time_s", "generate_wall_time_s", "eval_wall_time_s", "ranks")
+TIMES = ("tokens_per_second", "decode_time_s", "decode_cpu_s", "generate_wall_time_s", "eval_wall_time_s", "ranks")
 LAUNCH_ENV = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
               "TORCHELASTIC_RUN_ID", "GROUP_RANK", "ROLE_RANK")
 
@@ -60,7 +60,7 @@ def eval_args(tiny_dir, output):
 def ablation_file(directory, tiny_dir):
     path = directory / "dp.yaml"
     path.write_text(yaml.safe_dump({"name": "dp", "model": str(tiny_dir), "tasks": ["dare_add"], "limit": 3,
-                                    "set": GEN_SET, "plugins": {"subsets_of": ["prefix_cache"]}}))
+                                    "repeats": 0, "set": GEN_SET, "plugins": {"subsets_of": ["prefix_cache"]}}))
     return path
 
 

@@ -250,3 +250,31 @@ def test_wrapper_adds_our_include_path_once():
     assert with_include_path(["ls", "tasks"], "/t") == ["ls", "tasks", "--include_path", "/t"]
     assert with_include_path(["--include_path", "/mine"], "/t") == ["--include_path", "/mine"]
     assert with_include_path(["--help"], "/t") == ["--help"]
+
+
+def test_lm_eval_results_json_has_the_decoding_stats_and_the_recipe_name(tiny_dir, tmp_path, monkeypatch, capfd,
+                                                                         no_network):
+    from lm_eval.tasks import manager
+
+    from dare_pipeline.evaluation import lm_eval_cli
+
+    original = manager.TaskManager.__init__
+    monkeypatch.setattr(manager.TaskManager, "__init__",
+                        lambda self, *a, **k: original(self, *a, **{**k, "include_defaults": False}))
+    monkeypatch.chdir(tmp_path)  # not a git checkout: lm-eval's git lookup must stay quiet
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
+    recipe = tmp_path / "fast.yaml"
+    recipe.write_text("name: my_fast_recipe\nplugins: [{name: prefix_cache}]\n")
+    lm_eval_cli.main(["--model", "dare", "--model_args", f"recipe={recipe},model={tiny_dir},gen_length=32,steps=32",
+                      "--tasks", "dare_add", "--limit", "2", "--device", "cpu", "--output_path", str(tmp_path / "out")])
+    err = capfd.readouterr().err
+    assert "not a git repository" not in err and "fatal:" not in err, err
+    files = list((tmp_path / "out").rglob("results_*.json"))
+    assert [f.parent.name for f in files] == ["my_fast_recipe"]  # named after the recipe, not a random id
+    doc = json.loads(files[0].read_text())
+    assert doc["model_name"] == "my_fast_recipe"
+    d = doc["config"]["dare_decoding"]
+    assert d["requests"] == 2 and d["nfe_total"] == 64 and d["tokens_per_second"] > 0 and d["decode_cpu_s"] > 0
+    assert d["flops"]["total"] == sum(d["flops"][k] for k in ("q", "kv", "attn", "ffn", "v", "lm_head")) > 0
+    assert d["plugins"]["prefix_cache"]["cached_rows_read"] > 0  # the plugin's own counters
+    assert doc["git_hash"] is None

@@ -1,0 +1,71 @@
+"""Timing a run: the first pass of each run (accuracy, counters) is its warm-up and is not timed;
+then `repeats` timed passes, interleaved across the runs (round-robin: every run's first repeat,
+then every run's second, ...), so a slow phase of the machine hits every configuration alike.
+
+A record's `timing` holds each repeat's decode wall time, process CPU time and tokens/s, and their
+median, quartiles and range. NFE and FLOPs are exact (the decoding is deterministic) and stay the
+first pass's.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+# what each timed repeat keeps from its pass's metrics
+SAMPLE_FIELDS = ("decode_time_s", "decode_cpu_s", "tokens_per_second", "generated_tokens", "nfe_total")
+SPREAD_FIELDS = ("decode_time_s", "decode_cpu_s", "tokens_per_second")
+
+
+def sample(record: dict) -> dict:
+    """One timed repeat, from the record its pass produced."""
+    m = record.get("metrics") or {}
+    out = {k: m.get(k) for k in SAMPLE_FIELDS}
+    out["wall_time_s"] = record.get("wall_time_s")
+    return out
+
+
+def spread(values: list[float]) -> dict | None:
+    """median, quartiles (inclusive method) and range of the values; None without values."""
+    values = sorted(v for v in values if isinstance(v, (int, float)))
+    if not values:
+        return None
+    if len(values) == 1:
+        q1 = q3 = values[0]
+    else:
+        q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return {"median": statistics.median(values), "q1": q1, "q3": q3, "min": values[0], "max": values[-1],
+            "n": len(values)}
+
+
+def summarize(samples: list[dict], repeats: int) -> dict:
+    out = {"repeats": repeats, "warmup": "the run's first (accuracy) pass, untimed", "order": "round-robin",
+           "samples": samples, "complete": len(samples) >= repeats}
+    for field in SPREAD_FIELDS:
+        out[field] = spread([s.get(field) for s in samples])
+    return out
+
+
+def pending(repeats: int) -> dict:
+    """The timing of a record written after its first pass, before its repeats ran."""
+    return {"repeats": repeats, "samples": [], "complete": False}
+
+
+def needs_timing(record: dict, repeats: int) -> bool:
+    """A finished record that lacks the timed repeats asked for now (recorded before they ran, by an
+    interrupted invocation, or by an older version without repeats)."""
+    if repeats <= 0:
+        return False
+    timing = record.get("timing")
+    if not isinstance(timing, dict):
+        return True
+    samples = timing.get("samples")
+    return not isinstance(samples, list) or len(samples) < repeats
+
+
+def tokens_per_second(record: dict) -> dict | None:
+    """The spread of tokens/s over the timed repeats, or None (no repeats recorded)."""
+    timing = record.get("timing")
+    if not isinstance(timing, dict):
+        return None
+    s = timing.get("tokens_per_second")
+    return s if isinstance(s, dict) and isinstance(s.get("median"), (int, float)) and s["median"] > 0 else None
