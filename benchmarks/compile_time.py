@@ -3,7 +3,8 @@
     python benchmarks/compile_time.py                       # bench shape, 4 and 16 layers, inductor, CPU
     python benchmarks/compile_time.py --layers 8 32 --recipe dual_cache --device cuda --dtype bfloat16
 
-One process per (layers, regions) setting, so nothing compiled earlier is reused: each prints one JSON
+One process per (layers, regions) setting, each with an empty inductor cache directory of its own, so
+nothing compiled earlier is reused (a cold start, as a fresh machine pays it): each prints one JSON
 line with the first generation's compile time (`stats.execution.compile_time_s`), the number of
 graphs compiled, and whether the decode equals eager. The benchmark model's shape (common.py, vocabulary
 cut to 4,096), prompt 64, gen_length 32, block 16, 4 steps, batch 1, one thread.
@@ -13,8 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
+import tempfile
 
 RECIPES = {"dual_cache": [{"name": "dual_cache"}], "baseline": [], "dare_kv": [{"name": "dare_kv"}],
            "prefix_cache": [{"name": "prefix_cache"}]}
@@ -55,7 +58,9 @@ def main() -> None:
         for regions in (False, True):
             cmd = [sys.executable, __file__, "--one", str(layers), str(int(regions)), "--recipe", args.recipe,
                    "--device", args.device, "--dtype", args.dtype]
-            result = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            with tempfile.TemporaryDirectory() as cache:
+                env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache, TRITON_CACHE_DIR=os.path.join(cache, "triton"))
+                result = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
             print(result.stdout.strip().splitlines()[-1], flush=True)
 
 

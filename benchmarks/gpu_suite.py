@@ -58,17 +58,17 @@ creation and compiles included) the running row is interrupted and it and the re
 "skipped (budget)"; SIGTERM records the running row and still writes and prints the table.
 
 Time estimate on one H200 at the defaults, from the known figures (eager ~31 ms/step at 768 rows,
-compiled 32-row forward 5.6 ms, ~40 s per newly compiled graph; graph-mode decode times are
-estimates): setup (CUDA init, 8B random init) ~10 s; A1 eager 3 x ~17 s (a one-block warm-up +
-2 x 256 x ~31 ms); A1 graphs: baseline ~40 s compile + 3 x ~5 s, dual_cache ~80 s (the refresh
-with a store and the block forward) + 3 x ~2 s, prefix_cache 0-80 s (its suffix lengths hit the
-graph made dynamic by dual_cache's second length, or pay up to two compiles) + 3 x ~3 s: A1 ~200-
-250 s; D ~10 s (one unprofiled and one profiled decode, ~100k device events); B1 eager ~15 s,
-graphs up to ~80 s of compiles (batch 32) + ~20 s; A2 eager ~45 s (dare_o ~30 s of it), graphs
-up to one compile each; E ~10 s of model creation + about A1's time; F eager ~2 s, compiled ~40 s
-per row count; B2 eager ~80 s (a full 768-row forward at batch 32 is ~0.5 s). With ~40 s per
-compiled graph the whole list takes ~12-15 minutes: the default budget measures A1, D and B1 (the
-priorities) and marks the rest skipped; `--only A2 E F B2` measures the rest in a second slot.
+compiled 32-row forward 5.6 ms, ~40 s for a whole-model inductor compile without regions; graph-mode
+decode times are estimates): setup (CUDA init, 8B random init) ~10 s; A1 eager 3 x ~17 s (a
+one-block warm-up + 2 x 256 x ~31 ms). Compiled forwards use compile regions (execution.regions,
+dare_pipeline/execution/regions.py): the layer's sub-operations are code-generated once, not 32
+times, so a new graph costs a fraction of the 40 s (on the CPU, `benchmarks/compile_time.py`,
+docs/benchmarks.md); with regions shapes are static, so prefix_cache compiles once per suffix length
+(8 at these lengths). Eager decoding is the floor of the list: A1, A2, E and B1/B2 eager take
+~250 s together (B2's baseline at batch 32 is compute-bound, ~0.5-0.7 s a step), so the default
+budget measures A1, D, B1, A2 and as much of E as fits, and `--only E F B2` measures the rest in a
+second slot. Each row's `regions` and `regions_error` say whether its compile used regions (a compile
+that fails with them falls back to inline layers, and says why).
 """
 
 from __future__ import annotations
@@ -370,6 +370,7 @@ def measure_decode(suite: Suite, row: Row) -> dict:
         ex = execution_stats(out)
         res["compile_time_s"] = ex.get("compile_time_s")
         res["compiles"] = ex.get("compiles")
+        res["regions"], res["regions_error"] = ex.get("regions"), ex.get("regions_error")
         if not overrides:
             suite.mark_warm(row, pipe)
     else:
