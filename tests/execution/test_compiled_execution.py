@@ -105,7 +105,7 @@ def test_auto_is_eager_on_the_cpu(golden_models):
 
 
 @pytest.mark.parametrize("family", ["llada", "dream"])
-@pytest.mark.parametrize("name", ["dare_kv", "dare_o"])
+@pytest.mark.parametrize("name", ["dare_kv", "dare_o", "ffn_reuse"])
 def test_threshold_zero_with_a_row_budget_is_the_recipe_without_the_plugin(golden_models, family, name):
     model = golden_models[family]
     recipe = Path(__file__).parents[2] / "recipes" / "dual_cache.yaml"
