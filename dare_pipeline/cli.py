@@ -312,6 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     plug = sub.add_parser("plugins", help="list the loaded plugins with version, hooks and options")
     plug.add_argument("--json", action="store_true")
     plug.set_defaults(func=cmd_plugins)
+    from .plugin_kit.cli import add_subcommands  # plugins test / plugins new
+    add_subcommands(plug)
 
     rec = sub.add_parser("recipe", help="recipe tools")
     rec_sub = rec.add_subparsers(dest="recipe_command", required=True)

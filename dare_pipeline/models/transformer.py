@@ -293,7 +293,8 @@ class DiffusionTransformer(nn.Module):
             if run_sub is not None:
                 attn = attn & run_sub
             sel = _select(attn, call, reuse, "attn_rows", active)
-            delta = store.read(ATTN_OUT, i, where).clone()
+            # a field no forward has written yet reads as zeros (the object reuses only written rows)
+            delta = store.field(ATTN_OUT, i, xa.shape[-1])[:, where].clone()
             fresh = layer.attend(q[:, :, sel], store.keys(i), store.values(i), key_mask)
             delta[:, sel] = torch.where(attn[:, sel, None], fresh, delta[:, sel])
             attn_count = sel.shape[0]
@@ -311,7 +312,7 @@ class DiffusionTransformer(nn.Module):
             if run_sub is not None:
                 ffn = ffn & run_sub
             sel = _select(ffn, call, reuse, "ffn_rows", active)
-            f = store.read(FFN_OUT, i, where).clone()
+            f = store.field(FFN_OUT, i, xa.shape[-1])[:, where].clone()
             f[:, sel] = torch.where(ffn[:, sel, None], layer.ffn(xa[:, sel]), f[:, sel])
             ffn_count = sel.shape[0]
         if store.tracks(FFN_OUT):
