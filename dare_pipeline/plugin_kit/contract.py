@@ -26,8 +26,8 @@ def test_exact_options_reproduce_the_recipe_without_the_plugin(dare_plugin, fami
 def test_exact_options_stacked_on_every_row_feeder_and_policy(dare_plugin, family):
     if not checks.has_exactness_check(dare_plugin):
         pytest.skip(f"{dare_plugin}: no exact_options, or a decoding policy")
-    for feeder, policy in checks.stacks(dare_plugin):
-        checks.check_exact_stacked(dare_plugin, family, feeder, policy)
+    for i, (feeder, policy) in enumerate(checks.stacks(dare_plugin)):
+        checks.check_exact_stacked(dare_plugin, family, feeder, policy, variant=i + FAMILIES.index(family))
 
 
 @pytest.mark.parametrize("family", FAMILIES)

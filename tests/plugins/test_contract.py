@@ -62,8 +62,8 @@ def test_exact_options_reproduce_the_recipe_without_the_plugin(name, family):
 def test_exact_options_stacked_on_every_row_feeder_and_policy(name, family):
     if not checks.has_exactness_check(name):
         pytest.skip(f"{name}: no exactness setting (exact_options None) or a decoding policy")
-    for feeder, policy in checks.stacks(name):
-        checks.check_exact_stacked(name, family, feeder, policy)
+    for i, (feeder, policy) in enumerate(checks.stacks(name)):
+        checks.check_exact_stacked(name, family, feeder, policy, variant=i + FAMILIES.index(family))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
