@@ -3,8 +3,8 @@
 Wheels of dare-pipeline and of examples/input_drift are built offline (no build isolation, no
 index) from copies of their sources, and installed without dependencies into a fresh virtual
 environment whose only other packages are this interpreter's installed dependencies (torch, pytest,
-...: its site directories are added as plain paths, so an editable install of this repository is
-not picked up). There, from directories that hold only test files:
+...: linked, without dare-pipeline's own metadata or an editable install of this repository).
+There, from directories that hold only test files:
 - dare_pipeline and the plugins import from the environment's site-packages (the wheels);
 - the example's own tests, which import the shipped contract, pass;
 - `dare-pipeline plugins test input_drift` and `pytest --dare-plugin input_drift` run the contract;
@@ -31,6 +31,8 @@ ROOT = Path(__file__).parents[2]
 EXAMPLE = ROOT / "examples" / "input_drift"
 SOURCES = ["pyproject.toml", "README.md", "dare_pipeline", "plugins"]
 SKIP = shutil.ignore_patterns("__pycache__", "*.egg-info", "build", "dist", ".pytest_cache", ".benchmarks")
+# installed names of this repository's packages (kept out of the fresh environment but for the wheels)
+OURS = ("dare_pipeline", "__editable__", "dare_step_logger", "dare_input_drift", "dare_kit_probe")
 TIMEOUT = 300  # per command: a hung build or run fails the test instead of the CI job
 
 
@@ -59,6 +61,22 @@ def _copy(source: Path, target: Path, names=None) -> Path:
     return target
 
 
+def _host_dependencies(target: Path) -> Path:
+    """A directory of links to everything this interpreter has installed (torch, pytest, ...) except
+    dare-pipeline itself and the example plugins: added as a plain path, so neither an editable
+    install of this repository nor its metadata (entry points) reaches the fresh environment."""
+    target.mkdir()
+    for directory in [*site.getsitepackages(), site.getusersitepackages()]:
+        if not Path(directory).is_dir():
+            continue
+        for entry in Path(directory).iterdir():
+            key = entry.name.lower().replace("-", "_")
+            if key.startswith(OURS) or key.endswith(".pth") or (target / entry.name).exists():
+                continue
+            (target / entry.name).symlink_to(entry, target_is_directory=entry.is_dir())
+    return target
+
+
 class Env:
     """A fresh virtual environment with the wheels installed."""
 
@@ -68,9 +86,7 @@ class Env:
         self.python = self.bin / ("python.exe" if os.name == "nt" else "python")
         self.site = Path(_run([self.python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                               cwd=root).strip())
-        # this interpreter's installed dependencies, as plain paths (their .pth files are not run)
-        deps = [p for p in [*site.getsitepackages(), site.getusersitepackages()] if Path(p).is_dir()]
-        (self.site / "_host_dependencies.pth").write_text("\n".join(deps) + "\n")
+        (self.site / "_host_dependencies.pth").write_text(str(_host_dependencies(root.parent / "host_deps")) + "\n")
         self.environ = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
         self.environ["PATH"] = f"{self.bin}{os.pathsep}{self.environ.get('PATH', '')}"
         self.environ["OMP_NUM_THREADS"] = "1"  # torch's threads: tiny models on shared cores (as tests/conftest.py)
