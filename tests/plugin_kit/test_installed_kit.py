@@ -66,7 +66,9 @@ def _host_dependencies(target: Path) -> Path:
     dare-pipeline itself and the example plugins: added as a plain path, so neither an editable
     install of this repository nor its metadata (entry points) reaches the fresh environment."""
     target.mkdir()
-    for directory in [*site.getsitepackages(), site.getusersitepackages()]:
+    # the site directories on this interpreter's path (a venv's, and the system's with --system-site-packages)
+    on_path = [p for p in sys.path if Path(p).name in ("site-packages", "dist-packages")]
+    for directory in dict.fromkeys([*on_path, *site.getsitepackages(), site.getusersitepackages()]):
         if not Path(directory).is_dir():
             continue
         for entry in Path(directory).iterdir():
