@@ -6,7 +6,8 @@ contract test and `pytest --dare-plugin NAME` (the test module `plugin_kit.contr
 same functions, so there is one contract.
 
 - `check_exact_options`: under its `exact_options` the plugin decodes exactly the tokens and commit
-  steps of the recipe without it;
+  steps of the recipe without it, and every forward's logits of the prompts still decoding are
+  equal (within float noise: 1e-4);
 - `check_exact_stacked`: the same stacked on every row feeder and every decoding policy installed
   (each with its default options, combinations the plugins refuse left out), over batches of
   left-padded prompts, two block layouts and greedy and sampled decoding (the contract's tests
@@ -21,9 +22,14 @@ same functions, so there is one contract.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
+import torch
+
 from ..api import Pipeline
+from ..hookspecs import hookimpl
+from ..plugin import Plugin
 from ..recipe import Recipe
 from ..registry import DEFAULT_POLICY, available_plugins, registered
 from ..stats import SUB_OPS
@@ -67,6 +73,50 @@ def _same_decode(got, want, what: str) -> None:
     assert got.unmask_step == want.unmask_step, f"{what}: commit steps differ"
 
 
+@contextlib.contextmanager
+def _logits(family: str):
+    """The LM head's output of every forward (tokens can hide a small inexactness; logits do not)."""
+    seen: list[torch.Tensor] = []
+    handle = model(family).lm_head.register_forward_hook(lambda module, args, out: seen.append(out.detach().clone()))
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+class _Decoding(Plugin):
+    """Observer: which prompts still decode at each forward (a finished prompt's logits are unused,
+    and a plugin may leave its rows stale: dLLM-Cache does)."""
+
+    name = "contract_decoding"
+
+    @hookimpl
+    def dare_generation_start(self, state):
+        self.rows = []
+
+    @hookimpl
+    def dare_step_start(self, state):
+        self.rows.append(list(state.unfinished))
+
+
+def _exact_run(family, plugins, batch, gen=None):
+    """Decode, and return the output with each forward's (logits, prompts still decoding)."""
+    with registered(_Decoding), _logits(family) as seen:
+        out, pipe = _run(family, [*plugins, _Decoding.name], batch, gen)
+    decoding = next(p for p in pipe.plugins if p.name == _Decoding.name).rows
+    return out, list(zip(seen, decoding))
+
+
+def _same_logits(got: list, want: list, what: str) -> None:
+    assert len(got) == len(want), f"{what}: {len(got)} forwards instead of {len(want)}"
+    for i, ((a, decoding), (b, expected)) in enumerate(zip(got, want)):
+        assert decoding == expected, f"{what}: forward {i} decodes prompts {decoding}, not {expected}"
+        assert a.shape == b.shape, f"{what}: forward {i} computed logits of shape {tuple(a.shape)}, not {tuple(b.shape)}"
+        rows = torch.tensor(decoding).repeat(a.shape[0] // len(decoding))  # model batch rows (x2 with guidance)
+        torch.testing.assert_close(a[rows], b[rows], rtol=1e-4, atol=1e-4,
+                                   msg=lambda m, i=i: f"{what}: logits of forward {i}: {m}")
+
+
 def has_exactness_check(name: str) -> bool:
     """Whether the exactness checks apply: the plugin declares `exact_options` and is no decoding
     policy (a policy is the decoder the others are compared under)."""
@@ -77,9 +127,11 @@ def has_exactness_check(name: str) -> bool:
 def check_exact_options(name: str, family: str) -> None:
     cls = plugin_class(name)
     batch = prompts()
-    with_it, _ = _run(family, [{"name": name, **cls.exact_options}], batch)
-    without, _ = _run(family, [], batch)
-    _same_decode(with_it, without, f"{name} with exact_options {cls.exact_options}")
+    with_it, logits = _exact_run(family, [{"name": name, **cls.exact_options}], batch)
+    without, expected = _exact_run(family, [], batch)
+    what = f"{name} with exact_options {cls.exact_options}"
+    _same_decode(with_it, without, what)
+    _same_logits(logits, expected, what)
 
 
 def _compatible(name: str, other: str, classes) -> bool:
@@ -108,10 +160,12 @@ def check_exact_stacked(name: str, family: str, feeder: str | None, policy: str 
     base = [p for p in (feeder, policy) if p]
     gen = STACKED_GENS[variant % len(STACKED_GENS)]
     batch = prompts(3, seed=20 + variant)
-    with_it, _ = _run(family, [*base, {"name": name, **cls.exact_options}], batch, gen)
-    without, _ = _run(family, base, batch, gen)
-    _same_decode(with_it, without, f"{name} {cls.exact_options} on {base or 'the default recipe'}, generation {gen}")
-    assert with_it.stats.nfe == without.stats.nfe, f"{name}: forwards differ on {base}"
+    with_it, logits = _exact_run(family, [*base, {"name": name, **cls.exact_options}], batch, gen)
+    without, expected = _exact_run(family, base, batch, gen)
+    what = f"{name} {cls.exact_options} on {base or 'the default recipe'}, generation {gen}"
+    _same_decode(with_it, without, what)
+    assert with_it.stats.nfe == without.stats.nfe, f"{what}: forwards differ"
+    _same_logits(logits, expected, what)
 
 
 def check_stats_and_reset(name: str, family: str) -> None:

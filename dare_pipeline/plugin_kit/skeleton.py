@@ -46,14 +46,14 @@ testpaths = ["tests"]
 README = '''\
 # {dist}
 
-A [dare-pipeline](https://pypi.org/project/dare-pipeline/) reuse plugin, `{name}`: at every layer, a
+A dare-pipeline reuse plugin, `{name}`: at every layer, a
 row whose attention input (its normed residual row) moved less than `threshold` (relative) since its
 attention output was last computed reuses that output; the rest recompute it.
 
 ```bash
 pip install -e ".[test]"
-python -m pytest                          # the dare-pipeline plugin contract + this plugin's own tests
-dare-pipeline plugins test {name}         # the contract alone
+python -m pytest                     # the dare-pipeline plugin contract + this plugin's own tests
+dare-pipeline plugins test {name}    # the contract alone
 dare-pipeline generate $'Q: reverse pythonwizard\\nA: ' --recipe RECIPE.yaml \\
     --set 'plugins=[{{name: {name}, threshold: 0.05}}]'
 ```
@@ -99,7 +99,9 @@ class {cls}Options:
 class _AttnReuse(LayerReuse):
     decisions = frozenset({{"attn_rows"}})  # the one decision this object owns
     fields = frozenset({{ATTN_OUT}})  # the core keeps every layer's attention output in the store
-    capturable = False  # it reads counts on the host: its forwards run eagerly under compiled execution
+    # compiled execution needs the store fields and counters made before the first forward and the
+    # capacities declared (docs/plugins.md, "Reuse inside a compiled forward"); until then: eager forwards
+    capturable = False
 
     def __init__(self, plugin: {cls}):
         self.plugin = plugin
@@ -132,6 +134,10 @@ class {cls}(Plugin):
 
     @hookimpl
     def dare_generation_start(self, state):
+        n_layers = state.model.config.n_layers
+        if any(layer >= n_layers for layer in self.options.exempt_layers):
+            raise ValueError(f"{{self.name}}: exempt_layers = {{list(self.options.exempt_layers)}}: the model has "
+                             f"{{n_layers}} layers (0..{{n_layers - 1}})")
         state.require_store()
         self.real = state.model_rows(state.attention_mask)  # (B, L) bool: not padding
         self.counts = torch.zeros(2, dtype=torch.long, device=self.real.device)  # eligible, reused
@@ -176,6 +182,12 @@ from dare_pipeline.validators import ConfigError
 def test_a_negative_threshold_is_refused_with_the_key_and_value():
     with pytest.raises(ConfigError, match=r"plugins\\[0\\]: threshold = -1.0: must be >= 0.0"):
         Recipe.from_dict({{"plugins": [{{"name": "{name}", "threshold": -1.0}}]}})
+
+
+def test_exempt_layers_beyond_the_model_are_refused():
+    recipe = {{"generation": checks.GEN, "plugins": [{{"name": "{name}", "exempt_layers": [7]}}]}}
+    with pytest.raises(ValueError, match=r"exempt_layers = \\[7\\]: the model has 3 layers"):
+        Pipeline(checks.model("llada"), recipe).generate(checks.prompts())
 
 
 @pytest.mark.parametrize("family", checks.FAMILIES)

@@ -74,6 +74,24 @@ class BatchDependent(InexactAtZero):
         return self.options.threshold > 0 and self.batch > 1
 
 
+class NudgesValues(Plugin):
+    """Claims exactness but nudges the stored values of the first columns by 1e-3: tokens survive it,
+    logits do not."""
+
+    name = "nudges_values"
+    exact_options: ClassVar[dict[str, Any]] = {}
+
+    @hookimpl
+    def dare_layer_reuse(self, state):
+        class Nudge(LayerReuse):
+            decisions = frozenset({"attn_rows"})
+
+            def attn_rows(self, call, q):  # after the fresh K/V are stored, before attention reads them
+                call.store.values(call.layer)[:, :, :2] += 1e-3  # and every row recomputes its attention
+
+        return Nudge()
+
+
 class LeakyCounter(Plugin):
     """Keeps a counter across generations (never reset in dare_generation_start)."""
 
@@ -110,6 +128,11 @@ class UncountedFfn(Plugin):
 def test_a_plugin_that_is_inexact_at_its_exact_options_fails():
     with registered(InexactAtZero), pytest.raises(AssertionError, match="tokens differ|commit steps differ"):
         checks.check_exact_options("inexact_at_zero", "llada")
+
+
+def test_an_inexactness_the_tokens_hide_fails_on_the_logits():
+    with registered(NudgesValues), pytest.raises(AssertionError, match="logits of forward"):
+        checks.check_exact_options("nudges_values", "llada")
 
 
 def test_a_plugin_whose_decisions_depend_on_the_batch_fails():

@@ -37,7 +37,9 @@ class InputDriftOptions:
 class _AttnReuse(LayerReuse):
     decisions = frozenset({"attn_rows"})  # the one decision this object owns
     fields = frozenset({ATTN_OUT})  # the core keeps every layer's attention output in the store
-    capturable = False  # it reads counts on the host: its forwards run eagerly under compiled execution
+    # compiled execution needs the store fields and counters made before the first forward and the
+    # capacities declared (docs/plugins.md, "Reuse inside a compiled forward"); until then: eager forwards
+    capturable = False
 
     def __init__(self, plugin: InputDrift):
         self.plugin = plugin
@@ -70,6 +72,10 @@ class InputDrift(Plugin):
 
     @hookimpl
     def dare_generation_start(self, state):
+        n_layers = state.model.config.n_layers
+        if any(layer >= n_layers for layer in self.options.exempt_layers):
+            raise ValueError(f"{self.name}: exempt_layers = {list(self.options.exempt_layers)}: the model has "
+                             f"{n_layers} layers (0..{n_layers - 1})")
         state.require_store()
         self.real = state.model_rows(state.attention_mask)  # (B, L) bool: not padding
         self.counts = torch.zeros(2, dtype=torch.long, device=self.real.device)  # eligible, reused

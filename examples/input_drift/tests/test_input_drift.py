@@ -12,6 +12,12 @@ def test_a_negative_threshold_is_refused_with_the_key_and_value():
         Recipe.from_dict({"plugins": [{"name": "input_drift", "threshold": -1.0}]})
 
 
+def test_exempt_layers_beyond_the_model_are_refused():
+    recipe = {"generation": checks.GEN, "plugins": [{"name": "input_drift", "exempt_layers": [7]}]}
+    with pytest.raises(ValueError, match=r"exempt_layers = \[7\]: the model has 3 layers"):
+        Pipeline(checks.model("llada"), recipe).generate(checks.prompts())
+
+
 @pytest.mark.parametrize("family", checks.FAMILIES)
 def test_a_loose_threshold_reuses_attention_rows_and_computes_fewer(family):
     model = checks.model(family)
