@@ -24,7 +24,7 @@ import attrs
 from .config_loading import ConfigError
 from .recipe import Recipe
 
-DARE_PLUGINS = ("dare_kv", "dare_o")
+DARE_PLUGINS = ("dare_kv", "dare_o", "ffn_reuse")  # the plugins of the query-drift rule (QueryDrift)
 _BRACKET_LIMIT = 1e3  # a drift ratio beyond any real one
 _UNBOUNDED = 1e30  # a threshold every drift is below
 

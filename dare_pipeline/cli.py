@@ -331,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "hooks and options (--json: with why each conflict exists)")
     plug.add_argument("--json", action="store_true")
     plug.set_defaults(func=cmd_plugins)
+    from .plugin_kit.cli import add_subcommands  # plugins test / plugins new
+    add_subcommands(plug)
 
     rec = sub.add_parser("recipe", help="recipe tools")
     rec_sub = rec.add_subparsers(dest="recipe_command", required=True)
@@ -342,12 +344,12 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=cmd_recipe_check)
 
     cal = sub.add_parser("calibrate", help="choose a DARE plugin's threshold for a target reuse on given prompts")
-    cal.add_argument("--recipe", required=True, help="recipe YAML with one DARE plugin (dare_kv or dare_o)")
+    cal.add_argument("--recipe", required=True, help="recipe YAML with one DARE plugin (dare_kv, dare_o or ffn_reuse)")
     cal.add_argument("--prompts", required=True, help="prompts file (- for stdin), read as generate --prompts "
                      "(e.g. dare_pipeline/evaluation/tasks/heldout.jsonl)")
     cal.add_argument("--target-reuse", type=float, required=True, help="reused / eligible rows wanted, e.g. 0.8")
     cal.add_argument("--limit", type=int, help="the first N prompts of the file only")
-    cal.add_argument("--plugin", choices=["dare_kv", "dare_o"], help="which DARE plugin (when the recipe has both)")
+    cal.add_argument("--plugin", choices=["dare_kv", "dare_o", "ffn_reuse"], help="which DARE plugin (when the recipe has several)")
     cal.add_argument("--output", help="write the calibrated recipe here (atomically; default: print it)")
     cal.add_argument("--tolerance", type=float, default=0.01, help="accepted |reuse - target| (default 0.01)")
     cal.add_argument("--max-trials", type=int, default=16, help="decodes of the prompt set at most (default 16)")

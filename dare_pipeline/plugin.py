@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 import attrs
 
 # Decisions a plugin may own; a recipe with two owners of one decision is refused at load time.
-DECISIONS = ("commit_policy", "row_feed", "layer_rows", "kv_rows", "attn_rows")
+DECISIONS = ("commit_policy", "row_feed", "layer_rows", "kv_rows", "attn_rows", "ffn_rows")
 
 
 @attrs.frozen

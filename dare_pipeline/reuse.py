@@ -7,6 +7,8 @@ Per layer and per forward the model asks three questions, each answered by at mo
   kv_rows(call, q)     which running rows recompute K and V; the others keep the cached rows (DARE-KV)
   attn_rows(call, q)   which running rows recompute their attention row and output projection; the
                        others add the cached attention delta                   (DARE-O)
+  ffn_rows(call, x)    which running rows run the feed-forward block on x, their residual rows after
+                       attention; the others add the cached FFN delta          (ffn_reuse)
 
 Each answer is a bool mask (B, rows) or None for "all". Asking per layer through pluggy would cost
 microseconds per call on a hot path; these are plain method calls.
@@ -27,7 +29,7 @@ import torch
 
 from .store import ActivationStore
 
-DECISIONS = ("layer_rows", "kv_rows", "attn_rows")
+DECISIONS = ("layer_rows", "kv_rows", "attn_rows", "ffn_rows")
 
 
 @attrs.define(slots=True)
@@ -95,6 +97,9 @@ class LayerReuse:
     def attn_rows(self, call: LayerCall, q: torch.Tensor) -> torch.Tensor | None:
         return None
 
+    def ffn_rows(self, call: LayerCall, x: torch.Tensor) -> torch.Tensor | None:
+        return None
+
 
 class ReuseSet:
     """The reuse objects of one generation, with each decision routed to its single owner."""
@@ -149,3 +154,7 @@ class ReuseSet:
     def attn_rows(self, call, q):
         owner = self._owner.get("attn_rows")
         return None if owner is None else owner.attn_rows(call, q)
+
+    def ffn_rows(self, call, x):
+        owner = self._owner.get("ffn_rows")
+        return None if owner is None else owner.ffn_rows(call, x)

@@ -301,7 +301,8 @@ class DiffusionTransformer(nn.Module):
             if run_sub is not None:
                 attn = attn & run_sub
             sel = _select(attn, call, reuse, "attn_rows", active)
-            delta = store.read(ATTN_OUT, i, where).clone()
+            # a field no forward has written yet reads as zeros (the object reuses only written rows)
+            delta = store.field(ATTN_OUT, i, xa.shape[-1])[:, where].clone()
             fresh = layer.attend(q[:, :, sel], store.keys(i), store.values(i), key_mask)
             delta[:, sel] = torch.where(attn[:, sel, None], fresh, delta[:, sel])
             attn_count = sel.shape[0]
@@ -309,13 +310,24 @@ class DiffusionTransformer(nn.Module):
             store.write(ATTN_OUT, i, where, delta, run_sub)
         xa = xa + delta
 
-        # 4. feed-forward for every running row
-        f = layer.ffn(xa)
+        # 4. feed-forward: recompute the chosen rows, take the cached delta for the rest
+        ffn = reuse.ffn_rows(call, xa)
+        if ffn is None:
+            _check_full(call, reuse, "ffn_rows", active)
+            f = layer.ffn(xa)
+            ffn_count = active
+        else:
+            if run_sub is not None:
+                ffn = ffn & run_sub
+            sel = _select(ffn, call, reuse, "ffn_rows", active)
+            f = store.field(FFN_OUT, i, xa.shape[-1])[:, where].clone()
+            f[:, sel] = torch.where(ffn[:, sel, None], layer.ffn(xa[:, sel]), f[:, sel])
+            ffn_count = sel.shape[0]
         if store.tracks(FFN_OUT):
             store.write(FFN_OUT, i, where, f, run_sub)
         xa = xa + f
         if counters is not None:  # what ran: a row any batch element needs is computed for all of them
-            counters.add(i, (batch * active, batch * kv_count, batch * attn_count, batch * active,
+            counters.add(i, (batch * active, batch * kv_count, batch * attn_count, batch * ffn_count,
                              _value_only_rows(reuse, i, batch, active)))
         if idx is None:
             return xa
@@ -348,7 +360,7 @@ def _count_captured(counters, reuse: ReuseSet, n_layers: int, batch: int, rows: 
     for i in range(n_layers):
         active = reuse.capacity("layer_rows", i, rows)
         counters.add(i, (batch * active, batch * reuse.capacity("kv_rows", i, active),
-                         batch * reuse.capacity("attn_rows", i, active), batch * active,
+                         batch * reuse.capacity("attn_rows", i, active), batch * reuse.capacity("ffn_rows", i, active),
                          _value_only_rows(reuse, i, batch, active)))
 
 

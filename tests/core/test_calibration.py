@@ -27,7 +27,7 @@ def _reuse(model, recipe, name):
     return sum(r["rows_reused"] for r in reports) / sum(r["rows_eligible"] for r in reports)
 
 
-@pytest.mark.parametrize("name", ["dare_kv", "dare_o"])
+@pytest.mark.parametrize("name", ["dare_kv", "dare_o", "ffn_reuse"])
 def test_the_chosen_threshold_gives_the_target_reuse(name):
     model = tiny_model("llada", seed=3, n_layers=3)
     recipe = _recipe({"name": name})  # dare_o exempts layer 0 (see test_reuse_plugins)
@@ -58,7 +58,7 @@ def test_an_unreachable_target_names_the_ceiling():
 
 def test_bad_calibration_requests_are_refused():
     model = tiny_model("llada", seed=3)
-    with pytest.raises(ConfigError, match=r"r.yaml: plugins: calibration needs exactly one of \['dare_kv', 'dare_o'\]"):
+    with pytest.raises(ConfigError, match=r"r.yaml: plugins: calibration needs exactly one of \['dare_kv', 'dare_o', 'ffn_reuse'\]"):
         calibrate(model, _recipe(), PROMPTS, 0.5)
     both = _recipe({"name": "dare_kv"}, {"name": "dare_o"})
     with pytest.raises(ConfigError, match="calibration needs exactly one"):

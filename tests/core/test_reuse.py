@@ -33,6 +33,9 @@ class RandomSkip(LayerReuse):
     def attn_rows(self, call, q):
         return self._mask(q.transpose(1, 2))
 
+    def ffn_rows(self, call, x):
+        return self._mask(x)
+
 
 def _forward(model, tokens, store, reuse):
     positions = torch.arange(tokens.shape[1]).expand_as(tokens)
@@ -40,7 +43,8 @@ def _forward(model, tokens, store, reuse):
 
 
 @pytest.mark.parametrize("family", ["llada", "dream"])
-@pytest.mark.parametrize("decisions", [("layer_rows",), ("kv_rows",), ("attn_rows",), ("kv_rows", "attn_rows")])
+@pytest.mark.parametrize("decisions", [("layer_rows",), ("kv_rows",), ("attn_rows",), ("ffn_rows",),
+                                       ("kv_rows", "attn_rows"), ("layer_rows", "attn_rows", "ffn_rows")])
 def test_reusing_rows_of_an_identical_input_is_exact(family, decisions):
     model = tiny_model(family, seed=1)
     tokens = torch.randint(0, 60, (2, 20), generator=torch.Generator().manual_seed(0))
@@ -54,7 +58,7 @@ def test_reusing_rows_of_an_identical_input_is_exact(family, decisions):
     assert (reused - fresh).abs().max().item() < 1e-5
 
 
-@pytest.mark.parametrize("decisions", [("layer_rows",), ("kv_rows",), ("attn_rows",)])
+@pytest.mark.parametrize("decisions", [("layer_rows",), ("kv_rows",), ("attn_rows",), ("ffn_rows",)])
 def test_skipped_rows_really_serve_stale_values(decisions):
     model = tiny_model("llada", seed=2)
     gen = torch.Generator().manual_seed(1)
@@ -90,6 +94,36 @@ def test_counters_count_only_recomputed_rows():
     totals = counters.totals()
     assert totals[:, 0].tolist() == [12] * model.config.n_layers  # queries: every row
     assert totals[:, 1].tolist() == [8] * model.config.n_layers  # keys/values: 4 rows reused
+
+
+def test_ffn_rows_counts_only_the_rows_that_ran_the_ffn():
+    model = tiny_model("llada", seed=3)
+    tokens = torch.randint(0, 60, (2, 12), generator=torch.Generator().manual_seed(4))
+    store = model.new_store(2, 12)
+    store.track(FFN_OUT)
+    _forward(model, tokens, store, ReuseSet([]))
+    counters = RowCounter(model.config.n_layers)
+
+    class FfnOfTwoColumns(LayerReuse):  # element 0 runs column 3, element 1 column 7: both run for both
+        decisions = frozenset({"ffn_rows"})
+
+        def ffn_rows(self, call, x):
+            mask = torch.zeros(x.shape[:2], dtype=torch.bool)
+            mask[0, 3] = mask[1, 7] = True
+            return mask
+
+    positions = torch.arange(12).expand(2, 12)
+    entered = []
+    handle = model.layers[0].gate_proj.register_forward_hook(lambda m, a, o: entered.append(a[0].shape[:2]))
+    try:
+        model.forward_rows(tokens, slice(0, 12), positions, None, store, ReuseSet([FfnOfTwoColumns()]),
+                           counters=counters)
+    finally:
+        handle.remove()
+    totals = counters.totals()
+    assert entered == [torch.Size([2, 2])]  # the union of the two columns, for both elements
+    assert totals[:, 3].tolist() == [4] * model.config.n_layers  # FFN rows: 2 columns x batch 2
+    assert totals[:, 2].tolist() == [24] * model.config.n_layers  # attention still runs for every row
 
 
 def test_row_counter_sums_host_and_device_counts_alike(monkeypatch):

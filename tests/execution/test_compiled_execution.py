@@ -71,17 +71,24 @@ def test_compilation_is_paid_once_per_process_and_shape():
     assert again.sequences == first.sequences
 
 
-def test_rows_counted_under_capture_are_the_rows_computed(golden_models):
-    """DARE-KV with a row budget computes exactly `capacity` K/V rows per layer, and says so."""
+@pytest.mark.parametrize("name, sub_op", [("dare_kv", "kv"), ("ffn_reuse", "ffn")])
+def test_rows_counted_under_capture_are_the_rows_computed(golden_models, name, sub_op):
+    """DARE-KV (FFN reuse) with a row budget computes exactly `capacity` K/V (FFN) rows per layer,
+    and says so."""
     model = golden_models["llada"]
-    recipe = Path(__file__).parents[2] / "recipes" / "dare_kv.yaml"
+    recipe = Path(__file__).parents[2] / "recipes" / f"{name}.yaml"
     out = _decode(model, recipe, ["execution.mode=compiled", "execution.backend=aot_eager",
-                                  "plugins.dare_kv.row_budget=0.25", "plugins.dare_kv.threshold=0.5"])
+                                  f"plugins.{name}.row_budget=0.25", f"plugins.{name}.threshold=0.5"])
     rows = out.stats.rows_by_layer()
     full = out.stats.rows_fed  # every forward feeds the whole canvas (no row feeder)
     assert all(layer["q"] == full for layer in rows)
-    assert all(layer["kv"] < full for layer in rows)  # fewer K/V rows ran than were fed
-    report = out.stats.plugins["dare_kv"]
+    assert all(layer[sub_op] < full for layer in rows)  # fewer rows ran the sub-operation than were fed
+    # the first forward recomputes every row; every later one ceil(0.25 x rows) at each layer
+    per_forward, forwards = full // out.stats.nfe, out.stats.nfe
+    batch = len(PROMPTS)
+    budget = batch * -(-per_forward // batch // 4)
+    assert all(layer[sub_op] == per_forward + (forwards - 1) * budget for layer in rows)
+    report = out.stats.plugins[name]
     assert report["row_budget"] == 0.25 and report["rows_reused"] > 0
 
 
@@ -105,7 +112,7 @@ def test_auto_is_eager_on_the_cpu(golden_models):
 
 
 @pytest.mark.parametrize("family", ["llada", "dream"])
-@pytest.mark.parametrize("name", ["dare_kv", "dare_o"])
+@pytest.mark.parametrize("name", ["dare_kv", "dare_o", "ffn_reuse"])
 def test_threshold_zero_with_a_row_budget_is_the_recipe_without_the_plugin(golden_models, family, name):
     model = golden_models[family]
     recipe = Path(__file__).parents[2] / "recipes" / "dual_cache.yaml"

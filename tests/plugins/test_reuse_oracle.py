@@ -1,9 +1,10 @@
-"""Oracle tests for DARE-KV, DARE-O and dLLM-Cache: independent implementations of the documented rules.
+"""Oracle tests for DARE-KV, DARE-O, FFN reuse and dLLM-Cache: independent implementations of the documented rules.
 
 The oracle computes every row of every layer and substitutes the cached rows by the rule of
 docs/reuse.md (a row reuses when it has a cache entry, its token is the one of its last recompute
 at that layer, the forward is not the generation's first, its layer is not exempt, and
-||q - q_ref|| / ||q_ref|| < threshold; recomputed rows take q as their reference). It replays the
+||q - q_ref|| / ||q_ref|| < threshold; recomputed rows take q as their reference; ffn_reuse: the same
+rule on the FFN's input row x instead of q, substituting the FFN output). It replays the
 canvases the plugin's decode fed, forward by forward, and its logits must match the plugin's. A
 plugin that computes rows it claims to reuse, reuses rows the rule recomputes, or writes a cached
 row at the wrong position fails here; so does one that saves nothing (the counting test below).
@@ -55,7 +56,8 @@ def _record_forwards(model, monkeypatch):
 
 
 class Oracle:
-    """Every row computed; cached rows substituted by the rule (kind: 'kv' or 'o')."""
+    """Every row computed; cached rows substituted by the rule (kind: 'kv', 'o' or 'ffn': the FFN
+    output, decided by the drift of the FFN's input row instead of the query)."""
 
     def __init__(self, model, kind: str, threshold: float, exempt: tuple[int, ...], recompute_block: bool):
         self.model, self.kind, self.threshold, self.exempt = model, kind, threshold, set(exempt)
@@ -71,20 +73,32 @@ class Oracle:
         for i, layer in enumerate(model.layers):
             h = layer.attn_norm(x)
             q = layer.project_q(h, cos, sin)
-            keep = self._keep(i, q, tokens)
-            if self.recompute_block:
-                keep = keep & ~_current_block(tokens, model.config.mask_token_id)
+            # the row the rule compares: the query (DARE), or the FFN's input row (after attention)
+            probe = q
+            if self.kind != "ffn":
+                keep = self._decide(i, q, tokens, real)
             k, v = layer.project_kv(h, cos, sin)
             if self.kind == "kv":
                 k, v = self._substitute(i, keep, [k, v], row_dim=2)
             delta = layer.attend(q, k, v, key_mask)
             if self.kind == "o":
                 (delta,) = self._substitute(i, keep, [delta], row_dim=1)
-            self._remember(i, q, tokens, keep)
-            self.reused_real += int((keep & real).sum())
             x = x + delta
-            x = x + layer.ffn(x)
+            f = layer.ffn(x)
+            if self.kind == "ffn":
+                probe = x[:, None]  # one "head" of width d_model
+                keep = self._decide(i, probe, tokens, real)
+                (f,) = self._substitute(i, keep, [f], row_dim=1)
+            self._remember(i, probe, tokens, keep)
+            x = x + f
         return model._head(x if head_rows is None else x[:, head_rows])
+
+    def _decide(self, layer, probe, tokens, real) -> torch.Tensor:
+        keep = self._keep(layer, probe, tokens)
+        if self.recompute_block:
+            keep = keep & ~_current_block(tokens, self.model.config.mask_token_id)
+        self.reused_real += int((keep & real).sum())
+        return keep
 
     def _keep(self, layer, q, tokens) -> torch.Tensor:
         entry = self.cache.get(layer)
@@ -133,11 +147,11 @@ def _cases():
     """Every plugin x family x threshold eagerly (0.3: drift decides; 1e9: only a changed token or the
     first forward makes a row recompute); the captured path once per plugin (compiling is slow here,
     and test_compiled_execution already holds every recipe's captured tokens to the eager ones)."""
-    for name, kind in (("dare_kv", "kv"), ("dare_o", "o")):
+    for name, kind in (("dare_kv", "kv"), ("dare_o", "o"), ("ffn_reuse", "ffn")):
         for family in ("llada", "dream"):
             for threshold in (0.3, 1e9):
                 yield pytest.param(name, kind, threshold, family, EAGER, id=f"{name}-{family}-{threshold:g}-eager")
-        family = "llada" if name == "dare_kv" else "dream"
+        family = "dream" if name == "dare_o" else "llada"
         yield pytest.param(name, kind, 0.3, family, CAPTURED, id=f"{name}-{family}-0.3-compiled")
 
 
@@ -171,6 +185,8 @@ COUNTED = {"q": "q_proj", "kv": "k_proj", "attn": "o_proj", "ffn": "gate_proj", 
     ([{"name": "dllm_cache", "prompt_interval": 4, "response_interval": 2}], "q"),
     ([{"name": "dual_cache"}, {"name": "dare_kv", "threshold": 0.3}], "kv"),
     ([{"name": "prefix_cache"}, {"name": "dare_o", "threshold": 0.3}], "attn"),
+    ([{"name": "ffn_reuse", "threshold": 0.3}], "ffn"),
+    ([{"name": "dual_cache"}, {"name": "dare_o", "threshold": 0.3}, {"name": "ffn_reuse", "threshold": 0.3}], "ffn"),
 ])
 def test_rows_counted_are_rows_that_entered_the_projections(plugins, saves, family):
     """Counting wrappers around the projections see exactly the rows the stats report (V-verify's

@@ -152,7 +152,7 @@ DLLM_KEYS = {"refresh_counts", "rows_eligible", "rows_reused", "reuse_fraction",
 
 
 @pytest.mark.parametrize("name, keys, sub_ops", [
-    ("dare_kv", DARE_KEYS, {"q", "kv"}), ("dare_o", DARE_KEYS, {"q", "attn"}),
+    ("dare_kv", DARE_KEYS, {"q", "kv"}), ("dare_o", DARE_KEYS, {"q", "attn"}), ("ffn_reuse", DARE_KEYS, {"q", "ffn"}),
     ("dllm_cache", DLLM_KEYS, {"q", "kv", "attn", "ffn", "v_verify"}),
 ])
 def test_stats_keys(name, keys, sub_ops):
@@ -167,7 +167,7 @@ def test_stats_keys(name, keys, sub_ops):
     assert 0.0 <= report["reuse_fraction"] <= 1.0
 
 
-@pytest.mark.parametrize("name", ["dare_kv", "dare_o", "dllm_cache"])
+@pytest.mark.parametrize("name", ["dare_kv", "dare_o", "ffn_reuse", "dllm_cache"])
 def test_padding_is_never_counted(name):
     prompts = [[1, 2], [3, 4, 5, 6, 7]]  # the first prompt is left-padded by 3 columns
     out = _run(tiny_model("llada", seed=3), [name], prompts)

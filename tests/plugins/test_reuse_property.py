@@ -1,6 +1,6 @@
-"""Properties of the reuse plugins (dare_kv, dare_o, dllm_cache) on random tiny models of both families.
+"""Properties of the reuse plugins (dare_kv, dare_o, ffn_reuse, dllm_cache) on random tiny models of both families.
 
-- Zero threshold is exact: dare_kv / dare_o at threshold 0 and dllm_cache with both intervals 1,
+- Zero threshold is exact: dare_kv / dare_o / ffn_reuse at threshold 0 and dllm_cache with both intervals 1,
   alone and stacked on each Fast-dLLM cache (default options), decode exactly the tokens and commit
   steps of the same recipe without them, over prompt lengths, block lengths, batch sizes 1-3
   (left-padded prompts of different lengths), policies, temperatures and seeds.
@@ -22,15 +22,17 @@ from dare_pipeline.testing import commit_order, tiny_model
 torch.set_num_threads(1)
 
 VOCAB = 64
-SETTINGS = settings(max_examples=20, deadline=None, derandomize=True, phases=[Phase.explicit, Phase.generate],
+SETTINGS = settings(max_examples=30, deadline=None, derandomize=True, phases=[Phase.explicit, Phase.generate],
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 ZERO = {"dare_kv": [{"name": "dare_kv", "threshold": 0.0}],
         "dare_o": [{"name": "dare_o", "threshold": 0.0, "exempt_layers": []}],
         "dare_kv+dare_o": [{"name": "dare_kv", "threshold": 0.0}, {"name": "dare_o", "threshold": 0.0}],
+        "ffn_reuse": [{"name": "ffn_reuse", "threshold": 0.0}],
+        "dare_o+ffn_reuse": [{"name": "dare_o", "threshold": 0.0}, {"name": "ffn_reuse", "threshold": 0.0}],
         "dllm_cache": [{"name": "dllm_cache", "prompt_interval": 1, "response_interval": 1}]}
 CACHES = [None, {"name": "prefix_cache"}, {"name": "dual_cache"}]
-POLICIES = [None, {"name": "threshold_decoding", "threshold": 0.7}]
+POLICIES = [None, {"name": "threshold_decoding", "threshold": 0.7}, {"name": "factor_decoding"}]
 
 
 @functools.cache
@@ -82,6 +84,8 @@ def test_zero_threshold_decodes_the_recipe_without_reuse(setup, stack, policy):
 
 REUSING = [[{"name": "dare_kv", "threshold": 0.3}], [{"name": "dare_o", "threshold": 0.3}],
            [{"name": "dare_kv", "threshold": 0.2}, {"name": "dare_o", "threshold": 0.2}],
+           [{"name": "ffn_reuse", "threshold": 0.3}],
+           [{"name": "dare_o", "threshold": 0.2}, {"name": "ffn_reuse", "threshold": 0.2}],
            [{"name": "dllm_cache", "prompt_interval": 5, "response_interval": 3, "ratio": 0.25}]]
 
 
