@@ -83,6 +83,8 @@ class _FfnReuse(LayerReuse):
 
 
 class FfnReuse(Plugin):
+    """FFN reuse: reuse a row's cached feed-forward output while the FFN's input row barely moves."""
+
     name = "ffn_reuse"
     Options = FfnReuseOptions
     provides = frozenset({"ffn_rows"})

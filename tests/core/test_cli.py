@@ -150,7 +150,7 @@ def test_plugins_show_a_description_and_conflicts(capsys):
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
     assert all(r["description"] and "\n" not in r["description"] for r in rows.values())
     assert rows["dare_o"]["description"].startswith("DARE-O: reuse a row's cached attention output")
-    assert set(rows["dllm_cache"]["conflicts"]) == {"prefix_cache", "dual_cache", "dare_kv", "dare_o"}
+    assert set(rows["dllm_cache"]["conflicts"]) == {"prefix_cache", "dual_cache", "dare_kv", "dare_o", "ffn_reuse"}
     assert set(rows["dual_cache"]["conflicts"]) == {"dllm_cache"}  # declared by dllm_cache only
     assert rows["baseline"]["conflicts"] == {}
     assert main(["plugins"]) == 0
