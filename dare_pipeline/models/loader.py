@@ -13,8 +13,13 @@ import attrs
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .checkpoint_checks import (CheckpointError, check_special_ids, check_tokenizer_size, check_weight,
-                                read_json_object)
+from .checkpoint_checks import (
+    CheckpointError,
+    check_special_ids,
+    check_tokenizer_size,
+    check_weight,
+    read_json_object,
+)
 from .families import family_for
 from .transformer import DiffusionTransformer
 
