@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from .cli_args import positive_int, token_ids
 from .config_loading import ConfigError
 from .execution.config import MODES
 from .models.loader import CheckpointError
@@ -38,7 +39,7 @@ def cmd_generate(args) -> int:
     _execution_override(args)
     recipe = _recipe(args)
     pipe = Pipeline.from_recipe(recipe, model_path=args.model)
-    prompts = [[int(t) for t in ids.split(",") if t.strip()] for ids in args.prompt_ids or []]
+    prompts = list(args.prompt_ids or [])
     prompts += list(args.prompt or [])
     if not prompts:
         raise ConfigError("generate: give at least one PROMPT or --prompt-ids")
@@ -298,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt", nargs="*", help="prompt text (needs a checkpoint with a tokenizer)")
     gen.add_argument("--recipe", required=True, help="recipe YAML file")
     gen.add_argument("--model", help="checkpoint directory (overrides the recipe's model)")
-    gen.add_argument("--prompt-ids", action="append", metavar="1,2,3", help="a prompt as comma-separated token ids")
+    gen.add_argument("--prompt-ids", action="append", type=token_ids, metavar="1,2,3", help="a prompt as comma-separated token ids")
     gen.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a recipe key")
     gen.add_argument("--chat", action="store_true", help="wrap prompts in the tokenizer's chat template")
     gen.add_argument("--execution", choices=MODES, help="how forwards run: eager, compiled (torch.compile), "
@@ -306,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "eager on CPU); shorthand for --set execution.mode=MODE")
     gen.add_argument("--json", action="store_true", help="print one JSON object: sequences, text, stats")
     gen.add_argument("--no-progress", action="store_true", help="no progress bar")
-    gen.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    gen.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
     gen.set_defaults(func=cmd_generate)
 
     plug = sub.add_parser("plugins", help="list the loaded plugins with version, hooks and options")
@@ -333,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--model", help="checkpoint directory (overrides the recipe's model)")
     cal.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a recipe key")
     cal.add_argument("--chat", action="store_true", help="wrap prompts in the tokenizer's chat template")
-    cal.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    cal.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
     cal.set_defaults(func=cmd_calibrate)
 
     ev = sub.add_parser("eval", help="accuracy on lm-eval tasks (dare_suite, dare_add, ...) with a recipe")
@@ -350,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--log-samples", action="store_true", help="keep every response in the results JSON")
     ev.add_argument("--include-path", help="another directory of lm-eval task YAMLs")
     ev.add_argument("--json", action="store_true", help="print the results JSON instead of the table")
-    ev.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    ev.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
     ev.set_defaults(func=cmd_eval)
 
     ab = sub.add_parser("ablate", help="run an ablation file (plugin sets x sweeps) through lm-eval; resumable")
@@ -360,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--shard", metavar="I/N", help="run only runs whose index %% N == I (0 <= I < N)")
     ab.add_argument("--workers", type=int, default=0,
                     help="worker processes (spawned, one run each at a time); 0 = in this process (default)")
-    ab.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
+    ab.add_argument("--threads", type=positive_int, default=1, help="torch threads per process (default 1)")
     ab.add_argument("--data-parallel", action="store_true",
                     help="under torchrun / accelerate launch: every process decodes its share of each run's problems "
                          "and rank 0 writes the merged record (default there: each process runs its own shard of "
