@@ -9,7 +9,9 @@ import torch
 
 from .config_loading import ConfigError
 from .execution.executor import executor_for
+from .generation_overrides import generation_with_overrides
 from .loop import denoise
+from .prompt_check import as_token_ids, check_text, check_token_ids, prompt_list
 from .recipe import Recipe
 from .registry import make_manager
 
@@ -56,12 +58,12 @@ class Pipeline:
         return cls(load_model(model_path or recipe.model, dtype=recipe.dtype, device=recipe.device), recipe)
 
     def encode(self, prompts, chat: bool = False) -> list[list[int]]:
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
+        prompts = prompt_list(prompts)
         ids = []
         tok = self.model.tokenizer
-        for p in prompts:
+        for index, p in enumerate(prompts):
             if isinstance(p, str):
+                check_text(p, index)
                 if tok is None:
                     raise ValueError(f"{self.model.source}: this checkpoint has no tokenizer; pass token ids")
                 if chat:
@@ -69,16 +71,15 @@ class Pipeline:
                                                 tokenize=False)
                 ids.append(tok(p, add_special_tokens=False)["input_ids"])
             else:
-                ids.append([int(t) for t in p])
-        if not ids or any(len(p) == 0 for p in ids):
-            raise ValueError("every prompt needs at least one token")
+                ids.append(as_token_ids(p, index))
+        check_token_ids(ids, self.model.config, tok)
         return ids
 
     def generate(self, prompts, chat: bool = False, **generation_overrides) -> GenerationOutput:
         """Decode one prompt or a batch (strings or token id lists) as one batch."""
         gen = self.recipe.generation
-        if generation_overrides:
-            gen = attrs.evolve(gen, **generation_overrides)
+        if generation_overrides:  # validated as a recipe's generation keys
+            gen = generation_with_overrides(gen, generation_overrides, self.recipe.source)
         ids = self.encode(prompts, chat)
         cfg = self.model.config
         longest = max(len(p) for p in ids)
