@@ -38,6 +38,7 @@ def cmd_generate(args) -> int:
     _set_threads(args.threads)
     _execution_override(args)
     recipe = _recipe(args)
+    _print_notes(recipe)
     pipe = Pipeline.from_recipe(recipe, model_path=args.model)
     prompts = list(args.prompt_ids or [])
     prompts += list(args.prompt or [])
@@ -81,8 +82,16 @@ def cmd_plugins(args) -> int:
     return 0
 
 
+def _print_notes(recipe) -> None:
+    from .recipe_notes import recipe_notes
+
+    for note in recipe_notes(recipe):
+        print(f"note: {note}", file=sys.stderr)
+
+
 def cmd_recipe_check(args) -> int:
     recipe = _recipe(args)
+    _print_notes(recipe)
     plugins = ", ".join(p.name for p in recipe.plugins) or "none (baseline policy)"
     g = recipe.generation
     print(f"{args.recipe}: ok — {recipe.name}: model={recipe.model} gen_length={g.gen_length} "

@@ -49,9 +49,6 @@ class GenerationConfig:
         if self.gen_length % self.block_length:
             raise ValueError(f"gen_length ({self.gen_length}) must be a multiple of block_length "
                              f"({self.block_length})")
-        if self.steps > self.gen_length:
-            raise ValueError(f"steps ({self.steps}) exceeds gen_length ({self.gen_length}): a step commits at least "
-                             f"one token, so at most gen_length steps")
         blocks = self.gen_length // self.block_length
         if self.steps % blocks:
             raise ValueError(f"steps ({self.steps}) must be a multiple of the number of blocks "

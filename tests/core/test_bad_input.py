@@ -107,9 +107,19 @@ def test_non_utf8_recipe_names_the_file(tmp_path, capsys):
     assert "latin1.yaml: not UTF-8 text" in _cli_error(["recipe", "check", str(path)], capsys)
 
 
-def test_steps_greater_than_gen_length_is_refused():
-    with pytest.raises(ConfigError, match=r"steps \(64\) exceeds gen_length \(32\)"):
-        Recipe.from_dict({"generation": {"gen_length": 32, "block_length": 16, "steps": 64}})
+def test_steps_greater_than_gen_length_is_said(capsys):
+    """Valid (Dream's timestep schedule may plan more steps than tokens), but some forwards commit
+    nothing: `recipe check` and `generate` say so on stderr."""
+    recipe = Recipe.from_dict({"generation": {"gen_length": 32, "block_length": 16, "steps": 64}})
+    assert recipe.generation.steps == 64
+    argv = ["--set", "generation.gen_length=32", "--set", "generation.steps=64"]
+    note = "note: recipes/baseline.yaml: generation.steps = 64 exceeds gen_length = 32: with a fixed-step schedule"
+    assert main(["recipe", "check", BASELINE, *argv]) == 0
+    assert note in capsys.readouterr().err
+    assert main(["generate", "--recipe", BASELINE, "--prompt-ids", "5,6", *argv]) == 0
+    assert note in capsys.readouterr().err
+    assert main(["recipe", "check", BASELINE, "--set", "generation.steps=256"]) == 0
+    assert "note:" not in capsys.readouterr().err
 
 
 # ---- --set -------------------------------------------------------------------------------------

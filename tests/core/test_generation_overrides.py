@@ -28,7 +28,7 @@ def pipe(golden_models):
     ({"temperature": -1.0}, r"temperature = -1.0: must be >= 0.0"),
     ({"remasking": "best"}, r"remasking = 'best': allowed values"),
     ({"gen_length": 17}, r"gen_length \(17\) must be a multiple of block_length \(16\)"),
-    ({"steps": 64}, r"steps \(64\) exceeds gen_length \(32\)"),
+    ({"steps": 25}, r"steps \(25\) must be a multiple of the number of blocks"),
     ({"colour": 1}, r"generation\.colour: unknown key; allowed keys: \['block_length'"),
 ])
 def test_bad_keyword_overrides_are_config_errors(pipe, overrides, problem):
@@ -51,7 +51,7 @@ def test_max_new_tokens_means_gen_length(pipe):
     by_hf_name = pipe.generate([[1, 2, 3]], max_new_tokens=16, steps=16)
     assert by_hf_name.sequences == pipe.generate([[1, 2, 3]], gen_length=16, steps=16).sequences
     assert len(by_hf_name.sequences[0]) == 3 + 16
-    with pytest.raises(ConfigError, match=r"steps \(32\) exceeds gen_length \(16\)"):
-        pipe.generate([[1, 2, 3]], max_new_tokens=16)  # checked as gen_length
+    with pytest.raises(ConfigError, match=r"gen_length \(24\) must be a multiple of block_length \(16\)"):
+        pipe.generate([[1, 2, 3]], max_new_tokens=24)  # checked as gen_length
     with pytest.raises(ConfigError, match="max_new_tokens and gen_length both given; max_new_tokens means gen_length"):
         pipe.generate([[1, 2, 3]], max_new_tokens=16, gen_length=16)
