@@ -56,9 +56,11 @@ def convert(tp, value, path: str, source: str):
         if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
             value = _number_text(value)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if not math.isfinite(value):
-                raise ConfigError(f"{source}: {path} = {value!r}: expected a finite number")
-            return float(value)
+            number = float(value) if isinstance(value, float) or abs(value) < 2 ** 1023 else math.inf
+            if not math.isfinite(number):
+                shown = value if isinstance(value, float) else f"{str(value)[:12]}... ({len(str(value))} digits)"
+                raise ConfigError(f"{source}: {path} = {shown}: expected a finite number")
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -114,7 +116,8 @@ def choice(*allowed):
 
 def _finite(attribute, value) -> None:
     """A bool, a non-number, NaN or an infinity is not a valid numeric option."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float)
+                                                                           and not math.isfinite(value)):
         raise ValueError(f"{attribute.name} = {value!r}: expected a finite number")
 
 

@@ -52,6 +52,16 @@ def test_non_finite_plugin_options_are_refused(plugin, option, value):
         Recipe.from_dict({"plugins": [{"name": plugin, option: value}]})
 
 
+def test_an_integer_too_large_for_a_float(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("generation: {temperature: 1" + "0" * 400 + "}\n")
+    with pytest.raises(ConfigError, match=r"r\.yaml: generation\.temperature = 100000000000\.\.\. \(401 digits\): "
+                                          r"expected a finite number"):
+        Recipe.from_yaml(path)
+    with pytest.raises(ConfigError, match=r"steps \(10+1\) must be a multiple"):  # ints stay exact
+        Recipe.from_dict({"generation": {"steps": 10**400 + 1}})
+
+
 def test_nan_through_set_names_the_flag_value(capsys):
     err = _cli_error(["recipe", "check", BASELINE, "--set", "generation.temperature=.nan"], capsys)
     assert "generation.temperature = nan: expected a finite number" in err

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 
-from hypothesis import HealthCheck, Phase, assume, given, settings
+from hypothesis import HealthCheck, Phase, assume, example, given, settings
 from hypothesis import strategies as st
 
 from dare_pipeline import Pipeline, Recipe
@@ -27,7 +27,7 @@ SETTINGS = {"deadline": None, "derandomize": True, "phases": [Phase.explicit, Ph
 SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-3, 300), st.integers(), st.floats(allow_nan=True),
                     st.sampled_from([0, 1, 16, 32, 0.5, 1e-3, "1e-3", "", "cpu", "cuda", "gpu", "linear",
                                      "timesteps", "low_confidence", "random", "margin", "auto", "eager",
-                                     "compiled", ".nan", "nan", "inf"]),
+                                     "compiled", ".nan", "nan", "inf", 10**400, -(10**400)]),
                     st.text(max_size=8))
 VALUES = st.recursive(SCALARS, lambda inner: st.one_of(st.lists(inner, max_size=3),
                                                        st.dictionaries(st.text(max_size=6), inner, max_size=3)),
@@ -41,15 +41,19 @@ OPTION_NAMES = ["threshold", "exempt_layers", "refresh_every", "recompute_at_ref
                 "row_budget", "prompt_interval", "response_interval", "ratio", "head_commit", "factor", "quota",
                 "freeze_finished_blocks", "name"]
 
+# numbers at the edges of what an option takes (and strings that look like numbers)
+EDGE_NUMBERS = st.sampled_from([math.nan, math.inf, -math.inf, 10**400, -(10**400), -1, 0, 1, 2**63, True, 1e-3, "1e-3",
+                                "1E5", 1e308, -0.0, 5e-324])
 plugin_entries = st.one_of(
     st.sampled_from(PLUGIN_NAMES),
     st.builds(lambda name, options: {"name": name, **options}, st.sampled_from(PLUGIN_NAMES),
-              st.dictionaries(st.sampled_from(OPTION_NAMES[:-1]), VALUES, max_size=3)),
+              st.dictionaries(st.sampled_from(OPTION_NAMES[:-1]), EDGE_NUMBERS | VALUES, max_size=3)),
     VALUES)
 recipes = st.fixed_dictionaries({}, optional={
     "name": VALUES, "model": VALUES, "dtype": st.one_of(st.sampled_from(["float32", "bfloat16", "fp8"]), VALUES),
     "device": st.one_of(st.sampled_from(["cpu", "cuda", "gpu", "cuda:7", "meta"]), VALUES),
-    "generation": st.one_of(st.dictionaries(st.sampled_from(GENERATION_KEYS), VALUES, max_size=5), VALUES),
+    "generation": st.one_of(st.dictionaries(st.sampled_from(GENERATION_KEYS), EDGE_NUMBERS | VALUES, max_size=5),
+                            VALUES),
     "execution": st.one_of(st.dictionaries(st.sampled_from(["mode", "backend", "fullgraph", "x"]), VALUES,
                                            max_size=2), VALUES),
     "plugins": st.one_of(st.lists(plugin_entries, max_size=3), VALUES),
@@ -67,6 +71,11 @@ overrides = st.lists(st.builds(lambda k, v: f"{k}={v}", override_keys, override_
 
 @settings(max_examples=300, **SETTINGS)
 @given(data=st.one_of(recipes, VALUES), sets=overrides)
+@example(data={"generation": {"temperature": 10**400}}, sets=[])
+@example(data={"generation": {"cfg_scale": math.nan}}, sets=["generation.temperature=.inf"])
+@example(data={"plugins": {"name": "dllm_cache"}}, sets=["plugins.dllm_cache.ratio=0.5"])
+@example(data={"plugins": [{"name": "dare_kv", "threshold": -math.inf}]}, sets=["device=gpu"])
+@example(data={"generation": {"timestep_eps": "1e-3"}}, sets=["generation.stop=[1", "plugins=x"])
 def test_recipe_from_dict_gives_a_recipe_or_a_config_error(data, sets):
     try:
         recipe = Recipe.from_dict(data, source="fuzz.yaml", overrides=sets)
