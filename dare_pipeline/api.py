@@ -11,7 +11,13 @@ from .config_loading import ConfigError
 from .execution.executor import executor_for
 from .generation_overrides import generation_with_overrides
 from .loop import denoise
-from .prompt_check import as_token_ids, check_text, check_token_ids, prompt_list
+from .prompt_check import (
+    PromptError,
+    as_token_ids,
+    check_text,
+    check_token_ids,
+    prompt_list,
+)
 from .recipe import Recipe
 from .registry import make_manager
 
@@ -65,7 +71,7 @@ class Pipeline:
             if isinstance(p, str):
                 check_text(p, index)
                 if tok is None:
-                    raise ValueError(f"{self.model.source}: this checkpoint has no tokenizer; pass token ids")
+                    raise PromptError(f"{self.model.source}: this checkpoint has no tokenizer; pass token ids")
                 if chat:
                     p = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                                 tokenize=False)
@@ -84,7 +90,7 @@ class Pipeline:
         cfg = self.model.config
         longest = max(len(p) for p in ids)
         if longest + gen.gen_length > cfg.max_sequence_length:
-            raise ValueError(f"prompt of {longest} tokens + gen_length {gen.gen_length} exceeds the model's "
+            raise PromptError(f"prompt of {longest} tokens + gen_length {gen.gen_length} exceeds the model's "
                              f"max_sequence_length {cfg.max_sequence_length}")
         with torch.inference_mode():
             state = denoise(self.model, ids, gen, self.manager.hook, executor=self.executor)

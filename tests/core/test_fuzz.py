@@ -153,10 +153,7 @@ def test_random_prompt_values_decode_or_give_a_config_error(golden_models, famil
     pipe = Pipeline(model, {"generation": {"gen_length": 8, "block_length": 8, "steps": 4}})
     try:
         out = pipe.generate(prompts)
-    except ConfigError:
-        return
-    except ValueError as error:  # text without a tokenizer: the one documented ValueError
-        assert "has no tokenizer; pass token ids" in str(error)
+    except ConfigError:  # PromptError among them
         return
     flat = [t for p in out.sequences for t in p]
     assert all(isinstance(t, int) for t in flat)

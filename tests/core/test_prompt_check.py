@@ -95,3 +95,11 @@ def test_integer_like_ids_are_prompts(golden_pipes):
     assert pipe.generate([torch.tensor([1, 2, 3])]).sequences == want
     assert pipe.generate([np.array([1, 2, 3])]).sequences == want
     assert pipe.generate([1, 2, 3]).sequences == want  # one prompt
+
+
+def test_text_without_a_tokenizer_and_too_long_prompts(golden_pipes, golden_models):
+    with pytest.raises(PromptError, match="this checkpoint has no tokenizer; pass token ids"):
+        golden_pipes["llada"].generate("hello")
+    longest = golden_models["llada"].config.max_sequence_length
+    with pytest.raises(PromptError, match=rf"prompt of {longest} tokens \+ gen_length 32 exceeds"):
+        golden_pipes["llada"].generate([[5] * longest])

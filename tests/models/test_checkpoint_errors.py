@@ -155,3 +155,15 @@ def test_a_large_tensor_is_checked_in_chunks(monkeypatch, llada):
     _rewrite_weights(llada, lambda t: t[name].__setitem__((-1, -1), float("nan")))
     with pytest.raises(CheckpointError, match=rf"tensor {name} has 1 non-finite"):
         load_model(llada)
+
+
+def test_the_command_line_prints_one_line(llada, capsys):
+    from dare_pipeline.cli import main
+
+    name = "model.transformer.blocks.1.q_proj.weight"
+    _rewrite_weights(llada, lambda t: t[name].__setitem__((0, 0), float("nan")))
+    code = main(["generate", "--recipe", "recipes/baseline.yaml", "--model", str(llada), "--prompt-ids", "1,2",
+                 "--set", "generation.gen_length=32", "--set", "generation.steps=32"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith(f"dare-pipeline: error: {llada / 'model.safetensors'}: tensor {name} has 1 non-finite")
