@@ -9,7 +9,9 @@ import torch
 
 from .config_loading import ConfigError
 from .execution.executor import executor_for
+from .generation_overrides import generation_with_overrides
 from .loop import denoise
+from .prompt_check import PromptError, check_token_ids
 from .prompts import encode as encode_prompts
 from .recipe import Recipe
 from .registry import make_manager
@@ -60,21 +62,24 @@ class Pipeline:
         return cls(load_model(model_path or recipe.model, dtype=recipe.dtype, device=recipe.device), recipe)
 
     def encode(self, prompts, chat: bool | None = None) -> list[list[int]]:
-        """Token ids for text, token-id or chat-message prompts (`dare_pipeline.prompts`)."""
-        return encode_prompts(self.model.tokenizer, prompts, chat, source=str(getattr(self.model, "source", "the model")))
+        """Token ids for text, token-id or chat-message prompts (`dare_pipeline.prompts`), checked
+        against the model (`dare_pipeline.prompt_check`: ids it can embed, no mask token)."""
+        ids = encode_prompts(self.model.tokenizer, prompts, chat, source=str(getattr(self.model, "source", "the model")))
+        check_token_ids(ids, self.model.config, self.model.tokenizer)
+        return ids
 
     def generate(self, prompts, chat: bool | None = None, step_callback=None, **generation_overrides) -> GenerationOutput:
         """Decode one prompt or a batch (text, token ids or chat message lists) as one batch.
         `step_callback`, if given, is called after every step with a streaming.StepEvent (what the
         step committed); it costs one host read per step. Raising in it aborts the generation."""
         gen = self.recipe.generation
-        if generation_overrides:
-            gen = attrs.evolve(gen, **generation_overrides)
+        if generation_overrides:  # validated as a recipe's generation keys
+            gen = generation_with_overrides(gen, generation_overrides, self.recipe.source)
         ids = self.encode(prompts, chat)
         cfg = self.model.config
         longest = max(len(p) for p in ids)
         if longest + gen.gen_length > cfg.max_sequence_length:
-            raise ValueError(f"prompt of {longest} tokens + gen_length {gen.gen_length} exceeds the model's "
+            raise PromptError(f"prompt of {longest} tokens + gen_length {gen.gen_length} exceeds the model's "
                              f"max_sequence_length {cfg.max_sequence_length}")
         reporter = None
         if step_callback is not None:

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from .cli_args import positive_int, token_ids
 from .config_loading import ConfigError
 from .execution.config import MODES
 from .models.loader import CheckpointError
@@ -40,8 +41,9 @@ def cmd_generate(args) -> int:
     _set_threads(args.threads)
     _execution_override(args)
     recipe = _recipe(args)
+    _print_notes(recipe)
     pipe = Pipeline.from_recipe(recipe, model_path=args.model)
-    prompts = [[int(t) for t in ids.split(",") if t.strip()] for ids in args.prompt_ids or []]
+    prompts = list(args.prompt_ids or [])
     prompts += list(args.prompt or [])
     if args.prompts:
         prompts += read_prompts(args.prompts, args.prompts_format)
@@ -98,6 +100,13 @@ def cmd_plugins(args) -> int:
     return 0
 
 
+def _print_notes(recipe) -> None:
+    from .recipe_notes import recipe_notes
+
+    for note in recipe_notes(recipe):
+        print(f"note: {note}", file=sys.stderr)
+
+
 def cmd_recipe_check(args) -> int:
     """Validate each recipe file (every error of each); --print writes the resolved recipes as YAML."""
     import yaml
@@ -112,6 +121,7 @@ def cmd_recipe_check(args) -> int:
             failed += 1
             _print_error(exc)
             continue
+        _print_notes(recipe)
         plugins = ", ".join(p.name for p in recipe.plugins) or "none (baseline policy)"
         g = recipe.generation
         print(f"{path}: ok — {recipe.name}: model={recipe.model} gen_length={g.gen_length} "
@@ -309,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt", nargs="*", help="prompt text (needs a checkpoint with a tokenizer)")
     gen.add_argument("--recipe", required=True, help="recipe YAML file")
     gen.add_argument("--model", help="checkpoint directory (overrides the recipe's model)")
-    gen.add_argument("--prompt-ids", action="append", metavar="1,2,3", help="a prompt as comma-separated token ids")
+    gen.add_argument("--prompt-ids", action="append", type=token_ids, metavar="1,2,3", help="a prompt as comma-separated token ids")
     gen.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a recipe key")
     gen.add_argument("--prompts", metavar="FILE", help="more prompts from a file, - for stdin: one per line, or "
                      "JSONL (text, token ids, chat messages; docs/prompts.md)")
@@ -324,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-progress", action="store_true", help="no progress bar")
     gen.add_argument("--stream", action="store_true", help="draw each answer canvas after every step (on stderr "
                      "with --json); one host read per step")
-    gen.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    gen.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
     gen.set_defaults(func=cmd_generate)
 
     plug = sub.add_parser("plugins", help="list the loaded plugins: version, description, decisions, conflicts, "
@@ -357,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a recipe key")
     cal.add_argument("--chat", action=argparse.BooleanOptionalAction, help="wrap text prompts in the tokenizer's "
                      "chat template (default: as generate)")
-    cal.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    cal.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
     cal.set_defaults(func=cmd_calibrate)
 
     ev = sub.add_parser("eval", help="accuracy on lm-eval tasks (dare_suite, dare_add, ...) with a recipe")
@@ -374,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--log-samples", action="store_true", help="keep every response in the results JSON")
     ev.add_argument("--include-path", help="another directory of lm-eval task YAMLs")
     ev.add_argument("--json", action="store_true", help="print the results JSON instead of the table")
-    ev.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    ev.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
     ev.set_defaults(func=cmd_eval)
 
     ab = sub.add_parser("ablate", help="run an ablation file (plugin sets x sweeps) through lm-eval; resumable")
@@ -384,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--shard", metavar="I/N", help="run only runs whose index %% N == I (0 <= I < N)")
     ab.add_argument("--workers", type=int, default=0,
                     help="worker processes (spawned, one run each at a time); 0 = in this process (default)")
-    ab.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
+    ab.add_argument("--threads", type=positive_int, default=1, help="torch threads per process (default 1)")
     ab.add_argument("--data-parallel", action="store_true",
                     help="under torchrun / accelerate launch: every process decodes its share of each run's problems "
                          "and rank 0 writes the merged record (default there: each process runs its own shard of "

@@ -8,6 +8,8 @@ a mapping is collected and raised as one ConfigError, so a file's errors are rep
 
 from __future__ import annotations
 
+import math
+import re
 import types
 import typing
 
@@ -74,17 +76,36 @@ def convert(tp, value, path: str, source: str):
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            value = _number_text(value)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            number = float(value) if isinstance(value, float) or abs(value) < 2 ** 1023 else math.inf
+            if not math.isfinite(number):
+                shown = value if isinstance(value, float) else f"{str(value)[:12]}... ({len(str(value))} digits)"
+                raise ConfigError(f"{source}: {path} = {shown}: expected a finite number")
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value
     elif tp is dict:
         if isinstance(value, dict):
             return value
+    elif tp is list:
+        if isinstance(value, list):
+            return value
+        raise ConfigError(f"{source}: {path} = {value!r}: expected a list, got {type(value).__name__}")
     else:
         return value
     raise ConfigError(f"{source}: {path} = {value!r}: expected {_describe(tp)}, got {type(value).__name__}")
+
+
+# a number in exponent form without a dot (1e-3), which YAML 1.1 (PyYAML) reads as a string
+_EXPONENT_NUMBER = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)[eE][-+]?[0-9]+")
+
+
+def _number_text(text: str):
+    """`text` as a float when YAML 1.2 would read it as one but YAML 1.1 does not, else unchanged."""
+    return float(text) if _EXPONENT_NUMBER.fullmatch(text.strip()) else text
 
 
 def structure(cls, data, path: str, source: str):
@@ -158,12 +179,20 @@ def choice(*allowed):
     return check
 
 
+def _finite(attribute, value) -> None:
+    """A bool, a non-number, NaN or an infinity is not a valid numeric option."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float)
+                                                                           and not math.isfinite(value)):
+        raise ValueError(f"{attribute.name} = {value!r}: expected a finite number")
+
+
 def at_least(bound, strict: bool = False):
-    """attrs validator: value >= bound (> bound when strict); None passes."""
+    """attrs validator: a finite number >= bound (> bound when strict); None passes."""
 
     def check(instance, attribute, value):
         if value is None:
             return
+        _finite(attribute, value)
         if value < bound or (strict and value == bound):
             raise ValueError(f"{attribute.name} = {value!r}: must be {'>' if strict else '>='} {bound}")
 
@@ -171,11 +200,12 @@ def at_least(bound, strict: bool = False):
 
 
 def in_range(low, high, include_high: bool = True):
-    """attrs validator: low <= value <= high (< high when not include_high); a bool is not a number
-    here, as in `convert`."""
+    """attrs validator: a finite number with low <= value <= high (< high when not include_high); a
+    bool is not a number here, as in `convert`."""
 
     def check(instance, attribute, value):
-        if isinstance(value, bool) or not low <= value <= high or (not include_high and value == high):
+        _finite(attribute, value)
+        if not low <= value <= high or (not include_high and value == high):
             raise ValueError(f"{attribute.name} = {value!r}: must be between {low} and {high}"
                              + ("" if include_high else f", {high} excluded"))
 

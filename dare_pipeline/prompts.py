@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import re
 
+from .prompt_check import PromptError, as_token_ids, check_text, prompt_list
+
 # the embedded model's prompt: a question (or few-shot examples) ending in the answer cue
 QA_PROMPT = re.compile(r"\AQ: .*\nA: \Z", re.DOTALL)
 
@@ -35,9 +37,9 @@ def answers_qa_format_only(tokenizer) -> bool:
 
 def as_batch(prompts) -> list:
     """One prompt (text, token ids or a conversation) or a list of them, as a list of prompts."""
-    if isinstance(prompts, str) or is_chat(prompts) or (prompts and isinstance(prompts[0], int)):
+    if is_chat(prompts):
         return [prompts]
-    return list(prompts)
+    return prompt_list(prompts)
 
 
 def _is_message(m) -> bool:
@@ -73,13 +75,15 @@ def encode(tokenizer, prompts, chat: bool | None = None, source: str = "the mode
     ids = []
     for index, p in enumerate(as_batch(prompts)):
         if isinstance(p, str) or is_chat(p):
+            if isinstance(p, str):
+                check_text(p, index)
             if tokenizer is None:
-                raise ValueError(f"{source}: this checkpoint has no tokenizer; pass token ids")
+                raise PromptError(f"{source}: this checkpoint has no tokenizer; pass token ids")
             ids.append(tokenizer(render(tokenizer, p, chat, index, source), add_special_tokens=False)["input_ids"])
         else:
-            ids.append([int(t) for t in p])
+            ids.append(as_token_ids(p, index))
     if not ids or any(len(p) == 0 for p in ids):
-        raise ValueError("every prompt needs at least one token")
+        raise PromptError("every prompt needs at least one token")
     return ids
 
 

@@ -19,6 +19,7 @@ import attrs
 import yaml
 
 from .config_loading import ConfigError, at_least, choice, convert, structure
+from .device_check import usable_device
 from .execution import ExecutionConfig
 from .registry import available_plugins
 
@@ -66,7 +67,7 @@ class Recipe:
     description: str = ""
     model: str = "default"
     dtype: str = attrs.field(default="float32", validator=choice("float32", "bfloat16", "float16"))
-    device: str = "cpu"
+    device: str = attrs.field(default="cpu", validator=usable_device)
     generation: GenerationConfig = attrs.Factory(GenerationConfig)
     execution: ExecutionConfig = attrs.Factory(ExecutionConfig)
     plugins: tuple[PluginSpec, ...] = ()
@@ -79,7 +80,9 @@ class Recipe:
         if not path.is_file():
             raise ConfigError(f"{path}: recipe file not found")
         try:
-            data = yaml.safe_load(path.read_text())
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
         return cls.from_dict(data, source=str(path), overrides=overrides)
@@ -170,10 +173,17 @@ def apply_override(data: dict, item: str, source: str) -> None:
     if "=" not in item:
         raise ConfigError(f"{source}: --set {item!r}: expected KEY.PATH=VALUE")
     key, raw = item.split("=", 1)
-    value = yaml.safe_load(raw)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        problem = str(getattr(exc, "problem", None) or exc).strip()
+        raise ConfigError(f"{source}: --set {key}={raw}: the value is not valid YAML ({problem})") from None
     parts = key.strip().split(".")
     if parts[0] == "plugins" and len(parts) >= 3:
         plugins = data.setdefault("plugins", []) or []
+        if not isinstance(plugins, list):
+            raise ConfigError(f"{source}: plugins = {plugins!r}: expected a list of plugins such as "
+                              f"[{{name: {parts[1]}}}]")
         entry = next((p for p in plugins if isinstance(p, dict) and p.get("name") == parts[1]), None)
         if entry is None:
             raise ConfigError(f"{source}: --set {key}: the recipe has no plugin {parts[1]!r}; "

@@ -74,7 +74,18 @@ class QueryDrift:
         self.counts = torch.zeros(n_layers, 3 + len(REASONS), dtype=torch.long, device=real.device)
         self._seen_step: int | None = None
         self._full = False
-        self._last_full: int | None = None
+        # (B,) which prompts decode this forward; a prompt whose block is done only waits for the rest
+        # of its batch (see `set_running`)
+        self.running = torch.ones(real.shape[0], dtype=torch.bool, device=real.device)
+        self._running = [True] * real.shape[0]
+        self._all_running = True
+        # per prompt: forwards it took part in, and the one of its last full recompute (a full recompute
+        # comes every `refresh_every` of the prompt's own forwards, as it would alone); (B,) which
+        # prompts recompute every row in this forward
+        self._forwards = [0] * real.shape[0]
+        self._last_full_of: list[int | None] = [None] * real.shape[0]
+        self.forced = torch.zeros(real.shape[0], dtype=torch.bool, device=real.device)
+        self._any_forced = False
 
     def prepare(self, store, q_dim: int, dtype: torch.dtype) -> None:
         """Create the store fields and the counters up front (a compiled forward cannot create them)."""
@@ -83,6 +94,17 @@ class QueryDrift:
             store.field(self.token_field, layer, 1, torch.long)
         self.counts = store.buffer(f"{self.prefix}.counts", tuple(self.counts.shape), torch.long)
         self.block = store.buffer(f"{self.prefix}.block", tuple(self.block.shape), torch.bool)
+        self.running = store.buffer(f"{self.prefix}.running", tuple(self.running.shape), torch.bool)
+        self.running.fill_(True)
+        self.forced = store.buffer(f"{self.prefix}.forced", tuple(self.forced.shape), torch.bool)
+
+    def set_running(self, running: list[bool]) -> None:
+        """Which prompts (model batch rows) decode this forward, at each step start on the host. The rows
+        of a prompt that waits for its batch are reused, never recomputed: nothing of it is written
+        or counted, so its references and cached rows stay as they would be alone."""
+        self._running = list(running)
+        self._all_running = all(running)
+        self.running.copy_(torch.tensor(running, dtype=torch.bool), non_blocking=True)
 
     def set_block(self, columns: slice) -> None:
         """The canvas columns of the block being decoded (at each block start, on the host)."""
@@ -96,7 +118,7 @@ class QueryDrift:
     def capacity(self, layer: int, rows: int) -> int:
         """Rows a compiled forward recomputes at `layer`: all at a forced forward, an exempt layer,
         without a budget, or at threshold 0 (the rule reuses nothing, so no budget may overrule it)."""
-        if self._full or layer in self.exempt or self.row_budget is None or self.threshold == 0:
+        if self._any_forced or layer in self.exempt or self.row_budget is None or self.threshold == 0:
             return rows
         return max(1, min(rows, math.ceil(self.row_budget * rows)))
 
@@ -108,13 +130,27 @@ class QueryDrift:
         return self._forced_at(call.refresh, call.step)
 
     def _forced_at(self, refresh: bool, step: int) -> bool:
+        """Whether every running prompt recomputes every row in this forward; which prompts do is in
+        `forced` (each prompt's schedule counts its own forwards)."""
         if step != self._seen_step:
             self._seen_step = step
             every = self.refresh_every
-            self._full = ((refresh and self.recompute_at_refresh) or self._last_full is None
-                          or (every > 0 and step - self._last_full >= every))
-            if self._full:
-                self._last_full = step
+            forced = []
+            for b, running in enumerate(self._running):
+                if running:
+                    self._forwards[b] += 1
+                last = self._last_full_of[b]
+                due = running and ((refresh and self.recompute_at_refresh) or last is None
+                                   or (every > 0 and self._forwards[b] - last >= every))
+                if due:
+                    self._last_full_of[b] = self._forwards[b]
+                forced.append(due)
+            self._any_forced = any(forced)
+            self._full = self._any_forced and all(f or not r for f, r in zip(forced, self._running))
+            if self._any_forced and not self._full:
+                self.forced.copy_(torch.tensor(forced, dtype=torch.bool), non_blocking=True)
+            else:
+                self.forced.fill_(False)
         return self._full
 
     def decide(self, call: LayerCall, q: torch.Tensor, entry: torch.Tensor) -> torch.Tensor | None:
@@ -127,6 +163,8 @@ class QueryDrift:
             rows = call.active_rows if call.active_rows is not None else call.active - call.fed.start
             cols, tokens = call.active, call.tokens[:, rows]
             real = self.real[:, cols] & call.run
+        waiting = ~self.running[:, None]  # (B, 1)
+        real = real & ~waiting
         qf = q.transpose(1, 2).reshape(batch, m, heads * hd)
         ref = store.field(self.ref_field, layer, heads * hd, qf.dtype)
         last_token = store.field(self.token_field, layer, 1, torch.long)
@@ -135,7 +173,10 @@ class QueryDrift:
 
         forced = self._forced(call)
         if forced or layer in self.exempt:
-            recompute = None
+            # a waiting prompt's rows are reused, except at exempt layers, which cache nothing to reuse
+            # (what they write there is rewritten at every forward)
+            waits = not self._all_running and layer not in self.exempt
+            recompute = ~waiting.expand(batch, m) if waits else None
             counts = _row_counts(n_real, **{"refresh" if forced else "exempt": n_real})
         else:
             has = entry[:, cols] & store.written(self.ref_field, layer)[:, cols]
@@ -149,13 +190,16 @@ class QueryDrift:
             if self.recompute_block:
                 in_block = self.block[cols][None]
                 valid = valid & ~in_block
-            reuse = valid & close
+            free = ~self.forced[:, None]  # (B, 1) prompts on their own full recompute take no reuse
+            refreshed = (~free & real).sum()
+            real = real & free
+            reuse = (valid & close & free) | waiting
             over = zero
             capacity = self.capacity(layer, m)
             if call.capture and capacity < m:
                 reuse, over_rows = _within_capacity(reuse, valid, drift, capacity)
                 over = (over_rows & real).sum()
-            counts = _row_counts(n_real, reused=(reuse & real).sum(), over_budget=over,
+            counts = _row_counts(n_real, reused=(reuse & real).sum(), over_budget=over, refresh=refreshed,
                                  no_entry=(~has & real).sum(), token_changed=(has & ~same & real).sum(),
                                  block=(has & same & in_block & real).sum(), drift=(valid & ~close & real).sum())
             # eager: skip the gathers when nothing is reused (a host read; under capture always a mask)

@@ -126,6 +126,11 @@ class DareKV(Plugin):
         self.shadow = ShadowLog(n_layers) if self.options.shadow else None
 
     @hookimpl
+    def dare_step_start(self, state):
+        # a prompt whose block is complete waits for the rest of its batch: none of its rows recompute
+        self.drift.set_running(state.unfinished * (2 if state.cfg_scale > 0 else 1))
+
+    @hookimpl
     def dare_block_start(self, state):
         self.drift.set_block(state.block_columns)
 

@@ -34,7 +34,8 @@ reuse_fraction (real rows that added cached deltas instead of running the layer,
 and forwards), per_layer (eligible, reused,
 reuse_fraction, recomputed {q, kv, attn, ffn, v_verify}), min_verify_margin and verify_margins
 (per forward: the cosine-similarity gap between the last row V-verify selected and the first it did
-not; near 0 the selection is a tie decided by float rounding), and `shadow` in shadow mode.
+not; below 2^-16 the two may tie: similarities are ranked rounded to multiples of 2^-16, equal ones in
+column order, so a prompt picks the same rows alone and in any batch), and `shadow` in shadow mode.
 """
 
 from __future__ import annotations
@@ -55,6 +56,11 @@ from dare_pipeline.store import ATTN_OUT, FFN_OUT
 KINDS = ("full", "response", "prompt", "none")
 FULL, RESPONSE, PROMPT, NONE = range(4)
 WAITING = len(KINDS)  # a prompt whose block is done, waiting for the rest of its batch
+# V-verify ranks cosine similarities rounded to multiples of 1 / TIE_SCALE (2^-16, about 1.5e-5), equal
+# ones in column order. The forward's float rounding differs by ~1e-7 between batch shapes (the
+# attention sums run over the padded length), and most rows barely move (similarities 0.9999999 ±
+# one ulp): ranked raw, those near-ties would be decided by a prompt's batch.
+TIE_SCALE = 2.0 ** 16
 
 ROW_FEEDER = ("dLLM-Cache schedules its own prompt and response refreshes over the whole canvas (V-verify picks "
               "floor(ratio * G) of all G response rows); prefix_cache / dual_cache feed only part of the canvas "
@@ -175,7 +181,10 @@ class _LayerCache(LayerReuse):
         cached = store.values(layer)[:, :, P:]
         b, _, g, _ = v.shape
         sim = F.cosine_similarity(v.transpose(1, 2).reshape(b, g, -1), cached.transpose(1, 2).reshape(b, g, -1), dim=-1)
-        idx = torch.topk(sim, n, largest=False).indices
+        # ascending rounded similarity, ties in column order (a stable sort; topk's tie order depends on
+        # the batch shape), so a prompt's picks are the same alone and in any batch
+        order = torch.sort(torch.round(sim * TIE_SCALE), dim=-1, stable=True).indices
+        idx = order[:, :n]
         if n < g:  # how far the selection is from a tie: last selected vs first unselected similarity
             ranked = torch.topk(sim, n + 1, largest=False).values
             margin = torch.where(verify, ranked[:, n] - ranked[:, n - 1], torch.inf).amin()
@@ -270,7 +279,8 @@ class DllmCache(Plugin):
     def _margin_report(self, limit: int = 512) -> dict:
         """V-verify's selection margin: the similarity gap between the last selected and the first
         unselected response row (min over layers and prompts), per forward (1-based, as unmask_step).
-        A margin near 0 is a tie decided by rounding: another float32 implementation may pick other rows."""
+        A margin below 2^-16 may be a tie, broken by column order: an implementation that ranks the raw
+        similarities (the reference's topk) may pick other rows there."""
         if not self.margins:
             return {"min_verify_margin": None, "verify_margins": []}
         values = torch.stack([m for _, m in self.margins]).cpu().tolist()

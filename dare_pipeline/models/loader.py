@@ -7,13 +7,19 @@ never needs twice its memory. Every problem is reported with the file and tensor
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import attrs
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
+from .checkpoint_checks import (
+    CheckpointError,
+    check_special_ids,
+    check_tokenizer_size,
+    check_weight,
+    read_json_object,
+)
 from .families import family_for
 from .transformer import DiffusionTransformer
 
@@ -21,10 +27,6 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16}
 # end-of-turn tokens of instruct tokenizers; generation stops at them like at EOS
 _EOT_TOKENS = ("<|eot_id|>", "<|eot|>")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory that cannot be loaded; the message names the file and the problem."""
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -40,23 +42,22 @@ def read_config(directory: Path):
     path = directory / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{path}: config.json not found (a checkpoint directory needs config.json and *.safetensors)")
+    raw = read_json_object(path)
     try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc})") from exc
-    family = family_for(raw.get("model_type"), str(path))
-    try:
-        return family, family.parse_config(raw)
+        family = family_for(raw.get("model_type"), str(path))
+        cfg = family.parse_config(raw)
     except (KeyError, ValueError, TypeError) as exc:
         raise CheckpointError(f"{path}: {exc.args[0] if exc.args else exc}") from exc
+    check_special_ids(cfg, path)
+    return family, cfg
 
 
 def _weight_files(directory: Path) -> list[Path]:
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise CheckpointError(f"{index}: no 'weight_map' object")
+        weight_map = read_json_object(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index}: no 'weight_map' object of tensor name -> shard file name")
         files = [directory / name for name in dict.fromkeys(weight_map.values())]
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
@@ -76,7 +77,12 @@ def _load_tokenizer(directory: Path):
     # An empty config keeps AutoTokenizer from reading config.json, whose model_type (llada, Dream)
     # transformers does not know and would warn about; the tokenizer class comes from
     # tokenizer_config.json either way.
-    return AutoTokenizer.from_pretrained(str(directory), local_files_only=True, config=PretrainedConfig())
+    try:
+        return AutoTokenizer.from_pretrained(str(directory), local_files_only=True, config=PretrainedConfig())
+    except Exception as exc:  # transformers and tokenizers raise many types for one broken file
+        files = sorted(f.name for f in directory.iterdir() if f.name.startswith(("tokenizer", "special_tokens")))
+        raise CheckpointError(f"{directory}: the tokenizer files {files} cannot be loaded "
+                              f"({type(exc).__name__}: {str(exc).strip()[:300]})") from exc
 
 
 def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu"):
@@ -94,6 +100,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: s
     _, cfg = read_config(directory)
     tokenizer = _load_tokenizer(directory)
     if tokenizer is not None:
+        check_tokenizer_size(tokenizer, cfg, directory)
         vocab = tokenizer.get_vocab()
         extra = tuple(vocab[t] for t in _EOT_TOKENS if t in vocab and vocab[t] != cfg.eos_token_id)
         cfg = attrs.evolve(cfg, extra_stop_ids=tuple(dict.fromkeys(cfg.extra_stop_ids + extra)))
@@ -104,18 +111,12 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: s
     names = _family_names(directory, cfg)
     state: dict[str, torch.Tensor] = {}
     unexpected: list[str] = []
+    found_in: dict[str, Path] = {}
     for file in _weight_files(directory):
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            for key in f.keys():  # noqa: SIM118 -- safe_open handles are not iterable
-                ours = names.get(key)
-                if ours is None:
-                    unexpected.append(f"{key} (in {file.name})")
-                    continue
-                tensor = f.get_tensor(key)
-                want = tuple(expected[ours].shape)
-                if tuple(tensor.shape) != want:
-                    raise CheckpointError(f"{file}: tensor {key} has shape {tuple(tensor.shape)}, expected {want}")
-                state[ours] = tensor.to(device=device, dtype=torch_dtype)
+        try:
+            _read_weights(file, names, expected, state, unexpected, found_in, device, torch_dtype)
+        except (SafetensorError, OSError, RuntimeError) as exc:  # empty, truncated or not safetensors at all
+            raise CheckpointError(f"{file}: not a readable safetensors file ({str(exc).strip()[:200]})") from exc
     missing = sorted(k for k, ours in names.items() if ours not in state)
     if missing or unexpected:
         parts = []
@@ -131,6 +132,29 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: s
     model.tokenizer = tokenizer
     model.source = directory
     return model
+
+
+def _read_weights(file: Path, names, expected, state, unexpected, found_in, device, dtype) -> None:
+    """Move `file`'s tensors into `state` (our names), checking shape, dtype, finiteness and that no
+    tensor comes from two files."""
+    with safe_open(str(file), framework="pt", device="cpu") as f:
+        for key in f.keys():  # noqa: SIM118 -- safe_open handles are not iterable
+            ours = names.get(key)
+            if ours is None:
+                unexpected.append(f"{key} (in {file.name})")
+                continue
+            if key in found_in:
+                raise CheckpointError(f"{file}: tensor {key} is also in {found_in[key]}; each tensor belongs in "
+                                      f"one file")
+            found_in[key] = file
+            tensor = f.get_tensor(key)
+            want = tuple(expected[ours].shape)
+            if tuple(tensor.shape) != want:
+                raise CheckpointError(f"{file}: tensor {key} has shape {tuple(tensor.shape)}, expected {want}")
+            if not tensor.is_floating_point():
+                check_weight(tensor, key, file)
+            state[ours] = tensor.to(device=device, dtype=dtype)
+            check_weight(state[ours], key, file)  # in the target dtype: an overflow to inf counts
 
 
 def _family_names(directory: Path, cfg) -> dict[str, str]:

@@ -9,13 +9,16 @@
   the rows at the selection boundary often differ in the 7th digit or tie exactly (similarities
   0.9999998). Which of them the reference picked is then decided by its own float32 rounding,
   which no other float32 implementation reproduces (ours matches its logits to ~1e-4, not
-  bit-for-bit). The plugin reports the selection margin per forward (`verify_margins`); commits
-  are compared exactly before the first forward whose margin is below MARGIN (and before the
-  golden README's fragile forward), and the whole run where no such forward exists.
+  bit-for-bit). The plugin ranks similarities rounded to multiples of 2^-16, ties in column order
+  (so a prompt picks the same rows alone and in any batch), where the reference's topk ranks raw
+  values with an unspecified tie order. The plugin reports the selection margin per forward
+  (`verify_margins`); commits are compared exactly before the first forward whose margin is below
+  MARGIN (and before the golden README's fragile forward), and the whole run where no such forward
+  exists.
 - the plugin equals, token for token over whole runs, a direct transcription of the reference's
   block hook (separate prompt/response caches, keys cached before RoPE, concatenation): the part
   of the trajectory the golden comparison cannot reach is checked against the reference's
-  algorithm run with our numerics.
+  algorithm run with our numerics and the plugin's tie rule.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from dare_pipeline_plugins.dllm_cache import TIE_SCALE
 
 from dare_pipeline import Pipeline, Recipe
 from dare_pipeline.models.rope import apply_rope, rope_cos_sin
@@ -37,9 +41,10 @@ torch.set_num_threads(1)
 GOLDEN = Path(__file__).parents[1] / "data" / "golden"
 FILES = ["dllmcache_llada_g64_b32_s32.json", "dllmcache_llada_g128_b32.json"]
 CONFIGS = ["nocache", "cache_p1_g1_r0", "cache_p100_g7_r0.25", "cache_p50_g7_r0.25"]
-# a V-verify selection whose last-selected / first-unselected similarity gap is below this is a tie
-# at the precision our activations share with the reference's
-MARGIN = 1e-6
+# a V-verify selection whose last-selected / first-unselected similarity gap is below this may be a
+# tie of the plugin's rounded ranking (and is one at the precision our activations share with the
+# reference's)
+MARGIN = 1 / TIE_SCALE
 
 
 @functools.cache
@@ -108,8 +113,8 @@ def test_dllmcache_run(golden_models, fname, config, index):
 
 def test_most_cached_runs_are_compared_beyond_their_first_verify_steps(golden_models):
     """The tie rule must not hollow the comparison out: count the forwards compared exactly (with
-    torch 2.13 on CPU: 184 of 960, the four g64 runs of prompts 0 and 1 whole; the rest of every
-    trajectory is checked against the transcribed hook below)."""
+    torch 2.13 on CPU: 132 of 960 since ranks are rounded to 2^-16, 184 with raw ranks and a 1e-6
+    margin; the rest of every trajectory is checked against the transcribed hook below)."""
     compared, total = 0, 0
     for fname in FILES:
         for config in CONFIGS[2:]:
@@ -120,7 +125,7 @@ def test_most_cached_runs_are_compared_beyond_their_first_verify_steps(golden_mo
                 nfe = out.stats.nfe
                 compared += nfe if stop is None else stop - 1
                 total += nfe
-    assert compared >= 0.15 * total, (compared, total)
+    assert compared >= 0.125 * total, (compared, total)
 
 
 # ---- the reference's block hook, transcribed ------------------------------------------------------
@@ -163,7 +168,8 @@ def _reference_layer(layer, lid, x, cache, s, P, kp, kr, ratio, cos, sin):
         if transfer:
             hg = layer.attn_norm(x[:, P:])
             vg = layer.v_proj(hg)
-            idx = torch.topk(F.cosine_similarity(vg, c["vg"], dim=-1), n, largest=False).indices
+            sim = F.cosine_similarity(vg, c["vg"], dim=-1)  # the reference: topk(sim, n, largest=False)
+            idx = torch.sort(torch.round(sim * TIE_SCALE), dim=-1, stable=True).indices[:, :n]
             e = idx[..., None].expand(-1, -1, d)
             hs = torch.gather(hg, 1, e)
             qs = layer.q_proj(hs)

@@ -18,6 +18,7 @@ import functools
 
 import pytest
 import torch
+from dare_pipeline_plugins.dllm_cache import TIE_SCALE
 
 from dare_pipeline import Pipeline
 from dare_pipeline.testing import random_prompts, tiny_model
@@ -252,7 +253,8 @@ class DllmOracle:
                 sim = torch.nn.functional.cosine_similarity(
                     v[:, :, P:].transpose(1, 2).reshape(b, g, -1), c["v"][:, :, P:].transpose(1, 2).reshape(b, g, -1),
                     dim=-1)
-                picked = torch.topk(sim, int(g * self.ratio), largest=False).indices
+                # the least similar rows; similarities rounded to multiples of 1 / TIE_SCALE, ties in column order
+                picked = torch.sort(torch.round(sim * TIE_SCALE), dim=-1, stable=True).indices[:, :int(g * self.ratio)]
                 run[:, P:] |= torch.zeros(b, g, dtype=torch.bool).scatter_(1, picked, True)
                 c["v"] = torch.cat([c["v"][:, :, :P], v[:, :, P:]], dim=2)
             mask = run[:, None, :, None]
