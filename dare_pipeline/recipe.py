@@ -97,7 +97,11 @@ class Recipe:
             _collect(errors, apply_override, data, item, source)
         raw_plugins = data.pop("plugins", None) or []
         recipe = _collect(errors, structure, cls, data, "", source)
-        entries = _collect(errors, convert, list, raw_plugins, "plugins", source) or ()
+        if isinstance(raw_plugins, list):
+            entries = _collect(errors, convert, list, raw_plugins, "plugins", source) or ()
+        else:  # the same message as an override that met it first, so it is reported once
+            errors.append(_not_a_plugin_list(raw_plugins, source))
+            entries = ()
         specs = tuple(s for s in (_collect(errors, _plugin_spec, e, i, source) for i, e in enumerate(entries)) if s)
         if len(specs) == len(entries):  # composition is judged on the whole list
             _collect(errors, check_composition, specs, source)
@@ -123,6 +127,11 @@ class Recipe:
         if not any("commit_policy" in p.provides for p in plugins):
             plugins.insert(0, classes[DEFAULT_POLICY]())
         return plugins
+
+
+def _not_a_plugin_list(plugins, source: str) -> ConfigError:
+    example = plugins if isinstance(plugins, str) else "dual_cache"
+    return ConfigError(f"{source}: plugins = {plugins!r}: expected a list of plugins such as [{{name: {example}}}]")
 
 
 def _collect(errors: list, fn, *args):
@@ -182,8 +191,7 @@ def apply_override(data: dict, item: str, source: str) -> None:
     if parts[0] == "plugins" and len(parts) >= 3:
         plugins = data.setdefault("plugins", []) or []
         if not isinstance(plugins, list):
-            raise ConfigError(f"{source}: plugins = {plugins!r}: expected a list of plugins such as "
-                              f"[{{name: {parts[1]}}}]")
+            raise _not_a_plugin_list(plugins, source)
         entry = next((p for p in plugins if isinstance(p, dict) and p.get("name") == parts[1]), None)
         if entry is None:
             raise ConfigError(f"{source}: --set {key}: the recipe has no plugin {parts[1]!r}; "

@@ -461,7 +461,7 @@ def test_a_target_reuse_sweep_calibrates_each_run_on_the_embedded_model(tmp_path
 
 
 @pytest.mark.parametrize("fields, message", [
-    ({"sweep": {"plugins.prefix_cache.target_reuse": [0.5]}}, "target_reuse is calibrated for ['dare_kv', 'dare_o'] only"),
+    ({"sweep": {"plugins.prefix_cache.target_reuse": [0.5]}}, "target_reuse is calibrated for ['dare_kv', 'dare_o', 'ffn_reuse'] only"),
     ({"sweep": {"plugins.dare_kv.target_reuse": [0.5, 1.5]}},
      "sweep.plugins.dare_kv.target_reuse[1] = 1.5: a reuse fraction between 0 and 1"),
     ({"sweep": {"plugins.dare_o.target_reuse": [0.5], "plugins.dare_o.threshold": [0.1]}},
