@@ -44,6 +44,7 @@ RECIPES = {
     "dare_o alone 0.05": [{"name": "dare_o", "threshold": 0.05}],
     "dare_o alone 0.1": [{"name": "dare_o", "threshold": 0.1}],
     "dare_o alone 0.2": [{"name": "dare_o", "threshold": 0.2}],
+    "dare_o alone 0.1, layer 0 too": [{"name": "dare_o", "threshold": 0.1, "exempt_layers": []}],
 }
 
 

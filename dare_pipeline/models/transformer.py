@@ -298,14 +298,9 @@ class DiffusionTransformer(nn.Module):
             delta = layer.attend(q, store.keys(i), store.values(i), key_mask)
             attn_count = active
         else:
-            if run_sub is not None:
-                attn = attn & run_sub
-            sel = _select(attn, call, reuse, "attn_rows", active)
-            # a field no forward has written yet reads as zeros (the object reuses only written rows)
-            delta = store.field(ATTN_OUT, i, xa.shape[-1])[:, where].clone()
-            fresh = layer.attend(q[:, :, sel], store.keys(i), store.values(i), key_mask)
-            delta[:, sel] = torch.where(attn[:, sel, None], fresh, delta[:, sel])
-            attn_count = sel.shape[0]
+            delta, attn_count = _chosen_or_cached(
+                attn, run_sub, call, reuse, "attn_rows", ATTN_OUT, where, xa.shape[-1],
+                lambda sel: layer.attend(q[:, :, sel], store.keys(i), store.values(i), key_mask))
         if store.tracks(ATTN_OUT):
             store.write(ATTN_OUT, i, where, delta, run_sub)
         xa = xa + delta
@@ -317,12 +312,8 @@ class DiffusionTransformer(nn.Module):
             f = layer.ffn(xa)
             ffn_count = active
         else:
-            if run_sub is not None:
-                ffn = ffn & run_sub
-            sel = _select(ffn, call, reuse, "ffn_rows", active)
-            f = store.field(FFN_OUT, i, xa.shape[-1])[:, where].clone()
-            f[:, sel] = torch.where(ffn[:, sel, None], layer.ffn(xa[:, sel]), f[:, sel])
-            ffn_count = sel.shape[0]
+            f, ffn_count = _chosen_or_cached(ffn, run_sub, call, reuse, "ffn_rows", FFN_OUT, where, xa.shape[-1],
+                                             lambda sel: layer.ffn(xa[:, sel]))
         if store.tracks(FFN_OUT):
             store.write(FFN_OUT, i, where, f, run_sub)
         xa = xa + f
@@ -334,6 +325,19 @@ class DiffusionTransformer(nn.Module):
         out = x + store.read(ATTN_OUT, i, fed_where) + store.read(FFN_OUT, i, fed_where)
         out[:, idx] = torch.where(run_sub[..., None], xa, out[:, idx])
         return out
+
+
+def _chosen_or_cached(chosen, run_sub, call: LayerCall, reuse: ReuseSet, decision: str, field: str, where, width: int,
+                      compute) -> tuple[torch.Tensor, int]:
+    """A sub-operation's residual delta over the running rows: `compute(sel)` for the rows the reuse
+    object chose (`sel`: their indices), the cached delta of `field` for the rest; and how many rows
+    ran. A field no forward has written yet reads as zeros (objects reuse only written rows)."""
+    if run_sub is not None:
+        chosen = chosen & run_sub
+    sel = _select(chosen, call, reuse, decision, chosen.shape[1])
+    delta = call.store.field(field, call.layer, width)[:, where].clone()
+    delta[:, sel] = torch.where(chosen[:, sel, None], compute(sel), delta[:, sel])
+    return delta, sel.shape[0]
 
 
 def _select(mask: torch.Tensor, call: LayerCall, reuse: ReuseSet, decision: str, rows: int) -> torch.Tensor:
