@@ -24,6 +24,7 @@ import torch
 # ranks wait in collectives for the slowest one (a long share of prompts, rank 0 writing results):
 # lm-eval's HF model uses the same long timeout
 TIMEOUT = timedelta(weeks=52)
+SHUTDOWN_TIMEOUT = timedelta(seconds=60)
 
 
 class RankFailed(RuntimeError):
@@ -83,6 +84,16 @@ def init(device: str = "cpu") -> tuple[int, int]:
 def _shutdown() -> None:
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized():
+        # leave together: a rank that tears its group down while a peer still talks to it can abort
+        # in gloo's threads ("terminate called without an active exception"); a peer that is gone
+        # fails the barrier at once, one that hangs within a minute
+        try:
+            if dist.get_backend() == "gloo":
+                dist.monitored_barrier(timeout=SHUTDOWN_TIMEOUT)
+            else:
+                dist.barrier()
+        except Exception:  # noqa: BLE001, S110 - exiting anyway; the barrier only orders the teardown
+            pass
         dist.destroy_process_group()
 
 
