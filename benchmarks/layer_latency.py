@@ -1,14 +1,15 @@
-"""Per-layer latency of DARE-KV and DARE-O against the plain layer, at fixed fractions of reused rows.
+"""Per-layer latency of DARE-KV, DARE-O, FFN reuse and DARE-O + FFN reuse against the plain layer, at
+fixed fractions of reused rows.
 
     python benchmarks/layer_latency.py --prompt-len 256 --gen-length 256 --layer 3 --repeats 7 --iters 20
 
 One layer of the benchmark model runs on the store path (`DiffusionTransformer._layer_rows`, what
 every decoding forward with a store runs) over the fed rows, batch 1:
 - `plain`: no reuse object (every row computes Q, K/V, attention, FFN);
-- `dare_kv` / `dare_o` at reuse r: the plugins' own LayerReuse objects (drift decision, store
+- `dare_kv` / `dare_o` / `ffn_reuse` / `dare_o + ffn_reuse` at reuse r: the plugins' own LayerReuse objects (drift decision, store
   bookkeeping included) with a threshold no drift reaches, and the token of a random (1 - r) of the
   rows marked as changed before each call (outside the timer), so exactly those rows recompute K/V
-  (resp. their attention row) and the others are reused;
+  (resp. their attention row, their FFN, both) and the others are reused;
 - `layer.forward`: the same layer without the store, for reference.
 Conditions are timed round-robin (interleaved) so drifting machine load hits all alike; the table
 gives the median and the minimum per-call time over repeats and their ratios to `plain` (on a
@@ -36,18 +37,19 @@ FRACTIONS = (0.0, 0.5, 0.8, 0.9)
 class Condition:
     """One timed configuration: a reuse set (or none) and the rows it must recompute at each call."""
 
-    def __init__(self, model, state, layer, x, cos, sin, fed, plugin=None, fraction=0.0, seed=0):
+    def __init__(self, model, state, layer, x, cos, sin, fed, plugins=(), fraction=0.0, seed=0):
         self.model, self.layer, self.x, self.cos, self.sin, self.fed = model, layer, x, cos, sin, fed
         self.store = state.store
         self.step = 0
         self.reuse = ReuseSet([])
-        self.plugin, self.token_field, self.recompute = plugin, None, None
-        if plugin is not None:
-            plugin.dare_generation_start(state)
-            self.reuse = ReuseSet([plugin.dare_layer_reuse(state)])
+        self.plugins, self.token_fields, self.recompute = list(plugins), [], None
+        if self.plugins:
+            for plugin in self.plugins:
+                plugin.dare_generation_start(state)
+            self.reuse = ReuseSet([plugin.dare_layer_reuse(state) for plugin in self.plugins])
             for name in self.reuse.fields:
                 self.store.track(name)
-            self.token_field = f"{plugin.name}.token"
+            self.token_fields = [f"{plugin.name}.token" for plugin in self.plugins]
             n = fed.stop - fed.start
             order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
             self.recompute = fed.start + order[: round((1 - fraction) * n)]
@@ -55,9 +57,10 @@ class Condition:
 
     def prepare(self):
         """Outside the timer: mark the rows to recompute as having a changed token."""
-        if self.plugin is not None and self.recompute.numel():
-            tokens = self.store.field(self.token_field, self.layer, 1, torch.long)
-            tokens[:, self.recompute] = -1
+        if self.plugins and self.recompute.numel():
+            for field in self.token_fields:  # every plugin sees the same rows' tokens change
+                tokens = self.store.field(field, self.layer, 1, torch.long)
+                tokens[:, self.recompute] = -1
 
     def call(self, refresh=False):
         module = self.model.layers[self.layer]
@@ -101,11 +104,11 @@ def main():
         x = model.embed(torch.randint(0, 31990, (1, fed.stop - fed.start), device=model.device))
         conds = {"plain": Condition(model, fresh_state(), args.layer, x, cos, sin, fed)}
         conds["plain"].call(refresh=True)
-        for name in ("dare_kv", "dare_o"):
-            options = plugins[name].Options(threshold=1e9, exempt_layers=())
+        for stack in (["dare_kv"], ["dare_o"], ["ffn_reuse"], ["dare_o", "ffn_reuse"]):
             for f in FRACTIONS:
-                conds[f"{name} reuse {f:.0%}"] = Condition(model, fresh_state(), args.layer, x, cos, sin, fed,
-                                                           plugins[name](options), f)
+                objects = [plugins[name](plugins[name].Options(threshold=1e9, exempt_layers=())) for name in stack]
+                conds[f"{' + '.join(stack)} reuse {f:.0%}"] = Condition(model, fresh_state(), args.layer, x, cos,
+                                                                        sin, fed, objects, f)
         layer = model.layers[args.layer]
         times = {name: [] for name in [*conds, "layer.forward (no store)"]}
         for _ in range(args.repeats + 1):  # the first round warms up and is dropped
