@@ -45,6 +45,8 @@ RECIPES = {
     "dare_o alone 0.1": [{"name": "dare_o", "threshold": 0.1}],
     "dare_o alone 0.2": [{"name": "dare_o", "threshold": 0.2}],
     "dare_o alone 0.1, layer 0 too": [{"name": "dare_o", "threshold": 0.1, "exempt_layers": []}],
+    "ffn_reuse alone": [{"name": "ffn_reuse"}],
+    "dare_o + ffn_reuse alone": [{"name": "dare_o", "threshold": 0.1}, {"name": "ffn_reuse"}],
 }
 
 
