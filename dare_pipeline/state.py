@@ -129,6 +129,11 @@ class DecodeState:
     def model_rows(self, t: torch.Tensor) -> torch.Tensor:
         return t if self.cfg_scale <= 0 else torch.cat([t, t])
 
+    @property
+    def unfinished_model_rows(self) -> list[bool]:
+        """`unfinished` per model batch row (on the host): an unconditional row decodes with its prompt."""
+        return self.unfinished * (self.model_batch // self.batch)
+
     def require_store(self) -> ActivationStore:
         """The activation store of this generation, created on first request."""
         if self.store is None:

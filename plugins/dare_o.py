@@ -129,7 +129,7 @@ class DareO(Plugin):
     @hookimpl
     def dare_step_start(self, state):
         # a prompt whose block is complete waits for the rest of its batch: none of its rows recompute
-        self.drift.set_running(state.unfinished * (2 if state.cfg_scale > 0 else 1))
+        self.drift.set_running(state.unfinished_model_rows)
 
     @hookimpl
     def dare_block_start(self, state):

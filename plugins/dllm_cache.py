@@ -246,7 +246,7 @@ class DllmCache(Plugin):
         # a prompt whose block is complete only waits for the rest of its batch: the forward does not
         # count for it and changes none of its caches, so it decodes as it would alone (the loop has
         # read which prompts go on: no host read here)
-        self.active = state.unfinished * (2 if state.cfg_scale > 0 else 1)
+        self.active = state.unfinished_model_rows
         self.margin_buffer.fill_(torch.inf)
 
     @hookimpl
