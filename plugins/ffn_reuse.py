@@ -101,6 +101,11 @@ class FfnReuse(Plugin):
             store.field(FFN_OUT, layer, cfg.d_model)
 
     @hookimpl
+    def dare_step_start(self, state):
+        # a prompt whose block is complete waits for the rest of its batch: none of its rows recompute
+        self.drift.set_running(state.unfinished_model_rows)
+
+    @hookimpl
     def dare_block_start(self, state):
         self.drift.set_block(state.block_columns)
 

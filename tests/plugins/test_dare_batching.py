@@ -1,4 +1,4 @@
-"""DARE-KV / DARE-O under a variable-step policy decode a prompt alone as in its batch.
+"""DARE-KV / DARE-O / FFN reuse under a variable-step policy decode a prompt alone as in its batch.
 
 A prompt whose block is complete waits while the rest of its batch decodes. These stacks decoded
 the second or third prompt differently in a batch: the waiting forwards recomputed its block rows
@@ -25,8 +25,9 @@ THRESHOLD = {"name": "threshold_decoding", "threshold": 0.5}
     [FACTOR, {"name": "dare_o", "threshold": 0.077, "refresh_every": 2}],
     [FACTOR, {"name": "dare_kv"}, {"name": "dare_o", "threshold": 0.077, "refresh_every": 2}],
     [THRESHOLD, {"name": "dare_kv", "threshold": 0.1, "refresh_every": 3}],
+    [FACTOR, {"name": "ffn_reuse"}], [THRESHOLD, {"name": "ffn_reuse", "threshold": 0.077, "refresh_every": 2}],
 ], ids=["factor+dare_o", "threshold+dare_o", "factor+dare_o_refresh2", "factor+dare_kv+dare_o_refresh2",
-        "threshold+dare_kv_refresh3"])
+        "threshold+dare_kv_refresh3", "factor+ffn_reuse", "threshold+ffn_reuse_refresh2"])
 def test_each_prompt_decodes_alone_as_in_its_batch(golden_models, stack, temperature):
     gen = {"gen_length": 32, "block_length": 16, "steps": 16, "temperature": temperature, "seed": 2}
     pipe = Pipeline(golden_models["dream"], {"generation": gen, "plugins": stack})
