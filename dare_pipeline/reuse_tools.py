@@ -17,6 +17,7 @@ import math
 
 import torch
 
+from .hookspecs import hookimpl
 from .reuse import LayerCall
 
 # why a query-drift plugin and dLLM-Cache are refused together (both DARE plugins declare it)
@@ -256,6 +257,22 @@ def _within_capacity(reuse: torch.Tensor, valid: torch.Tensor, drift: torch.Tens
 
 def _fraction(part: int, whole: int) -> float:
     return round(part / whole, 6) if whole else 0.0
+
+
+class DriftHooks:
+    """The loop events a plugin deciding with `self.drift` (a QueryDrift) passes on to it: which prompts
+    decode this step, and which block is being decoded. A plugin class lists it beside `Plugin`."""
+
+    drift: QueryDrift
+
+    @hookimpl
+    def dare_step_start(self, state):
+        # a prompt whose block is complete waits for the rest of its batch: none of its rows recompute
+        self.drift.set_running(state.unfinished_model_rows)
+
+    @hookimpl
+    def dare_block_start(self, state):
+        self.drift.set_block(state.block_columns)
 
 
 class ShadowLog:

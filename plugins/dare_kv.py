@@ -42,6 +42,7 @@ from dare_pipeline.plugin import Plugin
 from dare_pipeline.reuse import LayerReuse
 from dare_pipeline.reuse_tools import (
     WHOLE_LAYER_REUSE,
+    DriftHooks,
     QueryDrift,
     ShadowLog,
     layer_indices,
@@ -107,7 +108,7 @@ def _shadow_kv(plugin: DareKV, call, reused: torch.Tensor) -> None:
     plugin.shadow.record(call.step, layer, cached, exact, weight[:, sel])
 
 
-class DareKV(Plugin):
+class DareKV(DriftHooks, Plugin):
     """DARE-KV: reuse a row's cached keys and values while its query barely moves."""
 
     name = "dare_kv"
@@ -124,15 +125,6 @@ class DareKV(Plugin):
         cfg = state.model.config
         self.drift.prepare(state.store, cfg.n_heads * cfg.head_dim, state.model.dtype)
         self.shadow = ShadowLog(n_layers) if self.options.shadow else None
-
-    @hookimpl
-    def dare_step_start(self, state):
-        # a prompt whose block is complete waits for the rest of its batch: none of its rows recompute
-        self.drift.set_running(state.unfinished_model_rows)
-
-    @hookimpl
-    def dare_block_start(self, state):
-        self.drift.set_block(state.block_columns)
 
     @hookimpl
     def dare_layer_reuse(self, state):

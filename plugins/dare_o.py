@@ -43,6 +43,7 @@ from dare_pipeline.plugin import Plugin
 from dare_pipeline.reuse import LayerReuse
 from dare_pipeline.reuse_tools import (
     WHOLE_LAYER_REUSE,
+    DriftHooks,
     QueryDrift,
     ShadowLog,
     layer_indices,
@@ -108,7 +109,7 @@ def _shadow_attn(plugin: DareO, call, q: torch.Tensor, reused: torch.Tensor) -> 
     plugin.shadow.record(call.step, layer, cached, exact, weight[:, sel])
 
 
-class DareO(Plugin):
+class DareO(DriftHooks, Plugin):
     """DARE-O: reuse a row's cached attention output while its query barely moves."""
 
     name = "dare_o"
@@ -125,15 +126,6 @@ class DareO(Plugin):
         cfg = state.model.config
         self.drift.prepare(state.store, cfg.n_heads * cfg.head_dim, state.model.dtype)
         self.shadow = ShadowLog(n_layers) if self.options.shadow else None
-
-    @hookimpl
-    def dare_step_start(self, state):
-        # a prompt whose block is complete waits for the rest of its batch: none of its rows recompute
-        self.drift.set_running(state.unfinished_model_rows)
-
-    @hookimpl
-    def dare_block_start(self, state):
-        self.drift.set_block(state.block_columns)
 
     @hookimpl
     def dare_layer_reuse(self, state):

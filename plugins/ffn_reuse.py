@@ -37,7 +37,7 @@ import attrs
 from dare_pipeline.hookspecs import hookimpl
 from dare_pipeline.plugin import Plugin
 from dare_pipeline.reuse import LayerReuse
-from dare_pipeline.reuse_tools import QueryDrift
+from dare_pipeline.reuse_tools import DriftHooks, QueryDrift
 from dare_pipeline.store import FFN_OUT
 from dare_pipeline.validators import at_least, in_range, layer_indices
 
@@ -82,7 +82,7 @@ class _FfnReuse(LayerReuse):
         return self.plugin.drift.decide(call, x[:, None], call.store.written(FFN_OUT, call.layer))
 
 
-class FfnReuse(Plugin):
+class FfnReuse(DriftHooks, Plugin):
     """FFN reuse: reuse a row's cached feed-forward output while the FFN's input row barely moves."""
 
     name = "ffn_reuse"
@@ -99,15 +99,6 @@ class FfnReuse(Plugin):
         self.drift.prepare(store, cfg.d_model, state.model.dtype)
         for layer in range(cfg.n_layers):  # created before the first forward: a compiled one cannot
             store.field(FFN_OUT, layer, cfg.d_model)
-
-    @hookimpl
-    def dare_step_start(self, state):
-        # a prompt whose block is complete waits for the rest of its batch: none of its rows recompute
-        self.drift.set_running(state.unfinished_model_rows)
-
-    @hookimpl
-    def dare_block_start(self, state):
-        self.drift.set_block(state.block_columns)
 
     @hookimpl
     def dare_layer_reuse(self, state):
