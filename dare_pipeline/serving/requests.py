@@ -10,6 +10,7 @@ import math
 import attrs
 
 from ..config_loading import ConfigError
+from ..prompt_check import PromptError, check_token_ids
 from ..recipe import Recipe, apply_override
 
 # the recipe keys a request may change through `recipe_overrides`: they steer decoding of the
@@ -161,17 +162,8 @@ def _completion_prompts(request, served: Served) -> list[list[int]]:
         raise RequestError(400, "prompt: empty list", "prompt")
     if len(prompt) > MAX_PROMPTS:
         raise RequestError(400, f"prompt: {len(prompt)} prompts; at most {MAX_PROMPTS} per request", "prompt")
-    vocab = served.model.config.vocab_size
-    prompts = []
-    for i, p in enumerate(prompt):
-        ids = _encode(p, served, "prompt") if isinstance(p, str) else list(p)
-        if not ids:
-            raise RequestError(400, "prompt: an empty prompt", "prompt")
-        bad = next((t for t in ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise RequestError(400, f"prompt: token id {bad} outside the vocabulary [0, {vocab})", "prompt")
-        prompts.append(ids)
-    return prompts
+    prompts = [_encode(p, served, "prompt") if isinstance(p, str) else list(p) for p in prompt]
+    return _checked(prompts, served, "prompt")
 
 
 def _chat_prompt(request, served: Served) -> list[list[int]]:
@@ -180,7 +172,14 @@ def _chat_prompt(request, served: Served) -> list[list[int]]:
         raise RequestError(400, "messages: this model has no chat template; use /v1/completions", "messages")
     messages = [{"role": m.role, "content": m.content} for m in request.messages]
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    ids = _encode(text, served, "messages")
-    if not ids:
-        raise RequestError(400, "messages: the conversation encodes to no tokens", "messages")
-    return [ids]
+    return _checked([_encode(text, served, "messages")], served, "messages")
+
+
+def _checked(prompts: list[list[int]], served: Served, field: str) -> list[list[int]]:
+    """The prompts, checked as the engine checks them (ids the model can embed, no mask token, none
+    empty): a request that fails gets a 400 naming `field`."""
+    try:
+        check_token_ids(prompts, served.model.config, served.model.tokenizer)
+    except PromptError as error:
+        raise RequestError(400, f"{field}: {error}", field) from None
+    return prompts

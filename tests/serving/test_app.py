@@ -133,6 +133,7 @@ GOOD = {"model": "default", "prompt": PROMPT, "max_tokens": 32, "recipe_override
     ({**GOOD, "recipe_overrides": {"plugins.threshold_decoding.threshold": 0.5}}, 400,
      "recipe_overrides.plugins.threshold_decoding.threshold"),  # the recipe has no such plugin
     ({**GOOD, "prompt": [1, 2, 1000]}, 400, "prompt"),
+    ({**GOOD, "prompt": [1, 4, 5]}, 400, "prompt"),  # the embedded model's mask token
     ({**GOOD, "n": 17}, 400, "n"),
     ({**GOOD, "model": "gpt-4"}, 404, "model"),
 ])
