@@ -13,8 +13,6 @@ process, resolves the same threshold; a process calibrates each run once and kee
 
 from __future__ import annotations
 
-import json
-
 from ..prompt_files import read_prompts
 
 TARGET_OPTION = "target_reuse"
@@ -28,18 +26,11 @@ def is_target_key(key: str) -> bool:
 
 def heldout_prompts(tasks, limit: int) -> list[str]:
     """The first `limit` held-out prompts of the tasks' families (every family for dare_suite)."""
-    from ..evaluation import HELDOUT_FILE
+    from ..tasks import HELDOUT_FILE, read_jsonl
 
     families = {t.removeprefix("dare_") for t in tasks if t.startswith("dare_") and t != "dare_suite"}
-    out = []
-    with open(HELDOUT_FILE, encoding="utf-8") as f:
-        for line in f:
-            row = json.loads(line)
-            if not families or row.get("family") in families:
-                out.append(row["prompt"])
-                if len(out) >= limit:
-                    break
-    return out
+    rows = [row for row in read_jsonl(HELDOUT_FILE) if not families or row.get("family") in families]
+    return [row["prompt"] for row in rows[:limit]]
 
 
 def calibration_prompts(cal: dict) -> list:

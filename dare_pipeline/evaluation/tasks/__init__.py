@@ -6,5 +6,8 @@ This directory is what `--include_path` points at; `heldout.jsonl` holds the 500
 
 from pathlib import Path
 
+from dare_pipeline.tasks import HELDOUT_FILE
+
 TASKS_DIR = Path(__file__).parent
-HELDOUT_FILE = TASKS_DIR / "heldout.jsonl"
+
+__all__ = ["HELDOUT_FILE", "TASKS_DIR"]

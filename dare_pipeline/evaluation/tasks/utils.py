@@ -9,9 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dare_pipeline.tasks import score
-
-HELDOUT_FILE = Path(__file__).resolve().parent / "heldout.jsonl"
+from dare_pipeline.tasks import HELDOUT_FILE, score
 
 try:  # so that `lm_eval --model dare --tasks <this directory>` finds the model
     import dare_pipeline.evaluation  # noqa: F401
