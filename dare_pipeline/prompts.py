@@ -82,12 +82,7 @@ def encode(tokenizer, prompts, chat: bool | None = None, source: str = "the mode
             ids.append(tokenizer(render(tokenizer, p, chat, index, source), add_special_tokens=False)["input_ids"])
         else:
             ids.append(as_token_ids(p, index))
-    if not ids:
-        raise PromptError("no prompts: give at least one prompt")
-    empty = next((i for i, p in enumerate(ids) if not p), None)
-    if empty is not None:
-        raise PromptError(f"prompt {empty} is empty: every prompt needs at least one token")
-    return ids
+    return ids  # checked against the model (ids, mask token, empty prompts) by prompt_check.check_token_ids
 
 
 def format_hint(tokenizer, prompt, chat: bool | None) -> str | None:
