@@ -22,8 +22,9 @@ from pathlib import Path
 
 import torch
 
-from dare_pipeline import Pipeline, flops, load_model
-from dare_pipeline.tasks import HELDOUT_FILE, read_jsonl, score
+from dare_pipeline import Pipeline, load_model
+from dare_pipeline.evaluation.suite import HELDOUT_FILE, read_jsonl, score
+from dare_pipeline.reuse import flops
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE_THRESHOLD = [{"name": "dual_cache"}, {"name": "threshold_decoding", "threshold": 0.9}]

@@ -18,9 +18,8 @@ import torch
 from common import bench_model, bench_prompts, conditions, interleaved, median
 
 from dare_pipeline import Pipeline
-from dare_pipeline.hookspecs import hookimpl
-from dare_pipeline.plugin import Plugin
-from dare_pipeline.registry import registered
+from dare_pipeline.core import Plugin, hookimpl
+from dare_pipeline.core.registry import registered
 
 
 class NoOpEverywhere(Plugin):

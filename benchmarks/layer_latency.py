@@ -25,11 +25,10 @@ import time
 import torch
 from common import bench_model, conditions
 
-from dare_pipeline.recipe import GenerationConfig
-from dare_pipeline.registry import available_plugins
-from dare_pipeline.reuse import LayerCall, ReuseSet
-from dare_pipeline.state import DecodeState
-from dare_pipeline.store import ATTN_OUT
+from dare_pipeline.config.recipe import GenerationConfig
+from dare_pipeline.core.registry import available_plugins
+from dare_pipeline.core.state import DecodeState
+from dare_pipeline.reuse import ATTN_OUT, LayerCall, ReuseSet
 
 FRACTIONS = (0.0, 0.5, 0.8, 0.9)
 

@@ -19,7 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from dare_pipeline import Pipeline
 from dare_pipeline.execution.host_sync import count_host_syncs
-from dare_pipeline.testing import tiny_model
+from dare_pipeline.plugin_kit.testing import tiny_model
 
 # Operators that launch no kernel (views, dispatch wrappers) or are counted as syncs below.
 NO_KERNEL = {

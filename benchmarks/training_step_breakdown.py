@@ -24,7 +24,7 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from dare_pipeline.tokenizer import EOS_ID
+from dare_pipeline.models.tokenizer import EOS_ID
 from dare_pipeline.training import (
     BatchSampler,
     TrainConfig,

@@ -7,15 +7,15 @@ from pathlib import Path
 import attrs
 import torch
 
-from .config_loading import ConfigError
+from .config.loading import ConfigError
+from .config.overrides import generation_with_overrides
+from .config.recipe import Recipe
+from .core.loop import denoise
+from .core.registry import make_manager
+from .core.streaming import GenerationStream, StepReporter
 from .execution.executor import executor_for
-from .generation_overrides import generation_with_overrides
-from .loop import denoise
-from .prompt_check import PromptError, check_token_ids
-from .prompts import encode as encode_prompts
-from .recipe import Recipe
-from .registry import make_manager
-from .streaming import GenerationStream, StepReporter
+from .prompts.check import PromptError, check_token_ids
+from .prompts.encode import encode as encode_prompts
 
 
 @attrs.define

@@ -16,14 +16,14 @@ the first forward and when the model proposes the mask token (both only commit l
 
 from __future__ import annotations
 
-from dare_pipeline.hookspecs import hookimpl
-from dare_pipeline.plugin import Plugin
-from dare_pipeline.sampling import top_k_mask
-from dare_pipeline.schedule import (
+from dare_pipeline.core import (
+    Plugin,
+    hookimpl,
     linear_counts,
     linear_min_forwards,
     timestep_count,
     timestep_min_forwards,
+    top_k_mask,
 )
 
 

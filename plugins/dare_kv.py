@@ -36,17 +36,9 @@ from typing import Any, ClassVar
 import attrs
 import torch
 
-from dare_pipeline.config_loading import at_least, in_range
-from dare_pipeline.hookspecs import hookimpl
-from dare_pipeline.plugin import Plugin
-from dare_pipeline.reuse import LayerReuse
-from dare_pipeline.reuse_tools import (
-    WHOLE_LAYER_REUSE,
-    DriftHooks,
-    QueryDrift,
-    ShadowLog,
-    layer_indices,
-)
+from dare_pipeline.config import at_least, in_range, layer_indices
+from dare_pipeline.core import Plugin, hookimpl
+from dare_pipeline.reuse import WHOLE_LAYER_REUSE, DriftHooks, LayerReuse, QueryDrift, ShadowLog
 
 
 @attrs.frozen(kw_only=True)

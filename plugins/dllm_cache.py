@@ -46,12 +46,9 @@ import attrs
 import torch
 import torch.nn.functional as F
 
-from dare_pipeline.config_loading import at_least, in_range
-from dare_pipeline.hookspecs import hookimpl
-from dare_pipeline.plugin import Plugin
-from dare_pipeline.reuse import LayerReuse
-from dare_pipeline.reuse_tools import ShadowLog
-from dare_pipeline.store import ATTN_OUT, FFN_OUT
+from dare_pipeline.config import at_least, in_range
+from dare_pipeline.core import Plugin, hookimpl
+from dare_pipeline.reuse import ATTN_OUT, FFN_OUT, LayerReuse, ShadowLog
 
 KINDS = ("full", "response", "prompt", "none")
 FULL, RESPONSE, PROMPT, NONE = range(4)

@@ -19,9 +19,8 @@ from __future__ import annotations
 import attrs
 import torch
 
-from dare_pipeline.config_loading import at_least
-from dare_pipeline.hookspecs import hookimpl
-from dare_pipeline.plugin import Plugin
+from dare_pipeline.config import at_least
+from dare_pipeline.core import Plugin, hookimpl
 
 
 @attrs.frozen(kw_only=True)

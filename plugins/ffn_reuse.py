@@ -34,12 +34,9 @@ from typing import Any, ClassVar
 
 import attrs
 
-from dare_pipeline.hookspecs import hookimpl
-from dare_pipeline.plugin import Plugin
-from dare_pipeline.reuse import LayerReuse
-from dare_pipeline.reuse_tools import DriftHooks, QueryDrift
-from dare_pipeline.store import FFN_OUT
-from dare_pipeline.validators import at_least, in_range, layer_indices
+from dare_pipeline.config import at_least, in_range, layer_indices
+from dare_pipeline.core import Plugin, hookimpl
+from dare_pipeline.reuse import FFN_OUT, DriftHooks, LayerReuse, QueryDrift
 
 WHOLE_LAYER_REUSE = ("dLLM-Cache already decides per layer which rows run the layer at all, FFN included (its "
                      "V-verify picks the rows whose values moved most); an input-drift rule inside those rows would "

@@ -28,10 +28,9 @@ from typing import Any, ClassVar
 
 import attrs
 
-from dare_pipeline.config_loading import at_least, choice
-from dare_pipeline.hookspecs import hookimpl
-from dare_pipeline.kv_cache import KVCacheFeeder
-from dare_pipeline.plan import ForwardPlan
+from dare_pipeline.config import at_least, choice
+from dare_pipeline.core import ForwardPlan, hookimpl
+from dare_pipeline.reuse import KVCacheFeeder
 
 
 @attrs.frozen(kw_only=True)

@@ -26,10 +26,8 @@ from __future__ import annotations
 import attrs
 import torch
 
-from dare_pipeline.config_loading import choice, in_range
-from dare_pipeline.hookspecs import hookimpl
-from dare_pipeline.plugin import Plugin
-from dare_pipeline.sampling import descending_rank
+from dare_pipeline.config import choice, in_range
+from dare_pipeline.core import Plugin, descending_rank, hookimpl
 
 
 @attrs.frozen(kw_only=True)

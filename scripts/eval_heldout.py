@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dare_pipeline import Pipeline, Recipe, load_model
-from dare_pipeline.tasks import HELDOUT_FILE, read_jsonl, score
+from dare_pipeline.evaluation.suite import HELDOUT_FILE, read_jsonl, score
 
 
 def parse_args(argv=None):

@@ -25,8 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dare_pipeline import load_model
-from dare_pipeline.tasks import FAMILY_NAMES, HELDOUT_FILE, format_prompt, read_jsonl
-from dare_pipeline.tokenizer import EOS_ID
+from dare_pipeline.evaluation.suite import FAMILY_NAMES, HELDOUT_FILE, format_prompt, read_jsonl
+from dare_pipeline.models.tokenizer import EOS_ID
 from dare_pipeline.training.batches import make_batch
 from dare_pipeline.training.objective import weighted_masked_loss
 

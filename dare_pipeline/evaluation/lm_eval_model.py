@@ -34,10 +34,10 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
-from .. import flops as flops_mod
 from ..api import Pipeline
-from ..hookspecs import hookimpl
-from ..recipe import GenerationConfig, Recipe
+from ..config.recipe import GenerationConfig, Recipe
+from ..core.hookspecs import hookimpl
+from ..reuse import flops as flops_mod
 from . import distributed
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ..config_loading import ConfigError
+from ..config.loading import ConfigError
 
 SCHEMA = "dare-pipeline/eval-results/v1"
 METRICS = ("exact_match", "final_match")

@@ -3,6 +3,6 @@
 The model (what runs) and the reuse plugins (what is skipped) call down into this layer; it holds
 no decoding logic of its own."""
 
-from .config import MODES, ExecutionConfig
+from ..config.execution import MODES, ExecutionConfig
 
 __all__ = ["MODES", "ExecutionConfig"]

@@ -21,8 +21,8 @@ import weakref
 
 import torch
 
+from ..config.execution import ExecutionConfig
 from . import regions as compile_regions
-from .config import ExecutionConfig
 
 # compiled graphs a model may keep: full canvas, block, suffix lengths, with and without padding
 _RECOMPILE_LIMIT = 64

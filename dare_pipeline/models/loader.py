@@ -91,7 +91,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: s
     Returns a DiffusionTransformer in eval mode with `.tokenizer` (None when the directory has no
     tokenizer files; prompts are then token ids) and `.source` (the directory) attached.
     """
-    from ..default_model import resolve_model_path
+    from .default import resolve_model_path
 
     directory = resolve_model_path(path)
     if not directory.is_dir():

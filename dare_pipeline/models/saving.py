@@ -112,7 +112,7 @@ def checkpoint_tensors(model, dtype: torch.dtype) -> dict[str, torch.Tensor]:
 
 
 def _write_tokenizer(tokenizer, directory: Path) -> None:
-    from ..tokenizer import VOCAB, save_tokenizer
+    from .tokenizer import VOCAB, save_tokenizer
 
     if tokenizer is True or tokenizer == "default":
         save_tokenizer(directory)

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.layer_reuse import LayerCall, ReuseSet
+from ..core.store import ATTN_OUT, FFN_OUT, ActivationStore
 from ..execution.regions import compile_region
-from ..reuse import LayerCall, ReuseSet
-from ..store import ATTN_OUT, FFN_OUT, ActivationStore
 from .config import ModelConfig
 from .rope import apply_rope, rope_cos_sin
 

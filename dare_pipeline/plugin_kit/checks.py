@@ -28,12 +28,12 @@ import functools
 import torch
 
 from ..api import Pipeline
-from ..hookspecs import hookimpl
-from ..plugin import Plugin
-from ..recipe import Recipe
-from ..registry import DEFAULT_POLICY, available_plugins, registered
-from ..stats import SUB_OPS
-from ..testing import CrashAtStep, commit_order, random_prompts, tiny_model
+from ..config.recipe import Recipe
+from ..core.hookspecs import hookimpl
+from ..core.plugin import Plugin
+from ..core.registry import DEFAULT_POLICY, available_plugins, registered
+from ..core.stats import SUB_OPS
+from .testing import CrashAtStep, commit_order, random_prompts, tiny_model
 
 FAMILIES = ("llada", "dream")
 VOCAB = 64

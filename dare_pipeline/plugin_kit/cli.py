@@ -21,7 +21,7 @@ def add_subcommands(plugins_parser) -> None:
 
 
 def cmd_test(args) -> int:
-    from ..registry import available_plugins
+    from ..core.registry import available_plugins
     from .pytest_plugin import CONTRACT
 
     try:

@@ -79,11 +79,9 @@ from typing import Any, ClassVar
 import attrs
 import torch
 
-from dare_pipeline.hookspecs import hookimpl
-from dare_pipeline.plugin import Plugin
-from dare_pipeline.reuse import LayerReuse
-from dare_pipeline.store import ATTN_OUT
-from dare_pipeline.validators import at_least, layer_indices
+from dare_pipeline.config import at_least, layer_indices
+from dare_pipeline.core import Plugin, hookimpl
+from dare_pipeline.reuse import ATTN_OUT, LayerReuse
 
 REF = "{name}.h_ref"  # store field: per layer and column, the h of the row's last recompute
 
@@ -175,8 +173,8 @@ OWN_TEST = '''\
 import pytest
 
 from dare_pipeline import Pipeline, Recipe
+from dare_pipeline.config import ConfigError
 from dare_pipeline.plugin_kit import checks
-from dare_pipeline.validators import ConfigError
 
 
 def test_a_negative_threshold_is_refused_with_the_key_and_value():

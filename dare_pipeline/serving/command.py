@@ -6,7 +6,7 @@ import socket
 import sys
 from pathlib import Path
 
-from ..config_loading import ConfigError
+from ..config.loading import ConfigError
 
 
 def add_parser(sub) -> None:
@@ -38,8 +38,8 @@ def cmd_serve(args) -> int:
     import torch
     import uvicorn
 
+    from ..config.recipe import Recipe
     from ..models import load_model
-    from ..recipe import Recipe
     from .app import create_app
     from .requests import Served
 

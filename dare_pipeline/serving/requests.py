@@ -9,9 +9,9 @@ import math
 
 import attrs
 
-from ..config_loading import ConfigError
-from ..prompt_check import PromptError, check_token_ids
-from ..recipe import Recipe, apply_override
+from ..config.loading import ConfigError
+from ..config.recipe import Recipe, apply_override
+from ..prompts.check import PromptError, check_token_ids
 
 # the recipe keys a request may change through `recipe_overrides`: they steer decoding of the
 # request's own rows and cannot load files, change the model, its device or how it executes

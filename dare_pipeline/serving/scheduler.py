@@ -18,7 +18,7 @@ import attrs
 import torch
 
 from ..api import Pipeline
-from ..streaming import GenerationCancelled
+from ..core.streaming import GenerationCancelled
 from .metrics import Metrics
 from .requests import RequestError, RowSpec
 

@@ -26,8 +26,8 @@ from collections.abc import Iterator, Mapping, Sequence
 import attrs
 import torch
 
-from ..tasks import training_pairs
-from ..tokenizer import EOS_ID, PAD_ID, VOCAB
+from ..evaluation.suite import training_pairs
+from ..models.tokenizer import EOS_ID, PAD_ID, VOCAB
 
 
 def encode(text: str) -> list[int]:

@@ -21,12 +21,12 @@ from pathlib import Path
 import attrs
 import torch
 
-from ..config_loading import at_least, choice, in_range
+from ..config.loading import at_least, choice, in_range
+from ..evaluation.suite import FAMILY_NAMES
 from ..models.config import ModelConfig
 from ..models.saving import save_checkpoint
+from ..models.tokenizer import BOS_ID, EOS_ID, MASK_ID, PAD_ID, VOCAB_SIZE
 from ..models.transformer import DiffusionTransformer
-from ..tasks import FAMILY_NAMES
-from ..tokenizer import BOS_ID, EOS_ID, MASK_ID, PAD_ID, VOCAB_SIZE
 from .batches import LONG_PHASE_ZERO_SHOT, BatchSampler, Phase, default_curriculum
 from .objective import DEFAULT_EPS, diffusion_loss
 from .optimizers import OPTIMIZERS, build_optimizer
@@ -209,7 +209,7 @@ class Trainer:
             self.export(self.out / "model")
 
     def export(self, directory: Path) -> Path:
-        from ..tokenizer import build_tokenizer
+        from ..models.tokenizer import build_tokenizer
 
         self.model.eval()
         try:

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from dare_pipeline import Pipeline
-from dare_pipeline.registry import ENTRY_POINT_GROUP, PluginLoadError, available_plugins
-from dare_pipeline.testing import tiny_model
+from dare_pipeline.core.registry import ENTRY_POINT_GROUP, PluginLoadError, available_plugins
+from dare_pipeline.plugin_kit.testing import tiny_model
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "step_logger"
 
@@ -52,7 +52,7 @@ def test_broken_entry_point_names_itself(monkeypatch):
 
     broken = metadata.EntryPoint(name="broken", value="no_such_module_xyz:Thing", group=ENTRY_POINT_GROUP)
     real = metadata.entry_points
-    monkeypatch.setattr("dare_pipeline.registry.entry_points",
+    monkeypatch.setattr("dare_pipeline.core.registry.entry_points",
                         lambda group: list(real(group=group)) + [broken])
     with pytest.raises(PluginLoadError, match=r"plugin entry point 'broken' \(no_such_module_xyz:Thing\) failed"):
         available_plugins()

@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, Phase, assume, example, given, settings
 from hypothesis import strategies as st
 
 from dare_pipeline import Pipeline, Recipe
-from dare_pipeline.config_loading import ConfigError
-from dare_pipeline.testing import commit_order
+from dare_pipeline.config import ConfigError
+from dare_pipeline.plugin_kit.testing import commit_order
 
 SETTINGS = {"deadline": None, "derandomize": True, "phases": [Phase.explicit, Phase.generate],
             "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]}

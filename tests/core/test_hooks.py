@@ -6,12 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from dare_pipeline import Pipeline, hookspecs
-from dare_pipeline.hookspecs import hookimpl
-from dare_pipeline.plugin import Plugin
-from dare_pipeline.registry import registered
+from dare_pipeline import Pipeline
+from dare_pipeline.core import Plugin, hookimpl, hookspecs
+from dare_pipeline.core.registry import registered
+from dare_pipeline.plugin_kit.testing import CrashAtStep, tiny_model
 from dare_pipeline.reuse import LayerReuse
-from dare_pipeline.testing import CrashAtStep, tiny_model
 
 HOOKS = [n for n, f in vars(hookspecs).items() if n.startswith("dare_") and inspect.isfunction(f)]
 GEN = {"gen_length": 8, "block_length": 4, "steps": 4}
@@ -201,7 +200,7 @@ def test_a_failing_release_neither_hides_the_error_nor_stops_the_other_releases(
 def test_progress_bar_closes_when_the_generation_aborts():
     import io
 
-    from dare_pipeline.progress import ProgressBar
+    from dare_pipeline.cli.progress import ProgressBar
 
     with registered(CrashAtStep):
         pipe = Pipeline(tiny_model(), {"generation": GEN, "plugins": ["crash_at_step"]})

@@ -3,11 +3,10 @@
 import pytest
 
 from dare_pipeline import Pipeline, Recipe
-from dare_pipeline.hookspecs import hookimpl
-from dare_pipeline.loop import StepBudgetExceeded
-from dare_pipeline.plugin import Plugin
-from dare_pipeline.registry import registered
-from dare_pipeline.testing import random_prompts, tiny_model
+from dare_pipeline.core import Plugin, hookimpl
+from dare_pipeline.core.loop import StepBudgetExceeded
+from dare_pipeline.core.registry import registered
+from dare_pipeline.plugin_kit.testing import random_prompts, tiny_model
 
 GEN = {"gen_length": 32, "block_length": 16, "steps": 32}
 

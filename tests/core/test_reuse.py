@@ -3,10 +3,9 @@
 import pytest
 import torch
 
-from dare_pipeline.reuse import LayerReuse, ReuseSet
-from dare_pipeline.stats import RowCounter
-from dare_pipeline.store import ATTN_OUT, FFN_OUT
-from dare_pipeline.testing import tiny_model
+from dare_pipeline.core.stats import RowCounter
+from dare_pipeline.plugin_kit.testing import tiny_model
+from dare_pipeline.reuse import ATTN_OUT, FFN_OUT, LayerReuse, ReuseSet
 
 
 class RandomSkip(LayerReuse):

@@ -6,7 +6,7 @@ import itertools
 import pytest
 
 from dare_pipeline import Pipeline, load_model
-from dare_pipeline.streaming import StepEvent
+from dare_pipeline.core.streaming import StepEvent
 
 PROMPTS = ["Q: reverse pythonwizard\nA: ", "Q: sort d,b,c,a\nA: ", "Q: add 2+7+6\nA: "]
 SHORT = {"gen_length": 64, "steps": 64}  # two blocks: the answers settle in the first

@@ -19,15 +19,15 @@ pytest.importorskip("lm_eval")
 
 from lm_eval.api.instance import Instance
 
-from dare_pipeline.ablation.measure import RunStats
 from dare_pipeline.cli import main
+from dare_pipeline.evaluation.ablation.measure import RunStats
 from dare_pipeline.evaluation.lm_eval_model import (
     DareLM,
     DecodingStats,
     padding_positions,
 )
 from dare_pipeline.evaluation.run import evaluate
-from dare_pipeline.testing import save_tiny_suite_checkpoint
+from dare_pipeline.plugin_kit.testing import save_tiny_suite_checkpoint
 
 GEN_SET = ["generation.gen_length=32", "generation.steps=32", "generation.block_length=16"]
 EQUAL_DECODING = ("requests", "batches", "nfe_total", "nfe_per_request", "steps", "generated_tokens",

@@ -15,11 +15,11 @@ pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance
 
 from dare_pipeline.cli import main
+from dare_pipeline.config.recipe import Recipe
 from dare_pipeline.evaluation import SUITE_TASKS, TASKS_DIR
 from dare_pipeline.evaluation.lm_eval_cli import with_include_path
 from dare_pipeline.evaluation.lm_eval_model import DareLM, build_recipe, cut_at_stops
-from dare_pipeline.recipe import Recipe
-from dare_pipeline.testing import save_tiny_suite_checkpoint
+from dare_pipeline.plugin_kit.testing import save_tiny_suite_checkpoint
 
 ROOT = Path(__file__).parents[2]
 GEN = {"gen_length": 32, "steps": 32, "block_length": 32}

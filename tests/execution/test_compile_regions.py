@@ -11,7 +11,7 @@ import torch
 from dare_pipeline import Pipeline, Recipe
 from dare_pipeline.execution import executor as executor_module
 from dare_pipeline.execution import regions
-from dare_pipeline.testing import tiny_model
+from dare_pipeline.plugin_kit.testing import tiny_model
 
 pytestmark = pytest.mark.skipif(not regions.AVAILABLE, reason="this torch has no nested compile regions")
 

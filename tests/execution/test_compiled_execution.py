@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from dare_pipeline import Pipeline, Recipe
-from dare_pipeline.config_loading import ConfigError
+from dare_pipeline.config import ConfigError
 from dare_pipeline.execution import executor as executor_module
-from dare_pipeline.testing import tiny_model
+from dare_pipeline.plugin_kit.testing import tiny_model
 
 RECIPES = sorted((Path(__file__).parents[2] / "recipes").glob("*.yaml"))
 GEN = ["generation.gen_length=32", "generation.block_length=16", "generation.steps=32"]

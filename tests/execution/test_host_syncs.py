@@ -13,11 +13,10 @@ import functools
 import pytest
 
 from dare_pipeline import Pipeline
+from dare_pipeline.core import Plugin, hookimpl
+from dare_pipeline.core.registry import available_plugins
 from dare_pipeline.execution.host_sync import count_host_syncs
-from dare_pipeline.hookspecs import hookimpl
-from dare_pipeline.plugin import Plugin
-from dare_pipeline.registry import available_plugins
-from dare_pipeline.testing import tiny_model
+from dare_pipeline.plugin_kit.testing import tiny_model
 
 BUILT_IN = sorted(name for name, cls in available_plugins().items() if cls.__module__.startswith("dare_pipeline_plugins."))
 GEN = {"gen_length": 16, "block_length": 8, "steps": 16}

@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dare_pipeline import load_model
-from dare_pipeline.default_model import resolve_model_path
 from dare_pipeline.models import CheckpointError
+from dare_pipeline.models.default import resolve_model_path
 
 
 @pytest.fixture

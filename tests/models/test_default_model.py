@@ -18,8 +18,8 @@ import torch
 from transformers import AutoTokenizer
 
 from dare_pipeline import Pipeline, Recipe, load_model
-from dare_pipeline.default_model import EMBEDDED
-from dare_pipeline.tasks import HELDOUT_FILE, read_jsonl, score
+from dare_pipeline.evaluation.suite import HELDOUT_FILE, read_jsonl, score
+from dare_pipeline.models.default import EMBEDDED
 
 ROOT = Path(__file__).resolve().parents[2]
 HELDOUT = read_jsonl(HELDOUT_FILE)

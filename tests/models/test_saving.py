@@ -7,7 +7,7 @@ import torch
 from dare_pipeline import load_model
 from dare_pipeline.models import DiffusionTransformer, ModelConfig
 from dare_pipeline.models.saving import save_checkpoint
-from dare_pipeline.tokenizer import build_tokenizer
+from dare_pipeline.models.tokenizer import build_tokenizer
 
 
 def _tiny(family: str, **kw) -> DiffusionTransformer:

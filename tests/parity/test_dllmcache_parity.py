@@ -34,7 +34,7 @@ from dare_pipeline_plugins.dllm_cache import TIE_SCALE
 
 from dare_pipeline import Pipeline, Recipe
 from dare_pipeline.models.rope import apply_rope, rope_cos_sin
-from dare_pipeline.testing import commit_order
+from dare_pipeline.plugin_kit.testing import commit_order
 
 torch.set_num_threads(1)
 

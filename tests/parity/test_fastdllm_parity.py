@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from dare_pipeline import Pipeline, Recipe
-from dare_pipeline.testing import commit_order
+from dare_pipeline.plugin_kit.testing import commit_order
 
 GOLDEN = Path(__file__).parents[1] / "data" / "golden"
 

@@ -7,13 +7,11 @@ from typing import Any, ClassVar
 import attrs
 import pytest
 
-from dare_pipeline.hookspecs import hookimpl
-from dare_pipeline.plugin import Plugin
+from dare_pipeline.config import at_least
+from dare_pipeline.core import Plugin, hookimpl
+from dare_pipeline.core.registry import registered
 from dare_pipeline.plugin_kit import checks
-from dare_pipeline.registry import registered
-from dare_pipeline.reuse import LayerReuse
-from dare_pipeline.store import ATTN_OUT
-from dare_pipeline.validators import at_least
+from dare_pipeline.reuse import ATTN_OUT, LayerReuse
 
 
 @attrs.frozen

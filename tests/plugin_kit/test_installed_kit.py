@@ -117,7 +117,7 @@ def kit(tmp_path_factory):
 def test_the_kit_checks_the_example_from_installed_wheels(kit):
     env, tmp = kit
     where = env.run(env.python, "-c", "import dare_pipeline, dare_pipeline_plugins, dare_input_drift, "
-                    "dare_pipeline.plugin_kit.contract as c; from dare_pipeline.registry import available_plugins; "
+                    "dare_pipeline.plugin_kit.contract as c; from dare_pipeline.core import available_plugins; "
                     "print(dare_pipeline.__file__, dare_pipeline_plugins.__file__, dare_input_drift.__file__, c.__file__, "
                     "available_plugins()['input_drift'].__module__)", cwd=tmp).split()
     for path in where[:-1]:

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from dare_pipeline.core.registry import available_plugins
 from dare_pipeline.plugin_kit import checks
-from dare_pipeline.registry import available_plugins
 
 torch.set_num_threads(1)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 
 from dare_pipeline import Pipeline
-from dare_pipeline.testing import commit_order
+from dare_pipeline.plugin_kit.testing import commit_order
 
 PROMPTS = [[172, 485, 388, 43, 0, 175, 248, 322, 51], [62, 487, 67, 37], [179, 100, 173]]
 FACTOR = {"name": "factor_decoding", "factor": 2.62}

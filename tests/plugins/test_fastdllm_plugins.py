@@ -11,12 +11,11 @@ import torch
 from dare_pipeline_plugins.factor_decoding import factor_count
 
 from dare_pipeline import Pipeline, Recipe
-from dare_pipeline.config_loading import ConfigError
-from dare_pipeline.hookspecs import hookimpl
-from dare_pipeline.loop import StepBudgetExceeded
-from dare_pipeline.plugin import Plugin
-from dare_pipeline.registry import available_plugins, registered
-from dare_pipeline.testing import random_prompts, tiny_model
+from dare_pipeline.config import ConfigError
+from dare_pipeline.core import Plugin, hookimpl
+from dare_pipeline.core.loop import StepBudgetExceeded
+from dare_pipeline.core.registry import available_plugins, registered
+from dare_pipeline.plugin_kit.testing import random_prompts, tiny_model
 
 torch.set_num_threads(1)
 

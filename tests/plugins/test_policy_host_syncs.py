@@ -16,19 +16,21 @@ from dare_pipeline_plugins.baseline import BaselineDecoding
 from dare_pipeline_plugins.factor_decoding import FactorDecoding, factor_counts
 from dare_pipeline_plugins.threshold_decoding import ThresholdDecoding, ThresholdOptions
 
-import dare_pipeline.loop
+import dare_pipeline.core.loop
 from dare_pipeline import Pipeline
-from dare_pipeline.execution.host_sync import count_host_syncs
-from dare_pipeline.hookspecs import hookimpl
-from dare_pipeline.loop import StepBudgetExceeded
-from dare_pipeline.sampling import Proposal, propose, top_k_mask
-from dare_pipeline.schedule import (
+from dare_pipeline.core import (
+    Proposal,
+    hookimpl,
     linear_counts,
     linear_min_forwards,
+    propose,
     timestep_count,
     timestep_min_forwards,
+    top_k_mask,
 )
-from dare_pipeline.testing import random_prompts, tiny_model
+from dare_pipeline.core.loop import StepBudgetExceeded
+from dare_pipeline.execution.host_sync import count_host_syncs
+from dare_pipeline.plugin_kit.testing import random_prompts, tiny_model
 
 torch.set_num_threads(1)
 
@@ -82,7 +84,7 @@ def test_policy_and_proposal_are_free_of_host_syncs(monkeypatch, policy, family,
     policy_class = POLICY_CLASS[policy.split("_")[0]]
     selects, proposes = Counter(), Counter()
     _count_calls(monkeypatch, policy_class, "dare_select_commits", selects)
-    _count_calls(monkeypatch, dare_pipeline.loop, "propose", proposes)
+    _count_calls(monkeypatch, dare_pipeline.core.loop, "propose", proposes)
     pipe = Pipeline(tiny_model(family, seed=3), {"generation": {**GEN, **overrides},
                                                  "plugins": [cache, *plugins] if cache else plugins})
     out = pipe.generate(_prompts())

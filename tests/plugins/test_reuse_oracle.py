@@ -21,7 +21,7 @@ import torch
 from dare_pipeline_plugins.dllm_cache import TIE_SCALE
 
 from dare_pipeline import Pipeline
-from dare_pipeline.testing import random_prompts, tiny_model
+from dare_pipeline.plugin_kit.testing import random_prompts, tiny_model
 
 GEN = {"gen_length": 16, "block_length": 8, "steps": 16}
 VOCAB = 64

@@ -11,13 +11,11 @@ import pytest
 import torch
 
 from dare_pipeline import Pipeline, Recipe
-from dare_pipeline.config_loading import ConfigError
-from dare_pipeline.hookspecs import hookimpl
-from dare_pipeline.plan import ForwardPlan
-from dare_pipeline.plugin import Plugin
-from dare_pipeline.registry import available_plugins, registered
-from dare_pipeline.reuse_tools import QueryDrift
-from dare_pipeline.testing import random_prompts, tiny_model
+from dare_pipeline.config import ConfigError
+from dare_pipeline.core import ForwardPlan, Plugin, hookimpl
+from dare_pipeline.core.registry import available_plugins, registered
+from dare_pipeline.plugin_kit.testing import random_prompts, tiny_model
+from dare_pipeline.reuse import QueryDrift
 
 torch.set_num_threads(1)
 

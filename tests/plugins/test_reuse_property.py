@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from dare_pipeline import Pipeline, Recipe
-from dare_pipeline.testing import commit_order, tiny_model
+from dare_pipeline.plugin_kit.testing import commit_order, tiny_model
 
 torch.set_num_threads(1)
 

@@ -6,8 +6,8 @@ from collections import Counter
 import pytest
 import torch
 
-from dare_pipeline.tasks import training_pairs
-from dare_pipeline.tokenizer import EOS_ID
+from dare_pipeline.evaluation.suite import training_pairs
+from dare_pipeline.models.tokenizer import EOS_ID
 from dare_pipeline.training import (
     BatchKind,
     BatchSampler,

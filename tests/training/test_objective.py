@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dare_pipeline.models import DiffusionTransformer
-from dare_pipeline.tokenizer import EOS_ID, MASK_ID, PAD_ID, build_tokenizer
+from dare_pipeline.models.tokenizer import EOS_ID, MASK_ID, PAD_ID, build_tokenizer
 from dare_pipeline.training import (
     BatchKind,
     BatchSampler,

@@ -6,7 +6,7 @@ This directory is what `--include_path` points at; `heldout.jsonl` holds the 500
 
 from pathlib import Path
 
-from dare_pipeline.tasks import HELDOUT_FILE
+from dare_pipeline.evaluation.suite import HELDOUT_FILE
 
 TASKS_DIR = Path(__file__).parent
 

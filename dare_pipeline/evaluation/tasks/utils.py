@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dare_pipeline.tasks import HELDOUT_FILE, score
+from dare_pipeline.evaluation.suite import HELDOUT_FILE, score
 
 try:  # so that `lm_eval --model dare --tasks <this directory>` finds the model
     import dare_pipeline.evaluation  # noqa: F401

@@ -17,11 +17,9 @@ from typing import Any, ClassVar
 import attrs
 import torch
 
-from dare_pipeline.hookspecs import hookimpl
-from dare_pipeline.plugin import Plugin
-from dare_pipeline.reuse import LayerReuse
-from dare_pipeline.store import ATTN_OUT
-from dare_pipeline.validators import at_least, layer_indices
+from dare_pipeline.config import at_least, layer_indices
+from dare_pipeline.core import Plugin, hookimpl
+from dare_pipeline.reuse import ATTN_OUT, LayerReuse
 
 REF = "input_drift.h_ref"  # store field: per layer and column, the h of the row's last recompute
 

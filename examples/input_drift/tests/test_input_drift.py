@@ -3,8 +3,8 @@
 import pytest
 
 from dare_pipeline import Pipeline, Recipe
+from dare_pipeline.config import ConfigError
 from dare_pipeline.plugin_kit import checks
-from dare_pipeline.validators import ConfigError
 
 
 def test_a_negative_threshold_is_refused_with_the_key_and_value():

@@ -12,8 +12,7 @@ from typing import Any, ClassVar
 
 import attrs
 
-from dare_pipeline.hookspecs import hookimpl
-from dare_pipeline.plugin import Plugin
+from dare_pipeline.core import Plugin, hookimpl
 
 
 @attrs.frozen

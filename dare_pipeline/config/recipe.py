@@ -1,0 +1,207 @@
+"""Recipes: a model, generation settings and a stack of plugins, loaded from YAML and validated.
+
+    name: baseline
+    model: default          # a local checkpoint dir, or "default" for the embedded model
+    generation: {gen_length: 256, block_length: 32, steps: 256, temperature: 0.0,
+                 remasking: low_confidence, cfg_scale: 0.0}
+    plugins: []             # list of {name: <plugin>, <option>: <value>, ...}
+
+Every error names the file, the key path, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import attrs
+import yaml
+
+from ..core.registry import available_plugins
+from .device import usable_device
+from .execution import ExecutionConfig
+from .loading import ConfigError, at_least, choice, convert, structure
+
+
+@attrs.frozen(kw_only=True)
+class GenerationConfig:
+    gen_length: int = attrs.field(default=256, validator=at_least(1))
+    block_length: int = attrs.field(default=32, validator=at_least(1))
+    # total steps over all blocks for fixed-step policies (steps per block = steps / blocks)
+    steps: int = attrs.field(default=256, validator=at_least(1))
+    temperature: float = attrs.field(default=0.0, validator=at_least(0.0))
+    # low_confidence: commit the most confident proposals; random: a random order
+    remasking: str = attrs.field(default="low_confidence", validator=choice("low_confidence", "random"))
+    # what "confident" means: top-1 probability, top-1 minus top-2 margin, or negative entropy (Dream's options)
+    confidence: str = attrs.field(default="probability", validator=choice("probability", "margin", "neg_entropy"))
+    # commits per step for fixed-step policies: linear (LLaDA) or timesteps (Dream)
+    schedule: str = attrs.field(default="linear", validator=choice("linear", "timesteps"))
+    timestep_eps: float = attrs.field(default=1e-3, validator=at_least(0.0, strict=True))
+    cfg_scale: float = attrs.field(default=0.0, validator=at_least(0.0))
+    # text after any of these strings is cut from the answer
+    stop: tuple[str, ...] = ()
+    seed: int = 0
+    # guard against a model that keeps proposing the mask token (default 4 x max(steps/block, block))
+    max_steps_per_block: int | None = attrs.field(default=None, validator=at_least(1))
+
+    def __attrs_post_init__(self):
+        if self.gen_length % self.block_length:
+            raise ValueError(f"gen_length ({self.gen_length}) must be a multiple of block_length "
+                             f"({self.block_length})")
+        blocks = self.gen_length // self.block_length
+        if self.steps % blocks:
+            raise ValueError(f"steps ({self.steps}) must be a multiple of the number of blocks "
+                             f"(gen_length / block_length = {blocks})")
+
+
+@attrs.frozen
+class PluginSpec:
+    name: str
+    options: Any  # the plugin's validated Options instance
+
+
+@attrs.frozen(kw_only=True)
+class Recipe:
+    name: str = "unnamed"
+    description: str = ""
+    model: str = "default"
+    dtype: str = attrs.field(default="float32", validator=choice("float32", "bfloat16", "float16"))
+    device: str = attrs.field(default="cpu", validator=usable_device)
+    generation: GenerationConfig = attrs.Factory(GenerationConfig)
+    execution: ExecutionConfig = attrs.Factory(ExecutionConfig)
+    plugins: tuple[PluginSpec, ...] = ()
+    source: str = attrs.field(default="<dict>", eq=False)
+
+    # ---- loading ----------------------------------------------------------------------------
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> Recipe:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: recipe file not found")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        return cls.from_dict(data, source=str(path), overrides=overrides)
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "<dict>", overrides: list[str] | None = None) -> Recipe:
+        data = copy.deepcopy(data) if data is not None else {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: top level: expected a mapping, got {type(data).__name__}")
+        errors = []  # every mistake of the file and the overrides, reported at once
+        for item in overrides or ():
+            _collect(errors, apply_override, data, item, source)
+        raw_plugins = data.pop("plugins", None) or []
+        recipe = _collect(errors, structure, cls, data, "", source)
+        if isinstance(raw_plugins, list):
+            entries = _collect(errors, convert, list, raw_plugins, "plugins", source) or ()
+        else:  # the same message as an override that met it first, so it is reported once
+            errors.append(_not_a_plugin_list(raw_plugins, source))
+            entries = ()
+        specs = tuple(s for s in (_collect(errors, _plugin_spec, e, i, source) for i, e in enumerate(entries)) if s)
+        if len(specs) == len(entries):  # composition is judged on the whole list
+            _collect(errors, check_composition, specs, source)
+        if errors:
+            raise ConfigError.combine(errors)
+        return attrs.evolve(recipe, plugins=specs, source=source)
+
+    def with_overrides(self, overrides: list[str]) -> Recipe:
+        return Recipe.from_dict(self.to_dict(), source=self.source, overrides=overrides)
+
+    def to_dict(self) -> dict:
+        out = attrs.asdict(self, recurse=True, filter=lambda a, v: a.name not in ("source", "plugins"))
+        out["generation"]["stop"] = list(self.generation.stop)
+        out["plugins"] = [{"name": p.name, **attrs.asdict(p.options)} for p in self.plugins]
+        return out
+
+    def instantiate_plugins(self):
+        """Fresh plugin instances for this recipe, the default decoding policy added when none is named."""
+        from ..core.registry import DEFAULT_POLICY
+
+        classes = available_plugins()
+        plugins = [classes[p.name](p.options) for p in self.plugins]
+        if not any("commit_policy" in p.provides for p in plugins):
+            plugins.insert(0, classes[DEFAULT_POLICY]())
+        return plugins
+
+
+def _not_a_plugin_list(plugins, source: str) -> ConfigError:
+    example = plugins if isinstance(plugins, str) else "dual_cache"
+    return ConfigError(f"{source}: plugins = {plugins!r}: expected a list of plugins such as [{{name: {example}}}]")
+
+
+def _collect(errors: list, fn, *args):
+    """fn(*args), or None with its ConfigError appended to `errors`."""
+    try:
+        return fn(*args)
+    except ConfigError as exc:
+        errors.append(exc)
+        return None
+
+
+def _plugin_spec(entry, index: int, source: str) -> PluginSpec:
+    path = f"plugins[{index}]"
+    if isinstance(entry, str):
+        entry = {"name": entry}
+    if not isinstance(entry, dict) or "name" not in entry:
+        raise ConfigError(f"{source}: {path} = {entry!r}: expected a mapping with a 'name' key")
+    classes = available_plugins()
+    name = entry["name"]
+    if name not in classes:
+        raise ConfigError(f"{source}: {path}.name = {name!r}: unknown plugin; available: {sorted(classes)}")
+    options = {k: v for k, v in entry.items() if k != "name"}
+    return PluginSpec(name=name, options=structure(classes[name].Options, options, path, source))
+
+
+def check_composition(specs: tuple[PluginSpec, ...], source: str) -> None:
+    """Refuse two plugins that own the same decision, a plugin named twice, or declared conflicts."""
+    classes = available_plugins()
+    names = [s.name for s in specs]
+    owners: dict[str, str] = {}
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise ConfigError(f"{source}: plugins[{i}].name = {name!r}: plugin listed twice")
+        cls = classes[name]
+        for decision in sorted(cls.provides):
+            if decision in owners:
+                raise ConfigError(f"{source}: plugins: {owners[decision]!r} and {name!r} both decide {decision!r}; "
+                                  f"keep one of them")
+            owners[decision] = name
+        for other, why in cls.conflicts.items():
+            if other in names:
+                raise ConfigError(f"{source}: plugins: {name!r} cannot be combined with {other!r}: {why}")
+
+
+def apply_override(data: dict, item: str, source: str) -> None:
+    """Apply `a.b.c=value` (value parsed as YAML) to nested `data`; plugins are addressed by name:
+    `plugins.threshold_decoding.threshold=0.8`."""
+    if "=" not in item:
+        raise ConfigError(f"{source}: --set {item!r}: expected KEY.PATH=VALUE")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        problem = str(getattr(exc, "problem", None) or exc).strip()
+        raise ConfigError(f"{source}: --set {key}={raw}: the value is not valid YAML ({problem})") from None
+    parts = key.strip().split(".")
+    if parts[0] == "plugins" and len(parts) >= 3:
+        plugins = data.setdefault("plugins", []) or []
+        if not isinstance(plugins, list):
+            raise _not_a_plugin_list(plugins, source)
+        entry = next((p for p in plugins if isinstance(p, dict) and p.get("name") == parts[1]), None)
+        if entry is None:
+            raise ConfigError(f"{source}: --set {key}: the recipe has no plugin {parts[1]!r}; "
+                              f"its plugins: {[p.get('name') for p in plugins if isinstance(p, dict)]}")
+        target, parts = entry, parts[2:]
+    else:
+        target = data
+    for part in parts[:-1]:
+        nxt = target.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{source}: --set {key}: {part!r} is not a mapping")
+        target = nxt
+    target[parts[-1]] = value

@@ -1,0 +1,48 @@
+"""Synthetic task suite for the embedded diffusion LM (see docs/tasks.md)."""
+
+from .families import FAMILIES, FINAL_MARKER
+from .problems import (
+    DEFAULT_MAX_SHOTS,
+    DEFAULT_TARGET_PROMPT_CHARS,
+    FAMILY_NAMES,
+    HELDOUT_FILE,
+    cut_answer,
+    extract_final,
+    family_stream,
+    format_example,
+    format_prompt,
+    generate_data,
+    heldout_problems,
+    heldout_records,
+    is_heldout,
+    read_jsonl,
+    score,
+    select_shots,
+    shot_pool,
+    train_stream,
+    training_pairs,
+)
+
+__all__ = [
+    "DEFAULT_MAX_SHOTS",
+    "DEFAULT_TARGET_PROMPT_CHARS",
+    "FAMILIES",
+    "FAMILY_NAMES",
+    "FINAL_MARKER",
+    "HELDOUT_FILE",
+    "cut_answer",
+    "extract_final",
+    "family_stream",
+    "format_example",
+    "format_prompt",
+    "generate_data",
+    "heldout_problems",
+    "heldout_records",
+    "is_heldout",
+    "read_jsonl",
+    "score",
+    "select_shots",
+    "shot_pool",
+    "train_stream",
+    "training_pairs",
+]

@@ -1,0 +1,217 @@
+"""FLOPs formula, speed-up / additive gain / Pareto front arithmetic on hand-made records, the
+progress display, and the results file's crash safety (no model needed)."""
+
+import io
+import json
+
+import pytest
+import torch
+
+from dare_pipeline.evaluation.ablation.display import Display
+from dare_pipeline.evaluation.ablation.report import Analysis, pareto_front, write_report
+from dare_pipeline.evaluation.ablation.results import append_record, dedupe, read_records
+from dare_pipeline.plugin_kit.testing import tiny_config
+from dare_pipeline.reuse import flops
+
+
+def test_flops_per_row_formula():
+    cfg = tiny_config("dream", d_model=48, n_heads=4, n_kv_heads=2, vocab_size=64)  # d_kv = 2 * 12 = 24
+    d, f, v, length = 48, 96, 64, 100
+    cost = flops.per_row(cfg, length)
+    assert cost == {"q": 2 * d * d, "kv": 2 * 2 * d * 24, "attn": 4 * length * d + 2 * d * d, "ffn": 6 * d * f,
+                    "v": 2 * d * 24, "lm_head": 2 * d * v}
+    rows = torch.tensor([[10, 4, 3, 10], [10, 0, 10, 10]])  # (layers, [q, kv, attn, ffn])
+    est = flops.estimate(cfg, rows, length, head_rows=5)
+    assert est["q"] == 20 * cost["q"] and est["kv"] == 4 * cost["kv"] and est["attn"] == 13 * cost["attn"]
+    assert est["ffn"] == 20 * cost["ffn"] and est["lm_head"] == 5 * cost["lm_head"]
+    assert est["total"] == sum(v for k, v in est.items() if k != "total")
+    # the same rows given as dicts per layer, or already summed
+    as_dicts = [dict(zip(flops.SUB_OPS, r)) for r in rows.tolist()]
+    assert flops.estimate(cfg, as_dicts, length, 5) == est
+    assert flops.estimate(cfg, {"q": 20, "kv": 4, "attn": 13, "ffn": 20}, length, 5) == est
+    full = flops.full_recompute(cfg, forwards=2, rows_per_forward=5, key_length=length, head_rows=5)
+    assert full == flops.estimate(cfg, torch.full((2, 4), 10), length, 5)  # no value-only rows in a plain forward
+    with_v = flops.estimate(cfg, torch.tensor([[10, 4, 3, 10, 7], [10, 0, 10, 10, 0]]), length, 5)
+    assert with_v["v"] == 7 * cost["v"] and with_v["total"] == est["total"] + 7 * cost["v"]
+    assert flops.format_flops(2.5e9) == "2.50 GFLOP"
+
+
+def _rec(index, plugins, tps, acc, sweep=None, flops_per_request=100.0, status="ok", **extra):
+    recipe = {"name": "+".join(plugins) or "baseline", "model": "m", "generation": {"gen_length": 64,
+                                                                                     **(extra.pop("gen", {}))},
+              "plugins": [{"name": p, "x": 1} for p in plugins]}
+    return {"key": f"k{index}", "index": index, "ablation": "a", "label": recipe["name"], "name": recipe["name"],
+            "plugins": list(plugins), "sweep": sweep or {}, "tasks": ["t"], "limit": 2, "batch_size": 1,
+            "status": status, "recipe": recipe, "finished": f"2026-01-01T00:00:{index:02d}",
+            "accuracy": {"t": {"exact_match": acc, "final_match": acc, "n": 2}},
+            "metrics": {"tokens_per_second": tps, "flops_per_request": flops_per_request, "nfe_per_request": 10},
+            "reuse": {"flops": 0.5 if plugins else 0.0}, **extra}
+
+
+def test_speedup_additive_gain_and_pareto():
+    records = [_rec(0, [], 10, 0.5), _rec(1, ["a"], 20, 0.5, flops_per_request=50),
+               _rec(2, ["b"], 30, 0.4), _rec(3, ["a", "b"], 90, 0.3),
+               # another setting: its own baseline
+               _rec(4, [], 5, 0.6, gen={"gen_length": 128}), _rec(5, ["a"], 20, 0.6, gen={"gen_length": 128})]
+    an = Analysis(records)
+    sp = {r["index"]: an.speedup(r) for r in an.ok}
+    assert sp == {0: 1.0, 1: 2.0, 2: 3.0, 3: 9.0, 4: 1.0, 5: 4.0}
+    assert an.flops_ratio(records[1]) == 2.0
+    gains = sorted((g["strategy"], g["combination"], g["gain"]) for g in an.additive_gains())
+    # a over {} (once per setting), a over {b}, b over {}, b over {a}
+    assert gains == [("a", "b", 3.0), ("a", "baseline", 2.0), ("a", "baseline", 4.0), ("b", "a", 4.5),
+                     ("b", "baseline", 3.0)]
+    pts = [(1.0, 0.5), (2.0, 0.5), (3.0, 0.4), (9.0, 0.3), (1.5, 0.2)]
+    assert pareto_front(pts) == [1, 2, 3]
+
+
+def test_report_without_a_baseline_or_plots_data(tmp_path):
+    records = [_rec(1, ["a"], 20, 0.5), _rec(2, ["b"], 0, None, status="failed",
+                                             error={"type": "ValueError", "message": "bad\nthing"}),
+               _rec(3, ["c"], None, None, status="skipped", reason="unknown plugin 'c'")]
+    files = write_report(records, tmp_path)
+    names = {f.name for f in files}
+    assert names == {"report.md", "results.csv"}  # nothing to plot: no speed-up without a baseline
+    md = (tmp_path / "report.md").read_text()
+    assert "| a |" in md and "failed: **b** — `ValueError`: bad thing" in md
+    assert "skipped: **c** — unknown plugin 'c'" in md
+    # speed-up is "-" without a baseline run
+    row = next(line for line in md.splitlines() if line.startswith("| a |"))
+    assert row.split(" | ")[4] == "-"
+
+
+def test_skipped_record_superseded_by_a_measured_run_is_not_listed(tmp_path):
+    skipped = _rec(1, ["a"], None, None, status="skipped", reason="unknown plugin 'a'")
+    skipped["key"] = "raw"
+    an = Analysis([_rec(0, [], 10, 0.5), skipped, _rec(1, ["a"], 20, 0.5)])
+    assert an.skipped == [] and len(an.ok) == 2
+
+
+def test_dedupe_prefers_finished_runs_then_the_latest():
+    a = {"key": "k", "status": "failed", "finished": "2"}
+    b = {"key": "k", "status": "ok", "finished": "1"}
+    c = {"key": "k", "status": "ok", "finished": "3"}
+    assert dedupe([a, b]) == [b] and dedupe([b, a]) == [b] and dedupe([c, b, a]) == [c]
+    assert dedupe([{"key": "k", "status": "skipped"}, a]) == [a]
+
+
+def test_append_is_line_complete_and_partial_lines_are_skipped(tmp_path, caplog):
+    path = tmp_path / "r.jsonl"
+    append_record(path, {"key": "a", "x": 1})
+    with open(path, "a") as f:
+        f.write('{"key": "b", "x"')  # a write cut short
+    append_record(path, {"key": "c", "x": 3})
+    assert [r["key"] for r in read_records(path)] == ["a", "c"]
+    assert "not a complete JSON record" in caplog.text
+    lines = path.read_text().splitlines()
+    assert json.loads(lines[-1]) == {"key": "c", "x": 3} and path.read_text().endswith("\n")
+    with pytest.raises(ValueError):  # NaN would not be JSON: the runner cleans values before writing
+        append_record(path, {"key": "d", "x": float("nan")})
+
+
+def test_display_rich_and_plain():
+    stream = io.StringIO()
+    d = Display(2, rich=True, stream=stream)
+    d.start_run(0, "baseline")
+    d.run_progress(0, 1, 2)
+    d.finish_run({"index": 0, "name": "baseline", "status": "ok", "accuracy_mean": 0.5, "wall_time_s": 1.0,
+                  "metrics": {"tokens_per_second": 10.0, "nfe_per_request": 4.0}})
+    d.finish_run({"index": 1, "name": "x", "status": "failed", "error": {"type": "E", "message": "m"}})
+    d.close()
+    text = stream.getvalue()
+    assert "[1/2] #0 baseline: ok acc=0.500" in text and "FAILED E: m" in text
+    plain = io.StringIO()
+    d = Display(1, stream=plain)  # not a TTY: one line per run, no bars
+    d.finish_run({"index": 3, "name": "y", "status": "skipped", "reason": "refused"})
+    assert plain.getvalue() == "[1/1] #3 y: skipped: refused\n"
+    quiet = io.StringIO()
+    d = Display(1, quiet=True, stream=quiet)
+    d.finish_run({"index": 3, "name": "y", "status": "skipped", "reason": "refused"})
+    assert quiet.getvalue() == ""
+
+
+def test_threshold_sweep_gets_a_reuse_plot(tmp_path):
+    records = [_rec(0, [], 10, 0.5)]
+    for i, t in enumerate((0.05, 0.1, 0.2), 1):
+        r = _rec(i, ["dare_o"], 10 + i, 0.5 - 0.1 * i, sweep={"plugins.dare_o.threshold": t})
+        r["recipe"]["plugins"][0]["threshold"] = t
+        r["reuse"] = {"flops": 0.1 * i, "plugins": {"dare_o": {"reuse_fraction": 0.2 * i}}}
+        records.append(r)
+    files = {f.name for f in write_report(records, tmp_path)}
+    assert {"reuse_vs_threshold.png", "accuracy_vs_speedup.png", "additive_gain.png"} <= files
+    md = (tmp_path / "report.md").read_text()
+    assert "| dare_o (dare_o.threshold=0.2) |" in md
+    assert (tmp_path / "reuse_vs_threshold.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# ---- timed repeats: spreads, intervals, within noise ------------------------------------------------
+
+def _timed(record, tps_values):
+    from dare_pipeline.evaluation.ablation import timing
+
+    samples = [{"tokens_per_second": t, "decode_time_s": 10 / t, "decode_cpu_s": 5 / t} for t in tps_values]
+    record["metrics"]["requests"] = 2
+    return record | {"timing": timing.summarize(samples, len(samples))}
+
+
+def test_spread_is_median_quartiles_and_range():
+    from dare_pipeline.evaluation.ablation.timing import needs_timing, spread
+
+    assert spread([3.0, 1.0, 2.0]) == {"median": 2.0, "q1": 1.5, "q3": 2.5, "min": 1.0, "max": 3.0, "n": 3}
+    assert spread([]) is None and spread([4.0])["q1"] == 4.0
+    assert needs_timing({"status": "ok"}, 3)  # a v1 record: no timing
+    assert needs_timing({"timing": {"samples": [{}]}}, 3) and not needs_timing({"timing": {"samples": [{}] * 3}}, 3)
+    assert not needs_timing({"status": "ok"}, 0)
+
+
+def test_gains_whose_interval_contains_one_are_within_noise(tmp_path):
+    base = _timed(_rec(0, [], 10, 0.5), [9, 10, 11])
+    a = _timed(_rec(1, ["a"], 20, 0.5), [19, 20, 22])  # 20/10: [19/11, 22/9] = [1.73, 2.44]
+    b = _timed(_rec(2, ["b"], 10.5, 0.5), [10, 10.5, 11])  # [10/11, 11/9]: contains 1.0
+    an = Analysis([base, a, b])
+    assert an.tps(a) == 20 and an.tps_range(a) == (19, 22)
+    assert an.speedup_interval(a) == pytest.approx((19 / 11, 22 / 9))
+    gains = {g["strategy"]: g for g in an.additive_gains()}
+    assert gains["a"]["within_noise"] is False and gains["b"]["within_noise"] is True
+    assert gains["b"]["low"] == pytest.approx(10 / 11) and gains["b"]["high"] == pytest.approx(11 / 9)
+    write_report([base, a, b], tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "| a | 1 | 2.00x | 2.00x | 2.00x | 0 of 1 |" in md
+    assert "| b | 1 | 1.05x | 1.05x | 1.05x | 1 of 1 |" in md
+    assert "| b | baseline | 1.05x | [0.91, 1.22] | within noise |" in md
+    # the run's row: median tokens/s with its range, the speed-up's interval, seconds per request
+    assert "| a | 50.0 | 50.0 | 20.0 [19.0, 22.0] | 2.00x [1.73, 2.44] | 0.25 [0.227, 0.263] |" in md
+    csv_text = (tmp_path / "results.csv").read_text()
+    assert "tokens_per_second_min" in csv_text.splitlines()[0]
+    gains_csv = (tmp_path / "additive_gain.csv").read_text()
+    assert gains_csv.splitlines()[0].endswith("gain,low,high,within_noise") and "True" in gains_csv
+    # untimed records (an older results file): no interval, said so
+    an = Analysis([_rec(0, [], 10, 0.5), _rec(1, ["a"], 20, 0.5)])
+    assert an.additive_gains()[0]["within_noise"] is None and an.speedup_interval(an.ok[1]) is None
+
+
+def test_a_policy_threshold_sweep_gets_no_reuse_plot(tmp_path):
+    records = [_rec(0, [], 10, 0.5)]
+    for i, t in enumerate((0.7, 0.9), 1):
+        r = _rec(i, ["threshold_decoding"], 10 + i, 0.5, sweep={"plugins.threshold_decoding.threshold": t})
+        r["reuse"] = {"flops": 0.0, "plugins": {}}
+        records.append(r)
+    files = {f.name for f in write_report(records, tmp_path)}
+    assert "reuse_vs_threshold.png" not in files and "accuracy_vs_speedup.png" in files
+
+
+def test_unreadable_lines_are_skipped_naming_the_file_and_line(tmp_path, caplog):
+    path = tmp_path / "r.jsonl"
+    append_record(path, {"key": "a", "status": "ok"})
+    with open(path, "ab") as f:
+        f.write(b'{"key": "\xff\xfe", "status": "ok"}\n')  # not UTF-8
+        f.write(b'{"key": ["un", "hashable"], "status": "ok"}\n')
+        f.write(b'{"key": "c", "status": ["odd"], "schema": "dare-pipeline/ablation-run/v1"}\n')
+        f.write(b'{"key": "d", "status": "ok", "schema": "someone-else/v9"}\n')
+    append_record(path, {"key": "b", "status": "ok"})
+    with caplog.at_level("WARNING"):
+        records = read_records(path)
+    assert [r["key"] for r in records] == ["a", "c", "b"]
+    assert f"{path}:2: not UTF-8" in caplog.text and f"{path}:3: run key ['un', 'hashable'] is not a string" in caplog.text
+    assert f"{path}:5: schema 'someone-else/v9'" in caplog.text
+    assert [r["key"] for r in dedupe(records)] == ["a", "c", "b"]  # an odd status does not break dedupe
