@@ -6,7 +6,7 @@ reuse and exact matches for a few recipes over held-out problems (the first N of
     python benchmarks/dare_stacking.py --per-family 125 --recipes "dual_cache + threshold" "+ dare_kv" "+ dare_o"
     python benchmarks/dare_stacking.py --per-family 25 --repeats 3 --recipes "dual_cache + threshold" "+ dare_kv" "+ dare_o"
 
-FLOPs are estimated from the rows each sub-operation computed (dare_pipeline/flops.py), so they
+FLOPs are estimated from the rows each sub-operation computed (dare_pipeline/reuse/flops.py), so they
 count what ran; reuse is rows reused over rows eligible (the plugins' own counters). With
 `--repeats N` each recipe decodes the problem set N times, round-robin across recipes, and the
 table adds its CPU seconds (median and min-max over the repeats, one torch thread) and the ratio

@@ -63,7 +63,7 @@ class Pipeline:
 
     def encode(self, prompts, chat: bool | None = None) -> list[list[int]]:
         """Token ids for text, token-id or chat-message prompts (`dare_pipeline.prompts`), checked
-        against the model (`dare_pipeline.prompt_check`: ids it can embed, no mask token)."""
+        against the model (`dare_pipeline.prompts.check`: ids it can embed, no mask token)."""
         ids = encode_prompts(self.model.tokenizer, prompts, chat, source=str(getattr(self.model, "source", "the model")))
         check_token_ids(ids, self.model.config, self.model.tokenizer)
         return ids

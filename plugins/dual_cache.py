@@ -15,7 +15,7 @@ Options:
   head_commit    auto (Dream: on, LLaDA: off), on, off
 
 Stats (under the plugin's name): refreshes, partial_forwards, rows_recomputed, cached_rows_read
-(see dare_pipeline/kv_cache.py).
+(see dare_pipeline/reuse/kv_cache.py).
 """
 
 from __future__ import annotations

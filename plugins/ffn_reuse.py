@@ -13,7 +13,7 @@ every row at the generation's first forward and every `refresh_every` forwards (
 and reproduces the recipe without this plugin token for token.
 
 The reference input and the token are kept in the activation store (`ffn_reuse.q_ref`,
-`ffn_reuse.token`: the drift bookkeeping of `reuse_tools.QueryDrift`, here fed the FFN input), the
+`ffn_reuse.token`: the drift bookkeeping of `reuse.QueryDrift`, here fed the FFN input), the
 FFN outputs in FFN_OUT; the plugin holds counters only.
 
 Stacks with prefix_cache / dual_cache (it decides among the rows they still feed), with dare_kv

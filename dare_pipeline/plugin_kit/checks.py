@@ -1,6 +1,6 @@
 """The plugin contract: checks every plugin must pass, built-in or third-party, by its registered name.
 
-Each check decodes on tiny seeded random models of both families (`dare_pipeline.testing.tiny_model`:
+Each check decodes on tiny seeded random models of both families (`dare_pipeline.plugin_kit.testing.tiny_model`:
 no checkpoint, no download) and raises AssertionError with what differs. The repository's own
 contract test and `pytest --dare-plugin NAME` (the test module `plugin_kit.contract`) call these
 same functions, so there is one contract.

@@ -1,5 +1,5 @@
 """What the core hands reuse plugins: LayerCall's fields, the default plan's refresh, store.write_v,
-and the building blocks in reuse_tools (QueryDrift, ShadowLog)."""
+and the building blocks in dare_pipeline.reuse (QueryDrift, ShadowLog)."""
 
 from __future__ import annotations
 

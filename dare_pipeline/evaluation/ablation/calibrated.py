@@ -1,11 +1,11 @@
 """Sweeping a DARE plugin's `target_reuse`: a sweep value `plugins.dare_kv.target_reuse: [0.5, 0.8]`
-is not an option of the plugin; each run resolves it by calibration (dare_pipeline.calibration)
+is not an option of the plugin; each run resolves it by calibration (dare_pipeline.evaluation.calibration)
 before it decodes: the threshold that gives that reuse fraction on the calibration prompts, with
 the run's own recipe and model. The run then evaluates with that threshold; its record keeps the
 calibration (threshold, measured reuse, trials) and its recipe the chosen threshold.
 
 Calibration prompts (the ablation file's `calibration:` section): a JSONL file (`prompts`, relative
-to the ablation file; read as `generate --prompts` reads JSONL: dare_pipeline/prompt_files.py), else the
+to the ablation file; read as `generate --prompts` reads JSONL: dare_pipeline/prompts/files.py), else the
 first `limit` problems of the packaged held-out file whose family is one of the ablation's tasks.
 Calibration is deterministic (greedy decoding of fixed prompts), so every pass of a run, in any
 process, resolves the same threshold; a process calibrates each run once and keeps the result.

@@ -33,7 +33,7 @@ VOCAB_SIZE = len(VOCAB)  # 101
 # One user turn renders exactly like a few-shot question ("Q: ...\nA: "), one
 # assistant turn like a worked answer followed by the blank line that separates
 # examples, so a chat [user, assistant, ..., user] is byte-identical to
-# dare_pipeline.tasks.format_prompt(problem, shots). The user turn already ends
+# dare_pipeline.evaluation.suite.format_prompt(problem, shots). The user turn already ends
 # with the generation prompt "A: ", so add_generation_prompt changes nothing.
 CHAT_TEMPLATE = (
     "{% for m in messages %}"
