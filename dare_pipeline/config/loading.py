@@ -210,3 +210,10 @@ def in_range(low, high, include_high: bool = True):
                              + ("" if include_high else f", {high} excluded"))
 
     return check
+
+
+def layer_indices(instance, attribute, value):
+    """attrs validator: a tuple of layer indices, each >= 0 (the upper bound is checked per model)."""
+    bad = [v for v in value if v < 0]
+    if bad:
+        raise ValueError(f"{attribute.name} = {list(value)!r}: layer indices must be >= 0")

@@ -30,13 +30,6 @@ WHOLE_LAYER_REUSE = ("dLLM-Cache already decides per layer which rows recompute 
 REASONS = ("refresh", "exempt", "no_entry", "token_changed", "block", "drift")
 
 
-def layer_indices(instance, attribute, value):
-    """attrs validator: a tuple of layer indices, each >= 0 (the upper bound is checked per model)."""
-    bad = [v for v in value if v < 0]
-    if bad:
-        raise ValueError(f"{attribute.name} = {list(value)!r}: layer indices must be >= 0")
-
-
 class QueryDrift:
     """The query-drift decision of one generation for one reuse plugin.
 

@@ -1,4 +1,4 @@
-"""The option validators of `dare_pipeline.validators`: a third-party plugin's option errors read
+"""The option validators of `dare_pipeline.config`: a third-party plugin's option errors read
 like a built-in's (file, key path, value, what is allowed), as docs/plugins.md shows them."""
 
 from __future__ import annotations
