@@ -8,8 +8,7 @@ import attrs
 import torch
 
 from .config.loading import ConfigError
-from .config.overrides import generation_with_overrides
-from .config.recipe import Recipe
+from .config.recipe import Recipe, generation_with_overrides
 from .core.loop import denoise
 from .core.registry import make_manager
 from .core.streaming import GenerationStream, StepReporter

@@ -101,7 +101,7 @@ def cmd_plugins(args) -> int:
 
 
 def _print_notes(recipe) -> None:
-    from .recipe_notes import recipe_notes
+    from ..config.recipe import recipe_notes
 
     for note in recipe_notes(recipe):
         print(f"note: {note}", file=sys.stderr)

@@ -205,3 +205,32 @@ def apply_override(data: dict, item: str, source: str) -> None:
             raise ConfigError(f"{source}: --set {key}: {part!r} is not a mapping")
         target = nxt
     target[parts[-1]] = value
+
+
+# keyword overrides of a recipe's generation settings (`Pipeline.generate(..., steps=64)`), checked
+# exactly as the recipe's `generation:` keys are; `max_new_tokens` (the Hugging Face name) means `gen_length`
+ALIASES = {"max_new_tokens": "gen_length"}
+
+
+def generation_with_overrides(generation, overrides: dict, source: str):
+    """`generation` (a GenerationConfig) with `overrides` applied and validated; errors name the keyword."""
+    data = attrs.asdict(generation)
+    data["stop"] = list(generation.stop)
+    for alias, ours in ALIASES.items():
+        if alias in overrides and ours in overrides:
+            raise ConfigError(f"{source}: generate() keyword arguments: {alias} and {ours} both given; {alias} "
+                              f"means {ours}: give one")
+    data.update({ALIASES.get(key, key): value for key, value in overrides.items()})
+    return structure(type(generation), data, "generation", f"{source} (generate() keyword arguments)")
+
+
+def recipe_notes(recipe) -> list[str]:
+    """Settings that are valid but rarely what a user means, one line each naming the recipe's source
+    and key (`recipe check` and `generate` print them)."""
+    g = recipe.generation
+    notes = []
+    if g.steps > g.gen_length:
+        notes.append(f"{recipe.source}: generation.steps = {g.steps} exceeds gen_length = {g.gen_length}: with a "
+                     f"fixed-step schedule some forwards commit no token (steps <= gen_length gives at least one "
+                     f"token per forward)")
+    return notes
