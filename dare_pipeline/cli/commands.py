@@ -54,7 +54,7 @@ def cmd_generate(args) -> int:
         pipe.manager.register(ProgressBar(total=recipe.generation.gen_length * len(prompts)), name="progress")
     view = None
     if args.stream:
-        from .canvas_view import CanvasView
+        from .progress import CanvasView
 
         view = CanvasView(len(prompts), recipe.generation.gen_length, pipe.model.tokenizer,
                           file=sys.stderr if args.json else sys.stdout)
@@ -72,11 +72,27 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def description(cls) -> str:
+    """What `plugins` says a plugin does: the first line of the plugin class's own docstring, else of
+    its module's; "" without either."""
+    doc = cls.__dict__.get("__doc__") or getattr(sys.modules.get(cls.__module__), "__doc__", None) or ""
+    lines = [line.strip() for line in doc.strip().splitlines()]
+    return lines[0] if lines else ""
+
+
+def conflicts(name: str, classes: dict) -> dict[str, str]:
+    """Plugins `name` cannot be combined with and why: those it declares and those that declare it."""
+    found = dict(classes[name].conflicts)
+    for other, cls in sorted(classes.items()):
+        if name in cls.conflicts and other not in found:
+            found[other] = cls.conflicts[name]
+    return found
+
+
 def cmd_plugins(args) -> int:
     import attrs
 
     from ..core.registry import available_plugins, hook_names, plugin_version
-    from .plugin_info import conflicts, description
 
     plugins = available_plugins()
     rows = []

@@ -1,6 +1,6 @@
 """`generate --stream`: the answer canvas after every step, filled in until it reads as the answer."""
 
-from dare_pipeline.cli.canvas_view import BLANK, MASKED
+from dare_pipeline.cli.progress import BLANK, MASKED
 from dare_pipeline.cli import main
 
 

@@ -2,7 +2,7 @@
 
 from typing import ClassVar
 
-from dare_pipeline.cli.plugin_info import conflicts, description
+from dare_pipeline.cli.commands import conflicts, description
 from dare_pipeline.core import Plugin
 
 
