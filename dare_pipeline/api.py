@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
+import weakref
 from pathlib import Path
 
 import attrs
@@ -11,7 +14,7 @@ from .config.loading import ConfigError
 from .config.recipe import Recipe, generation_with_overrides
 from .core.loop import denoise
 from .core.registry import make_manager
-from .core.streaming import GenerationStream, StepReporter
+from .core.streaming import GenerationCancelled, GenerationStream, StepReporter
 from .execution.executor import executor_for
 from .prompts.check import PromptError, check_token_ids
 from .prompts.encode import encode as encode_prompts
@@ -40,8 +43,50 @@ def _as_recipe(recipe) -> Recipe:
     return Recipe.from_yaml(Path(recipe))
 
 
+class PipelineBusy(RuntimeError):
+    """A generation started from inside another one on the same model (a step callback or a hook
+    calling `generate`): it would wait for the running generation, which waits for it."""
+
+
+class _Turns:
+    """One generation at a time per model. The plugins keep per-generation state on their instances,
+    a step reporter is registered on the pipeline's plugin manager, and the executor (its counters, in
+    cuda_graphs mode its activation stores) belongs to the model: generations started together, from
+    threads or open streams, on any pipelines sharing the model, wait for their turn."""
+
+    def __init__(self):
+        self._locks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._owners: dict[int, int] = {}  # id(lock) -> the thread generating
+        self._guard = threading.Lock()
+
+    @contextlib.contextmanager
+    def take(self, model, cancelled: threading.Event | None = None):
+        with self._guard:
+            lock = self._locks.get(model)
+            if lock is None:
+                lock = self._locks[model] = threading.Lock()
+        if self._owners.get(id(lock)) == threading.get_ident():
+            raise PipelineBusy("this model is already generating in this thread (generate was called from a step "
+                               "callback or a hook of another generation); start the second generation after the "
+                               "first returns")
+        while not lock.acquire(timeout=0.05):  # polled: a stream closed while it waits leaves at once
+            if cancelled is not None and cancelled.is_set():
+                raise GenerationCancelled("the stream was closed")
+        self._owners[id(lock)] = threading.get_ident()
+        try:
+            yield
+        finally:
+            del self._owners[id(lock)]
+            lock.release()
+
+
+_TURNS = _Turns()
+
+
 class Pipeline:
-    """A loaded model with a recipe's plugin stack; `generate` may be called any number of times."""
+    """A loaded model with a recipe's plugin stack; `generate` may be called any number of times.
+    Generations on one model run one at a time: calls from several threads, and open streams, wait
+    for their turn (their events and answers are their own)."""
 
     def __init__(self, model, recipe):
         self.model = model
@@ -80,21 +125,23 @@ class Pipeline:
         if longest + gen.gen_length > cfg.max_sequence_length:
             raise PromptError(f"prompt of {longest} tokens + gen_length {gen.gen_length} exceeds the model's "
                              f"max_sequence_length {cfg.max_sequence_length}")
-        reporter = None
-        if step_callback is not None:
-            reporter = StepReporter(step_callback, self.model.tokenizer, self.model.config.stop_token_ids, gen.stop)
-            self.manager.register(reporter, name=f"{reporter.name}_{id(reporter)}")
-        try:
-            with torch.inference_mode():
-                state = denoise(self.model, ids, gen, self.manager.hook, executor=self.executor)
-        finally:
-            if reporter is not None:
-                self.manager.unregister(reporter)
-        return self._output(state, ids, gen)
+        with _TURNS.take(self.model, getattr(step_callback, "cancelled", None)):
+            reporter = None
+            if step_callback is not None:
+                reporter = StepReporter(step_callback, self.model.tokenizer, self.model.config.stop_token_ids, gen.stop)
+                self.manager.register(reporter, name=f"{reporter.name}_{id(reporter)}")
+            try:
+                with torch.inference_mode():
+                    state = denoise(self.model, ids, gen, self.manager.hook, executor=self.executor)
+            finally:
+                if reporter is not None:
+                    self.manager.unregister(reporter)
+            return self._output(state, ids, gen)
 
     def stream(self, prompts, chat: bool | None = None, **generation_overrides) -> GenerationStream:
         """Like `generate`, but returns at once: iterate over the result for each step's StepEvent
-        (decoding runs in a worker thread); its `output` is the GenerationOutput afterwards."""
+        (decoding runs in a worker thread, after any generation running on the model); its `output` is
+        the GenerationOutput afterwards."""
         return GenerationStream(lambda on_step: self.generate(prompts, chat, step_callback=on_step,
                                                               **generation_overrides))
 

@@ -168,6 +168,7 @@ def _work(run, events: queue.Queue, cancel: threading.Event) -> None:
             raise GenerationCancelled("the stream was closed")
         events.put(event)
 
+    on_step.cancelled = cancel  # a generation waiting for its turn on the model gives up when it is set
     try:
         events.put((_END, run(on_step), None))
     except BaseException as error:  # noqa: BLE001 -- handed to the consumer, raised there
