@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+import reprlib
 import types
 import typing
 
@@ -34,6 +35,36 @@ class ConfigError(ValueError):
         return cls(errors=list(dict.fromkeys(m for e in errors for m in e.errors)))
 
 
+class _Shown(reprlib.Repr):
+    def __init__(self):
+        super().__init__()
+        self.maxlevel, self.maxstring, self.maxother, self.maxlong = 4, 80, 80, 40
+        self.maxdict = self.maxlist = self.maxtuple = self.maxset = self.maxfrozenset = 8
+
+    def repr_int(self, x, level):
+        if x.bit_length() <= 128:
+            return super().repr_int(x, level)
+        try:
+            text = str(x)
+        except ValueError:  # Python refuses to write integers of more than 4300 digits
+            return f"an integer of about {int(x.bit_length() * math.log10(2)) + 1} digits"
+        return f"{text[:12]}... ({len(text.lstrip('-'))} digits)"
+
+
+_SHOWN = _Shown()
+
+
+def shown(value) -> str:
+    """`value` as an error message shows it: its repr, long strings, lists and numbers cut short with
+    their full length said, so a huge value never makes a huge message."""
+    text = _SHOWN.repr(value)
+    if isinstance(value, str) and len(value) > _SHOWN.maxstring:
+        text += f" ({len(value)} characters)"
+    elif isinstance(value, (list, tuple, dict, set, frozenset)) and len(value) > _SHOWN.maxlist:
+        text += f" ({len(value)} items)"
+    return text
+
+
 def _describe(tp) -> str:
     return getattr(tp, "__name__", str(tp))
 
@@ -54,7 +85,7 @@ def convert(tp, value, path: str, source: str):
         raise errors[0]
     if origin in (tuple, list):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{source}: {path} = {value!r}: expected a list")
+            raise ConfigError(f"{source}: {path} = {shown(value)}: expected a list")
         (item,) = typing.get_args(tp)[:1] or (typing.Any,)
         items, errors = [], []
         for i, v in enumerate(value):
@@ -81,8 +112,7 @@ def convert(tp, value, path: str, source: str):
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             number = float(value) if isinstance(value, float) or abs(value) < 2 ** 1023 else math.inf
             if not math.isfinite(number):
-                shown = value if isinstance(value, float) else f"{str(value)[:12]}... ({len(str(value))} digits)"
-                raise ConfigError(f"{source}: {path} = {shown}: expected a finite number")
+                raise ConfigError(f"{source}: {path} = {shown(value)}: expected a finite number")
             return number
     elif tp is str:
         if isinstance(value, str):
@@ -93,10 +123,10 @@ def convert(tp, value, path: str, source: str):
     elif tp is list:
         if isinstance(value, list):
             return value
-        raise ConfigError(f"{source}: {path} = {value!r}: expected a list, got {type(value).__name__}")
+        raise ConfigError(f"{source}: {path} = {shown(value)}: expected a list, got {type(value).__name__}")
     else:
         return value
-    raise ConfigError(f"{source}: {path} = {value!r}: expected {_describe(tp)}, got {type(value).__name__}")
+    raise ConfigError(f"{source}: {path} = {shown(value)}: expected {_describe(tp)}, got {type(value).__name__}")
 
 
 # a number in exponent form without a dot (1e-3), which YAML 1.1 (PyYAML) reads as a string
@@ -113,14 +143,15 @@ def structure(cls, data, path: str, source: str):
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: {path or 'top level'}: expected a mapping, got {type(data).__name__} {data!r}")
+        raise ConfigError(f"{source}: {path or 'top level'}: expected a mapping, got {type(data).__name__} {shown(data)}")
     attrs.resolve_types(cls)
     fields = {f.name: f for f in attrs.fields(cls) if f.init}
     prefix = f"{path}." if path else ""
     errors, kwargs = [], {}
     for key, value in data.items():  # every key: all mistakes of a file are reported at once
         if key not in fields:
-            errors.append(ConfigError(f"{source}: {prefix}{key}: unknown key; allowed keys: {sorted(fields)}"))
+            named = key if isinstance(key, str) and len(key) <= 80 else shown(key)
+            errors.append(ConfigError(f"{source}: {prefix}{named}: unknown key; allowed keys: {sorted(fields)}"))
             continue
         try:
             kwargs[key] = convert(fields[key].type, value, f"{prefix}{key}", source)
@@ -174,7 +205,7 @@ def choice(*allowed):
 
     def check(instance, attribute, value):
         if value not in allowed:
-            raise ValueError(f"{attribute.name} = {value!r}: allowed values: {list(allowed)}")
+            raise ValueError(f"{attribute.name} = {shown(value)}: allowed values: {list(allowed)}")
 
     return check
 
@@ -183,7 +214,7 @@ def _finite(attribute, value) -> None:
     """A bool, a non-number, NaN or an infinity is not a valid numeric option."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float)
                                                                            and not math.isfinite(value)):
-        raise ValueError(f"{attribute.name} = {value!r}: expected a finite number")
+        raise ValueError(f"{attribute.name} = {shown(value)}: expected a finite number")
 
 
 def at_least(bound, strict: bool = False):
@@ -194,7 +225,7 @@ def at_least(bound, strict: bool = False):
             return
         _finite(attribute, value)
         if value < bound or (strict and value == bound):
-            raise ValueError(f"{attribute.name} = {value!r}: must be {'>' if strict else '>='} {bound}")
+            raise ValueError(f"{attribute.name} = {shown(value)}: must be {'>' if strict else '>='} {bound}")
 
     return check
 
@@ -206,7 +237,7 @@ def in_range(low, high, include_high: bool = True):
     def check(instance, attribute, value):
         _finite(attribute, value)
         if not low <= value <= high or (not include_high and value == high):
-            raise ValueError(f"{attribute.name} = {value!r}: must be between {low} and {high}"
+            raise ValueError(f"{attribute.name} = {shown(value)}: must be between {low} and {high}"
                              + ("" if include_high else f", {high} excluded"))
 
     return check
@@ -216,4 +247,4 @@ def layer_indices(instance, attribute, value):
     """attrs validator: a tuple of layer indices, each >= 0 (the upper bound is checked per model)."""
     bad = [v for v in value if v < 0]
     if bad:
-        raise ValueError(f"{attribute.name} = {list(value)!r}: layer indices must be >= 0")
+        raise ValueError(f"{attribute.name} = {shown(list(value))}: layer indices must be >= 0")

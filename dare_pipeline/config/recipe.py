@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-import yaml
 
 from ..core.registry import available_plugins
 from .device import usable_device
 from .execution import ExecutionConfig
-from .loading import ConfigError, at_least, choice, convert, structure
+from .files import check_nesting, parse_yaml, read_yaml_file
+from .loading import ConfigError, at_least, choice, convert, shown, structure
 
 
 @attrs.frozen(kw_only=True)
@@ -76,19 +76,15 @@ class Recipe:
     # ---- loading ----------------------------------------------------------------------------
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> Recipe:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: recipe file not found")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except UnicodeDecodeError as exc:
-            raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        data = read_yaml_file(path, "recipe file")
+        if data is None:  # most likely a file saved before it was written
+            raise ConfigError(f"{path}: the file is empty; a recipe is a mapping of keys such as name, model, "
+                              f"generation, plugins ({{}} takes every default)")
         return cls.from_dict(data, source=str(path), overrides=overrides)
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "<dict>", overrides: list[str] | None = None) -> Recipe:
+        check_nesting(data, source)  # before copying: deepcopy recurses
         data = copy.deepcopy(data) if data is not None else {}
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: top level: expected a mapping, got {type(data).__name__}")
@@ -131,7 +127,7 @@ class Recipe:
 
 def _not_a_plugin_list(plugins, source: str) -> ConfigError:
     example = plugins if isinstance(plugins, str) else "dual_cache"
-    return ConfigError(f"{source}: plugins = {plugins!r}: expected a list of plugins such as [{{name: {example}}}]")
+    return ConfigError(f"{source}: plugins = {shown(plugins)}: expected a list of plugins such as [{{name: {example}}}]")
 
 
 def _collect(errors: list, fn, *args):
@@ -148,11 +144,11 @@ def _plugin_spec(entry, index: int, source: str) -> PluginSpec:
     if isinstance(entry, str):
         entry = {"name": entry}
     if not isinstance(entry, dict) or "name" not in entry:
-        raise ConfigError(f"{source}: {path} = {entry!r}: expected a mapping with a 'name' key")
+        raise ConfigError(f"{source}: {path} = {shown(entry)}: expected a mapping with a 'name' key")
     classes = available_plugins()
     name = entry["name"]
-    if name not in classes:
-        raise ConfigError(f"{source}: {path}.name = {name!r}: unknown plugin; available: {sorted(classes)}")
+    if not isinstance(name, str) or name not in classes:
+        raise ConfigError(f"{source}: {path}.name = {shown(name)}: unknown plugin; available: {sorted(classes)}")
     options = {k: v for k, v in entry.items() if k != "name"}
     return PluginSpec(name=name, options=structure(classes[name].Options, options, path, source))
 
@@ -180,13 +176,10 @@ def apply_override(data: dict, item: str, source: str) -> None:
     """Apply `a.b.c=value` (value parsed as YAML) to nested `data`; plugins are addressed by name:
     `plugins.threshold_decoding.threshold=0.8`."""
     if "=" not in item:
-        raise ConfigError(f"{source}: --set {item!r}: expected KEY.PATH=VALUE")
+        raise ConfigError(f"{source}: --set {shown(item)}: expected KEY.PATH=VALUE")
     key, raw = item.split("=", 1)
-    try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError as exc:
-        problem = str(getattr(exc, "problem", None) or exc).strip()
-        raise ConfigError(f"{source}: --set {key}={raw}: the value is not valid YAML ({problem})") from None
+    key = key if len(key) <= 80 else shown(key)
+    value = parse_yaml(raw, f"{source}: --set {key}={raw if len(raw) <= 80 else f'{raw[:60]}... ({len(raw)} characters)'}", value=True)
     parts = key.strip().split(".")
     if parts[0] == "plugins" and len(parts) >= 3:
         plugins = data.setdefault("plugins", []) or []

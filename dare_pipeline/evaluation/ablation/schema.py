@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-import yaml
 
+from ...config.files import check_nesting, read_yaml_file
 from ...config.loading import ConfigError, at_least, in_range, structure
 from ...config.recipe import PluginSpec, Recipe, apply_override, check_composition
 from ...core.registry import available_plugins
@@ -118,19 +118,13 @@ class Ablation:
     # ---- loading ----------------------------------------------------------------------------
     @classmethod
     def from_yaml(cls, path: str | Path) -> Ablation:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: ablation file not found")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(read_yaml_file(path, "ablation file"), source=str(path))
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "<dict>") -> Ablation:
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: top level: expected a mapping, got {type(data).__name__}")
+        check_nesting(data, source)  # before copying: deepcopy recurses
         data = copy.deepcopy(data)
         if "name" not in data:
             raise ConfigError(f"{source}: name: missing; every ablation needs a name")
@@ -167,9 +161,9 @@ class Ablation:
             path = Path(self.recipe)
             if not path.is_absolute():
                 path = Path(self.source).parent / path
-            if not path.is_file():
+            if not path.exists():
                 raise ConfigError(f"{self.source}: recipe = {self.recipe!r}: recipe file not found (looked at {path})")
-            data = yaml.safe_load(path.read_text()) or {}
+            data = read_yaml_file(path, "recipe file") or {}
             src = str(path)
         for item in list(self.set) + list(extra_set):
             apply_override(data, item, src)
