@@ -1,11 +1,14 @@
-"""Checks of a checkpoint directory's files, each failure naming the file and what is wrong: JSON
-files that must hold an object, special token ids the embedding can hold, weight tensors of a
-floating-point dtype with finite values, and a tokenizer no larger than the embedding."""
+"""Checks of a checkpoint directory's files, each failure naming the file and what is wrong: files
+that are regular files inside the directory, JSON files that must hold an object, special token ids
+the embedding can hold, weight tensors of a floating-point dtype with finite values, and a tokenizer
+no larger than the embedding."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import os
+import stat
+from pathlib import Path, PurePosixPath
 
 import torch
 
@@ -19,14 +22,64 @@ _FINITE_CHUNK = 1 << 24
 SPECIAL_IDS = ("mask_token_id", "eos_token_id", "pad_token_id", "bos_token_id")
 
 
+# JSON files of a checkpoint (config.json, the shard index, tokenizer files) are small
+MAX_JSON_BYTES = 64 << 20
+
+
+def checkpoint_file(directory: Path, name: str, listed_in: Path | None = None) -> Path:
+    """`directory / name` once it is known to be a regular file of the checkpoint, else a CheckpointError.
+
+    `name` is a relative path that stays inside the directory (no absolute path, no `..`). Symbolic
+    links are followed, and their target must be a regular file inside the directory or, when the
+    directory is a Hugging Face cache snapshot (`<repo>/snapshots/<revision>`), in that repository's
+    `blobs/`, where the cache keeps the files its snapshots link to. A FIFO, a device or a directory
+    is refused without being opened (opening a FIFO blocks until something writes to it)."""
+    where = f"{listed_in}: names {name!r}" if listed_in is not None else f"{directory / name}"
+    check_relative_name(name, where)
+    path = directory / name
+    root = directory.resolve()
+    allowed = [root]
+    if root.parent.name == "snapshots":
+        allowed.append((root.parent.parent / "blobs").resolve())
+    try:
+        target = path.resolve(strict=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{where}: not found" if listed_in is None else f"{where}, which is not found") from None
+    except (OSError, RuntimeError) as exc:  # a symlink loop
+        raise CheckpointError(f"{where}: cannot be resolved ({exc})") from None
+    if not any(target.is_relative_to(a) for a in allowed):
+        inside = " or the cache's blobs/" if len(allowed) > 1 else ""
+        raise CheckpointError(f"{where}: leads to {target}, outside the checkpoint directory {root}; only files "
+                              f"inside it{inside} are read")
+    mode = os.stat(target).st_mode
+    if not stat.S_ISREG(mode):
+        kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
+                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
+                else "not a regular file")
+        raise CheckpointError(f"{path}: is {kind}, not a regular file; a checkpoint's files must be regular files")
+    return path
+
+
+def check_relative_name(name: str, where: str) -> None:
+    """A file name that stays inside the checkpoint directory: relative, without `..`."""
+    if not name or os.path.isabs(name) or "\\" in name or ".." in PurePosixPath(name).parts or "\0" in name:
+        raise CheckpointError(f"{where}: a checkpoint's files are named relative to its directory, without '..' "
+                              f"or an absolute path")
+
+
 def read_json_object(path: Path) -> dict:
     """The JSON object in `path` (UTF-8), or a CheckpointError saying why there is none."""
+    size = path.stat().st_size
+    if size > MAX_JSON_BYTES:
+        raise CheckpointError(f"{path}: {size} bytes; a checkpoint's JSON files may have at most {MAX_JSON_BYTES}")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as exc:
         raise CheckpointError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+    except (ValueError, RecursionError) as exc:  # an integer of over 4300 digits; nesting past the stack
+        raise CheckpointError(f"{path}: cannot be read as JSON ({str(exc)[:200]})") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data

@@ -18,6 +18,8 @@ from .checkpoint_checks import (
     check_special_ids,
     check_tokenizer_size,
     check_weight,
+    check_relative_name,
+    checkpoint_file,
     read_json_object,
 )
 from .families import family_for
@@ -40,9 +42,9 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 def read_config(directory: Path):
     """The family and ModelConfig described by directory/config.json."""
     path = directory / "config.json"
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         raise CheckpointError(f"{path}: config.json not found (a checkpoint directory needs config.json and *.safetensors)")
-    raw = read_json_object(path)
+    raw = read_json_object(checkpoint_file(directory, "config.json"))
     try:
         family = family_for(raw.get("model_type"), str(path))
         cfg = family.parse_config(raw)
@@ -54,22 +56,32 @@ def read_config(directory: Path):
 
 def _weight_files(directory: Path) -> list[Path]:
     index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = read_json_object(index).get("weight_map")
+    if index.exists() or index.is_symlink():
+        weight_map = read_json_object(checkpoint_file(directory, index.name)).get("weight_map")
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise CheckpointError(f"{index}: no 'weight_map' object of tensor name -> shard file name")
-        files = [directory / name for name in dict.fromkeys(weight_map.values())]
-        missing = [str(f) for f in files if not f.is_file()]
+        names = list(dict.fromkeys(weight_map.values()))
+        for name in names:
+            check_relative_name(name, f"{index}: names {name!r}")
+        missing = [str(directory / n) for n in names if not (directory / n).exists()]
         if missing:
             raise CheckpointError(f"{index}: shard files listed but not found: {missing}")
-        return files
+        return [checkpoint_file(directory, name, listed_in=index) for name in names]
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{directory}: no *.safetensors weight files found")
-    return files
+    return [checkpoint_file(directory, f.name) for f in files]
+
+
+# files a tokenizer may read; each one present must be a regular file of the checkpoint
+_TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt",
+                    "chat_template.*")
 
 
 def _load_tokenizer(directory: Path):
+    for pattern in _TOKENIZER_FILES:
+        for file in sorted(directory.glob(pattern)):
+            checkpoint_file(directory, file.name)
     if not any((directory / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         return None
     from transformers import AutoTokenizer, PretrainedConfig
