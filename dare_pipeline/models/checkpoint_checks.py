@@ -12,6 +12,8 @@ from pathlib import Path, PurePosixPath
 
 import torch
 
+from .config_reader import shown
+
 
 class CheckpointError(ValueError):
     """A checkpoint directory that cannot be loaded; the message names the file and the problem."""
@@ -85,21 +87,23 @@ def read_json_object(path: Path) -> dict:
     return data
 
 
-def check_special_ids(cfg, path: Path) -> None:
-    """Each special token id that is set is an integer the embedding has a row for."""
+def check_special_ids(cfg, path: Path, embedding_key: str = "embedding_size") -> None:
+    """Each special token id that is set is an integer the embedding has a row for (its size comes
+    from config.json's `embedding_key`)."""
     for name in SPECIAL_IDS:
         value = getattr(cfg, name)
         if value is None and name != "mask_token_id":
             continue
         if isinstance(value, bool) or not isinstance(value, int):
-            raise CheckpointError(f"{path}: {name} = {value!r}: expected an integer token id")
+            raise CheckpointError(f"{path}: {name} = {shown(value)}: expected an integer token id")
         if not 0 <= value < cfg.embedding_size:
-            raise CheckpointError(f"{path}: {name} = {value}: out of range; allowed 0 to {cfg.embedding_size - 1} "
-                                  f"(the embedding has {cfg.embedding_size} rows)")
+            raise CheckpointError(f"{path}: {name} = {shown(value)}: out of range; allowed 0 to "
+                                  f"{cfg.embedding_size - 1} (the embedding has {embedding_key} = "
+                                  f"{cfg.embedding_size} rows)")
     for value in cfg.extra_stop_ids:
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < cfg.embedding_size:
-            raise CheckpointError(f"{path}: end-of-turn token id {value!r}: expected an integer from 0 to "
-                                  f"{cfg.embedding_size - 1}")
+            raise CheckpointError(f"{path}: eot_token_ids = {shown(list(cfg.extra_stop_ids))}: expected end-of-turn "
+                                  f"token ids, integers from 0 to {cfg.embedding_size - 1}")
 
 
 def check_weight(tensor: torch.Tensor, key: str, file: Path) -> None:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 import attrs
 
 from .config import ModelConfig
+from .config_reader import REQUIRED, MAX_LAYERS, MAX_POSITIONS, ConfigReader, ConfigValueError, shown
 
 # per-layer parameter names of the shared transformer, in the order of the tables below
 _LAYER_PARAMS = ("attn_norm.weight", "q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight",
@@ -24,36 +25,71 @@ class Family:
     parse_config: Callable[[dict], ModelConfig]
     # checkpoint tensor name -> our parameter name
     names: Callable[[ModelConfig], dict[str, str]]
+    # ModelConfig field -> the config.json key it comes from, for what decides the tensors' shapes
+    keys: dict[str, str] = attrs.Factory(dict)
+
+    def describe(self, cfg: ModelConfig) -> str:
+        """The config.json values the weights' names and shapes follow from: "d_model = 192, ..."."""
+        values = {key: getattr(cfg, field) for field, key in self.keys.items()}
+        return ", ".join(f"{key} = {str(v).lower() if isinstance(v, bool) else v}" for key, v in values.items())
 
 
-def _require(raw: dict, key: str, source: str):
-    if key not in raw:
-        raise KeyError(f"{source}: missing required key {key!r}")
-    return raw[key]
+def _build(keys: dict[str, str], **fields) -> ModelConfig:
+    """The ModelConfig of `fields` after the checks across values, which name config.json's keys
+    (`keys`: our field -> theirs)."""
+    def name(field):
+        return f"{keys[field]} = {fields[field]}"
+
+    if fields["d_model"] % fields["n_heads"]:
+        raise ConfigValueError(f"{name('d_model')} is not divisible by {name('n_heads')}")
+    if fields["d_model"] // fields["n_heads"] % 2:
+        raise ConfigValueError(f"{name('d_model')} / {name('n_heads')} = {fields['d_model'] // fields['n_heads']}: "
+                               f"rotary embeddings need an even head size")
+    if fields["n_heads"] % fields["n_kv_heads"]:
+        raise ConfigValueError(f"{name('n_heads')} is not a multiple of {name('n_kv_heads')}")
+    if fields["embedding_size"] < fields["vocab_size"]:
+        raise ConfigValueError(f"{name('embedding_size')} is smaller than {name('vocab_size')}: every token needs "
+                               f"an embedding row")
+    return ModelConfig(**fields)
 
 
 # ---- LLaDA -------------------------------------------------------------------------------------
+_LLADA_KEYS = {"d_model": "d_model", "n_layers": "n_layers", "n_heads": "n_heads", "n_kv_heads": "n_kv_heads",
+               "ffn_hidden": "mlp_hidden_size", "vocab_size": "vocab_size", "embedding_size": "embedding_size",
+               "qkv_bias": "include_qkv_bias", "tie_word_embeddings": "weight_tying"}
+
+
 def _llada_config(raw: dict) -> ModelConfig:
-    src = "config.json (model_type 'llada')"
-    if raw.get("block_type", "llama") != "llama":
-        raise ValueError(f"{src}: block_type {raw['block_type']!r} is not supported; supported: 'llama'")
-    if raw.get("alibi", False) or not raw.get("rope", True):
-        raise ValueError(f"{src}: only RoPE position encoding is supported (rope=true, alibi=false)")
-    d = _require(raw, "d_model", src)
-    n_heads = _require(raw, "n_heads", src)
-    vocab = _require(raw, "vocab_size", src)
-    extra = tuple(raw.get("eot_token_ids", ()) or ())
-    return ModelConfig(
-        family="llada", d_model=d, n_layers=_require(raw, "n_layers", src), n_heads=n_heads,
-        n_kv_heads=raw.get("n_kv_heads") or n_heads,
-        ffn_hidden=raw.get("mlp_hidden_size") or raw.get("mlp_ratio", 4) * d,
-        vocab_size=vocab, embedding_size=raw.get("embedding_size") or vocab,
-        rope_theta=float(raw.get("rope_theta", 10000.0)), rms_norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
-        max_sequence_length=raw.get("max_sequence_length", 4096),
-        qkv_bias=bool(raw.get("include_bias", False) or raw.get("include_qkv_bias", False)),
-        tie_word_embeddings=bool(raw.get("weight_tying", False)), logits_shift=False,
-        mask_token_id=_require(raw, "mask_token_id", src), eos_token_id=raw.get("eos_token_id"),
-        pad_token_id=raw.get("pad_token_id"), bos_token_id=raw.get("bos_token_id"), extra_stop_ids=extra,
+    r = ConfigReader(raw, "llada")
+    block_type = r.value("block_type", "llama")
+    if block_type != "llama":
+        raise ConfigValueError(f"block_type = {shown(block_type)}: not supported; supported: 'llama'")
+    rope, alibi = r.flag("rope", True), r.flag("alibi", False)
+    if alibi or not rope:
+        raise ConfigValueError(f"rope = {str(rope).lower()}, alibi = {str(alibi).lower()}: only RoPE position "
+                               f"encoding is supported (rope = true, alibi = false)")
+    d = r.int("d_model")
+    n_heads = r.int("n_heads")
+    vocab = r.int("vocab_size")
+    if raw.get("mlp_hidden_size") is not None:
+        ffn = r.int("mlp_hidden_size")
+    else:
+        ratio = r.number("mlp_ratio", 4)
+        if not float(ratio * d).is_integer():
+            raise ConfigValueError(f"mlp_ratio = {shown(raw.get('mlp_ratio'))} x d_model = {d} is not a whole number "
+                                   f"of hidden units; give mlp_hidden_size")
+        ffn = int(ratio * d)
+    return _build(
+        _LLADA_KEYS, family="llada", d_model=d, n_layers=r.int("n_layers", high=MAX_LAYERS), n_heads=n_heads,
+        n_kv_heads=r.int("n_kv_heads", n_heads), ffn_hidden=ffn,
+        vocab_size=vocab, embedding_size=r.int("embedding_size", vocab),
+        rope_theta=r.number("rope_theta", 10000.0), rms_norm_eps=r.number("rms_norm_eps", 1e-5, below=1),
+        max_sequence_length=r.int("max_sequence_length", 4096, high=MAX_POSITIONS),
+        qkv_bias=r.flag("include_bias", False) or r.flag("include_qkv_bias", False),
+        tie_word_embeddings=r.flag("weight_tying", False), logits_shift=False,
+        mask_token_id=r.value("mask_token_id", REQUIRED), eos_token_id=r.value("eos_token_id"),
+        pad_token_id=r.value("pad_token_id"), bos_token_id=r.value("bos_token_id"),
+        extra_stop_ids=r.int_list("eot_token_ids"),
     )
 
 
@@ -74,20 +110,25 @@ def _llada_names(cfg: ModelConfig) -> dict[str, str]:
 
 
 # ---- Dream (Qwen2 layout) ----------------------------------------------------------------------
+_DREAM_KEYS = {"d_model": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
+               "n_kv_heads": "num_key_value_heads", "ffn_hidden": "intermediate_size", "vocab_size": "vocab_size",
+               "tie_word_embeddings": "tie_word_embeddings"}
+_DREAM_CHECKS = {**_DREAM_KEYS, "embedding_size": "vocab_size"}
+
+
 def _dream_config(raw: dict) -> ModelConfig:
-    src = "config.json (model_type 'Dream')"
-    d = _require(raw, "hidden_size", src)
-    n_heads = _require(raw, "num_attention_heads", src)
-    vocab = _require(raw, "vocab_size", src)
-    return ModelConfig(
-        family="dream", d_model=d, n_layers=_require(raw, "num_hidden_layers", src), n_heads=n_heads,
-        n_kv_heads=raw.get("num_key_value_heads") or n_heads, ffn_hidden=_require(raw, "intermediate_size", src),
-        vocab_size=vocab, embedding_size=vocab, rope_theta=float(raw.get("rope_theta", 10000.0)),
-        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-        max_sequence_length=raw.get("max_position_embeddings", 4096), qkv_bias=True,
-        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)), logits_shift=True,
-        mask_token_id=_require(raw, "mask_token_id", src), eos_token_id=raw.get("eos_token_id"),
-        pad_token_id=raw.get("pad_token_id"), bos_token_id=raw.get("bos_token_id"),
+    r = ConfigReader(raw, "Dream")
+    n_heads = r.int("num_attention_heads")
+    vocab = r.int("vocab_size")
+    return _build(
+        _DREAM_CHECKS, family="dream", d_model=r.int("hidden_size"), n_layers=r.int("num_hidden_layers", high=MAX_LAYERS),
+        n_heads=n_heads, n_kv_heads=r.int("num_key_value_heads", n_heads), ffn_hidden=r.int("intermediate_size"),
+        vocab_size=vocab, embedding_size=vocab, rope_theta=r.number("rope_theta", 10000.0),
+        rms_norm_eps=r.number("rms_norm_eps", 1e-6, below=1),
+        max_sequence_length=r.int("max_position_embeddings", 4096, high=MAX_POSITIONS), qkv_bias=True,
+        tie_word_embeddings=r.flag("tie_word_embeddings", False), logits_shift=True,
+        mask_token_id=r.value("mask_token_id", REQUIRED), eos_token_id=r.value("eos_token_id"),
+        pad_token_id=r.value("pad_token_id"), bos_token_id=r.value("bos_token_id"),
     )
 
 
@@ -108,8 +149,8 @@ def _dream_names(cfg: ModelConfig) -> dict[str, str]:
 
 
 FAMILIES = (
-    Family("llada", ("llada", "LLaDA"), _llada_config, _llada_names),
-    Family("dream", ("Dream", "dream"), _dream_config, _dream_names),
+    Family("llada", ("llada", "LLaDA"), _llada_config, _llada_names, _LLADA_KEYS),
+    Family("dream", ("Dream", "dream"), _dream_config, _dream_names, _DREAM_KEYS),
 )
 
 

@@ -23,6 +23,7 @@ from .checkpoint_checks import (
     read_json_object,
 )
 from .families import family_for
+from .memory import available_bytes, gib, parameter_count, weights_bytes
 from .transformer import DiffusionTransformer
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -50,7 +51,7 @@ def read_config(directory: Path):
         cfg = family.parse_config(raw)
     except (KeyError, ValueError, TypeError) as exc:
         raise CheckpointError(f"{path}: {exc.args[0] if exc.args else exc}") from exc
-    check_special_ids(cfg, path)
+    check_special_ids(cfg, path, family.keys.get("embedding_size", "vocab_size"))
     return family, cfg
 
 
@@ -109,7 +110,9 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: s
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: checkpoint directory not found")
     torch_dtype, device = resolve_dtype(dtype), torch.device(device)
-    _, cfg = read_config(directory)
+    family, cfg = read_config(directory)
+    sizes = f"config.json: {family.describe(cfg)}"
+    _check_weights_fit(cfg, torch_dtype, device, directory / "config.json", sizes)
     tokenizer = _load_tokenizer(directory)
     if tokenizer is not None:
         check_tokenizer_size(tokenizer, cfg, directory)
@@ -120,13 +123,13 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: s
     with torch.device("meta"):
         model = DiffusionTransformer(cfg)
     expected = model.state_dict()
-    names = _family_names(directory, cfg)
+    names = family.names(cfg)
     state: dict[str, torch.Tensor] = {}
     unexpected: list[str] = []
     found_in: dict[str, Path] = {}
     for file in _weight_files(directory):
         try:
-            _read_weights(file, names, expected, state, unexpected, found_in, device, torch_dtype)
+            _read_weights(file, names, expected, state, unexpected, found_in, device, torch_dtype, sizes)
         except (SafetensorError, OSError, RuntimeError) as exc:  # empty, truncated or not safetensors at all
             raise CheckpointError(f"{file}: not a readable safetensors file ({str(exc).strip()[:200]})") from exc
     missing = sorted(k for k, ours in names.items() if ours not in state)
@@ -136,7 +139,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: s
             parts.append(f"missing tensors: {missing[:10]}{' ...' if len(missing) > 10 else ''}")
         if unexpected:
             parts.append(f"unexpected tensors: {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")
-        raise CheckpointError(f"{directory}: " + "; ".join(parts))
+        raise CheckpointError(f"{directory}: " + "; ".join(parts) + f" ({sizes})")
     model.load_state_dict(state, strict=False, assign=True)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed.weight
@@ -146,7 +149,17 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: s
     return model
 
 
-def _read_weights(file: Path, names, expected, state, unexpected, found_in, device, dtype) -> None:
+def _check_weights_fit(cfg, dtype: torch.dtype, device: torch.device, config_path: Path, sizes: str) -> None:
+    """Refuse weights the device cannot hold, from config.json's sizes, before anything is built."""
+    needed, available = weights_bytes(cfg, dtype), available_bytes(device)
+    if available is not None and needed > available:
+        raise CheckpointError(
+            f"{config_path}: the weights need about {gib(needed)} in {str(dtype).removeprefix('torch.')} "
+            f"({parameter_count(cfg):,} parameters from {sizes.removeprefix('config.json: ')}) but {device} has "
+            f"{gib(available)} available")
+
+
+def _read_weights(file: Path, names, expected, state, unexpected, found_in, device, dtype, sizes: str) -> None:
     """Move `file`'s tensors into `state` (our names), checking shape, dtype, finiteness and that no
     tensor comes from two files."""
     with safe_open(str(file), framework="pt", device="cpu") as f:
@@ -159,16 +172,12 @@ def _read_weights(file: Path, names, expected, state, unexpected, found_in, devi
                 raise CheckpointError(f"{file}: tensor {key} is also in {found_in[key]}; each tensor belongs in "
                                       f"one file")
             found_in[key] = file
+            want, shape = tuple(expected[ours].shape), tuple(f.get_slice(key).get_shape())
+            if shape != want:  # from the header, before the tensor is read
+                raise CheckpointError(f"{file}: tensor {key} has shape {shape}, expected {want} ({sizes})")
             tensor = f.get_tensor(key)
-            want = tuple(expected[ours].shape)
-            if tuple(tensor.shape) != want:
-                raise CheckpointError(f"{file}: tensor {key} has shape {tuple(tensor.shape)}, expected {want}")
             if not tensor.is_floating_point():
                 check_weight(tensor, key, file)
             state[ours] = tensor.to(device=device, dtype=dtype)
             check_weight(state[ours], key, file)  # in the target dtype: an overflow to inf counts
 
-
-def _family_names(directory: Path, cfg) -> dict[str, str]:
-    family, _ = read_config(directory)
-    return family.names(cfg)
