@@ -16,6 +16,7 @@ from .core.loop import denoise
 from .core.registry import make_manager
 from .core.streaming import GenerationCancelled, GenerationStream, StepReporter
 from .execution.executor import executor_for
+from .models.memory import available_bytes, generation_bytes, gib, weights_bytes
 from .prompts.check import PromptError, check_token_ids
 from .prompts.encode import encode as encode_prompts
 
@@ -46,6 +47,16 @@ def _as_recipe(recipe) -> Recipe:
 class PipelineBusy(RuntimeError):
     """A generation started from inside another one on the same model (a step callback or a hook
     calling `generate`): it would wait for the running generation, which waits for it."""
+
+
+class GenerationTooLarge(ValueError):
+    """A generation whose estimated memory (activation store, logits, activations) exceeds what the
+    model's device has available; the message gives the estimate by part."""
+
+
+# decisions whose owners keep an activation store, and those that also track row fields in it
+_STORE_DECISIONS = {"row_feed", "layer_rows", "kv_rows", "attn_rows", "ffn_rows"}
+_FIELD_DECISIONS = {"layer_rows", "kv_rows", "attn_rows", "ffn_rows"}
 
 
 class _Turns:
@@ -126,6 +137,7 @@ class Pipeline:
             raise PromptError(f"prompt of {longest} tokens + gen_length {gen.gen_length} exceeds the model's "
                              f"max_sequence_length {cfg.max_sequence_length}")
         with _TURNS.take(self.model, getattr(step_callback, "cancelled", None)):
+            self._check_memory(ids, gen)
             reporter = None
             if step_callback is not None:
                 reporter = StepReporter(step_callback, self.model.tokenizer, self.model.config.stop_token_ids, gen.stop)
@@ -144,6 +156,27 @@ class Pipeline:
         the GenerationOutput afterwards."""
         return GenerationStream(lambda on_step: self.generate(prompts, chat, step_callback=on_step,
                                                               **generation_overrides))
+
+    def _check_memory(self, ids, gen) -> None:
+        """Refuse a generation whose estimated memory exceeds what the device has available, before
+        anything is allocated (`models/memory.py`)."""
+        model = self.model
+        provided = set().union(*(p.provides for p in self.plugins))
+        batch, length = len(ids), max(len(p) for p in ids) + gen.gen_length
+        model_batch = batch * (2 if gen.cfg_scale > 0 else 1)
+        kept = self.executor.mode == "cuda_graphs" and self.executor.holds_store(model_batch, length)
+        parts = generation_bytes(model.config, model.dtype, batch=batch, model_batch=model_batch, length=length,
+                                 block_length=gen.block_length, store=bool(provided & _STORE_DECISIONS) and not kept,
+                                 fields=2 if provided & _FIELD_DECISIONS else 0, temperature=gen.temperature)
+        needed, available = sum(parts.values()), available_bytes(model.device)
+        if available is None or needed <= available:
+            return
+        detail = ", ".join(f"{name} {gib(n)}" for name, n in parts.items())
+        raise GenerationTooLarge(
+            f"a generation of {batch} prompt{'s' if batch > 1 else ''} x {length} columns (longest prompt "
+            f"{length - gen.gen_length} + gen_length {gen.gen_length}) needs about {gib(needed)} ({detail}) but "
+            f"{model.device} has {gib(available)} available (the weights, already loaded, take "
+            f"{gib(weights_bytes(model.config, model.dtype))}); decode fewer prompts at once or a shorter gen_length")
 
     def _output(self, state, ids, gen) -> GenerationOutput:
         stops = set(self.model.config.stop_token_ids)

@@ -64,6 +64,10 @@ class Executor:
             self.eager_forwards += 1
             self.eager_reason = reason
 
+    def holds_store(self, batch: int, length: int) -> bool:
+        """Whether a store of this shape is already allocated (kept in cuda_graphs mode)."""
+        return (batch, length) in self._stores
+
     def new_store(self, model, batch: int, length: int):
         """The activation store of a generation. Graph replays write into fixed addresses, so in
         cuda_graphs mode one store per shape is kept, cleared, and its tensors marked static."""
