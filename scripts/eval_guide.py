@@ -9,7 +9,7 @@ against the embedded diffusion model's.
 Prompts are the held-out file's few-shot prompts, encoded as the pipeline encodes them (no BOS),
 left-padded within a batch. Each generation stops at the tokenizer's stop ids (`<|eos|>`,
 `<|eot|>`) or after --max-new-tokens, is decoded without special tokens and scored by
-`dare_pipeline.tasks.score` (exact match of the worked answer, match of the final answer).
+`dare_pipeline.evaluation.suite.score` (exact match of the worked answer, match of the final answer).
 
 --time-forward times, in one process and interleaved, (a) one forward of the guide and one of the
 diffusion model over --length tokens (no cache), and (b) the guide's forward over one block of
@@ -34,8 +34,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dare_pipeline.tasks import HELDOUT_FILE, read_jsonl, score  # noqa: E402
-from dare_pipeline.tokenizer import EOS_ID, EOT_ID, PAD_ID  # noqa: E402
+from dare_pipeline.evaluation.suite import HELDOUT_FILE, read_jsonl, score  # noqa: E402
+from dare_pipeline.models.tokenizer import EOS_ID, EOT_ID, PAD_ID  # noqa: E402
 from dare_pipeline.training import encode  # noqa: E402
 
 STOP_IDS = (EOS_ID, EOT_ID)

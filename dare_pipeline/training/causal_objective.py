@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..tokenizer import VOCAB
+from ..models.tokenizer import VOCAB
 
 _ANSWER_MARKER = [VOCAB[c] for c in "A: "]
 _NEWLINE = VOCAB["\n"]

@@ -35,9 +35,9 @@ from pathlib import Path
 import attrs
 import torch
 
-from ..config_loading import at_least, choice, in_range
-from ..tasks import FAMILY_NAMES
-from ..tokenizer import BOS_ID, EOS_ID, EOT_ID, PAD_ID, VOCAB_SIZE
+from ..config.loading import at_least, choice, in_range
+from ..evaluation.suite import FAMILY_NAMES
+from ..models.tokenizer import BOS_ID, EOS_ID, EOT_ID, PAD_ID, VOCAB_SIZE
 from .batches import BatchKind, BatchSampler, Phase
 from .causal_objective import causal_lm_loss, loss_mask
 from .optimizers import OPTIMIZERS, build_optimizer
@@ -180,7 +180,7 @@ def lr_at(step: int, progress: float, cfg: GuideConfig) -> float:
 def export_guide(model, directory: str | os.PathLike) -> Path:
     """Write `model` as an HF-format directory with the embedded tokenizer's files, atomically (a
     temporary sibling is filled, then renamed over `directory`)."""
-    from ..tokenizer import save_tokenizer
+    from ..models.tokenizer import save_tokenizer
 
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)

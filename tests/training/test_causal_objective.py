@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from dare_pipeline.tokenizer import PAD_ID
+from dare_pipeline.models.tokenizer import PAD_ID
 from dare_pipeline.training import causal_lm_loss, encode, loss_mask, make_batch, shot_answer_mask
 from dare_pipeline.training.causal_objective import position_ids
 
@@ -10,7 +10,7 @@ ZERO_SHOT = ("Q: reverse abc\nA: ", "#### cba")
 
 
 def _decode(ids):
-    from dare_pipeline.tokenizer import VOCAB
+    from dare_pipeline.models.tokenizer import VOCAB
 
     chars = {i: c for c, i in VOCAB.items()}
     return "".join(chars[i] for i in ids)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import torch
 
-from dare_pipeline.tasks import HELDOUT_FILE, read_jsonl, score
+from dare_pipeline.evaluation.suite import HELDOUT_FILE, read_jsonl, score
 from dare_pipeline.training import GuideConfig, build_guide, encode, export_guide
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -4,13 +4,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from dare_pipeline.tokenizer import EOS_ID, EOT_ID
+from dare_pipeline.models.tokenizer import EOS_ID, EOT_ID
 from dare_pipeline.training import BatchKind, GuideConfig, GuideTrainer, Phase, build_guide, export_guide
 from dare_pipeline.training.guide import CHECKPOINT, LOG, lr_at, schedule_factor
 from dare_pipeline.training.optimizers import build_optimizer
 
 ROOT = Path(__file__).resolve().parents[2]
-DIFFUSION_MODEL = ROOT / "dare_pipeline" / "default_model" / "llada"
+DIFFUSION_MODEL = ROOT / "dare_pipeline" / "models" / "default" / "llada"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 TINY = {"d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "ffn_hidden": 64, "max_position_embeddings": 1024,
         "token_budget": 400, "warmup_steps": 2, "lr": 3e-3, "log_every": 1, "checkpoint_every": 1000}
