@@ -67,7 +67,9 @@ def create_app(served: Served, *, limits: ServerLimits | None = None, api_key: s
 
     @app.exception_handler(RequestError)
     async def request_error(request: Request, error: RequestError):
-        return JSONResponse(error.body(), status_code=error.status)
+        # after a body refused unread (413) or late (408) the connection cannot carry another request
+        closing = {"Connection": "close"} if error.status in (408, 413) else None
+        return JSONResponse(error.body(), status_code=error.status, headers=closing)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import attrs
 
@@ -119,7 +120,7 @@ def check_neutral_options(request, gen) -> None:
                                "it out", name)
     if request.logit_bias:
         raise RequestError(400, "logit_bias: not implemented; send {} or leave it out", "logit_bias")
-    if request.logprobs not in (None, False):
+    if request.logprobs is not None and request.logprobs is not False:  # completions' 0 still asks for some
         raise RequestError(400, f"logprobs = {json.dumps(request.logprobs)}: log probabilities are not returned by "
                            f"this server; send {'false' if isinstance(request.logprobs, bool) else 'null'} or leave "
                            "it out", "logprobs")
@@ -191,12 +192,16 @@ def _max_tokens(request, served: Served) -> tuple[str, int]:
 
 
 def _param_of(message: str, request, length_field: str) -> str:
-    """The request field a recipe error comes from, found by the recipe key its message names."""
+    """The request field a recipe error comes from, found by the recipe key its message names
+    ("generation: temperature = ..." names the key temperature)."""
+    def names(key: str) -> bool:
+        return re.search(rf"(^|[\s.:]){re.escape(key.rsplit('.', 1)[-1])} = ", message) is not None
+
     for key in request.recipe_overrides:
-        if key in message:
+        if names(key):
             return f"recipe_overrides.{key}"
     for name in ("temperature", "seed", "stop"):
-        if getattr(request, name) is not None and f"generation.{name}" in message:
+        if getattr(request, name) is not None and names(name):
             return name
     return next((f"recipe_overrides.{k}" for k in request.recipe_overrides), length_field)
 
