@@ -118,10 +118,10 @@ def test_health_answers_while_a_maximal_body_is_refused(server):
 
 
 def test_health_answers_while_a_long_decode_runs(server):
-    body = {"prompt": "Q: reverse pythonwizard\nA: ", "max_tokens": 256}
+    body = {"prompt": "Q: reverse pythonwizard\nA: ", "max_tokens": 128}
     with HealthWatch(server.url) as health:
         reply = httpx.post(f"{server.url}/v1/completions", json=body, headers=AUTH, timeout=120)
-    assert reply.status_code == 200 and reply.json()["choices"][0]["dare"]["nfe"] == 256
+    assert reply.status_code == 200 and reply.json()["choices"][0]["dare"]["nfe"] == 128
     health.check(polls=10)
 
 
