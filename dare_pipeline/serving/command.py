@@ -28,7 +28,8 @@ def add_parser(sub) -> None:
     serve.add_argument("--max-batch", type=int, default=d.max_batch,
                        help=f"rows decoded together at most (default {d.max_batch})")
     serve.add_argument("--batch-window-ms", type=float, default=d.batch_window_ms,
-                       help=f"how long a request waits at most for others to share its batch (default {d.batch_window_ms:g})")
+                       help="how long a request waits at most for others to share its batch (default "
+                            f"{d.batch_window_ms:g})")
     serve.add_argument("--max-queue", type=int, default=d.max_queue,
                        help=f"rows waiting at most; beyond, 429 (default {d.max_queue})")
     serve.add_argument("--max-tokens", type=int, default=1024, help="the largest max_tokens a request may ask for")

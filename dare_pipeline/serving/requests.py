@@ -233,18 +233,17 @@ class _PromptRoom:
     served: Served
 
     def check_chars(self, chars: int) -> None:
-        most = max(self.limit - self.gen_length, 0) * self.served.max_token_chars * NORMALIZATION_SLACK
-        if chars > most:
-            raise RequestError(400, f"{self.field}: {chars:,} characters cannot fit in the {self.limit - self.gen_length} "
-                               f"tokens the model's max_sequence_length {self.limit} leaves beside gen_length "
-                               f"{self.gen_length} (max_tokens rounded up to the block length)", self.field,
-                               "context_length_exceeded")
+        room = max(self.limit - self.gen_length, 0)
+        if chars > room * self.served.max_token_chars * NORMALIZATION_SLACK:
+            raise RequestError(400, f"{self.field}: {chars:,} characters cannot fit in the {room} tokens the model's "
+                               f"max_sequence_length {self.limit} leaves beside gen_length {self.gen_length} "
+                               "(max_tokens rounded up to the block length)", self.field, "context_length_exceeded")
 
     def check_tokens(self, ids: list[int]) -> list[int]:
         if len(ids) + self.gen_length > self.limit:
-            raise RequestError(400, f"{self.field}: {len(ids)} prompt tokens + gen_length {self.gen_length} (max_tokens "
-                               f"rounded up to the block length) exceed the model's max_sequence_length {self.limit}",
-                               self.field, "context_length_exceeded")
+            raise RequestError(400, f"{self.field}: {len(ids)} prompt tokens + gen_length {self.gen_length} "
+                               "(max_tokens rounded up to the block length) exceed the model's max_sequence_length "
+                               f"{self.limit}", self.field, "context_length_exceeded")
         return ids
 
 

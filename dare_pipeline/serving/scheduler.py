@@ -210,7 +210,8 @@ class BatchScheduler:
         decoded again one row at a time: only the rows that fail alone get an error, each its own."""
         def on_step(event) -> None:
             if self._stopping or all(r.cancelled for r in batch):
-                raise GenerationCancelled(self._closed_because if self._stopping else "every request of the batch is gone")
+                raise GenerationCancelled(self._closed_because if self._stopping
+                                          else "every request of the batch is gone")
             for row, prompt in zip(batch, event.prompts):
                 if row.events is not None and not row.cancelled and event.step > row.steps_sent:
                     row.steps_sent = event.step

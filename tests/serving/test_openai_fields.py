@@ -115,9 +115,9 @@ def test_with_greedy_decoding_any_top_p_is_accepted(app):
 def test_options_this_server_cannot_honour_are_refused_by_name(app, chat, fields, param):
     fields = {"model": "default", "max_tokens": 32, **fields}
     if chat:
-        call = lambda c: c.chat.completions.create(messages=MESSAGES, **fields)  # noqa: E731
+        call = lambda c: c.chat.completions.create(messages=MESSAGES, **fields)
     else:
-        call = lambda c: c.completions.create(prompt=PROMPT, **fields)  # noqa: E731
+        call = lambda c: c.completions.create(prompt=PROMPT, **fields)
     with pytest.raises(openai.BadRequestError) as error:
         _call(app, call)
     assert error.value.body["param"] == param and param.split(".")[-1] in error.value.body["message"]

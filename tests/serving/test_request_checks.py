@@ -98,7 +98,8 @@ def test_a_prompt_too_long_to_fit_is_refused_before_it_is_tokenized(app, post_al
 def test_tokenizing_stops_at_the_first_prompt_too_long(app, post_all, monkeypatch):
     tokenizer = app.state.served.model.tokenizer
     original, calls = type(tokenizer).__call__, []
-    monkeypatch.setattr(type(tokenizer), "__call__", lambda self, text, **k: calls.append(1) or original(self, text, **k))
+    monkeypatch.setattr(type(tokenizer), "__call__",
+                        lambda self, text, **k: calls.append(1) or original(self, text, **k))
     long = "Q: " + "a" * 2100  # fewer characters than the bound, more tokens than the context
     reply = _post(post_all, app, {**GOOD, "prompt": [long] * 64})
     assert reply.status_code == 400 and reply.json()["error"]["code"] == "context_length_exceeded"

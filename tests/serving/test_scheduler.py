@@ -98,7 +98,8 @@ def test_a_request_that_breaks_decoding_fails_alone(app, monkeypatch, golden_mod
     steps = [e["choices"][0]["dare"]["step"] for e in events[:-1]]
     assert steps == list(range(1, 33))
     assert events[-1]["choices"][0]["dare"]["token_ids"] == _alone(golden_models, prompts[3])
-    assert all("cannot decode" not in r.text for r in (replies[0], replies[2], replies[3]))  # nobody sees another's error
+    # nobody sees another's error
+    assert all("cannot decode" not in r.text for r in (replies[0], replies[2], replies[3]))
 
 
 def test_isolated_batches_are_counted(app, monkeypatch, golden_models, post_all):
