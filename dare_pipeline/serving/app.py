@@ -155,7 +155,7 @@ async def _read_body(request: Request, limits: ServerLimits) -> bytes:
         raise too_large
     chunks, size = [], 0
     try:
-        async with asyncio.timeout(limits.read_timeout):
+        with anyio.fail_after(limits.read_timeout):  # raises TimeoutError when the body is late
             async for chunk in request.stream():
                 size += len(chunk)
                 if size > limit:
@@ -287,7 +287,7 @@ async def _stream(reply: _Reply, events: asyncio.Queue, request: Request, on_end
         while open_rows:
             try:
                 kind, index, payload = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
-            except TimeoutError:
+            except asyncio.TimeoutError:  # TimeoutError itself from Python 3.11 on
                 if await request.is_disconnected():
                     return
                 continue
