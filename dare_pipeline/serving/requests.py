@@ -163,6 +163,10 @@ def request_recipe(request, served: Served) -> Recipe:
     if max_tokens > served.max_tokens:
         raise RequestError(400, f"{length_field} = {max_tokens}: must be between 1 and {served.max_tokens}",
                            length_field)
+    block = gen["block_length"]
+    if not isinstance(block, int) or isinstance(block, bool) or block < 1:  # the geometry below needs a count
+        raise RequestError(400, f"recipe_overrides.generation.block_length = {json.dumps(block)[:80]}: must be an "
+                           "integer >= 1", "recipe_overrides.generation.block_length")
     steps = gen["steps"]
     gen.update(generation_length(served.recipe.generation.gen_length, gen["block_length"],
                                  served.recipe.generation.steps, max_tokens))

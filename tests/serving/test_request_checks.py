@@ -79,6 +79,12 @@ def test_a_recipe_error_names_the_override_it_comes_from(app, post_all):
     assert reply.status_code == 400 and reply.json()["error"]["param"] == "recipe_overrides.generation.remasking"
 
 
+@pytest.mark.parametrize("block_length", ["sideways", True, 0, 2.5])
+def test_a_block_length_override_must_be_a_count(app, post_all, block_length):
+    reply = _post(post_all, app, {**GOOD, "recipe_overrides": {"generation.block_length": block_length}})
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == "recipe_overrides.generation.block_length"
+
+
 def test_a_request_that_can_never_fit_the_queue_says_so(app, post_all):
     reply = _post(post_all, app, {**GOOD, "prompt": [PROMPT] * 64, "n": 16})  # 1,024 rows; --max-queue 256
     assert reply.status_code == 400

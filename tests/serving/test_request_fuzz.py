@@ -102,6 +102,7 @@ def _check_stream(reply):
 @example(sent=(False, b'{"prompt": "Q: reverse abc\\nA: ", "stream": true, "stream_options": {"include_usage": true}}'))
 @example(sent=(True, b'{"messages": [{"role": "user", "content": "hi"}], "stream": true, "n": 2, "max_tokens": 4}'))
 @example(sent=(False, b'{"prompt": [1, 2, 3], "recipe_overrides": {"generation.block_length": 3}, "max_tokens": 7}'))
+@example(sent=(False, b'{"prompt": [1, 2], "recipe_overrides": {"generation.block_length": "sideways"}}'))
 def test_every_body_gets_json_2xx_or_a_4xx_error_never_5xx(client, sent):
     chat, body = sent
     reply = client.post("/v1/chat/completions" if chat else "/v1/completions", content=body)
