@@ -1,4 +1,4 @@
-"""`dare-pipeline serve` refuses bad settings with one line, before it listens."""
+"""`dare-pipeline serve` refuses bad settings with one line, before it loads a model or listens."""
 
 import socket
 
@@ -7,11 +7,29 @@ import pytest
 from dare_pipeline.cli import main
 
 
-@pytest.mark.parametrize("flag, value", [("--max-batch", "0"), ("--max-queue", "0"), ("--batch-window-ms", "-1")])
-def test_bad_setting_exits_2_naming_the_flag(capsys, flag, value):
-    assert main(["serve", "--recipe", "recipes/baseline.yaml", flag, value]) == 2
+@pytest.mark.parametrize("flag, value, allowed", [
+    ("--max-batch", "0", "between 1 and 4,096"),
+    ("--max-queue", "0", "between 1 and 1,000,000"),
+    ("--batch-window-ms", "-1", "between 0 and 60000"),
+    ("--batch-window-ms", "inf", "finite number"),  # once killed the batching worker
+    ("--batch-window-ms", "nan", "finite number"),
+    ("--shutdown-timeout", "nan", "finite number"),
+    ("--shutdown-timeout", "1e9", "between 0 and 3600"),
+    ("--read-timeout", "0", "must be > 0"),
+    ("--keep-alive-timeout", "-inf", "finite number"),
+    ("--max-body-bytes", "10", "between 1024 and"),
+    ("--port", "99999", "between 0 and 65535"),
+    ("--port", "-1", "between 0 and 65535"),
+    ("--max-tokens", "0", "between 1 and"),
+    ("--threads", "100000", "must be between 1 and"),
+    ("--threads", "0", "must be between 1 and"),
+    ("--api-key", "", "visible ASCII"),
+    ("--api-key", "two words", "visible ASCII"),
+])
+def test_bad_setting_exits_2_with_one_line_naming_the_flag(capsys, flag, value, allowed):
+    assert main(["serve", "--recipe", "recipes/baseline.yaml", f"{flag}={value}"]) == 2
     err = capsys.readouterr().err
-    assert f"serve: {flag} = " in err and "must be >=" in err and len(err.splitlines()) == 1
+    assert f"serve: {flag}" in err and allowed in err and len(err.splitlines()) == 1, err
 
 
 def test_a_port_in_use_is_a_clear_error(capsys):
