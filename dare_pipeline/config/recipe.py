@@ -103,8 +103,9 @@ class Recipe:
             errors.append(_not_a_plugin_list(raw_plugins, source))
             entries = ()
         specs = tuple(s for s in (_collect(errors, _plugin_spec, e, i, source) for i, e in enumerate(entries)) if s)
-        if len(specs) == len(entries):  # composition is judged on the whole list
-            _collect(errors, check_composition, specs, source)
+        # composition is judged on every entry naming a known plugin, options valid or not, so that
+        # a conflict is reported together with the file's other mistakes
+        errors += composition_errors([_entry_name(e) for e in entries], source)
         if errors:
             raise ConfigError.combine(errors)
         return attrs.evolve(recipe, plugins=specs, source=source)
@@ -157,23 +158,44 @@ def _plugin_spec(entry, index: int, source: str) -> PluginSpec:
     return PluginSpec(name=name, options=structure(classes[name].Options, options, path, source))
 
 
+def _entry_name(entry):
+    """The plugin a `plugins:` entry names, None for an entry that names none."""
+    if isinstance(entry, str):
+        return entry
+    return entry.get("name") if isinstance(entry, dict) else None
+
+
 def check_composition(specs: tuple[PluginSpec, ...], source: str) -> None:
-    """Refuse two plugins that own the same decision, a plugin named twice, or declared conflicts."""
+    """Refuse two plugins that own the same decision, a plugin named twice, or declared conflicts
+    (every such problem of the list in one ConfigError)."""
+    errors = composition_errors([s.name for s in specs], source)
+    if errors:
+        raise ConfigError.combine(errors)
+
+
+def composition_errors(names: list, source: str) -> list[ConfigError]:
+    """Every composition problem of a plugin list (`names[i]` is entry i's plugin; names that are
+    not registered plugins, reported elsewhere, are left out): a plugin named twice, two owners of a
+    decision, a declared conflict (once per pair, whichever of the two declares it)."""
     classes = available_plugins()
-    names = [s.name for s in specs]
-    owners: dict[str, str] = {}
+    errors, owners, pairs = [], {}, set()
     for i, name in enumerate(names):
+        if not isinstance(name, str) or name not in classes:
+            continue
         if name in names[:i]:
-            raise ConfigError(f"{source}: plugins[{i}].name = {name!r}: plugin listed twice")
-        cls = classes[name]
-        for decision in sorted(cls.provides):
+            errors.append(ConfigError(f"{source}: plugins[{i}].name = {name!r}: plugin listed twice"))
+            continue
+        for decision in sorted(classes[name].provides):
             if decision in owners:
-                raise ConfigError(f"{source}: plugins: {owners[decision]!r} and {name!r} both decide {decision!r}; "
-                                  f"keep one of them")
-            owners[decision] = name
-        for other, why in cls.conflicts.items():
-            if other in names:
-                raise ConfigError(f"{source}: plugins: {name!r} cannot be combined with {other!r}: {why}")
+                errors.append(ConfigError(f"{source}: plugins: {owners[decision]!r} and {name!r} both decide "
+                                          f"{decision!r}; keep one of them"))
+            else:
+                owners[decision] = name
+        for other, why in classes[name].conflicts.items():
+            if other in names and frozenset((name, other)) not in pairs:
+                pairs.add(frozenset((name, other)))
+                errors.append(ConfigError(f"{source}: plugins: {name!r} cannot be combined with {other!r}: {why}"))
+    return errors
 
 
 def apply_override(data: dict, item: str, source: str) -> None:
