@@ -4,7 +4,7 @@ Carlo likelihood estimate (LLaDA's) behind `loglikelihood` / `loglikelihood_roll
     lm_eval --model dare --model_args recipe=recipes/baseline.yaml,gen_length=64 --tasks ...
 
 model_args (all optional):
-    recipe        recipe YAML path, a Recipe or a dict (default: the baseline settings)
+    recipe        recipe YAML path, a Recipe or a dict (default: the baseline recipe)
     model         checkpoint directory or "default" (overrides the recipe's model; alias: pretrained)
     dtype, device override the recipe's (a CUDA device on a machine without CUDA falls back to the
                   recipe's device with a warning, since lm-eval's CLI passes --device cuda:0 by default)
@@ -35,7 +35,7 @@ from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
 from ..api import Pipeline
-from ..config.recipe import GenerationConfig, Recipe
+from ..config.recipe import GenerationConfig, Recipe, baseline_recipe
 from ..core.hookspecs import hookimpl
 from ..reuse import flops as flops_mod
 from . import distributed
@@ -199,7 +199,7 @@ def build_recipe(recipe=None, overrides=(), **generation) -> Recipe:
     """The recipe of a model_args set: a path / Recipe / dict (None = baseline settings), then the
     generation shortcuts, then the `set` overrides."""
     if recipe is None:
-        base = Recipe.from_dict({"name": "baseline"}, source="<baseline defaults>")
+        base = baseline_recipe()
     elif isinstance(recipe, Recipe):
         base = recipe
     elif isinstance(recipe, dict):
@@ -208,9 +208,9 @@ def build_recipe(recipe=None, overrides=(), **generation) -> Recipe:
         base = Recipe.from_yaml(Path(recipe))
     if not generation and not overrides:
         return base
-    data = base.to_dict()
-    data["generation"].update(generation)
-    return Recipe.from_dict(data, source=base.source, overrides=list(overrides))
+    # the shortcuts are overrides like `set`'s: a recipe's steps follow a gen_length given here
+    shortcuts = [f"generation.{key}={json.dumps(value)}" for key, value in generation.items()]
+    return base.with_overrides(shortcuts + list(overrides))
 
 
 class _FlopsCounter:
@@ -270,11 +270,11 @@ class DareLM(TemplateLM):
             changes["device"] = resolved_device
         if changes:
             recipe = Recipe.from_dict({**recipe.to_dict(), **changes}, source=recipe.source)
-        self.recipe = recipe
         if model is None or isinstance(model, (str, Path)):
             self.pipeline = Pipeline.from_recipe(recipe)
         else:  # an already loaded DiffusionTransformer (Python API)
             self.pipeline = Pipeline(model, recipe)
+        self.recipe = self.pipeline.recipe  # with the model's answer length where the recipe leaves it
         self.model = self.pipeline.model
         self.tokenizer = self.model.tokenizer
         if self.tokenizer is None:

@@ -7,11 +7,12 @@ import sys
 from pathlib import Path
 
 from ..config.loading import ConfigError
+from ..config.recipe import BASELINE_HELP
 
 
 def add_parser(sub) -> None:
     serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (completions, chat, streaming, batching)")
-    serve.add_argument("--recipe", required=True, help="recipe YAML file every request starts from")
+    serve.add_argument("--recipe", help=f"recipe YAML file every request starts from ({BASELINE_HELP})")
     serve.add_argument("--model", help="checkpoint directory (overrides the recipe's model)")
     serve.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a recipe key")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
@@ -20,7 +21,10 @@ def add_parser(sub) -> None:
     serve.add_argument("--batch-window-ms", type=float, default=20.0,
                        help="how long a request waits at most for others to share its batch (default 20)")
     serve.add_argument("--max-queue", type=int, default=256, help="rows waiting at most; beyond, 429 (default 256)")
-    serve.add_argument("--max-tokens", type=int, default=1024, help="the largest max_tokens a request may ask for")
+    serve.add_argument("--max-tokens", type=int, metavar="N", help="the answer length of a request that sends no "
+                       "max_tokens (generation.gen_length; default: the recipe's, else the model's, else 256)")
+    serve.add_argument("--max-tokens-limit", type=int, default=1024, help="the largest max_tokens a request may ask "
+                       "for (default 1024)")
     serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every endpoint but /health")
     serve.add_argument("--served-model-name", help="the model id clients send (default: the model's name)")
     serve.add_argument("--shutdown-timeout", type=float, default=30.0,
@@ -38,24 +42,26 @@ def cmd_serve(args) -> int:
     import torch
     import uvicorn
 
-    from ..config.recipe import Recipe
+    from ..config.generation import with_max_tokens
+    from ..config.recipe import recipe_or_baseline
     from ..models import load_model
     from .app import create_app
     from .requests import Served
 
     for flag, value, low in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 1),
-                             ("--max-tokens", args.max_tokens, 1), ("--batch-window-ms", args.batch_window_ms, 0),
+                             ("--max-tokens-limit", args.max_tokens_limit, 1), ("--max-tokens", 1 if args.max_tokens is None else args.max_tokens, 1),
+                             ("--batch-window-ms", args.batch_window_ms, 0),
                              ("--shutdown-timeout", args.shutdown_timeout, 0)):
         if value < low:
             raise ConfigError(f"serve: {flag} = {value}: must be >= {low}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    recipe = Recipe.from_yaml(args.recipe, overrides=args.set)
+    recipe = recipe_or_baseline(args.recipe, with_max_tokens(args.max_tokens, args.set))
     model_path = args.model or recipe.model
     model = load_model(model_path, dtype=recipe.dtype, device=recipe.device)
     name = args.served_model_name or (model_path if model_path.startswith("default") else Path(model_path).name)
     served = Served(name=name, model=model, recipe=recipe,
-                    max_tokens=min(args.max_tokens, model.config.max_sequence_length - 1))
+                    max_tokens=min(args.max_tokens_limit, model.config.max_sequence_length - 1))
     app = create_app(served, max_batch=args.max_batch, batch_window_ms=args.batch_window_ms,
                      max_queue=args.max_queue, api_key=args.api_key, threads=args.threads)
     sock = _bind(args.host, args.port)

@@ -47,8 +47,11 @@ class Served:
 
     name: str
     model: object
-    recipe: Recipe
+    recipe: Recipe  # kept as it decodes on the model: its answer length where the recipe leaves it
     max_tokens: int  # the largest max_tokens a request may ask for
+
+    def __attrs_post_init__(self):
+        object.__setattr__(self, "recipe", self.recipe.for_model(self.model))
 
 
 @attrs.frozen(eq=False)

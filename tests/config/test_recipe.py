@@ -8,6 +8,7 @@ import pytest
 
 from dare_pipeline import Recipe
 from dare_pipeline.config import ConfigError
+from dare_pipeline.config.recipe import baseline_recipe
 from dare_pipeline.core import Plugin, hookimpl
 from dare_pipeline.core.registry import available_plugins, registered
 
@@ -46,9 +47,11 @@ def _write(tmp_path, text):
     return path
 
 
-def test_shipped_baseline_recipe_loads():
+def test_shipped_baseline_recipe_loads_and_is_the_default_recipe():
     recipe = Recipe.from_yaml("recipes/baseline.yaml")
-    assert recipe.name == "baseline" and recipe.plugins == () and recipe.generation.gen_length == 256
+    assert recipe.name == "baseline" and recipe.plugins == () and recipe == baseline_recipe()
+    # the answer length is the model's: unset here
+    assert (recipe.generation.gen_length, recipe.generation.block_length, recipe.generation.steps) == (None,) * 3
 
 
 def test_unknown_top_level_key(tmp_path):

@@ -204,9 +204,9 @@ def test_loglikelihood_rolling_is_the_whole_string_score(lm):
 
 def test_eval_command_writes_results_json(tiny_dir, tmp_path, capsys, no_network):
     out = tmp_path / "results.json"
-    code = main(["eval", "--recipe", "recipes/baseline.yaml", "--model", str(tiny_dir), "--tasks", "dare_add,dare_sort",
-                 "--limit", "2", "--batch-size", "2", "--set", "generation.gen_length=32",
-                 "--set", "generation.steps=32", "--output", str(out), "--log-samples"])
+    # without --recipe: the baseline recipe; --max-tokens sets gen_length, and steps follow it
+    code = main(["eval", "--model", str(tiny_dir), "--tasks", "dare_add,dare_sort", "--limit", "2",
+                 "--batch-size", "2", "--max-tokens", "32", "--output", str(out), "--log-samples"])
     assert code == 0
     assert "dare_add" in capsys.readouterr().out
     doc = json.loads(out.read_text())
@@ -216,7 +216,8 @@ def test_eval_command_writes_results_json(tiny_dir, tmp_path, capsys, no_network
     for row in doc["tasks"].values():
         assert row["n"] == 2 and row["n_total"] == 125
         assert 0.0 <= row["exact_match"] <= 1.0 and 0.0 <= row["final_match"] <= 1.0
-    assert doc["recipe"]["generation"]["gen_length"] == 32 and doc["recipe"]["name"] == "baseline"
+    assert doc["recipe"]["name"] == "baseline" and doc["recipe_source"] == "<the baseline recipe>"
+    assert [doc["recipe"]["generation"][k] for k in ("gen_length", "block_length", "steps")] == [32, 32, 32]
     d = doc["decoding"]
     assert (d["requests"], d["batches"], d["nfe_total"], d["nfe_per_request"]) == (4, 2, 64, 32)
     assert d["generated_tokens"] > 0 and d["tokens_per_second"] > 0 and d["wall_time_s"] > 0
