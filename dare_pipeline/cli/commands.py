@@ -230,7 +230,7 @@ def cmd_eval(args) -> int:
     overrides = with_max_tokens(args.max_tokens, args.set)
     doc = evaluate(tasks, recipe=args.recipe, model=args.model, overrides=overrides, batch_size=args.batch_size,
                    limit=limit, chat=args.chat, log_samples=args.log_samples, include_path=args.include_path,
-                   command={k: v for k, v in vars(args).items() if k != "func"})
+                   command={k: v for k, v in vars(args).items() if k != "func"}, verbose=args.verbose)
     if doc is None:  # a data-parallel rank other than 0: rank 0 has the results and writes them
         return 0
     if args.output:
@@ -426,6 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--log-samples", action="store_true", help="keep every response in the results JSON")
     ev.add_argument("--include-path", help="another directory of lm-eval task YAMLs")
     ev.add_argument("--json", action="store_true", help="print the results JSON instead of the table")
+    ev.add_argument("--verbose", action="store_true", help="let lm-eval print its warnings, log lines and progress "
+                    "bars (default: only errors, and the decoding's progress bar on a terminal)")
     ev.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
     ev.set_defaults(func=cmd_eval)
 

@@ -293,6 +293,7 @@ class DareLM(TemplateLM):
         DareLM.last_recipe_name = recipe.name  # lm_eval_cli names lm-eval's results after it
 
     last_recipe_name: str | None = None  # the recipe of the latest DareLM built in this process
+    show_progress = True  # draw the decoding's progress bars (`dare-pipeline eval`: only on a terminal)
     _merged_stats = None  # with data parallelism: every rank's counters, merged after generate_until
 
     @staticmethod
@@ -432,6 +433,9 @@ class DareLM(TemplateLM):
             ids = ids[-room:]
         return ids
 
+    def _no_bar(self, disable_tqdm: bool) -> bool:
+        return disable_tqdm or self.rank != 0 or not self.show_progress
+
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         out = self._on_every_rank(self._generate_until, requests, "generate_until", disable_tqdm=disable_tqdm)
         if self.world_size > 1:  # every rank is here: merge now, for get_model_info on rank 0 alone
@@ -445,7 +449,7 @@ class DareLM(TemplateLM):
             key = json.dumps(req.args[1] or {}, sort_keys=True, default=repr)
             groups.setdefault(key, []).append(i)
         # closed on the way out of an interruption too, before the command prints its last line
-        with tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="dare generate_until") as bar:
+        with tqdm(total=len(requests), disable=self._no_bar(disable_tqdm), desc="dare generate_until") as bar:
             for indices in groups.values():
                 gen_kwargs = requests[indices[0]].args[1]
                 overrides, until = self._generation_overrides(gen_kwargs)
@@ -535,7 +539,7 @@ class DareLM(TemplateLM):
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         out = []
         t0 = time.perf_counter()
-        for (text_pair, context, continuation) in tqdm(requests, disable=disable_tqdm or self.rank != 0,
+        for (text_pair, context, continuation) in tqdm(requests, disable=self._no_bar(disable_tqdm),
                                                         desc="dare loglikelihood"):
             result = self.score_continuation(list(context), list(continuation))
             out.append(result)
@@ -555,7 +559,7 @@ class DareLM(TemplateLM):
 
         out = []
         t0 = time.perf_counter()
-        for req in tqdm(requests, disable=disable_tqdm or self.rank != 0, desc="dare loglikelihood_rolling"):
+        for req in tqdm(requests, disable=self._no_bar(disable_tqdm), desc="dare loglikelihood_rolling"):
             (string,) = req.args
             windows = map(lm_utils.make_disjoint_window, lm_utils.get_rolling_token_windows(
                 token_list=self.tok_encode(string, add_special_tokens=False), prefix_token=self.prefix_token_id,
