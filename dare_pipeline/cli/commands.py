@@ -174,6 +174,7 @@ def cmd_calibrate(args) -> int:
     import yaml
 
     from ..api import Pipeline
+    from ..evaluation.ablation.display import Display
     from ..evaluation.calibration import calibrate
     from ..evaluation.run import write_text_atomic
 
@@ -183,11 +184,23 @@ def cmd_calibrate(args) -> int:
     recipe = pipe.recipe  # calibrated, and written, with the lengths it decodes with
     ids = pipe.encode(prompts, chat=args.chat)
 
-    def progress(trial):
-        print(f"threshold {trial.threshold:.6g}: reuse {trial.reuse:.4f} ({trial.nfe} forwards)", file=sys.stderr)
+    # the ablation's display: trials done with ETA (at most --max-trials), the trial in flight with its
+    # prompts decoded, on a terminal; one line per trial otherwise
+    display = Display(args.max_trials, unit=f"trials (at most {args.max_trials})")
 
-    result = calibrate(pipe.model, recipe, ids, args.target_reuse, plugin=args.plugin, tolerance=args.tolerance,
-                       max_trials=args.max_trials, progress=progress)
+    def prompt_done(threshold, done, total):  # trial number display.done + 1 is in flight
+        display.start_run(display.done + 1, f"threshold {threshold:.6g}: prompts")
+        display.run_progress(display.done + 1, done, total)
+
+    def progress(trial):
+        display.finish(display.done + 1, f"threshold {trial.threshold:.6g}: reuse {trial.reuse:.4f} "
+                                         f"({trial.nfe} forwards)")
+
+    try:
+        result = calibrate(pipe.model, recipe, ids, args.target_reuse, plugin=args.plugin, tolerance=args.tolerance,
+                           max_trials=args.max_trials, progress=progress, prompt_done=prompt_done)
+    finally:
+        display.close()
     doc = result.recipe.to_dict()
     header = (f"# {result.plugin}.threshold calibrated by `dare-pipeline calibrate`: target reuse "
               f"{result.target}, measured {result.reuse:.4f} on {len(ids)} prompts from {args.prompts}\n")
