@@ -400,7 +400,8 @@ def test_base_recipe_errors_name_the_recipe(tmp_path):
     abl = Ablation.from_dict({"name": "x", "recipe": "nowhere.yaml"}, source=str(tmp_path / "abl.yaml"))
     with pytest.raises(ConfigError, match="recipe = 'nowhere.yaml': recipe file not found"):
         plan_runs(abl)
-    abl = Ablation.from_dict({"name": "x", "set": ["generation.gen_length=33"]}, source="abl.yaml")
+    abl = Ablation.from_dict({"name": "x", "set": ["generation.gen_length=33", "generation.block_length=32"]},
+                             source="abl.yaml")
     with pytest.raises(ConfigError, match="gen_length \\(33\\) must be a multiple of block_length"):
         plan_runs(abl)
 
