@@ -15,11 +15,12 @@ from ..config.loading import ConfigError
 from .limits import ServerLimits, flag
 
 API_KEY = re.compile(r"[\x21-\x7e]{1,512}")  # what an HTTP header carries unchanged
+from ..config.recipe import BASELINE_HELP
 
 
 def add_parser(sub) -> None:
     serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (completions, chat, streaming, batching)")
-    serve.add_argument("--recipe", required=True, help="recipe YAML file every request starts from")
+    serve.add_argument("--recipe", help=f"recipe YAML file every request starts from ({BASELINE_HELP})")
     serve.add_argument("--model", help="checkpoint directory (overrides the recipe's model)")
     serve.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a recipe key")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
@@ -32,7 +33,10 @@ def add_parser(sub) -> None:
                             f"{d.batch_window_ms:g})")
     serve.add_argument("--max-queue", type=int, default=d.max_queue,
                        help=f"rows waiting at most; beyond, 429 (default {d.max_queue})")
-    serve.add_argument("--max-tokens", type=int, default=1024, help="the largest max_tokens a request may ask for")
+    serve.add_argument("--max-tokens", type=int, metavar="N", help="the answer length of a request that sends no "
+                       "max_tokens (generation.gen_length; default: the recipe's, else the model's, else 256)")
+    serve.add_argument("--max-tokens-limit", type=int, default=1024, help="the largest max_tokens a request may ask "
+                       "for (default 1024)")
     serve.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes,
                        help=f"larger request bodies are refused with 413 (default {d.max_body_bytes:,})")
     serve.add_argument("--read-timeout", type=float, default=d.read_timeout,
@@ -61,8 +65,10 @@ def check_options(args) -> ServerLimits:
         raise ConfigError(f"serve: {str(error).replace(name, flag(name), 1)}") from None
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"serve: --port = {args.port}: must be between 0 and 65535 (0: any free port)")
-    if not 1 <= args.max_tokens <= 10**7:
-        raise ConfigError(f"serve: --max-tokens = {args.max_tokens}: must be between 1 and 10,000,000")
+    if not 1 <= args.max_tokens_limit <= 10**7:
+        raise ConfigError(f"serve: --max-tokens-limit = {args.max_tokens_limit}: must be between 1 and 10,000,000")
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise ConfigError(f"serve: --max-tokens = {args.max_tokens}: must be >= 1")
     cores = os.cpu_count() or 1
     if args.threads is not None and not 1 <= args.threads <= 4 * cores:
         raise ConfigError(f"serve: --threads = {args.threads}: must be between 1 and {4 * cores} (4 x this "
@@ -82,7 +88,8 @@ def cmd_serve(args) -> int:
     import torch
     import uvicorn
 
-    from ..config.recipe import Recipe
+    from ..config.generation import with_max_tokens
+    from ..config.recipe import recipe_or_baseline
     from ..models import load_model
     from .app import SHUTDOWN_GRACE_S, create_app
     from .protocol import timed_protocol
@@ -90,12 +97,12 @@ def cmd_serve(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    recipe = Recipe.from_yaml(args.recipe, overrides=args.set)
+    recipe = recipe_or_baseline(args.recipe, with_max_tokens(args.max_tokens, args.set))
     model_path = args.model or recipe.model
     model = load_model(model_path, dtype=recipe.dtype, device=recipe.device)
     name = args.served_model_name or (model_path if model_path.startswith("default") else Path(model_path).name)
     served = Served(name=name, model=model, recipe=recipe,
-                    max_tokens=min(args.max_tokens, model.config.max_sequence_length - 1))
+                    max_tokens=min(args.max_tokens_limit, model.config.max_sequence_length - 1))
     app = create_app(served, limits=limits, api_key=args.api_key, threads=args.threads)
     sock = _bind(args.host, args.port)
     host, port = sock.getsockname()[:2]

@@ -51,7 +51,7 @@ class Served:
 
     name: str
     model: object
-    recipe: Recipe
+    recipe: Recipe  # kept as it decodes on the model: its answer length where the recipe leaves it
     max_tokens: int  # the largest max_tokens a request may ask for
     # the longest token of the vocabulary, in characters: a prompt of more than (room for prompt
     # tokens) x this x NORMALIZATION_SLACK characters cannot fit, and is refused before tokenizing
@@ -61,6 +61,9 @@ class Served:
     def _longest_token(self) -> int:
         tokenizer = self.model.tokenizer
         return 0 if tokenizer is None else max((len(t) for t in tokenizer.get_vocab()), default=1)
+
+    def __attrs_post_init__(self):
+        object.__setattr__(self, "recipe", self.recipe.for_model(self.model))
 
 
 @attrs.frozen(eq=False)

@@ -5,6 +5,7 @@ import socket
 import pytest
 
 from dare_pipeline.cli import main
+from dare_pipeline.config import ConfigError
 
 
 @pytest.mark.parametrize("flag, value, allowed", [
@@ -20,7 +21,8 @@ from dare_pipeline.cli import main
     ("--max-body-bytes", "10", "between 1024 and"),
     ("--port", "99999", "between 0 and 65535"),
     ("--port", "-1", "between 0 and 65535"),
-    ("--max-tokens", "0", "between 1 and"),
+    ("--max-tokens", "0", "must be >= 1"),
+    ("--max-tokens-limit", "0", "between 1 and"),
     ("--threads", "100000", "must be between 1 and"),
     ("--threads", "0", "must be between 1 and"),
     ("--api-key", "", "visible ASCII"),
@@ -39,3 +41,31 @@ def test_a_port_in_use_is_a_clear_error(capsys):
         port = taken.getsockname()[1]
         assert main(["serve", "--recipe", "recipes/baseline.yaml", "--port", str(port)]) == 2
     assert f"serve: cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, lengths, default_max_tokens", [
+    ([], (64, 32, 64), 64),  # the baseline recipe, the embedded model's 64 tokens
+    (["--max-tokens", "32"], (32, 32, 32), 32),
+    (["--recipe", "recipes/threshold.yaml", "--max-tokens", "128", "--max-tokens-limit", "96"], (128, 32, 128), 96),
+])
+def test_the_default_recipe_and_max_tokens(monkeypatch, capsys, argv, lengths, default_max_tokens):
+    from dare_pipeline.serving import app
+    from dare_pipeline.serving.requests import request_recipe
+    from dare_pipeline.serving.schemas import CompletionRequest
+
+    seen = {}
+
+    def served_then_stop(served, **settings):
+        seen["served"] = served
+        raise ConfigError("stop before listening")
+
+    monkeypatch.setattr(app, "create_app", served_then_stop)
+    assert main(["serve", *argv]) == 2
+    assert "stop before listening" in capsys.readouterr().err
+    served = seen["served"]
+    g = served.recipe.generation
+    assert served.recipe.name == (argv[1].split("/")[1][:-5] if "--recipe" in argv else "baseline")
+    assert (g.gen_length, g.block_length, g.steps) == lengths
+    # a request that sends no max_tokens gets that length (at most the limit)
+    request = CompletionRequest(prompt="Q: reverse abc\nA: ")
+    assert request_recipe(request, served).generation.gen_length == default_max_tokens
