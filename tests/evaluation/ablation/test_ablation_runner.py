@@ -522,3 +522,22 @@ def test_a_repeat_that_finishes_before_its_first_pass_waits_for_it():
     assert final_b and [s["round"] for s in done["timing"]["samples"]] == [1, 2]
     assert done["timing"]["tokens_per_second"]["median"] == 20.0 and done["metrics"]["tokens_per_second"] == 99.0
     assert rounds.dead(spec)
+
+
+def test_an_interruption_right_after_a_record_is_written_counts_it(write_ablation, tmp_path, monkeypatch):
+    """The signal may land between writing a run's record and noting it: the line counts the file."""
+    from dare_pipeline.evaluation.ablation import runner
+    from dare_pipeline.execution.lifecycle import Interrupted
+
+    path = write_ablation(name="window", plugins={"sets": [[], ["prefix_cache"]]})
+    out = tmp_path / "o.jsonl"
+
+    def write_then_interrupt(output, record):
+        append_record(output, record)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "append_record", write_then_interrupt)
+    with pytest.raises(Interrupted) as caught:
+        run_ablation(Ablation.from_yaml(path), out, quiet=True)
+    assert len(read_records(out)) == 1
+    assert caught.value.message == "interrupted; 1 of 2 runs recorded, rerun to resume"
