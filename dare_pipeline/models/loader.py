@@ -55,6 +55,15 @@ def read_config(directory: Path):
     return family, cfg
 
 
+def read_generation_config(directory: Path) -> dict:
+    """directory/generation_config.json as a dict ({} without one): Hugging Face's generation
+    settings, of which a recipe takes max_new_tokens, steps and block_length (config/generation.py)."""
+    path = directory / "generation_config.json"
+    if not path.exists() and not path.is_symlink():
+        return {}
+    return read_json_object(checkpoint_file(directory, path.name))
+
+
 def _weight_files(directory: Path) -> list[Path]:
     index = directory / "model.safetensors.index.json"
     if index.exists() or index.is_symlink():
@@ -102,7 +111,8 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: s
     """Load the checkpoint at `path` ("default" = the embedded model) for inference.
 
     Returns a DiffusionTransformer in eval mode with `.tokenizer` (None when the directory has no
-    tokenizer files; prompts are then token ids) and `.source` (the directory) attached.
+    tokenizer files; prompts are then token ids), `.source` (the directory) and `.generation_config`
+    (its generation_config.json, {} without one) attached.
     """
     from .default import resolve_model_path
 
@@ -113,6 +123,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: s
     family, cfg = read_config(directory)
     sizes = f"config.json: {family.describe(cfg)}"
     _check_weights_fit(cfg, torch_dtype, device, directory / "config.json", sizes)
+    generation_config = read_generation_config(directory)
     tokenizer = _load_tokenizer(directory)
     if tokenizer is not None:
         check_tokenizer_size(tokenizer, cfg, directory)
@@ -146,6 +157,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: s
     model.eval().requires_grad_(False)
     model.tokenizer = tokenizer
     model.source = directory
+    model.generation_config = generation_config
     return model
 
 

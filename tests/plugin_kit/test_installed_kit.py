@@ -123,6 +123,7 @@ def test_the_kit_checks_the_example_from_installed_wheels(kit):
     for path in where[:-1]:
         assert Path(path).is_relative_to(env.site), f"{path} is not imported from the installed wheel"
     assert where[-1] == "dare_input_drift"  # found through its entry point
+    assert (env.site / "dare_pipeline" / "py.typed").is_file()  # type checkers read the installed annotations
 
     # the example's own tests (the shipped contract included), from a directory without its sources
     tests = _copy(EXAMPLE, tmp / "example_tests", ["tests", "pyproject.toml"])

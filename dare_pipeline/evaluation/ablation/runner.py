@@ -426,6 +426,9 @@ def run_ablation(abl: Ablation, output, *, limit=None, model=None, extra_set=(),
         else:
             _run_pool(tasks, info, workers, threads, display, rounds)
     except KeyboardInterrupt as exc:
+        if rank == 0 and output is not None:  # the file, not the summary: the signal may land between the two
+            summary.already, summary.records = len(select(runs, read_records(output), shard, retry_failed,
+                                                          repeats)[2]), []
         raise as_interrupted(exc).with_message(summary.interrupted_line()) from None
     finally:
         display.close()

@@ -380,11 +380,28 @@ def test_schema_errors_name_the_file_key_value_and_allowed(data, message):
     assert str(err.value).startswith("abl.yaml: ") and message in str(err.value), str(err.value)
 
 
+def test_every_mistake_of_an_ablation_file_is_reported_at_once():
+    data = {"tasks": ["dare_add"], "batch_size": 0, "colour": 1, "metric": "acc", "set": ["generation.steps"],
+            "plugins": {"sets": [["dual_cache", "treshold_decoding"]]}, "sweep": {"generation.gen_length": 64},
+            "plugin_options": {"dare_oo": {"threshold": 0.1}}}
+    with pytest.raises(ConfigError) as err:
+        Ablation.from_dict(data, source="abl.yaml")
+    expected = ["name: missing", "colour: unknown key", "batch_size = 0: must be >= 1",
+                "metric = 'acc': allowed values", "sweep.generation.gen_length = 64: expected a non-empty list",
+                "plugins.sets[0]: unknown plugin 'treshold_decoding'; did you mean 'threshold_decoding'?",
+                "plugin_options.dare_oo: unknown plugin 'dare_oo'", "set[0] = 'generation.steps': expected KEY.PATH"]
+    errors = err.value.errors
+    assert len(errors) == len(expected), errors
+    for message in expected:
+        assert sum(e.startswith("abl.yaml: ") and message in e for e in errors) == 1, (message, errors)
+
+
 def test_base_recipe_errors_name_the_recipe(tmp_path):
     abl = Ablation.from_dict({"name": "x", "recipe": "nowhere.yaml"}, source=str(tmp_path / "abl.yaml"))
     with pytest.raises(ConfigError, match="recipe = 'nowhere.yaml': recipe file not found"):
         plan_runs(abl)
-    abl = Ablation.from_dict({"name": "x", "set": ["generation.gen_length=33"]}, source="abl.yaml")
+    abl = Ablation.from_dict({"name": "x", "set": ["generation.gen_length=33", "generation.block_length=32"]},
+                             source="abl.yaml")
     with pytest.raises(ConfigError, match="gen_length \\(33\\) must be a multiple of block_length"):
         plan_runs(abl)
 
@@ -505,3 +522,22 @@ def test_a_repeat_that_finishes_before_its_first_pass_waits_for_it():
     assert final_b and [s["round"] for s in done["timing"]["samples"]] == [1, 2]
     assert done["timing"]["tokens_per_second"]["median"] == 20.0 and done["metrics"]["tokens_per_second"] == 99.0
     assert rounds.dead(spec)
+
+
+def test_an_interruption_right_after_a_record_is_written_counts_it(write_ablation, tmp_path, monkeypatch):
+    """The signal may land between writing a run's record and noting it: the line counts the file."""
+    from dare_pipeline.evaluation.ablation import runner
+    from dare_pipeline.execution.lifecycle import Interrupted
+
+    path = write_ablation(name="window", plugins={"sets": [[], ["prefix_cache"]]})
+    out = tmp_path / "o.jsonl"
+
+    def write_then_interrupt(output, record):
+        append_record(output, record)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "append_record", write_then_interrupt)
+    with pytest.raises(Interrupted) as caught:
+        run_ablation(Ablation.from_yaml(path), out, quiet=True)
+    assert len(read_records(out)) == 1
+    assert caught.value.message == "interrupted; 1 of 2 runs recorded, rerun to resume"
