@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
+import signal
 import sys
 
 from ..config.execution import MODES
@@ -177,7 +180,10 @@ def cmd_calibrate(args) -> int:
     from ..evaluation.ablation.display import Display
     from ..evaluation.calibration import calibrate
     from ..evaluation.run import write_text_atomic
+    from ..execution.outputs import check_output_file
 
+    if args.output:
+        check_output_file(args.output)  # before the trials, not after them
     _set_threads(args.threads)
     prompts = read_prompts(args.prompts)[: args.limit]
     pipe = Pipeline.from_recipe(_recipe(args), model_path=args.model)
@@ -235,7 +241,7 @@ def cmd_eval(args) -> int:
     if limit is not None and float(limit).is_integer() and float(limit) >= 1:
         limit = int(limit)
     if args.output:
-        from ..evaluation.run import check_output_file
+        from ..execution.outputs import check_output_file
 
         check_output_file(args.output)  # before the evaluation, not after it
     from ..config.generation import with_max_tokens
@@ -307,6 +313,10 @@ def cmd_ablate(args) -> int:
         args.no_report = True
     if args.dry_run and args.data_parallel and rank != 0:  # rank 0 lists them
         return 0
+    if not args.dry_run and not args.no_report:  # before the runs (run_ablation checks `output` itself)
+        from ..execution.outputs import check_output_dir
+
+        check_output_dir(args.report_dir or output.with_suffix(""), "--report-dir")
     if args.dry_run:
         from ..evaluation.ablation.runner import select
         from ..evaluation.ablation.schema import plan_runs
@@ -348,10 +358,18 @@ def cmd_report(args) -> int:
     from ..evaluation.ablation.report import write_report
     from ..evaluation.ablation.results import merge, write_records
 
+    from ..execution.outputs import check_output_dir, check_output_file
+
     missing = [p for p in args.results if not Path(p).is_file()]
     if missing:
         raise FileNotFoundError(f"results file(s) not found: {missing}")
+    if args.merged:
+        check_output_file(args.merged, "--merged")
+    check_output_dir(args.out or Path(args.results[0]).with_suffix(""), "--out")
     records = merge(args.results)
+    if not records:  # garbage, or an empty file: an empty report would look like a finished one
+        raise ConfigError(f"{', '.join(map(str, args.results))}: no run records (a results file holds one JSON "
+                          f"object with a string 'key' per line, as ablate writes; lines skipped are listed above)")
     if args.merged:
         write_records(args.merged, records)
         print(f"merged: {len(records)} runs -> {args.merged}")
@@ -487,15 +505,36 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         with interrupt_handlers():
-            return args.func(args)
+            status = args.func(args)
+            sys.stdout.flush()  # a write error of buffered output shows here, not at exit
+            return status
+    except BrokenPipeError:  # the reader went away (`... | head -1`): end quietly, as other tools do
+        return _stdout_gone()
     except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as exc:
         _print_error(exc)
         return 2
-    except KeyboardInterrupt as exc:  # SIGINT / SIGTERM: one line, no traceback (lifecycle.py)
-        stop = as_interrupted(exc)
-        print(f"dare-pipeline: {interrupted_line(args.command, getattr(args, 'output', None), stop.message)}",
-              file=sys.stderr)
-        return stop.exit_status
+    except OSError as exc:  # a write that failed: no space left, an I/O error, a file system gone read-only
+        if exc.filename is not None:
+            print(f"dare-pipeline: error: cannot write {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
+        if exc.errno in _WRITE_ERRORS:  # the files written name themselves: this is standard output
+            print(f"dare-pipeline: error: cannot write to standard output: {exc.strerror}", file=sys.stderr)
+            _stdout_gone()
+            return 1
+        raise
+
+
+# errors of a write to a full, failing or over-quota file system
+_WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG, errno.EROFS}
+
+
+def _stdout_gone() -> int:
+    """Point standard output at /dev/null, so that the interpreter's last flush of what is still
+    buffered does not fail again at exit; the exit status of a process ended by SIGPIPE."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 128 + signal.SIGPIPE
 
 
 def _print_error(exc: Exception) -> None:

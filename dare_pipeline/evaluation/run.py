@@ -107,18 +107,6 @@ def hardware(device, ranks: int = 1) -> dict:
     return info
 
 
-def check_output_file(output) -> None:
-    """Refuse an output path that cannot take the results before anything runs."""
-    path = Path(output)
-    if path.is_dir():
-        raise ConfigError(f"--output {output}: is a directory; give the results file's path (a file in it, say)")
-    parent = next((p for p in [path.parent, *path.parent.parents] if p.exists()), None)
-    if parent is not None and not parent.is_dir():
-        raise ConfigError(f"--output {output}: {parent} is not a directory")
-    if path.exists() and not os.access(path, os.W_OK):
-        raise ConfigError(f"--output {output}: not writable")
-
-
 def write_json_atomic(path: str | os.PathLike, data: dict) -> Path:
     """Write via a temp file in the same directory + os.replace: readers never see a partial file."""
     return write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
@@ -134,8 +122,10 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
             f.write(text)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.filename is None:  # a failed write names no file: this one
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
         raise
     return path
 

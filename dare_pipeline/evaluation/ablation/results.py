@@ -44,6 +44,10 @@ def append_record(path: str | os.PathLike, record: dict) -> None:
             written = os.write(fd, view)
             view = view[written:]
         os.fsync(fd)
+    except OSError as exc:  # a failed write names no file: this one (a partial line is skipped on reading)
+        if exc.filename is None:
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
     finally:
         os.close(fd)
 
@@ -124,8 +128,10 @@ def write_records(path: str | os.PathLike, records: list[dict]) -> Path:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.filename is None:  # a failed write names no file: this one
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
         raise
     return path

@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 import attrs
 
 from ...config.loading import ConfigError
-from ..run import check_output_file
+from ...execution.outputs import check_output_file
 from . import timing
 from .display import Display, describe
 from .results import SCHEMA, append_record, dedupe, read_records
