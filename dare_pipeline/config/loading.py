@@ -243,6 +243,13 @@ def in_range(low, high, include_high: bool = True):
     return check
 
 
+def non_empty_strings(instance, attribute, value):
+    """attrs validator: a sequence of strings, none empty (an empty stop string matches everywhere)."""
+    if any(text == "" for text in value):
+        raise ValueError(f"{attribute.name} = {shown(list(value))}: an empty string is not allowed (it would match "
+                         f"at every position); give non-empty strings or leave the key out")
+
+
 def layer_indices(instance, attribute, value):
     """attrs validator: a tuple of layer indices, each >= 0 (the upper bound is checked per model)."""
     bad = [v for v in value if v < 0]

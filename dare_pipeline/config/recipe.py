@@ -22,7 +22,9 @@ from .device import usable_device
 from .execution import ExecutionConfig
 from .files import check_nesting, parse_yaml, read_yaml_file
 from .generation import LENGTH_KEYS, layer, model_lengths, resolve
-from .loading import ConfigError, at_least, choice, convert, shown, structure
+from .loading import ConfigError, at_least, choice, convert, in_range, non_empty_strings, shown, structure
+
+MAX_TEMPERATURE = 10.0
 
 
 @attrs.frozen(kw_only=True)
@@ -33,17 +35,21 @@ class GenerationConfig:
     block_length: int | None = attrs.field(default=None, validator=at_least(1))
     # total steps over all blocks for fixed-step policies (steps per block = steps / blocks)
     steps: int | None = attrs.field(default=None, validator=at_least(1))
-    temperature: float = attrs.field(default=0.0, validator=at_least(0.0))
+    # the Gumbel-max sampler divides by (-log u)^T in float64, exact only while that neither
+    # underflows nor overflows (T up to about 19); at 10 the sampling is already far from the model's
+    temperature: float = attrs.field(default=0.0, validator=in_range(0.0, MAX_TEMPERATURE))
     # low_confidence: commit the most confident proposals; random: a random order
     remasking: str = attrs.field(default="low_confidence", validator=choice("low_confidence", "random"))
     # what "confident" means: top-1 probability, top-1 minus top-2 margin, or negative entropy (Dream's options)
     confidence: str = attrs.field(default="probability", validator=choice("probability", "margin", "neg_entropy"))
     # commits per step for fixed-step policies: linear (LLaDA) or timesteps (Dream)
     schedule: str = attrs.field(default="linear", validator=choice("linear", "timesteps"))
-    timestep_eps: float = attrs.field(default=1e-3, validator=at_least(0.0, strict=True))
+    # Dream's timesteps run from 1 down to eps: eps in (0, 1)
+    timestep_eps: float = attrs.field(default=1e-3, validator=[at_least(0.0, strict=True),
+                                                                in_range(0.0, 1.0, include_high=False)])
     cfg_scale: float = attrs.field(default=0.0, validator=at_least(0.0))
     # text after any of these strings is cut from the answer
-    stop: tuple[str, ...] = ()
+    stop: tuple[str, ...] = attrs.field(default=(), validator=non_empty_strings)
     seed: int = 0
     # guard against a model that keeps proposing the mask token (default 4 x max(steps/block, block))
     max_steps_per_block: int | None = attrs.field(default=None, validator=at_least(1))
