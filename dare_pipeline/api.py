@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import weakref
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import attrs
 import torch
 
-from .config.loading import ConfigError
+from .config.loading import ConfigError, shown
 from .config.recipe import Recipe, baseline_recipe, generation_with_overrides
 from .core.loop import denoise
 from .core.registry import make_manager
@@ -102,8 +103,16 @@ class Pipeline:
     events and answers are their own)."""
 
     def __init__(self, model, recipe=None):
+        recipe = _as_recipe(recipe)
+        if isinstance(model, (str, os.PathLike)):  # a checkpoint directory or "default", loaded for the recipe
+            from .models import load_model
+
+            model = load_model(model, dtype=recipe.dtype, device=recipe.device)
+        elif not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+            raise TypeError(f"model = {shown(model)}: expected a model from load_model(), or a checkpoint directory "
+                            f"(\"default\": the embedded model) to load")
         self.model = model
-        self.recipe = _as_recipe(recipe).for_model(model)
+        self.recipe = recipe.for_model(model)
         self.plugins = self.recipe.instantiate_plugins()
         self.manager = make_manager(self.plugins)
         try:
@@ -121,6 +130,8 @@ class Pipeline:
     def encode(self, prompts, chat: bool | None = None) -> list[list[int]]:
         """Token ids for text, token-id or chat-message prompts (`dare_pipeline.prompts`), checked
         against the model (`dare_pipeline.prompts.check`: ids it can embed, no mask token)."""
+        if chat is not None and not isinstance(chat, bool):  # 'no' is truthy: no guessing
+            raise TypeError(f"chat = {shown(chat)}: expected True, False or None")
         ids = encode_prompts(self.model.tokenizer, prompts, chat, source=str(getattr(self.model, "source", "the model")))
         check_token_ids(ids, self.model.config, self.model.tokenizer)
         return ids

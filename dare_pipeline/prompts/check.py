@@ -58,8 +58,11 @@ def as_token_ids(prompt, index: int) -> list[int]:
 
 
 def check_token_ids(prompts: list[list[int]], config, tokenizer=None) -> None:
-    """Every id within 0 .. vocab_size - 1 and none the mask token; every prompt non-empty."""
+    """Every id within 0 .. vocab_size - 1, none the mask token nor a padding token that is only that;
+    every prompt non-empty."""
     vocab, rows, mask = config.vocab_size, config.embedding_size, config.mask_token_id
+    # a pad id that is also the model's eos or bos (LLaDA, Dream) may be meant as that token
+    pad = config.pad_token_id if config.pad_token_id not in (None, config.eos_token_id, config.bos_token_id) else None
     if not prompts:
         raise PromptError("no prompts: give at least one prompt")
     for index, ids in enumerate(prompts):
@@ -75,3 +78,8 @@ def check_token_ids(prompts: list[list[int]], config, tokenizer=None) -> None:
                 name = f" {tokenizer.convert_ids_to_tokens(mask)!r}" if tokenizer is not None else ""
                 raise PromptError(f"prompt {index}: position {position} is the mask token{name} (id {mask}); a "
                                   f"prompt cannot contain it: the decoder fills every mask position")
+            if token == pad:
+                name = f" {tokenizer.convert_ids_to_tokens(pad)!r}" if tokenizer is not None else ""
+                raise PromptError(f"prompt {index}: position {position} is the padding token{name} (id {pad}); a "
+                                  f"prompt cannot contain it: the padding a batch adds is masked out, a pad id in a "
+                                  f"prompt would be attended to as text")

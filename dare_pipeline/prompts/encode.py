@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 
+from ..config.loading import shown
 from .check import PromptError, as_token_ids, check_text, prompt_list
 
 # the embedded model's prompt: a question (or few-shot examples) ending in the answer cue
@@ -42,6 +43,10 @@ def as_batch(prompts) -> list:
     return prompt_list(prompts)
 
 
+# the roles chat templates render; another role is dropped or rendered as text by some templates
+ROLES = ("system", "user", "assistant")
+
+
 def _is_message(m) -> bool:
     return isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
 
@@ -49,8 +54,12 @@ def _is_message(m) -> bool:
 def _check_messages(messages, index: int) -> list[dict]:
     bad = next((i for i, m in enumerate(messages) if not _is_message(m)), None)
     if bad is not None:
-        raise ValueError(f"prompt {index}, message {bad}: {messages[bad]!r}: expected a mapping with string 'role' "
-                         f"and 'content' keys, e.g. {{'role': 'user', 'content': 'add 3+4+5+6'}}")
+        raise PromptError(f"prompt {index}, message {bad}: {shown(messages[bad])}: expected a mapping with string "
+                          f"'role' and 'content' keys, e.g. {{'role': 'user', 'content': 'add 3+4+5+6'}}")
+    bad = next((i for i, m in enumerate(messages) if m["role"] not in ROLES), None)
+    if bad is not None:
+        raise PromptError(f"prompt {index}, message {bad}: role = {shown(messages[bad]['role'])}: allowed roles: "
+                          f"{list(ROLES)}")
     return list(messages)
 
 
@@ -77,6 +86,8 @@ def encode(tokenizer, prompts, chat: bool | None = None, source: str = "the mode
         if isinstance(p, str) or is_chat(p):
             if isinstance(p, str):
                 check_text(p, index)
+                if not p:  # refused before a chat template would make a question of nothing
+                    raise PromptError(f"prompt {index} is empty: every prompt needs at least one token")
             if tokenizer is None:
                 raise PromptError(f"{source}: this checkpoint has no tokenizer; pass token ids")
             ids.append(tokenizer(render(tokenizer, p, chat, index, source), add_special_tokens=False)["input_ids"])
