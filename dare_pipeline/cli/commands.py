@@ -17,7 +17,7 @@ from ..models.loader import CheckpointError
 from ..prompts.encode import format_hint
 from ..prompts.files import FORMATS, read_prompts
 from ..serving.command import add_parser as add_serve_parser
-from .args import positive_int, token_ids
+from .args import ChatFlag, non_negative_float, positive_int, thread_count, token_ids
 
 
 def _recipe(args):
@@ -360,9 +360,14 @@ def cmd_report(args) -> int:
 
     from ..execution.outputs import check_output_dir, check_output_file
 
-    missing = [p for p in args.results if not Path(p).is_file()]
-    if missing:
-        raise FileNotFoundError(f"results file(s) not found: {missing}")
+    from ..config.files import not_a_regular_file
+
+    for path in args.results:
+        problem = not_a_regular_file(Path(path))
+        if problem == "not found":
+            raise ConfigError(f"{path}: results file not found")
+        if problem:
+            raise ConfigError(f"{path}: {problem}; expected a results file")
     if args.merged:
         check_output_file(args.merged, "--merged")
     check_output_dir(args.out or Path(args.results[0]).with_suffix(""), "--out")
@@ -396,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "JSONL (text, token ids, chat messages; docs/prompts.md)")
     gen.add_argument("--prompts-format", choices=FORMATS, default="auto", help="how --prompts is read (default "
                      "auto: JSONL for *.jsonl or a first line starting with { [ or \", else one prompt per line)")
-    gen.add_argument("--chat", action=argparse.BooleanOptionalAction, help="wrap text prompts in the tokenizer's "
+    gen.add_argument("--chat", action=ChatFlag, help="wrap text prompts in the tokenizer's "
                      "chat template (default: only for the embedded model, when not in its 'Q: ...\\nA: ' format)")
     gen.add_argument("--execution", choices=MODES, help="how forwards run: eager, compiled (torch.compile), "
                      "cuda_graphs (compiled + CUDA graphs), auto (the recipe's default: cuda_graphs on CUDA, "
@@ -405,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-progress", action="store_true", help="no progress bar")
     gen.add_argument("--stream", action="store_true", help="draw each answer canvas after every step (on stderr "
                      "with --json); one host read per step")
-    gen.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
+    gen.add_argument("--threads", type=thread_count, help="torch CPU threads (default: torch's choice)")
     gen.set_defaults(func=cmd_generate)
 
     plug = sub.add_parser("plugins", help="list the loaded plugins: version, description, decisions, conflicts, "
@@ -429,17 +434,17 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--prompts", required=True, help="prompts file (- for stdin), read as generate --prompts "
                      "(e.g. dare_pipeline/evaluation/tasks/heldout.jsonl)")
     cal.add_argument("--target-reuse", type=float, required=True, help="reused / eligible rows wanted, e.g. 0.8")
-    cal.add_argument("--limit", type=int, help="the first N prompts of the file only")
+    cal.add_argument("--limit", type=positive_int, help="the first N prompts of the file only")
     cal.add_argument("--plugin", choices=["dare_kv", "dare_o", "ffn_reuse"], help="which DARE plugin (when the recipe has several)")
     cal.add_argument("--output", help="write the calibrated recipe here (atomically; default: print it)")
-    cal.add_argument("--tolerance", type=float, default=0.01, help="accepted |reuse - target| (default 0.01)")
-    cal.add_argument("--max-trials", type=int, default=16, help="decodes of the prompt set at most (default 16)")
+    cal.add_argument("--tolerance", type=non_negative_float, default=0.01, help="accepted |reuse - target| (default 0.01)")
+    cal.add_argument("--max-trials", type=positive_int, default=16, help="decodes of the prompt set at most (default 16)")
     cal.add_argument("--model", help="checkpoint directory (overrides the recipe's model)")
     cal.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a recipe key")
     cal.add_argument("--max-tokens", type=positive_int, metavar="N", help=MAX_TOKENS_HELP)
-    cal.add_argument("--chat", action=argparse.BooleanOptionalAction, help="wrap text prompts in the tokenizer's "
+    cal.add_argument("--chat", action=ChatFlag, help="wrap text prompts in the tokenizer's "
                      "chat template (default: as generate)")
-    cal.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
+    cal.add_argument("--threads", type=thread_count, help="torch CPU threads (default: torch's choice)")
     cal.set_defaults(func=cmd_calibrate)
 
     ev = sub.add_parser("eval", help="accuracy on lm-eval tasks (dare_suite, dare_add, ...) with a recipe")
@@ -459,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="print the results JSON instead of the table")
     ev.add_argument("--verbose", action="store_true", help="let lm-eval print its warnings, log lines and progress "
                     "bars (default: only errors, and the decoding's progress bar on a terminal)")
-    ev.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
+    ev.add_argument("--threads", type=thread_count, help="torch CPU threads (default: torch's choice)")
     ev.set_defaults(func=cmd_eval)
 
     ab = sub.add_parser("ablate", help="run an ablation file (plugin sets x sweeps) through lm-eval; resumable")
@@ -469,7 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--shard", metavar="I/N", help="run only runs whose index %% N == I (0 <= I < N)")
     ab.add_argument("--workers", type=int, default=0,
                     help="worker processes (spawned, one run each at a time); 0 = in this process (default)")
-    ab.add_argument("--threads", type=positive_int, default=1, help="torch threads per process (default 1)")
+    ab.add_argument("--threads", type=thread_count, default=1, help="torch threads per process (default 1)")
     ab.add_argument("--data-parallel", action="store_true",
                     help="under torchrun / accelerate launch: every process decodes its share of each run's problems "
                          "and rank 0 writes the merged record (default there: each process runs its own shard of "

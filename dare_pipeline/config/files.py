@@ -37,10 +37,14 @@ def not_a_regular_file(path: Path) -> str | None:
         return f"cannot be read ({error.strerror})"
     if stat.S_ISREG(mode):
         return None
-    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    return f"is {file_kind(mode)}, not a regular file"
+
+
+def file_kind(mode: int) -> str:
+    """What a file is, from its st_mode: "a regular file", "a directory", "a FIFO (named pipe)", ..."""
+    kinds = ((stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
              (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
-    kind = next((name for test, name in kinds if test(mode)), "not a regular file")
-    return f"is {kind}, not a regular file"
+    return next((name for test, name in kinds if test(mode)), "a file of an unknown kind")
 
 
 def read_text_file(path: str | os.PathLike, what: str, max_bytes: int = MAX_FILE_BYTES) -> str:

@@ -71,6 +71,10 @@ def calibrate(model, recipe: Recipe, prompts: list, target: float, plugin: str |
         raise ConfigError(f"target_reuse = {target!r}: must be between 0 and 1, both excluded")
     if not prompts:
         raise ConfigError("calibration needs at least one prompt")
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance < math.inf:
+        raise ConfigError(f"tolerance = {tolerance!r}: must be a finite number >= 0")
+    if isinstance(max_trials, bool) or not isinstance(max_trials, int) or max_trials < 1:
+        raise ConfigError(f"max_trials = {max_trials!r}: must be an integer >= 1")
     name = calibration_plugin(recipe, plugin)
     trials: list[Trial] = []
 

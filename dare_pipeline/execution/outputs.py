@@ -15,17 +15,8 @@ import stat
 import tempfile
 from pathlib import Path
 
+from ..config.files import file_kind
 from ..config.loading import ConfigError
-
-
-def kind_of(mode: int) -> str:
-    """What a file is, from its st_mode: "a regular file", "a directory", "a FIFO (named pipe)", ..."""
-    for test, name in ((stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                       (stat.S_ISSOCK, "a socket")):
-        if test(mode):
-            return name
-    return "of an unknown kind"
 
 
 def _nearest_directory(path: Path, option: str) -> Path:
@@ -33,7 +24,7 @@ def _nearest_directory(path: Path, option: str) -> Path:
     directory this process can create files in."""
     parent = next((p for p in [path.parent, *path.parent.parents] if p.exists()), Path("."))
     if not parent.is_dir():
-        raise ConfigError(f"{option} {path}: {parent} is {kind_of(parent.stat().st_mode)}, not a directory")
+        raise ConfigError(f"{option} {path}: {parent} is {file_kind(parent.stat().st_mode)}, not a directory")
     try:
         fd, probe = tempfile.mkstemp(dir=parent, prefix=".dare-pipeline-probe.")
     except OSError as exc:
@@ -53,7 +44,7 @@ def check_output_file(output, option: str = "--output") -> None:
         if stat.S_ISDIR(mode):
             raise ConfigError(f"{option} {output}: is a directory; give the results file's path (a file in it, say)")
         if not stat.S_ISREG(mode):
-            raise ConfigError(f"{option} {output}: is {kind_of(mode)}; give the path of a regular file (results are "
+            raise ConfigError(f"{option} {output}: is {file_kind(mode)}; give the path of a regular file (results are "
                               f"written to a temporary file beside it, then moved into place)")
         if not os.access(path, os.W_OK):
             raise ConfigError(f"{option} {output}: not writable")
@@ -66,7 +57,7 @@ def check_output_dir(output, option: str = "--out") -> None:
     path = Path(output)
     if path.exists():
         if not path.is_dir():
-            raise ConfigError(f"{option} {output}: is {kind_of(path.stat().st_mode)}, not a directory")
+            raise ConfigError(f"{option} {output}: is {file_kind(path.stat().st_mode)}, not a directory")
         _nearest_directory(path / "x", option)
     else:
         _nearest_directory(path, option)

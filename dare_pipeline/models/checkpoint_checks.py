@@ -55,11 +55,16 @@ def checkpoint_file(directory: Path, name: str, listed_in: Path | None = None) -
                               f"inside it{inside} are read")
     mode = os.stat(target).st_mode
     if not stat.S_ISREG(mode):
-        kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
-                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
-                else "not a regular file")
-        raise CheckpointError(f"{path}: is {kind}, not a regular file; a checkpoint's files must be regular files")
+        raise CheckpointError(f"{path}: is {kind_of(mode)}, not a regular file; a checkpoint's files must be regular "
+                              f"files")
     return path
+
+
+def kind_of(mode: int) -> str:
+    """What a file that is not a regular file is: "a directory", "a FIFO (named pipe)", "a device", ..."""
+    return ("a directory" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "a regular file" if stat.S_ISREG(mode) else "not a regular file")
 
 
 def check_relative_name(name: str, where: str) -> None:

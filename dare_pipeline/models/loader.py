@@ -20,6 +20,7 @@ from .checkpoint_checks import (
     check_weight,
     check_relative_name,
     checkpoint_file,
+    kind_of,
     read_json_object,
 )
 from .families import family_for
@@ -118,7 +119,10 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: s
 
     directory = resolve_model_path(path)
     if not directory.is_dir():
-        raise CheckpointError(f"{directory}: checkpoint directory not found")
+        if not directory.exists():
+            raise CheckpointError(f"{directory}: checkpoint directory not found")
+        raise CheckpointError(f"{directory}: is {kind_of(directory.stat().st_mode)}, not a directory; a checkpoint "
+                              f"is a directory of config.json and *.safetensors files")
     torch_dtype, device = resolve_dtype(dtype), torch.device(device)
     family, cfg = read_config(directory)
     sizes = f"config.json: {family.describe(cfg)}"

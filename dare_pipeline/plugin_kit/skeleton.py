@@ -13,7 +13,10 @@ import os
 import re
 import shutil
 import tempfile
+from importlib.metadata import entry_points
 from pathlib import Path
+
+from ..core.registry import ENTRY_POINT_GROUP
 
 NAME_RULE = re.compile(r"[a-z][a-z0-9_]*\Z")
 
@@ -207,9 +210,15 @@ def _names(name: str) -> dict[str, str]:
 
 
 def check_name(name: str) -> None:
-    """A plugin name is a lowercase Python identifier (it names a module and an entry point)."""
+    """A plugin name is a lowercase Python identifier (it names a module and an entry point) that no
+    installed plugin has: two entry points of one name shadow each other, whichever loads last wins."""
     if not NAME_RULE.match(name) or keyword.iskeyword(name):
         raise ValueError(f"plugin name {name!r}: use lowercase letters, digits and underscores, starting with a letter")
+    taken = entry_points(group=ENTRY_POINT_GROUP).select(name=name)
+    if taken:
+        where = next(iter(taken)).value
+        raise ValueError(f"plugin name {name!r}: an installed plugin has it ({where}); recipes name plugins by "
+                         f"entry point, so the two would shadow each other: choose another name")
 
 
 def files(name: str) -> dict[str, str]:

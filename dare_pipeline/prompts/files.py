@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
+from ..config.files import read_text_file
 from ..config.loading import ConfigError
 from .encode import is_chat
+
+# a prompts file is read whole; past this it is more likely a wrong path than prompts
+MAX_PROMPTS_BYTES = 256 << 20
 
 FORMATS = ("auto", "lines", "jsonl")
 _JSONL_HELP = ("each line is a JSON string, a list of token ids, a list of chat messages, or an object with a "
@@ -32,10 +35,7 @@ def read_prompts(path: str, layout: str = "auto") -> list:
     if path == "-":
         text, name = sys.stdin.read(), "<stdin>"
     else:
-        file = Path(path)
-        if not file.is_file():
-            raise ConfigError(f"{path}: prompts file not found")
-        text, name = file.read_text(encoding="utf-8"), path
+        text, name = read_text_file(path, "prompts file", max_bytes=MAX_PROMPTS_BYTES), path
     lines = [(number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
     if layout == "auto":
         jsonl = name.endswith(".jsonl") or bool(lines and lines[0][1].lstrip()[:1] in ('{', '[', '"'))
