@@ -520,13 +520,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except OSError as exc:  # a write that failed: no space left, an I/O error, a file system gone read-only
         if exc.filename is not None:
-            print(f"dare-pipeline: error: cannot write {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
+            what = "cannot write " if exc.errno in _WRITE_ERRORS else ""
+            print(f"dare-pipeline: error: {what}{exc.filename}: {exc.strerror or exc}", file=sys.stderr)
             return 1
         if exc.errno in _WRITE_ERRORS:  # the files written name themselves: this is standard output
             print(f"dare-pipeline: error: cannot write to standard output: {exc.strerror}", file=sys.stderr)
             _stdout_gone()
             return 1
         raise
+    except KeyboardInterrupt as exc:  # SIGINT / SIGTERM: one line, no traceback (execution/lifecycle.py)
+        stop = as_interrupted(exc)
+        print(f"dare-pipeline: {interrupted_line(args.command, getattr(args, 'output', None), stop.message)}",
+              file=sys.stderr)
+        return stop.exit_status
 
 
 # errors of a write to a full, failing or over-quota file system
