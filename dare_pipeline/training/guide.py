@@ -26,9 +26,7 @@ import json
 import math
 import os
 import random
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -164,29 +162,16 @@ def lr_at(step: int, progress: float, cfg: GuideConfig) -> float:
 def export_guide(model, directory: str | os.PathLike) -> Path:
     """Write `model` as an HF-format directory with the embedded tokenizer's files, atomically (a
     temporary sibling is filled, then renamed over `directory`)."""
+    from ..models.saving import atomic_directory
     from ..models.tokenizer import save_tokenizer
 
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     was_training = model.training
     model.eval()
     try:
-        model.save_pretrained(str(tmp))
-        save_tokenizer(tmp)
-        os.chmod(tmp, 0o755)
-        for f in tmp.iterdir():  # safetensors writes owner-only files; a checkpoint is shareable
-            os.chmod(f, 0o644)
-        old = None
-        if directory.exists():
-            old = directory.parent / f".{directory.name}.old-{os.getpid()}"
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with atomic_directory(directory) as tmp:
+            model.save_pretrained(str(tmp))
+            save_tokenizer(tmp)
     finally:
         model.train(was_training)
     return directory
