@@ -2,6 +2,8 @@
 
 from .families import FAMILIES, FINAL_MARKER
 from .problems import (
+    accuracy,
+    accuracy_table,
     DEFAULT_MAX_SHOTS,
     DEFAULT_TARGET_PROMPT_CHARS,
     FAMILY_NAMES,
@@ -24,6 +26,8 @@ from .problems import (
 )
 
 __all__ = [
+    "accuracy",
+    "accuracy_table",
     "DEFAULT_MAX_SHOTS",
     "DEFAULT_TARGET_PROMPT_CHARS",
     "FAMILIES",
