@@ -51,6 +51,20 @@ def check_family_weights(instance, attribute, value) -> None:
         raise ValueError(f"family_weights {value!r} give every family weight 0")
 
 
+def family_weights_arg(text: str) -> dict[str, int]:
+    """The training scripts' --family-weights: ``expr=3,add=2`` -> {"expr": 3, "add": 2};
+    check_family_weights judges the names and values."""
+    import argparse
+
+    weights = {}
+    for item in text.split(","):
+        name, sep, value = item.partition("=")
+        if not sep or not value.strip().isdigit():
+            raise argparse.ArgumentTypeError(f"{item!r}: expected FAMILY=N with N a non-negative integer")
+        weights[name.strip()] = int(value)
+    return weights
+
+
 SCHEDULES = ("cosine", "wsd")
 
 # the shipped models' shapes per family (the training script's --family; the throughput benchmark's base)
