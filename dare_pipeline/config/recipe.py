@@ -224,14 +224,6 @@ def _entry_name(entry):
     return entry.get("name") if isinstance(entry, dict) else None
 
 
-def check_composition(specs: tuple[PluginSpec, ...], source: str) -> None:
-    """Refuse two plugins that own the same decision, a plugin named twice, or declared conflicts
-    (every such problem of the list in one ConfigError)."""
-    errors = composition_errors([s.name for s in specs], source)
-    if errors:
-        raise ConfigError.combine(errors)
-
-
 def composition_errors(names: list, source: str) -> list[ConfigError]:
     """Every composition problem of a plugin list (`names[i]` is entry i's plugin; names that are
     not registered plugins, reported elsewhere, are left out): a plugin named twice, two owners of a
