@@ -491,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as exc:
         _print_error(exc)
         return 2
-    except KeyboardInterrupt as exc:  # SIGINT / SIGTERM: one line, no traceback (lifecycle.py)
+    except KeyboardInterrupt as exc:  # SIGINT / SIGTERM: one line, no traceback (execution/lifecycle.py)
         stop = as_interrupted(exc)
         print(f"dare-pipeline: {interrupted_line(args.command, getattr(args, 'output', None), stop.message)}",
               file=sys.stderr)
