@@ -2,12 +2,12 @@
 
 from .families import FAMILIES, FINAL_MARKER
 from .problems import (
-    accuracy,
-    accuracy_table,
     DEFAULT_MAX_SHOTS,
     DEFAULT_TARGET_PROMPT_CHARS,
     FAMILY_NAMES,
     HELDOUT_FILE,
+    accuracy,
+    accuracy_table,
     cut_answer,
     extract_final,
     family_stream,
@@ -26,14 +26,14 @@ from .problems import (
 )
 
 __all__ = [
-    "accuracy",
-    "accuracy_table",
     "DEFAULT_MAX_SHOTS",
     "DEFAULT_TARGET_PROMPT_CHARS",
     "FAMILIES",
     "FAMILY_NAMES",
     "FINAL_MARKER",
     "HELDOUT_FILE",
+    "accuracy",
+    "accuracy_table",
     "cut_answer",
     "extract_final",
     "family_stream",
