@@ -1,4 +1,4 @@
-"""DARE-KV (methods.md section 4): reuse a row's cached keys and values while its query barely moves.
+"""DARE-KV: reuse a row's cached keys and values while its query barely moves.
 
 At every layer the query of each running row is computed anyway. Its drift
 d = ||q - q_ref|| / ||q_ref|| over all heads, against the query it had when its K/V were last

@@ -1,4 +1,4 @@
-"""DARE-O (methods.md section 4): reuse a row's cached attention output while its query barely moves.
+"""DARE-O: reuse a row's cached attention output while its query barely moves.
 
 At every layer the query of each running row is computed anyway. Its drift
 d = ||q - q_ref|| / ||q_ref|| over all heads, against the query it had when its attention row was

@@ -1,4 +1,4 @@
-"""dLLM-Cache (methods.md section 3): long-interval prompt refresh, short-interval response refresh,
+"""dLLM-Cache: long-interval prompt refresh, short-interval response refresh,
 and V-verify in between.
 
 Every forward feeds the whole canvas (the plugin refuses row feeders). Per layer and prompt, with s

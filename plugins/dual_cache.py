@@ -1,4 +1,4 @@
-"""Fast-dLLM's dual KV cache (methods.md section 2).
+"""Fast-dLLM's dual KV cache.
 
 At each block start one forward over the whole canvas refreshes the activation store (and decodes
 like any other step). The other steps of the block feed only the block's own columns: their fresh

@@ -1,4 +1,4 @@
-"""Fast-dLLM's factor rule for parallel decoding (methods.md section 2; Fast-dLLM commit cb3a7570,
+"""Fast-dLLM's factor rule for parallel decoding (Fast-dLLM commit cb3a7570,
 `get_transfer_index_dynamic`).
 
 Sort the candidates' probabilities descending, c_1 >= c_2 >= ... >= c_n. Rank r (1-based) passes

@@ -1,4 +1,4 @@
-"""Fast-dLLM's prefix KV cache (methods.md section 2), with FreeCache's frozen blocks as an option.
+"""Fast-dLLM's prefix KV cache, with FreeCache's frozen blocks as an option.
 
 At each block start one forward over the whole canvas refreshes the activation store (and decodes
 like any other step). The other steps of the block feed only the columns from the block start to

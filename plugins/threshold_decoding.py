@@ -1,4 +1,4 @@
-"""Fast-dLLM's confidence-aware parallel decoding (methods.md section 2): commit every candidate of
+"""Fast-dLLM's confidence-aware parallel decoding: commit every candidate of
 the current block whose probability reaches the threshold, and always the most confident one, so
 every step makes progress. The loop runs each block until it has no masked column.
 

@@ -20,13 +20,9 @@ check. Medians of --repeats, batch 1.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
-import tempfile
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -34,7 +30,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dare_pipeline.evaluation.suite import HELDOUT_FILE, read_jsonl, score  # noqa: E402
+from dare_pipeline.evaluation.run import write_json_atomic  # noqa: E402
+from dare_pipeline.evaluation.suite import HELDOUT_FILE, accuracy, accuracy_table, read_jsonl, score  # noqa: E402
 from dare_pipeline.models.tokenizer import EOS_ID, EOT_ID, PAD_ID  # noqa: E402
 from dare_pipeline.training import encode  # noqa: E402
 
@@ -89,27 +86,6 @@ def greedy(model, prompts: list[list[int]], max_new_tokens: int) -> list[list[in
     return answers
 
 
-def summarize(rows: list[dict]) -> dict:
-    def acc(subset):
-        n = len(subset)
-        return {"n": n, "exact_match": sum(r["exact_match"] for r in subset) / max(1, n),
-                "final_match": sum(r["final_match"] for r in subset) / max(1, n)}
-
-    families = defaultdict(list)
-    for r in rows:
-        families[r["family"]].append(r)
-    return {"overall": acc(rows), "per_family": {f: acc(v) for f, v in families.items()}}
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def evaluate(args) -> int:
     from transformers import AutoTokenizer
 
@@ -126,16 +102,14 @@ def evaluate(args) -> int:
             text = tok.decode(answer, skip_special_tokens=True)
             rows.append({"id": p["id"], "family": p["family"], "text": text, **score(p, text)})
     wall = time.perf_counter() - started
-    summary = summarize(rows)
+    summary = accuracy(rows)
     result = {"model": args.model, "data": args.data, "offset": args.offset, "limit": args.limit,
               "decoding": "greedy", "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
               "threads": args.threads, "wall_s": round(wall, 1), **summary, "problems": rows}
     out = Path(args.out) if args.out else Path(args.model) / "heldout_greedy.json"
     write_json_atomic(out, result)
     print(f"guide {args.model}, greedy, {len(rows)} problems, max_new_tokens {args.max_new_tokens}, {wall:.0f}s")
-    print(f"{'family':<10}{'n':>5}{'exact':>9}{'final':>9}")
-    for fam, s in [*summary["per_family"].items(), ("overall", summary["overall"])]:
-        print(f"{fam:<10}{s['n']:>5}{100 * s['exact_match']:>8.1f}%{100 * s['final_match']:>8.1f}%")
+    print("\n".join(accuracy_table(summary)))
     print(f"wrote {out}")
     return 0
 

@@ -15,12 +15,8 @@ per-problem generations) atomically to --out.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-import tempfile
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -29,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dare_pipeline import Pipeline, Recipe, load_model
-from dare_pipeline.evaluation.suite import HELDOUT_FILE, read_jsonl, score
+from dare_pipeline.evaluation.run import write_json_atomic
+from dare_pipeline.evaluation.suite import HELDOUT_FILE, accuracy, accuracy_table, read_jsonl, score
 
 
 def parse_args(argv=None):
@@ -50,27 +47,6 @@ def parse_args(argv=None):
     ap.add_argument("--out", default=None, help="result JSON (default runs/eval/<model>_g<gen_length>.json)")
     ap.add_argument("--no-progress", action="store_true")
     return ap.parse_args(argv)
-
-
-def summarize(rows: list[dict]) -> dict:
-    def acc(subset):
-        n = len(subset)
-        return {"n": n, "exact_match": sum(r["exact_match"] for r in subset) / max(1, n),
-                "final_match": sum(r["final_match"] for r in subset) / max(1, n)}
-
-    families = defaultdict(list)
-    for r in rows:
-        families[r["family"]].append(r)
-    return {"overall": acc(rows), "per_family": {f: acc(v) for f, v in families.items()}}
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def main(argv=None) -> int:
@@ -101,12 +77,12 @@ def main(argv=None) -> int:
         for p, text in zip(chunk, out.text):
             rows.append({"id": p["id"], "family": p["family"], "text": text, **score(p, text)})
         bar.update(len(chunk))
-        s = summarize(rows)["overall"]
+        s = accuracy(rows)["overall"]
         bar.set_postfix(em=f"{s['exact_match']:.3f}", final=f"{s['final_match']:.3f}")
     bar.close()
     wall = time.perf_counter() - started
 
-    summary = summarize(rows)
+    summary = accuracy(rows)
     result = {"model": str(model.source), "family": model.config.family, "data": args.data, "offset": args.offset,
               "limit": args.limit, "recipe": recipe.to_dict(), "generation": gen,
               "nfe_per_problem_batched": round(nfe / max(1, len(rows)), 2), "threads": args.threads, "device": args.device,
@@ -120,9 +96,7 @@ def main(argv=None) -> int:
     print(f"model {model.source} ({model.config.family}), recipe {recipe.name}, {len(rows)} problems, "
           f"gen_length {gen['gen_length']}, block_length {gen['block_length']}, steps {gen['steps']}, {wall:.0f}s, "
           f"{result['nfe_per_problem_batched']} forwards per problem (batch {args.batch_size})")
-    print(f"{'family':<10}{'n':>5}{'exact':>9}{'final':>9}")
-    for fam, s in [*summary["per_family"].items(), ("overall", summary["overall"])]:
-        print(f"{fam:<10}{s['n']:>5}{100 * s['exact_match']:>8.1f}%{100 * s['final_match']:>8.1f}%")
+    print("\n".join(accuracy_table(summary)))
     print(f"wrote {out_path}")
     return 0
 

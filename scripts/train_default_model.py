@@ -24,18 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dare_pipeline.training import TrainConfig, Trainer
 from dare_pipeline.training.optimizers import OPTIMIZERS
-from dare_pipeline.training.trainer import CHECKPOINT, PRESETS, SCHEDULES
-
-
-def _family_weights(text: str) -> dict[str, int]:
-    """``expr=3,add=2`` -> {"expr": 3, "add": 2}; TrainConfig checks the names and values."""
-    weights = {}
-    for item in text.split(","):
-        name, sep, value = item.partition("=")
-        if not sep or not value.strip().isdigit():
-            raise argparse.ArgumentTypeError(f"{item!r}: expected FAMILY=N with N a non-negative integer")
-        weights[name.strip()] = int(value)
-    return weights
+from dare_pipeline.training.trainer import CHECKPOINT, PRESETS, SCHEDULES, family_weights_arg
 
 
 def parse_args(argv=None):
@@ -74,10 +63,10 @@ def parse_args(argv=None):
     ap.add_argument("--decay-fraction", type=float, default=None,
                     help="wsd: fraction of the steps in the final linear decay (0.2)")
     ap.add_argument("--max-rows", type=int, default=None, help="cap on rows per batch")
-    ap.add_argument("--family-weights", type=_family_weights, default=None, metavar="FAMILY=N,...",
+    ap.add_argument("--family-weights", type=family_weights_arg, default=None, metavar="FAMILY=N,...",
                     help="share of the training problems per family, e.g. expr=3,add=2,sort=1,reverse=1 "
                          "(default: the families in turn; a family left out is not trained on)")
-    ap.add_argument("--late-family-weights", type=_family_weights, default=None, metavar="FAMILY=N,...",
+    ap.add_argument("--late-family-weights", type=family_weights_arg, default=None, metavar="FAMILY=N,...",
                     help="the family mix from --late-mix-start on (default: --family-weights throughout)")
     ap.add_argument("--late-mix-start", type=float, default=None,
                     help="fraction of the steps after which --late-family-weights apply (0.5)")

@@ -32,22 +32,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dare_pipeline.training.guide import CHECKPOINT, SCHEDULES, GuideConfig, GuideTrainer  # noqa: E402
 from dare_pipeline.training.optimizers import OPTIMIZERS  # noqa: E402
+from dare_pipeline.training.trainer import family_weights_arg  # noqa: E402
 
 # every GuideConfig field the command line may set (the --flag names are the field names)
 FIELDS = ("steps", "minutes", "lr", "warmup_steps", "schedule", "decay_fraction", "optimizer", "muon_lr_scale",
           "token_budget", "max_rows", "short_phase", "group_by_length", "family_weights", "shot_answers",
           "checkpoint_every", "log_every", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden")
-
-
-def _family_weights(text: str) -> dict[str, int]:
-    """``expr=3,add=2`` -> {"expr": 3, "add": 2}; GuideConfig checks the names and values."""
-    weights = {}
-    for item in text.split(","):
-        name, sep, value = item.partition("=")
-        if not sep or not value.strip().isdigit():
-            raise argparse.ArgumentTypeError(f"{item!r}: expected FAMILY=N with N a non-negative integer")
-        weights[name.strip()] = int(value)
-    return weights
 
 
 def parse_args(argv=None):
@@ -75,7 +65,7 @@ def parse_args(argv=None):
     ap.add_argument("--group-by-length", type=int, default=None, metavar="POOL",
                     help="zero-shot pairs batched POOL at a time by answer length, canvases cut to whole "
                          "blocks of 32 (256; 0 = canvas 64)")
-    ap.add_argument("--family-weights", type=_family_weights, default=None, metavar="FAMILY=N,...",
+    ap.add_argument("--family-weights", type=family_weights_arg, default=None, metavar="FAMILY=N,...",
                     help="share of the training problems per family, e.g. add=3,expr=3,sort=2,reverse=2")
     ap.add_argument("--shot-answers", action=argparse.BooleanOptionalAction, default=None,
                     help="the answers of the prompt's few-shot examples are targets too (default: yes)")

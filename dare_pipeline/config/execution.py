@@ -4,7 +4,7 @@
       mode: auto          # auto | eager | compiled | cuda_graphs
       backend: inductor   # torch.compile backend (aot_eager: capture without code generation)
       fullgraph: true     # a graph break is an error, not a silent slow path
-      regions: true       # compile the code every layer repeats once (regions.py), not once per layer
+      regions: true       # compile the code every layer repeats once (execution/regions.py), not once per layer
 
 `auto` is eager on the CPU and cuda_graphs on CUDA (inductor plus CUDA graphs: one launch per
 forward instead of ~1,500). On the CPU inductor's code is 1.0-1.2x faster per generation and

@@ -105,7 +105,8 @@ class Recipe:
         in_file = copy.deepcopy(data.get("generation"))
         for item in overrides or ():
             _collect(errors, apply_override, data, item, source)
-        _overrides_over_file(data, in_file, overrides or (), source)
+        given = {item.split("=", 1)[0].strip() for item in overrides or ()}  # the keys the overrides set
+        _overrides_over_file(data, in_file, given, source)
         raw_plugins = data.pop("plugins", None) or []
         recipe = _collect(errors, structure, cls, data, "", source)
         if isinstance(raw_plugins, list):
@@ -119,8 +120,7 @@ class Recipe:
         errors += composition_errors([_entry_name(e) for e in entries], source)
         if errors:
             raise ConfigError.combine(errors)
-        overridden = frozenset(k for k in LENGTH_KEYS if any(item.split("=", 1)[0].strip() == f"generation.{k}"
-                                                             for item in overrides or ()))
+        overridden = frozenset(k for k in LENGTH_KEYS if f"generation.{k}" in given)
         return attrs.evolve(recipe, plugins=specs, source=source, overridden=overridden)
 
     def resolved(self, model_generation: dict | None = None, model_source: str = "the model") -> Recipe:
@@ -176,13 +176,12 @@ def recipe_or_baseline(path, overrides: list[str] | None = None) -> Recipe:
     return Recipe.from_yaml(path, overrides=overrides)
 
 
-def _overrides_over_file(data: dict, in_file, overrides, source: str) -> None:
-    """The length keys of --set overrides over the file's, by generation.py's rules: a file's steps
-    follows an overridden gen_length, its block_length is cut to it."""
+def _overrides_over_file(data: dict, in_file, given: set[str], source: str) -> None:
+    """The length keys of --set overrides (`given`: the keys they set) over the file's, by
+    generation.py's rules: a file's steps follows an overridden gen_length, its block_length is cut to it."""
     generation = data.get("generation")
     if not isinstance(generation, dict) or not isinstance(in_file, dict):
         return
-    given = {item.split("=", 1)[0].strip() for item in overrides}
     values, origins = {}, {}
     layer(values, origins, {k: in_file.get(k) for k in LENGTH_KEYS}, source)
     layer(values, origins, {k: generation.get(k) for k in LENGTH_KEYS if f"generation.{k}" in given}, "--set")
@@ -224,14 +223,6 @@ def _entry_name(entry):
     if isinstance(entry, str):
         return entry
     return entry.get("name") if isinstance(entry, dict) else None
-
-
-def check_composition(specs: tuple[PluginSpec, ...], source: str) -> None:
-    """Refuse two plugins that own the same decision, a plugin named twice, or declared conflicts
-    (every such problem of the list in one ConfigError)."""
-    errors = composition_errors([s.name for s in specs], source)
-    if errors:
-        raise ConfigError.combine(errors)
 
 
 def composition_errors(names: list, source: str) -> list[ConfigError]:

@@ -138,7 +138,7 @@ class DecodingStats:
     decode_cpu_s: float = 0.0  # process CPU time (every thread) over the generate calls
     wall_time_s: float = 0.0  # generate_until batches end to end (tokenizing and decoding text included)
     plugins: dict = attrs.Factory(dict)  # numeric plugin counters, summed
-    flops: dict = attrs.Factory(dict)  # estimated FLOPs by operation (flops.py), from the rows each layer computed
+    flops: dict = attrs.Factory(dict)  # FLOPs by operation (reuse/flops.py), from the rows each layer computed
     loglikelihood_requests: int = 0
     loglikelihood_forwards: int = 0  # rows scored by the Monte Carlo estimate (each a full forward)
     loglikelihood_time_s: float = 0.0

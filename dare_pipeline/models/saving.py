@@ -9,10 +9,12 @@ checkpoint and an interrupted save leaves the previous one intact.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -145,9 +147,7 @@ def save_checkpoint(model, directory: str | os.PathLike, tokenizer=None, dtype: 
         tokenizer = getattr(model, "tokenizer", None)
 
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    try:
+    with atomic_directory(directory) as tmp:
         config = _CONFIG_WRITERS[cfg.family](cfg, dtype)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         generation = {**(getattr(model, "generation_config", None) or {}), **(generation or {}),
@@ -157,6 +157,18 @@ def save_checkpoint(model, directory: str | os.PathLike, tokenizer=None, dtype: 
         save_file(checkpoint_tensors(model, dtype), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if tokenizer is not None:
             _write_tokenizer(tokenizer, tmp)
+    return directory
+
+
+@contextlib.contextmanager
+def atomic_directory(directory: Path) -> Iterator[Path]:
+    """A temporary sibling of `directory` to fill; when the block ends without an error its files are
+    made readable by all and it is renamed over `directory`, else it is removed (a previous
+    `directory` stays as it was)."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        yield tmp
         os.chmod(tmp, 0o755)
         for f in tmp.iterdir():  # mkdtemp and safetensors create owner-only files; a checkpoint is shareable
             os.chmod(f, 0o644)
@@ -170,4 +182,3 @@ def save_checkpoint(model, directory: str | os.PathLike, tokenizer=None, dtype: 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return directory

@@ -6,7 +6,7 @@ Two entry points:
   i+1 (the decoding loop applies the shift through `prediction_rows`).
 - `forward_rows(...)`: the decoding loop's call. Only the fed columns enter the model; attention
   reads keys/values from the activation store (full canvas length) after the fed rows' fresh K/V
-  are written into it; reuse objects may skip work per layer and per row (see reuse.py).
+  are written into it; reuse objects may skip work per layer and per row (see core/layer_reuse.py).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from ..execution.regions import compile_region
 from .config import ModelConfig
 from .rope import apply_rope, rope_cos_sin
 
-# Columns of the per-layer row counters (see stats.py).
+# Columns of the per-layer row counters (see core/stats.py).
 COUNT_Q, COUNT_KV, COUNT_ATTN, COUNT_FFN = range(4)
 
 
@@ -222,7 +222,7 @@ class DiffusionTransformer(nn.Module):
         return x + f
 
     def _forward_with_reuse(self, tokens, fed, positions, key_mask, store, reuse, head_rows, counters, refresh, step):
-        """forward_rows with reuse objects, eagerly: per layer they choose which rows run (see reuse.py),
+        """forward_rows with reuse objects, eagerly: per layer they choose which rows run (see core/layer_reuse.py),
         and the chosen rows are picked with data-dependent shapes."""
         cols = torch.arange(fed.start, fed.stop, device=tokens.device)
         return self._reuse_layers(tokens, fed, positions, key_mask, store, reuse, head_rows, counters,

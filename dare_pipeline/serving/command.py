@@ -12,10 +12,10 @@ from pathlib import Path
 import attrs
 
 from ..config.loading import ConfigError
+from ..config.recipe import BASELINE_HELP
 from .limits import ServerLimits, flag
 
 API_KEY = re.compile(r"[\x21-\x7e]{1,512}")  # what an HTTP header carries unchanged
-from ..config.recipe import BASELINE_HELP
 
 
 def add_parser(sub) -> None:

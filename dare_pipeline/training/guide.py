@@ -26,9 +26,7 @@ import json
 import math
 import os
 import random
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -36,15 +34,13 @@ import attrs
 import torch
 
 from ..config.loading import at_least, choice, in_range
-from ..evaluation.suite import FAMILY_NAMES
 from ..models.tokenizer import BOS_ID, EOS_ID, EOT_ID, PAD_ID, VOCAB_SIZE
 from .batches import BatchKind, BatchSampler, Phase
 from .causal_objective import causal_lm_loss, loss_mask
 from .optimizers import OPTIMIZERS, build_optimizer
+from .run_dir import CHECKPOINT, LOG, atomic_torch_save, truncate_log
+from .trainer import SCHEDULES, check_family_weights
 
-CHECKPOINT = "checkpoint.pt"
-LOG = "train_log.jsonl"
-SCHEDULES = ("cosine", "wsd")
 # the sampler picks phases by a step out of a total; a clock's progress p is handed over as
 # round(p * PHASE_RESOLUTION) out of PHASE_RESOLUTION
 PHASE_RESOLUTION = 100_000
@@ -66,20 +62,6 @@ def guide_curriculum(short_phase: float = 0.2, group_by_length: int = 256) -> tu
                     BatchKind("long_canvas", 0.15, max_shots=8, max_prompt_chars=512, min_shots=2,
                               canvases=(128, 256)))),
     )
-
-
-def _check_family_weights(instance, attribute, value) -> None:
-    if value is None:
-        return
-    if not isinstance(value, dict) or not value:
-        raise ValueError(f"family_weights must be a non-empty mapping family -> weight, got {value!r}")
-    for family, weight in value.items():
-        if family not in FAMILY_NAMES:
-            raise ValueError(f"family_weights: unknown family {family!r}; allowed: {', '.join(FAMILY_NAMES)}")
-        if not isinstance(weight, int) or isinstance(weight, bool) or weight < 0:
-            raise ValueError(f"family_weights[{family!r}] must be a non-negative int, got {weight!r}")
-    if not any(value.values()):
-        raise ValueError(f"family_weights {value!r} give every family weight 0")
 
 
 def _optional_positive(instance, attribute, value) -> None:
@@ -117,7 +99,7 @@ class GuideConfig:
     max_rows: int = attrs.field(default=64, validator=at_least(1))
     short_phase: float = attrs.field(default=0.2, validator=in_range(0.0, 1.0, include_high=False))
     group_by_length: int = attrs.field(default=256, validator=at_least(0))
-    family_weights: dict[str, int] | None = attrs.field(default=None, validator=_check_family_weights)
+    family_weights: dict[str, int] | None = attrs.field(default=None, validator=check_family_weights)
     shot_answers: bool = True  # the few-shot answers inside prompts are targets too (causal_objective.py)
     init_std: float = 0.02
     seed: int = 0
@@ -180,38 +162,19 @@ def lr_at(step: int, progress: float, cfg: GuideConfig) -> float:
 def export_guide(model, directory: str | os.PathLike) -> Path:
     """Write `model` as an HF-format directory with the embedded tokenizer's files, atomically (a
     temporary sibling is filled, then renamed over `directory`)."""
+    from ..models.saving import atomic_directory
     from ..models.tokenizer import save_tokenizer
 
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     was_training = model.training
     model.eval()
     try:
-        model.save_pretrained(str(tmp))
-        save_tokenizer(tmp)
-        os.chmod(tmp, 0o755)
-        for f in tmp.iterdir():  # safetensors writes owner-only files; a checkpoint is shareable
-            os.chmod(f, 0o644)
-        old = None
-        if directory.exists():
-            old = directory.parent / f".{directory.name}.old-{os.getpid()}"
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with atomic_directory(directory) as tmp:
+            model.save_pretrained(str(tmp))
+            save_tokenizer(tmp)
     finally:
         model.train(was_training)
     return directory
-
-
-def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 class GuideTrainer:
@@ -268,7 +231,7 @@ class GuideTrainer:
         }
 
     def save(self, export: bool = True) -> None:
-        _atomic_torch_save(self.state_dict(), self.out / CHECKPOINT)
+        atomic_torch_save(self.state_dict(), self.out / CHECKPOINT)
         if export:
             export_guide(self.model, self.out / "model")
 
@@ -287,16 +250,7 @@ class GuideTrainer:
         self.sampler.load_state_dict(state["sampler"])
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
-        self._truncate_log()
-
-    def _truncate_log(self) -> None:
-        """Drop log lines past the checkpoint's step (written after it, before an interruption)."""
-        path = self.out / LOG
-        if not path.exists():
-            return
-        keep = [line for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= self.step]
-        path.write_text("".join(line + "\n" for line in keep))
+        truncate_log(self.out / LOG, self.step)
 
     # ---- training ------------------------------------------------------------------------------
     def train_step(self) -> float:

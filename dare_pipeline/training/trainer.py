@@ -30,15 +30,14 @@ from ..models.transformer import DiffusionTransformer
 from .batches import LONG_PHASE_ZERO_SHOT, BatchSampler, Phase, default_curriculum
 from .objective import DEFAULT_EPS, diffusion_loss
 from .optimizers import OPTIMIZERS, build_optimizer
+from .run_dir import CHECKPOINT, LOG, atomic_torch_save, truncate_log
 
-CHECKPOINT = "checkpoint.pt"
-LOG = "train_log.jsonl"
 # the answer canvas an exported model suggests (generation_config.json): the suite's answers fit in
 # 64 tokens (docs/tasks.md), decoded as trained, in blocks of 32, one token per step
 SUITE_GENERATION = {"max_new_tokens": 64, "block_length": 32, "steps": 64}
 
 
-def _check_family_weights(instance, attribute, value) -> None:
+def check_family_weights(instance, attribute, value) -> None:
     if value is None:
         return
     if not isinstance(value, dict) or not value:
@@ -50,6 +49,20 @@ def _check_family_weights(instance, attribute, value) -> None:
             raise ValueError(f"family_weights[{family!r}] must be a non-negative int, got {weight!r}")
     if not any(value.values()):
         raise ValueError(f"family_weights {value!r} give every family weight 0")
+
+
+def family_weights_arg(text: str) -> dict[str, int]:
+    """The training scripts' --family-weights: ``expr=3,add=2`` -> {"expr": 3, "add": 2};
+    check_family_weights judges the names and values."""
+    import argparse
+
+    weights = {}
+    for item in text.split(","):
+        name, sep, value = item.partition("=")
+        if not sep or not value.strip().isdigit():
+            raise argparse.ArgumentTypeError(f"{item!r}: expected FAMILY=N with N a non-negative integer")
+        weights[name.strip()] = int(value)
+    return weights
 
 
 SCHEDULES = ("cosine", "wsd")
@@ -100,9 +113,9 @@ class TrainConfig:
     max_rows: int = 64  # cap on rows per batch (short zero-shot batches hit it before the token budget)
     # family -> share of the training problems (e.g. {"expr": 3, "add": 2, "sort": 1, "reverse": 1});
     # None = the families in turn
-    family_weights: dict[str, int] | None = attrs.field(default=None, validator=_check_family_weights)
+    family_weights: dict[str, int] | None = attrs.field(default=None, validator=check_family_weights)
     # the mix from late_mix_start (a fraction of the steps) on; None = family_weights throughout
-    late_family_weights: dict[str, int] | None = attrs.field(default=None, validator=_check_family_weights)
+    late_family_weights: dict[str, int] | None = attrs.field(default=None, validator=check_family_weights)
     late_mix_start: float = attrs.field(default=0.5, validator=in_range(0.0, 1.0, include_high=False))
     eps: float = DEFAULT_EPS
     # "inv_t": LLaDA's 1/t-weighted ELBO; "none": mean CE over masked tokens (see objective.py)
@@ -159,12 +172,6 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 class Trainer:
     def __init__(self, cfg: TrainConfig, out_dir: str | os.PathLike, curriculum: tuple[Phase, ...] | None = None,
                  progress: bool = True, device: str | torch.device = "cpu"):
@@ -207,7 +214,7 @@ class Trainer:
         }
 
     def save(self, export: bool = True) -> None:
-        _atomic_torch_save(self.state_dict(), self.out / CHECKPOINT)
+        atomic_torch_save(self.state_dict(), self.out / CHECKPOINT)
         if export:
             self.export(self.out / "model")
 
@@ -253,15 +260,7 @@ class Trainer:
             self.noise_gen.manual_seed(self.cfg.seed + 1 + self.step)
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
-        self._truncate_log()
-
-    def _truncate_log(self) -> None:
-        """Drop log lines past the checkpoint's step (written after it, before an interruption)."""
-        path = self.out / LOG
-        if not path.exists():
-            return
-        keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= self.step]
-        path.write_text("".join(line + "\n" for line in keep))
+        truncate_log(self.out / LOG, self.step)
 
     # ---- training ------------------------------------------------------------------------------
     def train_step(self) -> float:

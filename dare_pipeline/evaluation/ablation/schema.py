@@ -35,7 +35,7 @@ import attrs
 
 from ...config.files import check_nesting, read_yaml_file
 from ...config.loading import ConfigError, at_least, in_range, structure
-from ...config.recipe import PluginSpec, Recipe, apply_override, check_composition
+from ...config.recipe import Recipe, apply_override, composition_errors
 from ...core.registry import available_plugins
 from .calibrated import is_target_key
 
@@ -457,10 +457,10 @@ def _resolve(data: dict, sweep: dict, base_plugins, plugin_set, common: dict, so
     if unknown:
         return dict(common, recipe=data, status="skipped",
                     reason=f"unknown plugin {unknown[0]!r}: not registered (available: {sorted(classes)})")
-    try:
-        check_composition(tuple(PluginSpec(n, None) for n in list(base_plugins) + list(plugin_set)), where)
-    except ConfigError as exc:
-        return dict(common, recipe=data, status="skipped", reason="refused at recipe load: " + "; ".join(exc.errors))
+    refused = composition_errors(list(base_plugins) + list(plugin_set), where)
+    if refused:
+        return dict(common, recipe=data, status="skipped",
+                    reason="refused at recipe load: " + "; ".join(ConfigError.combine(refused).errors))
     try:
         recipe = Recipe.from_dict(data, source=where)
     except ConfigError as exc:

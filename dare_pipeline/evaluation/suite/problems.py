@@ -234,6 +234,28 @@ def score(problem: Problem, generated_text: str) -> dict[str, bool]:
     }
 
 
+def accuracy(rows: Sequence[Mapping]) -> dict:
+    """Exact-match and final-answer accuracy of scored rows (each with its ``family`` and the
+    ``score`` keys), overall and per family in the order families first appear."""
+    def share(subset):
+        n = len(subset)
+        return {"n": n, "exact_match": sum(r["exact_match"] for r in subset) / max(1, n),
+                "final_match": sum(r["final_match"] for r in subset) / max(1, n)}
+
+    families: dict[str, list] = {}
+    for r in rows:
+        families.setdefault(r["family"], []).append(r)
+    return {"overall": share(rows), "per_family": {f: share(v) for f, v in families.items()}}
+
+
+def accuracy_table(summary: dict) -> list[str]:
+    """`accuracy`'s result as the lines of a table: a row per family, then the overall row."""
+    lines = [f"{'family':<10}{'n':>5}{'exact':>9}{'final':>9}"]
+    for fam, s in [*summary["per_family"].items(), ("overall", summary["overall"])]:
+        lines.append(f"{fam:<10}{s['n']:>5}{100 * s['exact_match']:>8.1f}%{100 * s['final_match']:>8.1f}%")
+    return lines
+
+
 # ---------------------------------------------------------------- data files
 
 
