@@ -21,7 +21,7 @@ from collections import OrderedDict
 import attrs
 import torch
 
-from ..api import Pipeline
+from ..api import GenerationTooLarge, Pipeline
 from ..core.streaming import GenerationCancelled
 from .metrics import Metrics
 from .requests import RequestError, RowSpec
@@ -229,7 +229,9 @@ class BatchScheduler:
                 row.finish(RequestError(503, f"decoding was cancelled: {stop}", kind="server_shutting_down"))
             return
         except Exception as error:  # noqa: BLE001 -- answered per row, never to another row's client
-            if len(batch) == 1:
+            if len(batch) == 1 and isinstance(error, GenerationTooLarge):  # refused before any allocation
+                batch[0].finish(RequestError(400, str(error), kind="invalid_request_error"))
+            elif len(batch) == 1:
                 log.error("decoding failed", exc_info=error)
                 batch[0].finish(RequestError(500, f"decoding failed: {type(error).__name__}: {error}",
                                              kind="server_error"))

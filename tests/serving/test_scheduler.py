@@ -66,6 +66,18 @@ def test_a_failing_batch_answers_500_json_and_the_server_goes_on(app, monkeypatc
     assert reply.status_code == 200 and len(reply.json()["choices"][0]["dare"]["token_ids"]) == 32
 
 
+def test_a_generation_too_large_for_the_device_is_a_400_with_the_estimate(app, monkeypatch, post_all):
+    import dare_pipeline.api
+
+    monkeypatch.setattr(dare_pipeline.api, "available_bytes", lambda device: 1024)
+    replies = post_all(app, [BODY, {**BODY, "prompt": [8, 9]}])  # a batch of two, then each row alone
+    for reply in replies:
+        assert reply.status_code == 400, reply.text
+        error = reply.json()["error"]
+        assert error["type"] == "invalid_request_error" and "needs about" in error["message"]
+        assert "decode fewer prompts at once or a shorter gen_length" in error["message"]
+
+
 POISON = [77, 77, 77]  # a prompt the model's forward fails on, from its fifth forward on
 
 
