@@ -89,11 +89,7 @@ class Recipe:
     # ---- loading ----------------------------------------------------------------------------
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> Recipe:
-        data = read_yaml_file(path, "recipe file")
-        if data is None:  # most likely a file saved before it was written
-            raise ConfigError(f"{path}: the file is empty; a recipe is a mapping of keys such as name, model, "
-                              f"generation, plugins ({{}} takes every default)")
-        return cls.from_dict(data, source=str(path), overrides=overrides)
+        return cls.from_dict(read_recipe_file(path), source=str(path), overrides=overrides)
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "<dict>", overrides: list[str] | None = None) -> Recipe:
@@ -310,3 +306,13 @@ def recipe_notes(recipe) -> list[str]:
                      f"fixed-step schedule some forwards commit no token (steps <= gen_length gives at least one "
                      f"token per forward)")
     return notes
+
+
+def read_recipe_file(path: str | Path):
+    """A recipe file's YAML document, refused when the file is empty (most likely saved before it was
+    written): a recipe is a mapping, and `{}` is the way to take every default."""
+    data = read_yaml_file(path, "recipe file")
+    if data is None:
+        raise ConfigError(f"{path}: the file is empty; a recipe is a mapping of keys such as name, model, "
+                          f"generation, plugins ({{}} takes every default)")
+    return data

@@ -35,7 +35,7 @@ import attrs
 
 from ...config.files import check_nesting, read_yaml_file
 from ...config.loading import ConfigError, at_least, in_range, structure
-from ...config.recipe import Recipe, apply_override, composition_errors
+from ...config.recipe import Recipe, apply_override, composition_errors, read_recipe_file
 from ...core.registry import available_plugins
 from .calibrated import is_target_key
 
@@ -161,7 +161,7 @@ class Ablation:
                 path = Path(self.source).parent / path
             if not path.exists():
                 raise ConfigError(f"{self.source}: recipe = {self.recipe!r}: recipe file not found (looked at {path})")
-            data = read_yaml_file(path, "recipe file") or {}
+            data = read_recipe_file(path)
             src = str(path)
         for item in list(self.set) + list(extra_set):
             apply_override(data, item, src)

@@ -541,3 +541,10 @@ def test_an_interruption_right_after_a_record_is_written_counts_it(write_ablatio
         run_ablation(Ablation.from_yaml(path), out, quiet=True)
     assert len(read_records(out)) == 1
     assert caught.value.message == "interrupted; 1 of 2 runs recorded, rerun to resume"
+
+
+def test_an_ablation_naming_an_empty_recipe_file_is_refused(tmp_path):
+    (tmp_path / "empty.yaml").write_text("")
+    abl = Ablation.from_dict({"name": "x", "recipe": "empty.yaml"}, source=str(tmp_path / "abl.yaml"))
+    with pytest.raises(ConfigError, match=r"empty.yaml: the file is empty; a recipe is a mapping"):
+        plan_runs(abl)
