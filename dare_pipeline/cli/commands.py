@@ -240,9 +240,7 @@ def cmd_ablate(args) -> int:
     set_offline()
     abl = Ablation.from_yaml(args.ablation)
     shard = parse_shard(args.shard)
-    limit = args.limit
-    if limit is not None and float(limit).is_integer() and float(limit) >= 1:
-        limit = int(limit)
+    limit = _whole(args.limit)
     output = Path(args.output or Path("runs") / "ablation" / f"{abl.name}.jsonl")
     _execution_override(args)
     extra_set = list(args.set)
@@ -275,7 +273,8 @@ def cmd_ablate(args) -> int:
         from ..evaluation.ablation.runner import select
         from ..evaluation.ablation.schema import plan_runs
 
-        runs = plan_runs(abl, model=args.model, limit=limit, extra_set=extra_set, batch_size=args.batch_size)
+        runs = plan_runs(abl, model=args.model, limit=limit, extra_set=extra_set, batch_size=args.batch_size,
+                         timing_limit=_whole(args.timing_limit))
         todo, write_now, already = select(runs, read_records(output), shard, args.retry_failed)
         state = {id(r): "run" for r in todo} | {id(r): r.status for r in write_now} | {id(r): "done" for r in already}
         for r in runs:
@@ -288,7 +287,7 @@ def cmd_ablate(args) -> int:
         summary = run_ablation(abl, output, limit=limit, model=args.model, extra_set=extra_set,
                                batch_size=args.batch_size, shard=shard, workers=args.workers, threads=args.threads,
                                retry_failed=args.retry_failed, quiet=args.quiet, data_parallel=args.data_parallel,
-                               repeats=args.repeats)
+                               repeats=args.repeats, timing_limit=_whole(args.timing_limit))
     except PluginLoadError as exc:  # a broken plugin entry point: no recipe can load
         raise ConfigError(str(exc)) from exc
     if args.data_parallel and distributed.rank() != 0:  # rank 0 wrote the records and reports
@@ -303,6 +302,13 @@ def cmd_ablate(args) -> int:
         files = write_report(read_records(output), out_dir)
         print(f"report: {files[0]}")
     return 1 if summary.failed else 0
+
+
+def _whole(limit):
+    """A --limit-like number: an int when whole and >= 1 (N problems), else as given (a share)."""
+    if limit is not None and float(limit).is_integer() and float(limit) >= 1:
+        return int(limit)
+    return limit
 
 
 def cmd_report(args) -> int:
@@ -423,6 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--retry-failed", action="store_true", help="run again the runs recorded as failed")
     ab.add_argument("--repeats", type=int, help="timed passes per run after its untimed first pass, round-robin "
                     "across the runs (overrides the file's repeats, default 3; 0: time the first pass only)")
+    ab.add_argument("--timing-limit", type=float, help="problems per task of the timed passes: the first N of "
+                    "those the accuracy pass decodes (overrides the file's timing_limit; default: all of them)")
     ab.add_argument("--report-dir", help="where the report goes (default: the output path without .jsonl)")
     ab.add_argument("--no-report", action="store_true", help="do not write the report at the end")
     ab.add_argument("--dry-run", action="store_true", help="list the runs and what would happen to each; run nothing")

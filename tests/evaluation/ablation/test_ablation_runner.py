@@ -265,6 +265,51 @@ def test_repeats_run_round_robin_and_resume(write_ablation, tmp_path, monkeypatc
     assert run_ablation(abl, tmp_path / "none.jsonl", quiet=True, repeats=1).executed == 2 and len(order) == 4
 
 
+def test_timed_passes_decode_the_first_timing_limit_problems(write_ablation, tmp_path, monkeypatch):
+    from dare_pipeline.evaluation.ablation import runner
+    from dare_pipeline.evaluation.ablation.analysis import Analysis
+
+    passes = []  # (run index, timed) of every pass
+    real = runner.execute_run
+
+    def spy(spec, *args, timed=False, **kwargs):
+        passes.append((spec.index, timed))
+        return real(spec, *args, timed=timed, **kwargs)
+
+    monkeypatch.setattr(runner, "execute_run", spy)
+    path = write_ablation(name="subset", limit=2, repeats=2, timing_limit=1, plugins={"sets": [[], ["prefix_cache"]]})
+    abl = Ablation.from_yaml(path)
+    out = tmp_path / "subset.jsonl"
+    assert run_ablation(abl, out, quiet=True).ok == 2
+    assert passes == [(0, False), (1, False), (0, True), (1, True), (0, True), (1, True)]
+    final = dedupe(read_records(out))
+    for r in final:  # accuracy and counters over both problems, the timed passes over the first one
+        assert r["metrics"]["requests"] == 2 and r["accuracy"]["dare_add"]["n"] == 2
+        assert r["timing"]["limit"] == 1 and [s["requests"] for s in r["timing"]["samples"]] == [1, 1]
+        spread = Analysis(final).time_spread(r, "decode_time_s")  # seconds per timed request
+        assert spread["min"] == min(s["decode_time_s"] for s in r["timing"]["samples"])
+
+    # asked for timing on both problems now: each run is timed again; its recorded first pass is
+    # kept and a pass over the timed problems (here all of them) warms it up
+    passes.clear()
+    again = run_ablation(abl, out, quiet=True, timing_limit=2)
+    assert again.ok == 2 and passes == [(0, True), (1, True)] * 3
+    retimed = dedupe(read_records(out))
+    assert [r["started"] for r in retimed] == [r["started"] for r in final]  # the same first passes
+    assert all(r["timing"]["limit"] is None and [s["requests"] for s in r["timing"]["samples"]] == [2, 2]
+               for r in retimed)
+    passes.clear()
+    assert run_ablation(abl, out, quiet=True, timing_limit=2).executed == 0 and passes == []
+
+
+def test_a_timing_limit_above_the_limit_is_refused(write_ablation):
+    with pytest.raises(ConfigError, match=r"subset.yaml: timing_limit = 3: above the limit 2"):
+        plan_runs(Ablation.from_yaml(write_ablation(name="subset", limit=2, timing_limit=3)))
+    with pytest.raises(ConfigError, match=r"timing_limit = 0: must be > 0"):
+        plan_runs(Ablation.from_yaml(write_ablation(name="subset", limit=2)), timing_limit=0)
+    assert plan_runs(Ablation.from_yaml(write_ablation(name="subset", limit=2, timing_limit=2)))[0].timing_limit is None
+
+
 # ---- shards, merge, crash safety ------------------------------------------------------------------
 
 def test_shards_partition_the_runs_and_merge_dedupes(write_ablation, tmp_path):
