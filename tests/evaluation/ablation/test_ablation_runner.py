@@ -452,6 +452,32 @@ def test_shipped_ablations_load_and_plan():
                      "dual_cache+threshold_decoding"}
 
 
+def test_the_docs_table_of_shipped_ablations_says_what_the_files_say():
+    import re
+
+    text = (ROOT / "docs" / "ablation.md").read_text()
+    table = text.split("Shipped files", 1)[1].split("\n\n", 2)[1]  # the paragraph, then the table
+    rows = [line for line in table.splitlines() if re.match(r"\| `\w+\.yaml` \|", line)]
+    documented = {}
+    for row in rows:
+        name, _what, runs, gen_length, problems, timed = (c.strip() for c in row.strip("|").split("|"))
+        documented[name.strip("`")] = (runs, gen_length, problems, timed)
+    assert set(documented) == {f.name for f in (ROOT / "ablations").glob("*.yaml")}
+    for name, (runs, gen_length, problems, timed) in documented.items():
+        abl = Ablation.from_yaml(ROOT / "ablations" / name)
+        planned = plan_runs(abl)
+        pending = sum(r.status == "pending" for r in planned)
+        assert int(runs.split()[0]) == len(planned), name
+        assert (int(re.search(r"(\d+) run$", runs).group(1)) if runs.endswith(" run") else len(planned)) == pending
+        assert int(gen_length) == abl.base_recipe_dict()["generation"]["gen_length"], name
+        assert problems == f"{4 * abl.limit} ({abl.limit})", name  # dare_suite: 4 families
+        if abl.repeats == 0:
+            assert timed.startswith("none"), name
+        else:
+            per_task = abl.timing_limit or abl.limit
+            assert timed == f"{abl.repeats} over {4 * per_task} ({per_task})", name
+
+
 def test_a_checkpoint_without_tokenizer_is_refused_before_any_run(write_ablation, golden_dir, tmp_path, capsys):
     path = write_ablation(name="notok", model=str(golden_dir / "llada"))
     out = tmp_path / "notok.jsonl"
