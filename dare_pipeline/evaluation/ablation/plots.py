@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .analysis import (Analysis, by_strategy, combination_label, geometric_mean, is_plugin_key, pareto_front, row_label,
                        section_title)
-from .plot_parts import caption, ratio_label, separate_marks, set_ratio_axis
+from .plot_parts import caption, separate_marks, set_ratio_axis
 
 PLOTS = ("accuracy_vs_speedup.png", "reuse_vs_threshold.png", "additive_gain.png")
 _MARKERS = "osD^vP*Xh<>p"
@@ -184,9 +184,12 @@ def additive_gain_figure(an: Analysis, plt):
     names = list(by)
     rows = {s: [g for g in gains if g["strategy"] == s] for s in names}
     width = 11.0
-    height = 2.2 + sum(0.24 * len(v) + 0.55 for v in rows.values())
-    fig, axes = plt.subplots(len(names), 1, figsize=(width, height), sharex=True, squeeze=False, layout="constrained",
-                             gridspec_kw={"height_ratios": [len(rows[s]) + 1.2 for s in names]})
+    height = 2.6 + sum(0.24 * len(v) + 0.55 for v in rows.values())
+    fig, grid = plt.subplots(len(names) + 1, 1, figsize=(width, height), squeeze=False, layout="constrained",
+                             gridspec_kw={"height_ratios": [1.6] + [len(rows[s]) + 1.2 for s in names]})
+    key, axes = grid[0, 0], grid[1:]  # the legend's own row above the panels, so that it covers none
+    for ax in axes[1:, 0]:
+        ax.sharex(axes[0, 0])
     kinds = {True: ("o", "none", "C0", "within noise: the interval contains 1.0"),
              False: ("o", None, "C2", "beyond noise: the interval excludes 1.0"),
              None: ("s", None, "C1", "no timed repeats: no interval")}
@@ -204,7 +207,7 @@ def additive_gain_figure(an: Analysis, plt):
         ax.set_yticks(range(len(mine)), [_pair_label(g) for g in mine], fontsize=7.5)
         ax.set_ylim(len(mine) - 0.4, -0.6)
         ax.set_title(f"+ {s}: added to {len(mine)} combination{'s' if len(mine) != 1 else ''}, "
-                     f"geometric mean {ratio_label(mean)}", fontsize=9, loc="left")
+                     f"geometric mean {mean:.2f}x", fontsize=9, loc="left")
         ax.grid(alpha=0.3, axis="x", which="both")
     bottom = axes[-1, 0]
     bottom.set_xscale("log")
@@ -213,15 +216,14 @@ def additive_gain_figure(an: Analysis, plt):
     bottom.set_xlim(lo / 1.15, hi * 1.15)
     for ax in axes[:, 0]:
         set_ratio_axis(ax, "x")
-    axes[0, 0].tick_params(axis="x", labeltop=True)
     bottom.set_xlabel("gain of adding S to C: tokens/s of C + S / tokens/s of C "
                       "(log scale; bar: range over the timed passes)")
     handles = [Line2D([], [], ls="none", marker=kinds[k][0], mfc=kinds[k][1] or kinds[k][2], mec=kinds[k][2],
                       color=kinds[k][2], label=kinds[k][3]) for k in (False, True, None) if k in seen]
     handles += [Line2D([], [], color="black", ls=":", lw=1.2, label="geometric mean over the combinations"),
                 Line2D([], [], color="grey", ls="--", lw=1, label="no gain (1x)")]
-    axes[0, 0].legend(handles=handles, loc="lower left", bbox_to_anchor=(0.0, 1.25), ncol=3, fontsize=7.5,
-                      borderaxespad=0)
+    key.axis("off")
+    key.legend(handles=handles, loc="center", ncol=3, fontsize=7.5)
     _titles(fig, f"{_ablation(an.ok)}: what each strategy S adds on top of each combination C of the others",
             an.ok, width)
     return fig

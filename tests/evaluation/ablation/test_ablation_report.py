@@ -297,7 +297,8 @@ def test_the_additive_gain_plot_names_the_combination_of_each_point():
         r["recipe"]["plugins"][0]["threshold"] = t
         records.append(r)
     fig, plt = _figure(additive_gain_figure, records)
-    rows = {ax.get_title(loc="left").split(":")[0]: [t.get_text() for t in ax.get_yticklabels()] for ax in fig.axes}
+    rows = {ax.get_title(loc="left").split(":")[0]: [t.get_text() for t in ax.get_yticklabels()] for ax in fig.axes
+            if ax.get_title(loc="left")}  # (the legend's row has no title)
     plt.close(fig)
     assert rows == {"+ a": ["over baseline", "over b"], "+ b": ["over baseline", "over a"],
                     "+ c": ["over baseline (threshold=0.1)", "over baseline (threshold=0.2)"]}
