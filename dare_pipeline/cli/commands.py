@@ -287,7 +287,8 @@ def cmd_ablate(args) -> int:
         summary = run_ablation(abl, output, limit=limit, model=args.model, extra_set=extra_set,
                                batch_size=args.batch_size, shard=shard, workers=args.workers, threads=args.threads,
                                retry_failed=args.retry_failed, quiet=args.quiet, data_parallel=args.data_parallel,
-                               repeats=args.repeats, timing_limit=_whole(args.timing_limit))
+                               repeats=args.repeats, timing_limit=_whole(args.timing_limit),
+                               reuse_runs=args.reuse_runs)
     except PluginLoadError as exc:  # a broken plugin entry point: no recipe can load
         raise ConfigError(str(exc)) from exc
     if args.data_parallel and distributed.rank() != 0:  # rank 0 wrote the records and reports
@@ -431,6 +432,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "across the runs (overrides the file's repeats, default 3; 0: time the first pass only)")
     ab.add_argument("--timing-limit", type=float, help="problems per task of the timed passes: the first N of "
                     "those the accuracy pass decodes (overrides the file's timing_limit; default: all of them)")
+    ab.add_argument("--reuse-runs", action="append", default=[], metavar="RESULTS.jsonl",
+                    help="another results file whose measured runs with the same key (recipe, tasks, limit, batch "
+                         "size) give their first pass instead of decoding again; timed passes still run (repeatable)")
     ab.add_argument("--report-dir", help="where the report goes (default: the output path without .jsonl)")
     ab.add_argument("--no-report", action="store_true", help="do not write the report at the end")
     ab.add_argument("--dry-run", action="store_true", help="list the runs and what would happen to each; run nothing")

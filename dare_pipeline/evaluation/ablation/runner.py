@@ -276,12 +276,14 @@ class Summary:
     failed: int = 0
     skipped: int = 0  # refused / unknown plugin, recorded now
     already: int = 0  # found in the results file and not run again
+    reused: int = 0  # first passes taken from other results files (reuse_runs)
     records: list = attrs.Factory(list)  # the records written now
 
     def line(self) -> str:
+        reused = f", {self.reused} first pass(es) reused from other results files" if self.reused else ""
         return (f"{self.in_shard} runs in this shard ({self.planned} planned): {self.executed} executed "
                 f"({self.ok} ok, {self.failed} failed), {self.skipped} skipped, {self.already} already in the "
-                f"results file")
+                f"results file{reused}")
 
     def interrupted_line(self) -> str:
         return f"interrupted; {self.already + len(self.records)} of {self.in_shard} runs recorded, rerun to resume"
@@ -311,6 +313,32 @@ def select(runs: list[RunSpec], existing: list[dict], shard=(0, 1), retry_failed
             continue
         todo.append(spec)
     return todo, write_now, already
+
+
+# what a first pass measured, as a record from another results file gives it (reuse_runs)
+_FIRST_PASS_FIELDS = ("accuracy", "accuracy_mean", "metrics", "reuse", "memory", "recipe", "model", "versions",
+                      "hardware", "calibration", "started", "finished", "wall_time_s", "worker")
+
+
+def reused_first_passes(specs: list[RunSpec], files, ablation: dict) -> dict[int, dict]:
+    """run index -> this run's record made from the first pass another results file holds for its key
+    (measured, status ok; the first file that has it), with `reused_from` naming that file, its
+    ablation and index. The decoding is deterministic: the same key decodes the same answers."""
+    donors: dict[str, tuple] = {}
+    for path in files or ():
+        if not os.path.isfile(path):
+            raise ConfigError(f"--reuse-runs {path}: results file not found")
+        for r in dedupe(read_records(path)):
+            if r.get("status") == "ok":
+                donors.setdefault(r["key"], (path, r))
+    out = {}
+    for spec in specs:
+        if spec.status == "pending" and spec.key in donors:
+            path, r = donors[spec.key]
+            measured = {k: r[k] for k in _FIRST_PASS_FIELDS if k in r}
+            source = {"file": str(path), "ablation": r.get("ablation"), "index": r.get("index")}
+            out[spec.index] = _clean(base_record(spec, ablation) | measured | {"status": "ok", "reused_from": source})
+    return out
 
 
 def check_models(runs: list[RunSpec]) -> None:
@@ -348,7 +376,7 @@ def _select_on_rank0(runs: list[RunSpec], output, shard, retry_failed: bool, rep
 def run_ablation(abl: Ablation, output, *, limit=None, model=None, extra_set=(), batch_size=None, shard=(0, 1),
                  workers: int = 0, threads: int | None = 1, retry_failed: bool = False, quiet: bool = False,
                  rich: bool | None = None, data_parallel: bool = False, repeats: int | None = None,
-                 timing_limit=None) -> Summary:
+                 timing_limit=None, reuse_runs=()) -> Summary:
     """Execute the runs of `abl` for this shard that `output` does not hold yet; append a record per
     run as it finishes. workers=0 runs in this process; K >= 1 in K spawned worker processes.
 
@@ -358,6 +386,11 @@ def run_ablation(abl: Ablation, output, *, limit=None, model=None, extra_set=(),
     problems per task of the timed passes. A run the results file holds measured but without these
     timed passes keeps its recorded first pass: a pass over the timed problems warms it up instead
     (with data parallelism its first pass runs again).
+
+    reuse_runs: other results files; a run to do whose key one of them holds measured (the same
+    recipe, tasks, limit and batch size, so the same answers and counts) takes that record's first
+    pass instead of decoding its problems again, marked `reused_from`; its timed passes still run
+    here, round-robin with this ablation's runs.
 
     data_parallel: this process is one rank of a torchrun / accelerate launch (the process group is
     joined here); every rank takes part in every run with its share of the problems, and rank 0
@@ -376,11 +409,14 @@ def run_ablation(abl: Ablation, output, *, limit=None, model=None, extra_set=(),
                      timing_limit=timing_limit)
     rank = 0
     kept: dict[int, dict] = {}  # run index -> its recorded first pass, for runs that only need timing
+    reused: dict[int, dict] = {}  # run index -> its first pass taken from another results file
     if data_parallel:
         from .. import distributed
 
         if workers:
             raise ValueError("data parallelism runs in the launched processes themselves: workers must be 0")
+        if reuse_runs:
+            raise ValueError("--reuse-runs takes first passes from other results files: not under data parallelism")
         device = next((str(r.recipe.get("device", "cpu")) for r in runs if isinstance(r.recipe, dict)), "cpu")
         rank, world = distributed.init(device)
         todo, write_now, already = _select_on_rank0(runs, output, shard, retry_failed, repeats)
@@ -394,6 +430,8 @@ def run_ablation(abl: Ablation, output, *, limit=None, model=None, extra_set=(),
         todo, write_now, already = select(runs, existing, shard, retry_failed, repeats)
         done = {r["key"]: r for r in dedupe(existing)}
         kept = {s.index: done[s.key] for s in todo if (done.get(s.key) or {}).get("status") == "ok"}
+        reused = reused_first_passes([s for s in todo if s.key not in done], reuse_runs,
+                                     {"name": abl.name, "source": abl.source, "metric": abl.metric})
         check_models(todo)
     if todo:
         check_tasks(abl.tasks)
@@ -417,6 +455,21 @@ def run_ablation(abl: Ablation, output, *, limit=None, model=None, extra_set=(),
         summary.skipped += status == "skipped"
         summary.executed += status in ("ok", "failed") and record.get("started") is not None
         display.finish_run(record)
+
+    for spec in [s for s in todo if s.index in reused]:
+        record = reused[spec.index]
+        if repeats == 0:  # nothing left to do for it
+            append_record(output, record)
+            summary.records.append(record)
+            summary.ok += 1
+            summary.reused += 1
+            display.finish_run(record)
+            todo.remove(spec)
+        else:  # its timed passes run here, after a warm-up pass
+            append_record(output, record | {"timing": timing.pending(repeats)})
+            recorded.add(spec.key)
+            kept[spec.index] = record
+            summary.reused += 1
 
     def first_pass(spec, record):
         display.message(f"#{spec.index} {spec.name}: first pass {describe(record)}; {repeats} timed repeat(s) follow, "

@@ -302,6 +302,41 @@ def test_timed_passes_decode_the_first_timing_limit_problems(write_ablation, tmp
     assert run_ablation(abl, out, quiet=True, timing_limit=2).executed == 0 and passes == []
 
 
+def test_first_passes_are_reused_from_another_results_file(write_ablation, tmp_path, monkeypatch):
+    from dare_pipeline.evaluation.ablation import runner
+
+    passes = []
+    real = runner.execute_run
+
+    def spy(spec, *args, timed=False, **kwargs):
+        passes.append((spec.label, timed))
+        return real(spec, *args, timed=timed, **kwargs)
+
+    monkeypatch.setattr(runner, "execute_run", spy)
+    first = tmp_path / "first.jsonl"
+    run_ablation(Ablation.from_yaml(write_ablation(name="first", plugins={"sets": [[], ["prefix_cache"]]})), first,
+                 quiet=True)
+    donor = {r["label"]: r for r in read_records(first)}
+    passes.clear()
+    other = Ablation.from_yaml(write_ablation(name="other", plugins={"sets": [[], ["dual_cache"]]}))
+    out = tmp_path / "other.jsonl"
+    summary = run_ablation(other, out, quiet=True, reuse_runs=[first])
+    assert passes == [("dual_cache", False)] and summary.reused == 1 and summary.ok == 2
+    assert "1 first pass(es) reused from other results files" in summary.line()
+    base = {r["label"]: r for r in read_records(out)}["baseline"]
+    assert base["ablation"] == "other" and base["reused_from"] == {"file": str(first), "ablation": "first", "index": 0}
+    assert base["accuracy"] == donor["baseline"]["accuracy"] and base["metrics"] == donor["baseline"]["metrics"]
+    # with timed passes the reused run is warmed up and timed here, round-robin with the others
+    passes.clear()
+    timed = tmp_path / "timed.jsonl"
+    assert run_ablation(other, timed, quiet=True, reuse_runs=[first], repeats=1).ok == 2
+    assert passes == [("baseline", True), ("dual_cache", False), ("baseline", True), ("dual_cache", True)]
+    final = {r["label"]: r for r in dedupe(read_records(timed))}["baseline"]
+    assert final["timing"]["complete"] and final["accuracy"] == donor["baseline"]["accuracy"]
+    with pytest.raises(ConfigError, match="--reuse-runs .*nothing.jsonl: results file not found"):
+        run_ablation(other, tmp_path / "x.jsonl", quiet=True, reuse_runs=[tmp_path / "nothing.jsonl"])
+
+
 def test_a_timing_limit_above_the_limit_is_refused(write_ablation):
     with pytest.raises(ConfigError, match=r"subset.yaml: timing_limit = 3: above the limit 2"):
         plan_runs(Ablation.from_yaml(write_ablation(name="subset", limit=2, timing_limit=3)))
