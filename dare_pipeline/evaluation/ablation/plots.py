@@ -187,6 +187,7 @@ def additive_gain_figure(an: Analysis, plt):
     height = 2.6 + sum(0.24 * len(v) + 0.55 for v in rows.values())
     fig, grid = plt.subplots(len(names) + 1, 1, figsize=(width, height), squeeze=False, layout="constrained",
                              gridspec_kw={"height_ratios": [1.6] + [len(rows[s]) + 1.2 for s in names]})
+    fig.get_layout_engine().set(w_pad=0.25)  # room for a ratio label at the right end of the axis
     key, axes = grid[0, 0], grid[1:]  # the legend's own row above the panels, so that it covers none
     for ax in axes[1:, 0]:
         ax.sharex(axes[0, 0])
