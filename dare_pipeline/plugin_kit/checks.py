@@ -8,6 +8,11 @@ same functions, so there is one contract.
 - `check_exact_options`: under its `exact_options` the plugin decodes exactly the tokens and commit
   steps of the recipe without it, and every forward's logits of the prompts still decoding are
   equal (within float noise: 1e-4);
+- `check_cache_invariant`: the plugin's reuse objects, under its `exact_options`, keep the invariant
+  every cache rests on (`plugin_kit.invariant`): with exact cache contents, a forward over any
+  subset of rows (the whole canvas, a prefix cache's suffix, a dual cache's block, some head rows)
+  gives the logits, hidden states and stored keys/values of the full forward, eagerly and (Dream)
+  in a compiled forward;
 - `check_exact_stacked`: the same stacked on every row feeder and every decoding policy installed
   (each with its default options, combinations the plugins refuse left out), over batches of
   left-padded prompts, two block layouts and greedy and sampled decoding (the contract's tests
@@ -34,6 +39,7 @@ from ..core.plugin import Plugin
 from ..core.registry import DEFAULT_POLICY, available_plugins, registered
 from ..core.stats import SUB_OPS
 from .testing import CrashAtStep, commit_order, random_prompts, tiny_model
+from .invariant import Case, check_invariant
 
 FAMILIES = ("llada", "dream")
 VOCAB = 64
@@ -41,6 +47,8 @@ GEN = {"gen_length": 16, "block_length": 8, "steps": 16}
 # the stacked exactness check: two block layouts, greedy and sampled
 STACKED_GENS = ({"gen_length": 16, "block_length": 8, "steps": 16},
                 {"gen_length": 16, "block_length": 4, "steps": 8, "temperature": 0.9, "seed": 3})
+# the cache invariant's compiled cases: capture without code generation (fast to compile)
+COMPILED = {"mode": "compiled", "backend": "aot_eager"}
 # the projection each counted sub-operation's rows go through (`v`: values projected alone)
 PROJECTIONS = {"q": "q_proj", "kv": "k_proj", "attn": "o_proj", "ffn": "gate_proj", "v": "v_proj"}
 
@@ -132,6 +140,46 @@ def check_exact_options(name: str, family: str) -> None:
     what = f"{name} with exact_options {cls.exact_options}"
     _same_decode(with_it, without, what)
     _same_logits(logits, expected, what)
+
+
+def has_invariant_check(name: str) -> bool:
+    """Whether the cache invariant check applies: the exactness checks do and the plugin hands the
+    model reuse objects (`dare_layer_reuse`)."""
+    return has_exactness_check(name) and callable(getattr(plugin_class(name), "dare_layer_reuse", None))
+
+
+def invariant_cases(whole_canvas_only: bool = False) -> list[Case]:
+    """The invariant's cases on `prompts(3)` (left-padded) and an answer of 8 columns, committed
+    tokens and masks mixed: the whole canvas (logits of the answer rows), and unless the plugin
+    refuses row feeders, a prefix cache's feed (from column 2 of the answer to the end) and a dual
+    cache's (answer columns 2-5, the suffix after them read from the store; three head rows)."""
+    batch = prompts(3, seed=30)
+    tokens = random_prompts(3, VOCAB, seed=31, min_len=8, max_len=8, exclude=(VOCAB - 2, VOCAB - 1))
+    answers = tuple(tuple(VOCAB - 1 if (j + b) % 3 else t for j, t in enumerate(row)) for b, row in enumerate(tokens))
+    end = max(len(p) for p in batch)
+    length = end + 8
+    prompts_ = tuple(tuple(p) for p in batch)
+    cases = [Case(prompts_, answers, fed=(0, length), head_rows=tuple(range(end, length)))]
+    if not whole_canvas_only:
+        cases += [Case(prompts_, answers, fed=(end + 2, length)),
+                  Case(prompts_, answers, fed=(end + 2, end + 6), head_rows=(0, 2, 3))]
+    return cases
+
+
+def check_cache_invariant(name: str, family: str) -> None:
+    """Every invariant case eagerly; on Dream (grouped-query attention) the last one again in a
+    compiled forward (compiling costs seconds per shape; where the plugin's reuse objects are not
+    capturable that forward runs eagerly and is checked the same). A plugin that refuses every row
+    feeder (a declared conflict) is checked on whole-canvas forwards only."""
+    cls = plugin_class(name)
+    plugins = [{"name": name, **cls.exact_options}]
+    cases = invariant_cases(whole_canvas_only=all(feeder is None for feeder, _ in stacks(name)))
+    what = f"{name} with exact_options {cls.exact_options}"
+    for case in cases:
+        check_invariant(model(family), case, plugins, what=f"{what}, fed columns {case.fed}")
+    if family == "dream":
+        check_invariant(model(family), cases[-1], plugins, execution=COMPILED,
+                        what=f"{what}, compiled, fed columns {cases[-1].fed}")
 
 
 def _compatible(name: str, other: str, classes) -> bool:

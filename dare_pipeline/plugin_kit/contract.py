@@ -31,6 +31,13 @@ def test_exact_options_stacked_on_every_row_feeder_and_policy(dare_plugin, famil
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_exact_options_keep_the_cache_invariant(dare_plugin, family):
+    if not checks.has_invariant_check(dare_plugin):
+        pytest.skip(f"{dare_plugin}: no reuse objects, no exact_options, or a decoding policy")
+    checks.check_cache_invariant(dare_plugin, family)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_stats_are_complete_and_reset_between_generations(dare_plugin, family):
     checks.check_stats_and_reset(dare_plugin, family)
 

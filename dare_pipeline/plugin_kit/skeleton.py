@@ -154,7 +154,8 @@ class {cls}(Plugin):
 CONTRACT_TEST = '''\
 """The dare-pipeline plugin contract, shipped with dare-pipeline, run against this package's plugin
 (installed: `pip install -e .`): exactness under exact_options, alone and stacked on every row feeder
-and decoding policy, batch invariance, complete stats, counted rows, state reset, abort recovery."""
+and decoding policy, the cache invariant, batch invariance, complete stats, counted rows, state reset,
+abort recovery."""
 
 import pytest
 

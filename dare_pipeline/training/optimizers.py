@@ -23,7 +23,8 @@ OPTIMIZERS = ("adamw", "muon")
 
 
 def _is_hidden_matrix(name: str, p: torch.Tensor) -> bool:
-    return p.ndim == 2 and not name.startswith(("embed", "lm_head"))
+    # by name part: the diffusion models' "embed.weight", transformers' "model.embed_tokens.weight"
+    return p.ndim == 2 and not any(part.startswith(("embed", "lm_head")) for part in name.split("."))
 
 
 def _adamw_groups(named, weight_decay: float):

@@ -161,3 +161,44 @@ def test_stacks_leave_out_what_a_plugin_refuses():
     assert all(feeder is None for feeder, _ in checks.stacks("dllm_cache"))  # it refuses row feeders
     assert all(policy is None for _, policy in checks.stacks("threshold_decoding"))  # itself a policy
 
+
+
+class SkipsSuffixKeys(Plugin):
+    """Claims exactness, but keeps the stored keys and values of every row right of the fed columns
+    out of attention (a dual cache's suffix dropped): full-canvas decodes cannot see it."""
+
+    name = "skips_suffix_keys"
+    exact_options: ClassVar[dict[str, Any]] = {}
+
+    @hookimpl
+    def dare_layer_reuse(self, state):
+        class DropSuffix(LayerReuse):
+            decisions = frozenset({"attn_rows"})
+
+            def attn_rows(self, call, q):  # attention reads the store after this: zero the suffix's values
+                stop = int(call.active[-1]) + 1
+                call.store.values(call.layer)[:, :, stop:] = 0
+                return None  # every row recomputes its attention
+
+        return DropSuffix()
+
+
+def test_a_plugin_that_breaks_the_cache_invariant_fails():
+    with registered(InexactAtZero), pytest.raises(AssertionError, match="differ from the full forward's"):
+        checks.check_cache_invariant("inexact_at_zero", "llada")
+
+
+def test_a_plugin_exact_on_whole_canvas_forwards_only_fails_the_invariant():
+    with registered(SkipsSuffixKeys):
+        checks.check_exact_options("skips_suffix_keys", "dream")  # whole-canvas forwards: nothing to drop
+        with pytest.raises(AssertionError, match=r"fed columns \(\d+, \d+\).*differ from the full forward's"):
+            checks.check_cache_invariant("skips_suffix_keys", "dream")
+
+
+def test_the_cache_invariant_applies_to_exact_reuse_plugins_only():
+    assert checks.has_invariant_check("dare_kv") and checks.has_invariant_check("dllm_cache")
+    assert not checks.has_invariant_check("dual_cache")  # a row feeder: no reuse objects
+    assert not checks.has_invariant_check("threshold_decoding")
+    whole = checks.invariant_cases(whole_canvas_only=True)
+    assert [case.fed for case in whole] == [(0, whole[0].length)]
+    assert len(checks.invariant_cases()) == 3

@@ -68,6 +68,14 @@ def test_exact_options_stacked_on_every_row_feeder_and_policy(name, family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("name", _plugin_names())
+def test_exact_options_keep_the_cache_invariant(name, family):
+    if not checks.has_invariant_check(name):
+        pytest.skip(f"{name}: no reuse objects, no exactness setting (exact_options None) or a decoding policy")
+    checks.check_cache_invariant(name, family)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("name", _plugin_names())
 def test_stats_are_complete_and_reset_between_generations(name, family):
     checks.check_stats_and_reset(name, family)
 
