@@ -269,7 +269,7 @@ def cmd_ablate(args) -> int:
     from ..evaluation import distributed
     from ..evaluation.ablation import Ablation
     from ..evaluation.ablation.report import write_report
-    from ..evaluation.ablation.results import read_records
+    from ..evaluation.ablation.results import dedupe, read_records
     from ..evaluation.ablation.runner import parse_shard, run_ablation
     from ..evaluation.run import set_offline
 
@@ -311,13 +311,20 @@ def cmd_ablate(args) -> int:
 
         runs = plan_runs(abl, model=args.model, limit=limit, extra_set=extra_set, batch_size=args.batch_size,
                          timing_limit=_whole(args.timing_limit))
-        todo, write_now, already = select(runs, read_records(output), shard, args.retry_failed)
-        state = {id(r): "run" for r in todo} | {id(r): r.status for r in write_now} | {id(r): "done" for r in already}
+        records = read_records(output)
+        existing = {r["key"]: r for r in dedupe(records)}
+        repeats = abl.repeats if args.repeats is None else args.repeats
+        todo, write_now, already = select(runs, records, shard, args.retry_failed, repeats)
+        # a run recorded without the timed passes asked for keeps its first pass: only timing is left
+        state = ({id(r): "time" if (existing.get(r.key) or {}).get("status") == "ok" else "run" for r in todo}
+                 | {id(r): r.status for r in write_now} | {id(r): "done" for r in already})
         for r in runs:
             mark = state.get(id(r), "other shard")
             print(f"#{r.index:<4} {r.key}  {mark:<11} {r.name}" + (f"  ({r.reason})" if r.reason else ""))
-        print(f"{len(runs)} runs planned; this shard: {len(todo)} to run, {len(write_now)} to record without "
-              f"running, {len(already)} already in {output}")
+        timing_only = sum(state[id(r)] == "time" for r in todo)
+        timing_note = f"{timing_only} to time ({repeats} timed passes after its recorded first pass), " if timing_only else ""
+        print(f"{len(runs)} runs planned; this shard: {len(todo) - timing_only} to run, {timing_note}"
+              f"{len(write_now)} to record without running, {len(already)} already in {output}")
         return 0
     try:
         summary = run_ablation(abl, output, limit=limit, model=args.model, extra_set=extra_set,

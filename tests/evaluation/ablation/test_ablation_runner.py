@@ -547,6 +547,19 @@ def test_dry_run_lists_the_runs(write_ablation, tmp_path, capsys):
     assert not (tmp_path / "o.jsonl").exists()
 
 
+def test_dry_run_says_which_runs_only_need_their_timed_passes(write_ablation, tmp_path, capsys):
+    path = write_ablation(name="dry_timed", plugins={"sets": [[]]})
+    out = tmp_path / "o.jsonl"
+    assert main(["ablate", str(path), "--output", str(out), "--quiet", "--no-report"]) == 0
+    capsys.readouterr()
+    assert main(["ablate", str(path), "--dry-run", "--output", str(out)]) == 0
+    assert "this shard: 0 to run, 0 to record without running, 1 already in" in capsys.readouterr().out
+    assert main(["ablate", str(path), "--dry-run", "--repeats", "2", "--output", str(out)]) == 0
+    listing = capsys.readouterr().out
+    assert " time " in listing.splitlines()[0]
+    assert "this shard: 0 to run, 1 to time (2 timed passes after its recorded first pass), 0 to record" in listing
+
+
 def test_under_torchrun_each_rank_takes_its_shard_and_its_own_file(write_ablation, tmp_path, capsys, monkeypatch):
     path = write_ablation(name="ranks", plugins={"subsets_of": ["prefix_cache", "dual_cache"]})
     monkeypatch.setenv("WORLD_SIZE", "2")
