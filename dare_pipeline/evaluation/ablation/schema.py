@@ -418,7 +418,9 @@ def plan_runs(abl: Ablation, *, model: str | None = None, limit=None, extra_set=
             keep = [i for i, k in enumerate(e.keys) if e.plugin_of(k) is None or e.plugin_of(k) in present]
             if keep:
                 keys = tuple(e.keys[i] for i in keep)
-                points = list(dict.fromkeys(tuple(p[i] for i in keep) for p in e.values))
+                # points in order, once each; json.dumps keys them, since a value may be a list
+                points = list({json.dumps(pt, sort_keys=True): pt
+                               for pt in (tuple(p[i] for i in keep) for p in e.values)}.values())
                 applied.append((keys, points))
         for combo in itertools.product(*[pts for _, pts in applied]) if applied else [()]:
             sweep = {k: v for (keys, _), point in zip(applied, combo) for k, v in zip(keys, point)}

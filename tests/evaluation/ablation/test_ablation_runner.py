@@ -440,6 +440,15 @@ def test_subsets_with_at_most_one_of_a_group_and_sweeps_only_where_they_apply():
     assert plan_runs(abl, limit=3)[0].key != runs[0].key
 
 
+def test_a_sweep_point_may_hold_a_list_value():
+    abl = Ablation.from_dict({"name": "x", "plugins": {"sets": [["dare_o"]]},
+                              "sweep": {"plugins.dare_o.threshold,plugins.dare_o.exempt_layers":
+                                        [[0.01, [0]], [0.1, [0]], [0.1, []], [0.1, []]]}})
+    runs = plan_runs(abl)
+    assert [(r.recipe["plugins"][-1]["threshold"], list(r.recipe["plugins"][-1]["exempt_layers"])) for r in runs] == [
+        (0.01, [0]), (0.1, [0]), (0.1, [])]  # the repeated point runs once
+
+
 @pytest.mark.parametrize("data, message", [
     ({"name": "x", "colour": 1}, "colour: unknown key; allowed keys: ["),
     ({"tasks": ["dare_add"]}, "name: missing"),
