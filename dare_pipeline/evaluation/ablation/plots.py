@@ -83,7 +83,8 @@ def accuracy_speedup_figure(an: Analysis, plt):
     ax.set_xscale("log")
     ax.set_xlim(*ax.get_xlim())  # fixed before marks move, so moving them changes no limit
     set_ratio_axis(ax, "x")
-    ax.set_xlabel("speed-up over the baseline: tokens/s of the run / tokens/s of the baseline "
+    # two lines: a wide legend leaves the axes too narrow for one
+    ax.set_xlabel("speed-up over the baseline: tokens/s of the run / tokens/s of the baseline\n"
                   "(log scale; bar: range over the timed passes)")
     ax.set_ylabel(f"accuracy: {an.metric} (% of the problems)")
     _titles(fig, f"{_ablation(runs)}: accuracy against speed-up", runs, width)

@@ -326,3 +326,24 @@ def test_every_figure_says_what_was_measured(tmp_path):
                       "gen_length 64, block 32, steps 64", "batch 1", "tokens/s of the single pass",
                       "CPU (x86_64 with 2 cores, 1 torch thread)", "2026-01-01"):
             assert words in " ".join(text.split()), (build.__name__, words)
+
+
+def test_no_text_of_a_figure_is_cut_at_its_edges():
+    from dare_pipeline.evaluation.ablation.plots import accuracy_speedup_figure, additive_gain_figure
+
+    # long run names (two swept keys) push the legend wide, as dllm_cache_intervals' do
+    keys = ("plugins.dllm_cache.response_interval", "plugins.dllm_cache.ratio")
+    records = [_rec(0, [], 10, 0.9)] + [_rec(i, ["dllm_cache"], 10 * (1 + i), 0.6 + 0.05 * i,
+                                             sweep={keys[0]: kr, keys[1]: rho})
+                                        for i, (kr, rho) in enumerate(((2, 0.25), (7, 0.1), (7, 0.25), (7, 0.5)), 1)]
+    for build in (accuracy_speedup_figure, additive_gain_figure):
+        fig, plt = _figure(build, records)
+        renderer = fig.canvas.get_renderer()
+        width, height = fig.bbox.width, fig.bbox.height
+        for text in fig.findobj(lambda o: hasattr(o, "get_text") and hasattr(o, "get_window_extent")):
+            if not text.get_visible() or not text.get_text().strip():
+                continue
+            box = text.get_window_extent(renderer)
+            assert box.x0 >= -1 and box.x1 <= width + 1 and box.y0 >= -1 and box.y1 <= height + 1, (
+                build.__name__, text.get_text(), box)
+        plt.close(fig)
