@@ -275,16 +275,14 @@ def cmd_ablate(args) -> int:
     from ..evaluation import distributed
     from ..evaluation.ablation import Ablation
     from ..evaluation.ablation.report import write_report
-    from ..evaluation.ablation.results import read_records
+    from ..evaluation.ablation.results import dedupe, read_records
     from ..evaluation.ablation.runner import parse_shard, run_ablation
     from ..evaluation.run import set_offline
 
     set_offline()
     abl = Ablation.from_yaml(args.ablation)
     shard = parse_shard(args.shard)
-    limit = args.limit
-    if limit is not None and float(limit).is_integer() and float(limit) >= 1:
-        limit = int(limit)
+    limit = _whole(args.limit)
     output = Path(args.output or Path("runs") / "ablation" / f"{abl.name}.jsonl")
     _execution_override(args)
     extra_set = list(args.set)
@@ -321,20 +319,29 @@ def cmd_ablate(args) -> int:
         from ..evaluation.ablation.runner import select
         from ..evaluation.ablation.schema import plan_runs
 
-        runs = plan_runs(abl, model=args.model, limit=limit, extra_set=extra_set, batch_size=args.batch_size)
-        todo, write_now, already = select(runs, read_records(output), shard, args.retry_failed)
-        state = {id(r): "run" for r in todo} | {id(r): r.status for r in write_now} | {id(r): "done" for r in already}
+        runs = plan_runs(abl, model=args.model, limit=limit, extra_set=extra_set, batch_size=args.batch_size,
+                         timing_limit=_whole(args.timing_limit))
+        records = read_records(output)
+        existing = {r["key"]: r for r in dedupe(records)}
+        repeats = abl.repeats if args.repeats is None else args.repeats
+        todo, write_now, already = select(runs, records, shard, args.retry_failed, repeats)
+        # a run recorded without the timed passes asked for keeps its first pass: only timing is left
+        state = ({id(r): "time" if (existing.get(r.key) or {}).get("status") == "ok" else "run" for r in todo}
+                 | {id(r): r.status for r in write_now} | {id(r): "done" for r in already})
         for r in runs:
             mark = state.get(id(r), "other shard")
             print(f"#{r.index:<4} {r.key}  {mark:<11} {r.name}" + (f"  ({r.reason})" if r.reason else ""))
-        print(f"{len(runs)} runs planned; this shard: {len(todo)} to run, {len(write_now)} to record without "
-              f"running, {len(already)} already in {output}")
+        timing_only = sum(state[id(r)] == "time" for r in todo)
+        timing_note = f"{timing_only} to time ({repeats} timed passes after its recorded first pass), " if timing_only else ""
+        print(f"{len(runs)} runs planned; this shard: {len(todo) - timing_only} to run, {timing_note}"
+              f"{len(write_now)} to record without running, {len(already)} already in {output}")
         return 0
     try:
         summary = run_ablation(abl, output, limit=limit, model=args.model, extra_set=extra_set,
                                batch_size=args.batch_size, shard=shard, workers=args.workers, threads=args.threads,
                                retry_failed=args.retry_failed, quiet=args.quiet, data_parallel=args.data_parallel,
-                               repeats=args.repeats)
+                               repeats=args.repeats, timing_limit=_whole(args.timing_limit),
+                               reuse_runs=args.reuse_runs)
     except PluginLoadError as exc:  # a broken plugin entry point: no recipe can load
         raise ConfigError(str(exc)) from exc
     if args.data_parallel and distributed.rank() != 0:  # rank 0 wrote the records and reports
@@ -349,6 +356,13 @@ def cmd_ablate(args) -> int:
         files = write_report(read_records(output), out_dir)
         print(f"report: {files[0]}")
     return 1 if summary.failed else 0
+
+
+def _whole(limit):
+    """A --limit-like number: an int when whole and >= 1 (N problems), else as given (a share)."""
+    if limit is not None and float(limit).is_integer() and float(limit) >= 1:
+        return int(limit)
+    return limit
 
 
 def cmd_report(args) -> int:
@@ -487,6 +501,11 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--retry-failed", action="store_true", help="run again the runs recorded as failed")
     ab.add_argument("--repeats", type=int, help="timed passes per run after its untimed first pass, round-robin "
                     "across the runs (overrides the file's repeats, default 3; 0: time the first pass only)")
+    ab.add_argument("--timing-limit", type=float, help="problems per task of the timed passes: the first N of "
+                    "those the accuracy pass decodes (overrides the file's timing_limit; default: all of them)")
+    ab.add_argument("--reuse-runs", action="append", default=[], metavar="RESULTS.jsonl",
+                    help="another results file whose measured runs with the same key (recipe, tasks, limit, batch "
+                         "size) give their first pass instead of decoding again; timed passes still run (repeatable)")
     ab.add_argument("--report-dir", help="where the report goes (default: the output path without .jsonl)")
     ab.add_argument("--no-report", action="store_true", help="do not write the report at the end")
     ab.add_argument("--dry-run", action="store_true", help="list the runs and what would happen to each; run nothing")

@@ -8,6 +8,7 @@ gathered accuracy and the merged counters and is the only one that writes."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import math
@@ -136,8 +137,12 @@ def _highest_peak(memories: list[dict]) -> dict:
     return memories[peak] | {"rank": peak, "ranks": len(memories)}
 
 
-def execute_run(spec: RunSpec, ablation: dict, progress=None, data_parallel: bool = False) -> dict:
+def execute_run(spec: RunSpec, ablation: dict, progress=None, data_parallel: bool = False, timed: bool = False
+                ) -> dict:
     """Run one planned run; never raises for the run's own failures (they are in the record).
+
+    timed: a timed pass (or its warm-up), which decodes the first `spec.timing_limit` problems per
+    task when the run has one, instead of all `spec.limit`.
 
     data_parallel: every rank of the process group calls this for the same run and decodes its
     share of the problems; rank 0's record holds the whole run, the other ranks' only the status."""
@@ -174,7 +179,8 @@ def execute_run(spec: RunSpec, ablation: dict, progress=None, data_parallel: boo
             def measure():
                 with _quiet_lm_eval():
                     lm.memory.start()
-                    doc = evaluate(list(spec.tasks), lm=lm, limit=spec.limit)
+                    limit = spec.timing_limit if timed and spec.timing_limit is not None else spec.limit
+                    doc = evaluate(list(spec.tasks), lm=lm, limit=limit)
                     return doc, lm.memory.stop()
 
             doc, memory = _together(data_parallel, "the evaluation", measure)
@@ -248,7 +254,7 @@ def _worker_init(threads: int | None, queue, parent_pid: int) -> None:
 _WARM: set = set()  # run keys this worker has executed a pass of
 
 
-def _worker_execute(spec: RunSpec, ablation: dict, round_: int = 0) -> dict:
+def _worker_execute(spec: RunSpec, ablation: dict, round_: int = 0, timed: bool = False) -> dict:
     index = spec.index
 
     def progress(done, total):
@@ -256,9 +262,9 @@ def _worker_execute(spec: RunSpec, ablation: dict, round_: int = 0) -> dict:
 
     _QUEUE.put(("start", index, round_, os.getpid()))
     if round_ > 0 and spec.key not in _WARM:  # a timed repeat is never a process's first pass of its run
-        execute_run(spec, ablation)
+        execute_run(spec, ablation, timed=True)
     _WARM.add(spec.key)
-    return execute_run(spec, ablation, progress=progress)
+    return execute_run(spec, ablation, progress=progress, timed=timed)
 
 
 @attrs.define
@@ -270,12 +276,14 @@ class Summary:
     failed: int = 0
     skipped: int = 0  # refused / unknown plugin, recorded now
     already: int = 0  # found in the results file and not run again
+    reused: int = 0  # first passes taken from other results files (reuse_runs)
     records: list = attrs.Factory(list)  # the records written now
 
     def line(self) -> str:
+        reused = f", {self.reused} first pass(es) reused from other results files" if self.reused else ""
         return (f"{self.in_shard} runs in this shard ({self.planned} planned): {self.executed} executed "
                 f"({self.ok} ok, {self.failed} failed), {self.skipped} skipped, {self.already} already in the "
-                f"results file")
+                f"results file{reused}")
 
     def interrupted_line(self) -> str:
         return f"interrupted; {self.already + len(self.records)} of {self.in_shard} runs recorded, rerun to resume"
@@ -283,8 +291,8 @@ class Summary:
 
 def select(runs: list[RunSpec], existing: list[dict], shard=(0, 1), retry_failed: bool = False, repeats: int = 0):
     """(runs to execute, records to write without running, runs already done) for this shard. A
-    finished run whose record lacks the `repeats` timed passes is run again (its accuracy pass is
-    then the warm-up of its repeats)."""
+    finished run whose record lacks the `repeats` timed passes (on its timing_limit) is run again
+    for them (see run_ablation: its recorded first pass is kept)."""
     i, n = shard
     done = {r["key"]: r for r in dedupe(existing)}
     todo, write_now, already = [], [], []
@@ -298,12 +306,39 @@ def select(runs: list[RunSpec], existing: list[dict], shard=(0, 1), retry_failed
             else:
                 already.append(spec)
             continue
-        finished = prev is not None and prev.get("status") == "ok" and not needs_timing(prev, repeats)
+        finished = prev is not None and prev.get("status") == "ok" and not needs_timing(prev, repeats,
+                                                                                      spec.timing_limit)
         if finished or (prev is not None and prev.get("status") == "failed" and not retry_failed):
             already.append(spec)
             continue
         todo.append(spec)
     return todo, write_now, already
+
+
+# what a first pass measured, as a record from another results file gives it (reuse_runs)
+_FIRST_PASS_FIELDS = ("accuracy", "accuracy_mean", "metrics", "reuse", "memory", "recipe", "model", "versions",
+                      "hardware", "calibration", "started", "finished", "wall_time_s", "worker")
+
+
+def reused_first_passes(specs: list[RunSpec], files, ablation: dict) -> dict[int, dict]:
+    """run index -> this run's record made from the first pass another results file holds for its key
+    (measured, status ok; the first file that has it), with `reused_from` naming that file, its
+    ablation and index. The decoding is deterministic: the same key decodes the same answers."""
+    donors: dict[str, tuple] = {}
+    for path in files or ():
+        if not os.path.isfile(path):
+            raise ConfigError(f"--reuse-runs {path}: results file not found")
+        for r in dedupe(read_records(path)):
+            if r.get("status") == "ok":
+                donors.setdefault(r["key"], (path, r))
+    out = {}
+    for spec in specs:
+        if spec.status == "pending" and spec.key in donors:
+            path, r = donors[spec.key]
+            measured = {k: r[k] for k in _FIRST_PASS_FIELDS if k in r}
+            source = {"file": str(path), "ablation": r.get("ablation"), "index": r.get("index")}
+            out[spec.index] = _clean(base_record(spec, ablation) | measured | {"status": "ok", "reused_from": source})
+    return out
 
 
 def check_models(runs: list[RunSpec]) -> None:
@@ -340,13 +375,22 @@ def _select_on_rank0(runs: list[RunSpec], output, shard, retry_failed: bool, rep
 
 def run_ablation(abl: Ablation, output, *, limit=None, model=None, extra_set=(), batch_size=None, shard=(0, 1),
                  workers: int = 0, threads: int | None = 1, retry_failed: bool = False, quiet: bool = False,
-                 rich: bool | None = None, data_parallel: bool = False, repeats: int | None = None) -> Summary:
+                 rich: bool | None = None, data_parallel: bool = False, repeats: int | None = None,
+                 timing_limit=None, reuse_runs=()) -> Summary:
     """Execute the runs of `abl` for this shard that `output` does not hold yet; append a record per
     run as it finishes. workers=0 runs in this process; K >= 1 in K spawned worker processes.
 
     repeats (default: the file's): timed passes per run after its first (accuracy) pass, interleaved
     across the runs (see timing.py); a run's record is written after its first pass (timing pending)
-    and again, complete, after its last repeat.
+    and again, complete, after its last repeat. timing_limit (default: the file's; None: the limit):
+    problems per task of the timed passes. A run the results file holds measured but without these
+    timed passes keeps its recorded first pass: a pass over the timed problems warms it up instead
+    (with data parallelism its first pass runs again).
+
+    reuse_runs: other results files; a run to do whose key one of them holds measured (the same
+    recipe, tasks, limit and batch size, so the same answers and counts) takes that record's first
+    pass instead of decoding its problems again, marked `reused_from`; its timed passes still run
+    here, round-robin with this ablation's runs.
 
     data_parallel: this process is one rank of a torchrun / accelerate launch (the process group is
     joined here); every rank takes part in every run with its share of the problems, and rank 0
@@ -361,13 +405,18 @@ def run_ablation(abl: Ablation, output, *, limit=None, model=None, extra_set=(),
         raise ConfigError(f"--repeats {repeats}: must be >= 0")
     if output is not None:
         check_output_file(output)
-    runs = plan_runs(abl, model=model, limit=limit, extra_set=extra_set, batch_size=batch_size)
+    runs = plan_runs(abl, model=model, limit=limit, extra_set=extra_set, batch_size=batch_size,
+                     timing_limit=timing_limit)
     rank = 0
+    kept: dict[int, dict] = {}  # run index -> its recorded first pass, for runs that only need timing
+    reused: dict[int, dict] = {}  # run index -> its first pass taken from another results file
     if data_parallel:
         from .. import distributed
 
         if workers:
             raise ValueError("data parallelism runs in the launched processes themselves: workers must be 0")
+        if reuse_runs:
+            raise ValueError("--reuse-runs takes first passes from other results files: not under data parallelism")
         device = next((str(r.recipe.get("device", "cpu")) for r in runs if isinstance(r.recipe, dict)), "cpu")
         rank, world = distributed.init(device)
         todo, write_now, already = _select_on_rank0(runs, output, shard, retry_failed, repeats)
@@ -377,7 +426,12 @@ def run_ablation(abl: Ablation, output, *, limit=None, model=None, extra_set=(),
                              f"limit of at least {world} or fewer processes")
         _together(True, "checking the models", lambda: check_models(todo))
     else:
-        todo, write_now, already = select(runs, read_records(output), shard, retry_failed, repeats)
+        existing = read_records(output)
+        todo, write_now, already = select(runs, existing, shard, retry_failed, repeats)
+        done = {r["key"]: r for r in dedupe(existing)}
+        kept = {s.index: done[s.key] for s in todo if (done.get(s.key) or {}).get("status") == "ok"}
+        reused = reused_first_passes([s for s in todo if s.key not in done], reuse_runs,
+                                     {"name": abl.name, "source": abl.source, "metric": abl.metric})
         check_models(todo)
     if todo:
         check_tasks(abl.tasks)
@@ -402,11 +456,26 @@ def run_ablation(abl: Ablation, output, *, limit=None, model=None, extra_set=(),
         summary.executed += status in ("ok", "failed") and record.get("started") is not None
         display.finish_run(record)
 
+    for spec in [s for s in todo if s.index in reused]:
+        record = reused[spec.index]
+        if repeats == 0:  # nothing left to do for it
+            append_record(output, record)
+            summary.records.append(record)
+            summary.ok += 1
+            summary.reused += 1
+            display.finish_run(record)
+            todo.remove(spec)
+        else:  # its timed passes run here, after a warm-up pass
+            append_record(output, record | {"timing": timing.pending(repeats)})
+            recorded.add(spec.key)
+            kept[spec.index] = record
+            summary.reused += 1
+
     def first_pass(spec, record):
         display.message(f"#{spec.index} {spec.name}: first pass {describe(record)}; {repeats} timed repeat(s) follow, "
                         f"round-robin")
 
-    rounds = _Rounds(repeats, write, recorded, first_pass)
+    rounds = _Rounds(repeats, write, recorded, first_pass, kept)
     try:
         for spec in write_now:
             record = _clean(base_record(spec, info) | {"finished": _now()})
@@ -421,10 +490,11 @@ def run_ablation(abl: Ablation, output, *, limit=None, model=None, extra_set=(),
                 if rounds.dead(spec):
                     continue
                 display.start_run(spec.index, spec.name)
-                rounds.result(spec, r, execute_run(spec, info, data_parallel=data_parallel,
-                                                   progress=lambda d, t, i=spec.index: display.run_progress(i, d, t)))
+                record = execute_run(spec, info, data_parallel=data_parallel, timed=r > 0 or spec.index in kept,
+                                     progress=functools.partial(display.run_progress, spec.index))
+                rounds.result(spec, r, record)
         else:
-            _run_pool(tasks, info, workers, threads, display, rounds)
+            _run_pool(tasks, info, workers, threads, display, rounds, kept)
     except KeyboardInterrupt as exc:
         if rank == 0 and output is not None:  # the file, not the summary: the signal may land between the two
             summary.already, summary.records = len(select(runs, read_records(output), shard, retry_failed,
@@ -438,10 +508,13 @@ def run_ablation(abl: Ablation, output, *, limit=None, model=None, extra_set=(),
 class _Rounds:
     """The passes of each run: the first (accuracy, counters; the warm-up) and the timed repeats.
     Writes a run's record after its first pass when the file has none yet (timing pending), and
-    the complete record after its last repeat; a failed pass ends the run with a failed record."""
+    the complete record after its last repeat; a failed pass ends the run with a failed record.
+    kept: run index -> its recorded first pass, which stands for the first pass of that run (then
+    only a warm-up)."""
 
-    def __init__(self, repeats: int, write, recorded: set, on_first=None):
+    def __init__(self, repeats: int, write, recorded: set, on_first=None, kept: dict | None = None):
         self.repeats, self.write, self.recorded, self.on_first = repeats, write, recorded, on_first
+        self.kept = kept or {}
         self.first: dict[int, dict] = {}
         self.samples: dict[int, list] = {}
         self.ended: set[int] = set()
@@ -457,6 +530,8 @@ class _Rounds:
                 record["error"] = dict(record.get("error") or {}, round=round_)
             return self._end(spec, record)
         if round_ == 0:
+            if spec.index in self.kept:  # this pass was the warm-up; the recorded first pass stands
+                record = {k: v for k, v in self.kept[spec.index].items() if k != "timing"}
             self.first[spec.index] = record
             if self.repeats == 0:
                 return self._end(spec, record)
@@ -468,7 +543,8 @@ class _Rounds:
             self.samples.setdefault(spec.index, []).append(timing.sample(record) | {"round": round_})
         samples = sorted(self.samples.get(spec.index, []), key=lambda x: x["round"])
         if spec.index in self.first and len(samples) >= self.repeats:
-            self._end(spec, self.first[spec.index] | {"timing": timing.summarize(samples, self.repeats)})
+            self._end(spec, self.first[spec.index] | {"timing": timing.summarize(samples, self.repeats,
+                                                                                  spec.timing_limit)})
 
     def _end(self, spec: RunSpec, record: dict) -> None:
         self.ended.add(spec.index)
@@ -503,7 +579,8 @@ def check_tasks(tasks) -> None:
         raise ConfigError(str(exc)) from None
 
 
-def _run_pool(tasks: list, info: dict, workers: int, threads, display: Display, rounds: _Rounds) -> None:
+def _run_pool(tasks: list, info: dict, workers: int, threads, display: Display, rounds: _Rounds,
+              kept: dict | None = None) -> None:
     """The passes in `workers` spawned processes, submitted in round-robin order. No multiprocessing
     Manager (its server process would outlive a killed runner): progress comes back through a plain
     queue, and every worker dies with this process (lifecycle.die_with_parent)."""
@@ -521,7 +598,8 @@ def _run_pool(tasks: list, info: dict, workers: int, threads, display: Display, 
             pool = ProcessPoolExecutor(max_workers=min(workers, len({s.index for s, _ in remaining})), mp_context=ctx,
                                        initializer=_worker_init, initargs=(threads, queue, os.getpid()))
             try:
-                futures = {pool.submit(_worker_execute, spec, info, r): (spec, r) for spec, r in remaining}
+                futures = {pool.submit(_worker_execute, spec, info, r, r > 0 or spec.index in (kept or {})):
+                           (spec, r) for spec, r in remaining}
                 pending = set(futures)
                 while pending:
                     done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)

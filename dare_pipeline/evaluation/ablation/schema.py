@@ -17,6 +17,7 @@
       plugins.dare_kv.target_reuse: [0.5, 0.8]   # calibrated per run (calibrated.py), not an option
     calibration: {prompts: prompts.jsonl, limit: 8}  # what target_reuse calibrates on (optional)
     repeats: 3                           # timed passes per run after its first (the CLI's --repeats)
+    timing_limit: 2                      # problems per task of the timed passes (default: the limit)
 
 Every error names the file, the key path, the bad value and what is allowed.
 """
@@ -113,6 +114,9 @@ class Ablation:
     metric: str = "exact_match"
     # timed passes per run after its first (accuracy) pass, round-robin across the runs (--repeats)
     repeats: int = attrs.field(default=3, validator=at_least(0))
+    # problems per task of the timed passes (the first N of the ones the accuracy pass decodes);
+    # None = the limit (--timing-limit)
+    timing_limit: int | float | None = attrs.field(default=None, validator=at_least(0, strict=True))
     calibration: CalibrationSpec = attrs.Factory(CalibrationSpec)
     source: str = attrs.field(default="<dict>", eq=False)
 
@@ -347,6 +351,7 @@ class RunSpec:
     reason: str | None = None
     error: dict | None = None
     calibrate: dict | None = None  # a target_reuse to calibrate before the run (calibrated.py)
+    timing_limit: int | float | None = None  # problems per task of the timed passes (None: limit)
 
     @property
     def name(self) -> str:
@@ -377,7 +382,7 @@ def run_key(recipe: dict, tasks, limit, batch_size, calibrate: dict | None = Non
 
 
 def plan_runs(abl: Ablation, *, model: str | None = None, limit=None, extra_set=(), batch_size: int | None = None,
-              ) -> list[RunSpec]:
+              timing_limit=None) -> list[RunSpec]:
     """Every run of the ablation, in order: plugin sets x the sweep values that apply to each.
 
     A sweep key `plugins.<name>.<opt>` applies only to runs whose plugins include <name>, so a
@@ -392,6 +397,7 @@ def plan_runs(abl: Ablation, *, model: str | None = None, limit=None, extra_set=
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0):
         shown = f"{limit:g}" if isinstance(limit, (int, float)) and not isinstance(limit, bool) else repr(limit)
         raise ConfigError(f"--limit {shown}: must be > 0 (a number of problems per task, or a share below 1)")
+    timing_limit = _timing_limit(abl.timing_limit if timing_limit is None else timing_limit, limit, abl.source)
     base = abl.base_recipe_dict(model=model, extra_set=extra_set)
     base_plugins = [p["name"] for p in base["plugins"]]
     classes = available_plugins()
@@ -406,7 +412,9 @@ def plan_runs(abl: Ablation, *, model: str | None = None, limit=None, extra_set=
             keep = [i for i, k in enumerate(e.keys) if e.plugin_of(k) is None or e.plugin_of(k) in present]
             if keep:
                 keys = tuple(e.keys[i] for i in keep)
-                points = list(dict.fromkeys(tuple(p[i] for i in keep) for p in e.values))
+                # points in order, once each; json.dumps keys them, since a value may be a list
+                points = list({json.dumps(pt, sort_keys=True): pt
+                               for pt in (tuple(p[i] for i in keep) for p in e.values)}.values())
                 applied.append((keys, points))
         for combo in itertools.product(*[pts for _, pts in applied]) if applied else [()]:
             sweep = {k: v for (keys, _), point in zip(applied, combo) for k, v in zip(keys, point)}
@@ -415,7 +423,7 @@ def plan_runs(abl: Ablation, *, model: str | None = None, limit=None, extra_set=
             data["plugins"] = list(data["plugins"]) + [{"name": n, **copy.deepcopy(abl.plugin_options.get(n, {}))}
                                                        for n in plugin_set]
             common = {"label": label, "plugins": tuple(plugin_set), "sweep": sweep, "tasks": tuple(abl.tasks),
-                      "limit": limit, "batch_size": batch_size}
+                      "limit": limit, "batch_size": batch_size, "timing_limit": timing_limit}
             spec = _resolve(data, {k: v for k, v in sweep.items() if not is_target_key(k)}, base_plugins, plugin_set,
                             common, abl.source, classes)
             spec["calibrate"] = _calibration(abl, sweep)
@@ -425,6 +433,22 @@ def plan_runs(abl: Ablation, *, model: str | None = None, limit=None, extra_set=
             seen.add(key)
             runs.append(RunSpec(index=len(runs), key=key, **spec))
     return runs
+
+
+def _timing_limit(timing_limit, limit, source: str):
+    """The timed passes' problems per task: a number > 0, at most the limit (they time problems the
+    accuracy pass decoded); None when it is the limit."""
+    if timing_limit is None:
+        return None
+    if isinstance(timing_limit, bool) or not isinstance(timing_limit, (int, float)) or not timing_limit > 0:
+        raise ConfigError(f"{source}: timing_limit = {timing_limit!r}: must be > 0 (problems per task of the timed "
+                          f"passes)")
+    if isinstance(timing_limit, float) and timing_limit.is_integer() and timing_limit >= 1:
+        timing_limit = int(timing_limit)
+    if limit is not None and isinstance(limit, int) == isinstance(timing_limit, int) and timing_limit > limit:
+        raise ConfigError(f"{source}: timing_limit = {timing_limit}: above the limit {limit} (the timed passes decode "
+                          f"the first of the problems the accuracy pass decodes)")
+    return None if timing_limit == limit else timing_limit
 
 
 def _calibration(abl: Ablation, sweep: dict) -> dict | None:

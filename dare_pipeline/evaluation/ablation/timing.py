@@ -1,6 +1,8 @@
 """Timing a run: the first pass of each run (accuracy, counters) is its warm-up and is not timed;
 then `repeats` timed passes, interleaved across the runs (round-robin: every run's first repeat,
-then every run's second, ...), so a slow phase of the machine hits every configuration alike.
+then every run's second, ...), so a slow phase of the machine hits every configuration alike. The
+timed passes decode the first `timing_limit` problems per task (all of the run's by default), so
+accuracy can be measured on many problems and speed on a few, several times.
 
 A record's `timing` holds each repeat's decode wall time, process CPU time and tokens/s, and their
 median, quartiles and range. NFE and FLOPs are exact (the decoding is deterministic) and stay the
@@ -12,7 +14,7 @@ from __future__ import annotations
 import statistics
 
 # what each timed repeat keeps from its pass's metrics
-SAMPLE_FIELDS = ("decode_time_s", "decode_cpu_s", "tokens_per_second", "generated_tokens", "nfe_total")
+SAMPLE_FIELDS = ("decode_time_s", "decode_cpu_s", "tokens_per_second", "generated_tokens", "nfe_total", "requests")
 SPREAD_FIELDS = ("decode_time_s", "decode_cpu_s", "tokens_per_second")
 
 
@@ -37,9 +39,11 @@ def spread(values: list[float]) -> dict | None:
             "n": len(values)}
 
 
-def summarize(samples: list[dict], repeats: int) -> dict:
-    out = {"repeats": repeats, "warmup": "the run's first (accuracy) pass, untimed", "order": "round-robin",
-           "samples": samples, "complete": len(samples) >= repeats}
+def summarize(samples: list[dict], repeats: int, limit=None) -> dict:
+    """The timing of a run: its samples and their spreads; `limit`: problems per task of the timed
+    passes (None: the run's limit)."""
+    out = {"repeats": repeats, "limit": limit, "warmup": "the run's first (accuracy) pass, untimed",
+           "order": "round-robin", "samples": samples, "complete": len(samples) >= repeats}
     for field in SPREAD_FIELDS:
         out[field] = spread([s.get(field) for s in samples])
     return out
@@ -50,16 +54,19 @@ def pending(repeats: int) -> dict:
     return {"repeats": repeats, "samples": [], "complete": False}
 
 
-def needs_timing(record: dict, repeats: int) -> bool:
+def needs_timing(record: dict, repeats: int, limit=None) -> bool:
     """A finished record that lacks the timed repeats asked for now (recorded before they ran, by an
-    interrupted invocation, or by an older version without repeats)."""
+    interrupted invocation, by an older version without repeats, or timed on another number of
+    problems than `limit` per task; None: the run's limit)."""
     if repeats <= 0:
         return False
     timing = record.get("timing")
     if not isinstance(timing, dict):
         return True
     samples = timing.get("samples")
-    return not isinstance(samples, list) or len(samples) < repeats
+    timed_on = timing.get("limit") if timing.get("limit") is not None else record.get("limit")
+    wanted = limit if limit is not None else record.get("limit")
+    return not isinstance(samples, list) or len(samples) < repeats or timed_on != wanted
 
 
 def tokens_per_second(record: dict) -> dict | None:

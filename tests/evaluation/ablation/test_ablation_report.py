@@ -3,12 +3,14 @@ progress display, and the results file's crash safety (no model needed)."""
 
 import io
 import json
+import math
 
 import pytest
 import torch
 
 from dare_pipeline.evaluation.ablation.display import Display
-from dare_pipeline.evaluation.ablation.report import Analysis, pareto_front, write_report
+from dare_pipeline.evaluation.ablation.analysis import Analysis, pareto_front
+from dare_pipeline.evaluation.ablation.report import write_report
 from dare_pipeline.evaluation.ablation.results import append_record, dedupe, read_records
 from dare_pipeline.plugin_kit.testing import tiny_config
 from dare_pipeline.reuse import flops
@@ -215,3 +217,133 @@ def test_unreadable_lines_are_skipped_naming_the_file_and_line(tmp_path, caplog)
     assert f"{path}:2: not UTF-8" in caplog.text and f"{path}:3: run key ['un', 'hashable'] is not a string" in caplog.text
     assert f"{path}:5: schema 'someone-else/v9'" in caplog.text
     assert [r["key"] for r in dedupe(records)] == ["a", "c", "b"]  # an odd status does not break dedupe
+
+
+# ---- figures: ticks, marks that would hide each other, labels ---------------------------------------
+
+def _figure(build, records):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = build(Analysis(records), plt)
+    fig.canvas.draw()
+    return fig, plt
+
+
+def _shown_ticks(ax, which="x"):
+    axis = ax.xaxis if which == "x" else ax.yaxis
+    lo, hi = sorted(ax.get_xlim() if which == "x" else ax.get_ylim())
+    return [t.get_text() for t, v in zip(axis.get_majorticklabels(), axis.get_majorticklocs())
+            if lo <= v <= hi and t.get_text()]
+
+
+def test_ratio_ticks_are_readable_over_narrow_and_wide_ranges():
+    from dare_pipeline.evaluation.ablation.plot_parts import ratio_label, ratio_ticks
+
+    narrow = ratio_ticks(0.9, 1.2)
+    assert len(narrow) >= 4 and 1.0 in narrow and min(narrow) >= 0.9 and max(narrow) <= 1.2
+    assert [ratio_label(t) for t in narrow] == ["0.9x", "0.95x", "1x", "1.05x", "1.1x", "1.15x", "1.2x"]
+    assert ratio_ticks(0.5, 40) == [0.5, 1, 2, 5, 10, 20]
+    assert ratio_ticks(1.0, 4.0) == [1, 1.5, 2, 2.5, 3, 3.5, 4]
+    for lo, hi in ((0.97, 1.03), (0.3, 300), (1.5, 12), (0.01, 1000)):
+        ticks = ratio_ticks(lo, hi)
+        gaps = [math.log10(b / a) for a, b in zip(ticks, ticks[1:])]
+        assert len(ticks) >= 3 and min(gaps) >= math.log10(hi / lo) / 14 - 1e-12, (lo, hi, ticks)
+        assert len({ratio_label(t) for t in ticks}) == len(ticks)
+
+
+def test_a_sweep_between_0_9x_and_1_2x_has_several_speedup_ticks():
+    from dare_pipeline.evaluation.ablation.plots import accuracy_speedup_figure
+
+    records = [_rec(0, [], 10, 0.5)] + [_rec(i, ["a"], 10 * s, 0.5 + 0.01 * i, sweep={"plugins.a.t": i})
+                                        for i, s in enumerate((0.92, 1.05, 1.1, 1.18), 1)]
+    fig, plt = _figure(accuracy_speedup_figure, records)
+    labels = _shown_ticks(fig.axes[0])
+    plt.close(fig)
+    assert len(labels) >= 4 and "1x" in labels and len(set(labels)) == len(labels), labels
+
+
+def test_coincident_runs_are_each_visible():
+    from dare_pipeline.evaluation.ablation.plot_parts import MARK_SPACING_PT, spread_positions
+    from dare_pipeline.evaluation.ablation.plots import accuracy_speedup_figure
+
+    # unit: marks apart stay put, marks on top of each other are moved at least the spacing apart
+    assert spread_positions([(0, 0), (100, 0)]) == [(0.0, 0.0), (0.0, 0.0)]
+    moved = spread_positions([(0, 0)] * 5 + [(3, 1)])
+    placed = [(dx, dy + (1 if i == 5 else 0)) for i, (dx, dy) in enumerate(moved)]
+    placed[5] = (3 + moved[5][0], 1 + moved[5][1])
+    assert all(math.dist(a, b) >= MARK_SPACING_PT - 1e-9 for i, a in enumerate(placed) for b in placed[i + 1:])
+    # figure: four runs at the same speed-up and accuracy as the baseline, one a hair away
+    records = [_rec(0, [], 10, 0.5)] + [_rec(i, [f"p{i}"], 10, 0.5) for i in range(1, 5)] + [_rec(5, ["q"], 10.02, 0.5)]
+    fig, plt = _figure(accuracy_speedup_figure, records)
+    ax = fig.axes[0]
+    marks = [line for line in ax.lines if line.get_marker() not in (None, "None", "", ".") and line.get_markersize() == 7]
+    assert len(marks) == 6
+    pixels = [line.get_transform().transform(line.get_xydata())[0] for line in marks]
+    points = [(x * 72 / fig.dpi, y * 72 / fig.dpi) for x, y in pixels]
+    assert all(math.dist(a, b) >= MARK_SPACING_PT - 0.5 for i, a in enumerate(points) for b in points[i + 1:])
+    assert "true place of a mark moved apart" in " ".join(t.get_text() for t in ax.get_legend().get_texts())
+    plt.close(fig)
+
+
+def test_the_additive_gain_plot_names_the_combination_of_each_point():
+    from dare_pipeline.evaluation.ablation.plots import additive_gain_figure
+
+    records = [_rec(0, [], 10, 0.5), _rec(1, ["a"], 20, 0.5), _rec(2, ["b"], 30, 0.5), _rec(3, ["a", "b"], 90, 0.5)]
+    for i, t in enumerate((0.1, 0.2), 4):
+        r = _rec(i, ["c"], 10 + i, 0.5, sweep={"plugins.c.threshold": t})
+        r["recipe"]["plugins"][0]["threshold"] = t
+        records.append(r)
+    fig, plt = _figure(additive_gain_figure, records)
+    rows = {ax.get_title(loc="left").split(":")[0]: [t.get_text() for t in ax.get_yticklabels()] for ax in fig.axes
+            if ax.get_title(loc="left")}  # (the legend's row has no title)
+    plt.close(fig)
+    assert rows == {"+ a": ["over baseline", "over b"], "+ b": ["over baseline", "over a"],
+                    "+ c": ["over baseline (threshold=0.1)", "over baseline (threshold=0.2)"]}
+
+
+def test_every_figure_says_what_was_measured(tmp_path):
+    from dare_pipeline.evaluation.ablation.plots import (accuracy_speedup_figure, additive_gain_figure,
+                                                         reuse_threshold_figure)
+
+    records = [_rec(0, [], 10, 0.5)]
+    for i, t in enumerate((0.05, 0.1), 1):
+        r = _rec(i, ["dare_o"], 10 + i, 0.5, sweep={"plugins.dare_o.threshold": t})
+        r["reuse"] = {"flops": 0.1 * i, "plugins": {"dare_o": {"reuse_fraction": 0.2 * i}}}
+        records.append(r)
+    for r in records:
+        r["metrics"]["requests"] = 200
+        r["recipe"]["generation"].update(block_length=32, steps=64)
+        r["hardware"] = {"machine": "x86_64", "cpu_count": 2, "torch_threads": 1, "device": "cpu"}
+        r["model"] = {"family": "llada", "parameters": 2263104, "dtype": "torch.float32"}
+    for build in (accuracy_speedup_figure, reuse_threshold_figure, additive_gain_figure):
+        fig, plt = _figure(build, records)
+        text = " ".join(t.get_text() for t in fig.findobj(lambda o: hasattr(o, "get_text")))
+        plt.close(fig)
+        for words in ("a:", "model m (LLaDA, 2.26M parameters, float32)", "tasks t, 200 problems a run (2 per task)",
+                      "gen_length 64, block 32, steps 64", "batch 1", "tokens/s of the single pass",
+                      "CPU (x86_64 with 2 cores, 1 torch thread)", "2026-01-01"):
+            assert words in " ".join(text.split()), (build.__name__, words)
+
+
+def test_no_text_of_a_figure_is_cut_at_its_edges():
+    from dare_pipeline.evaluation.ablation.plots import accuracy_speedup_figure, additive_gain_figure
+
+    # long run names (two swept keys) push the legend wide, as dllm_cache_intervals' do
+    keys = ("plugins.dllm_cache.response_interval", "plugins.dllm_cache.ratio")
+    records = [_rec(0, [], 10, 0.9)] + [_rec(i, ["dllm_cache"], 10 * (1 + i), 0.6 + 0.05 * i,
+                                             sweep={keys[0]: kr, keys[1]: rho})
+                                        for i, (kr, rho) in enumerate(((2, 0.25), (7, 0.1), (7, 0.25), (7, 0.5)), 1)]
+    for build in (accuracy_speedup_figure, additive_gain_figure):
+        fig, plt = _figure(build, records)
+        renderer = fig.canvas.get_renderer()
+        width, height = fig.bbox.width, fig.bbox.height
+        for text in fig.findobj(lambda o: hasattr(o, "get_text") and hasattr(o, "get_window_extent")):
+            if not text.get_visible() or not text.get_text().strip():
+                continue
+            box = text.get_window_extent(renderer)
+            assert box.x0 >= -1 and box.x1 <= width + 1 and box.y0 >= -1 and box.y1 <= height + 1, (
+                build.__name__, text.get_text(), box)
+        plt.close(fig)

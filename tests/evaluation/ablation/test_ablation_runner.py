@@ -265,6 +265,86 @@ def test_repeats_run_round_robin_and_resume(write_ablation, tmp_path, monkeypatc
     assert run_ablation(abl, tmp_path / "none.jsonl", quiet=True, repeats=1).executed == 2 and len(order) == 4
 
 
+def test_timed_passes_decode_the_first_timing_limit_problems(write_ablation, tmp_path, monkeypatch):
+    from dare_pipeline.evaluation.ablation import runner
+    from dare_pipeline.evaluation.ablation.analysis import Analysis
+
+    passes = []  # (run index, timed) of every pass
+    real = runner.execute_run
+
+    def spy(spec, *args, timed=False, **kwargs):
+        passes.append((spec.index, timed))
+        return real(spec, *args, timed=timed, **kwargs)
+
+    monkeypatch.setattr(runner, "execute_run", spy)
+    path = write_ablation(name="subset", limit=2, repeats=2, timing_limit=1, plugins={"sets": [[], ["prefix_cache"]]})
+    abl = Ablation.from_yaml(path)
+    out = tmp_path / "subset.jsonl"
+    assert run_ablation(abl, out, quiet=True).ok == 2
+    assert passes == [(0, False), (1, False), (0, True), (1, True), (0, True), (1, True)]
+    final = dedupe(read_records(out))
+    for r in final:  # accuracy and counters over both problems, the timed passes over the first one
+        assert r["metrics"]["requests"] == 2 and r["accuracy"]["dare_add"]["n"] == 2
+        assert r["timing"]["limit"] == 1 and [s["requests"] for s in r["timing"]["samples"]] == [1, 1]
+        spread = Analysis(final).time_spread(r, "decode_time_s")  # seconds per timed request
+        assert spread["min"] == min(s["decode_time_s"] for s in r["timing"]["samples"])
+
+    # asked for timing on both problems now: each run is timed again; its recorded first pass is
+    # kept and a pass over the timed problems (here all of them) warms it up
+    passes.clear()
+    again = run_ablation(abl, out, quiet=True, timing_limit=2)
+    assert again.ok == 2 and passes == [(0, True), (1, True)] * 3
+    retimed = dedupe(read_records(out))
+    assert [r["started"] for r in retimed] == [r["started"] for r in final]  # the same first passes
+    assert all(r["timing"]["limit"] is None and [s["requests"] for s in r["timing"]["samples"]] == [2, 2]
+               for r in retimed)
+    passes.clear()
+    assert run_ablation(abl, out, quiet=True, timing_limit=2).executed == 0 and passes == []
+
+
+def test_first_passes_are_reused_from_another_results_file(write_ablation, tmp_path, monkeypatch):
+    from dare_pipeline.evaluation.ablation import runner
+
+    passes = []
+    real = runner.execute_run
+
+    def spy(spec, *args, timed=False, **kwargs):
+        passes.append((spec.label, timed))
+        return real(spec, *args, timed=timed, **kwargs)
+
+    monkeypatch.setattr(runner, "execute_run", spy)
+    first = tmp_path / "first.jsonl"
+    run_ablation(Ablation.from_yaml(write_ablation(name="first", plugins={"sets": [[], ["prefix_cache"]]})), first,
+                 quiet=True)
+    donor = {r["label"]: r for r in read_records(first)}
+    passes.clear()
+    other = Ablation.from_yaml(write_ablation(name="other", plugins={"sets": [[], ["dual_cache"]]}))
+    out = tmp_path / "other.jsonl"
+    summary = run_ablation(other, out, quiet=True, reuse_runs=[first])
+    assert passes == [("dual_cache", False)] and summary.reused == 1 and summary.ok == 2
+    assert "1 first pass(es) reused from other results files" in summary.line()
+    base = {r["label"]: r for r in read_records(out)}["baseline"]
+    assert base["ablation"] == "other" and base["reused_from"] == {"file": str(first), "ablation": "first", "index": 0}
+    assert base["accuracy"] == donor["baseline"]["accuracy"] and base["metrics"] == donor["baseline"]["metrics"]
+    # with timed passes the reused run is warmed up and timed here, round-robin with the others
+    passes.clear()
+    timed = tmp_path / "timed.jsonl"
+    assert run_ablation(other, timed, quiet=True, reuse_runs=[first], repeats=1).ok == 2
+    assert passes == [("baseline", True), ("dual_cache", False), ("baseline", True), ("dual_cache", True)]
+    final = {r["label"]: r for r in dedupe(read_records(timed))}["baseline"]
+    assert final["timing"]["complete"] and final["accuracy"] == donor["baseline"]["accuracy"]
+    with pytest.raises(ConfigError, match="--reuse-runs .*nothing.jsonl: results file not found"):
+        run_ablation(other, tmp_path / "x.jsonl", quiet=True, reuse_runs=[tmp_path / "nothing.jsonl"])
+
+
+def test_a_timing_limit_above_the_limit_is_refused(write_ablation):
+    with pytest.raises(ConfigError, match=r"subset.yaml: timing_limit = 3: above the limit 2"):
+        plan_runs(Ablation.from_yaml(write_ablation(name="subset", limit=2, timing_limit=3)))
+    with pytest.raises(ConfigError, match=r"timing_limit = 0: must be > 0"):
+        plan_runs(Ablation.from_yaml(write_ablation(name="subset", limit=2)), timing_limit=0)
+    assert plan_runs(Ablation.from_yaml(write_ablation(name="subset", limit=2, timing_limit=2)))[0].timing_limit is None
+
+
 # ---- shards, merge, crash safety ------------------------------------------------------------------
 
 def test_shards_partition_the_runs_and_merge_dedupes(write_ablation, tmp_path):
@@ -360,6 +440,15 @@ def test_subsets_with_at_most_one_of_a_group_and_sweeps_only_where_they_apply():
     assert plan_runs(abl, limit=3)[0].key != runs[0].key
 
 
+def test_a_sweep_point_may_hold_a_list_value():
+    abl = Ablation.from_dict({"name": "x", "plugins": {"sets": [["dare_o"]]},
+                              "sweep": {"plugins.dare_o.threshold,plugins.dare_o.exempt_layers":
+                                        [[0.01, [0]], [0.1, [0]], [0.1, []], [0.1, []]]}})
+    runs = plan_runs(abl)
+    assert [(r.recipe["plugins"][-1]["threshold"], list(r.recipe["plugins"][-1]["exempt_layers"])) for r in runs] == [
+        (0.01, [0]), (0.1, [0]), (0.1, [])]  # the repeated point runs once
+
+
 @pytest.mark.parametrize("data, message", [
     ({"name": "x", "colour": 1}, "colour: unknown key; allowed keys: ["),
     ({"tasks": ["dare_add"]}, "name: missing"),
@@ -424,6 +513,32 @@ def test_shipped_ablations_load_and_plan():
                      "dual_cache+threshold_decoding"}
 
 
+def test_the_docs_table_of_shipped_ablations_says_what_the_files_say():
+    import re
+
+    text = (ROOT / "docs" / "ablation.md").read_text()
+    table = text.split("Shipped files", 1)[1].split("\n\n", 2)[1]  # the paragraph, then the table
+    rows = [line for line in table.splitlines() if re.match(r"\| `\w+\.yaml` \|", line)]
+    documented = {}
+    for row in rows:
+        name, _what, runs, gen_length, problems, timed = (c.strip() for c in row.strip("|").split("|"))
+        documented[name.strip("`")] = (runs, gen_length, problems, timed)
+    assert set(documented) == {f.name for f in (ROOT / "ablations").glob("*.yaml")}
+    for name, (runs, gen_length, problems, timed) in documented.items():
+        abl = Ablation.from_yaml(ROOT / "ablations" / name)
+        planned = plan_runs(abl)
+        pending = sum(r.status == "pending" for r in planned)
+        assert int(runs.split()[0]) == len(planned), name
+        assert (int(re.search(r"(\d+) run$", runs).group(1)) if runs.endswith(" run") else len(planned)) == pending
+        assert int(gen_length) == abl.base_recipe_dict()["generation"]["gen_length"], name
+        assert problems == f"{4 * abl.limit} ({abl.limit})", name  # dare_suite: 4 families
+        if abl.repeats == 0:
+            assert timed.startswith("none"), name
+        else:
+            per_task = abl.timing_limit or abl.limit
+            assert timed == f"{abl.repeats} over {4 * per_task} ({per_task})", name
+
+
 def test_a_checkpoint_without_tokenizer_is_refused_before_any_run(write_ablation, golden_dir, tmp_path, capsys):
     path = write_ablation(name="notok", model=str(golden_dir / "llada"))
     out = tmp_path / "notok.jsonl"
@@ -439,6 +554,19 @@ def test_dry_run_lists_the_runs(write_ablation, tmp_path, capsys):
     assert "4 runs planned; this shard: 1 to run, 1 to record without running" in out
     assert "other shard" in out and "refused at recipe load" in out
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_dry_run_says_which_runs_only_need_their_timed_passes(write_ablation, tmp_path, capsys):
+    path = write_ablation(name="dry_timed", plugins={"sets": [[]]})
+    out = tmp_path / "o.jsonl"
+    assert main(["ablate", str(path), "--output", str(out), "--quiet", "--no-report"]) == 0
+    capsys.readouterr()
+    assert main(["ablate", str(path), "--dry-run", "--output", str(out)]) == 0
+    assert "this shard: 0 to run, 0 to record without running, 1 already in" in capsys.readouterr().out
+    assert main(["ablate", str(path), "--dry-run", "--repeats", "2", "--output", str(out)]) == 0
+    listing = capsys.readouterr().out
+    assert " time " in listing.splitlines()[0]
+    assert "this shard: 0 to run, 1 to time (2 timed passes after its recorded first pass), 0 to record" in listing
 
 
 def test_under_torchrun_each_rank_takes_its_shard_and_its_own_file(write_ablation, tmp_path, capsys, monkeypatch):
