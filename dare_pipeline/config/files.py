@@ -74,8 +74,9 @@ def read_yaml_file(path: str | os.PathLike, what: str):
 def parse_yaml(text: str, source: str, value: bool = False):
     """The YAML document `text` (None when empty); errors are ConfigErrors naming `source` (`value`:
     the text is one value, such as a `--set`'s, and a syntax error is told in one line)."""
-    loader = _BoundedLoader(text)
+    loader = None
     try:
+        loader = _BoundedLoader(text)  # its reader checks the characters: a control character fails here
         node = loader.get_single_node()
         if node is None:
             return None
@@ -91,7 +92,8 @@ def parse_yaml(text: str, source: str, value: bool = False):
     except ValueError as exc:  # a scalar YAML reads but Python refuses: an integer of over 4300 digits
         raise ConfigError(f"{source}: {exc}") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def check_nesting(data, source: str) -> None:

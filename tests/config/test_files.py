@@ -137,3 +137,11 @@ def test_huge_values_are_cut_short_in_error_messages():
     assert len(str(caught.value)) < 400
     assert shown(list(range(100))) == "[0, 1, 2, 3, 4, 5, 6, 7, ...] (100 items)"
     assert shown("ab") == "'ab'" and shown(1.5) == "1.5"
+
+
+@pytest.mark.parametrize("value", [True, False])
+def test_a_control_character_is_a_config_error(value):
+    with pytest.raises(ConfigError, match=r"^src: .*special characters are not allowed"):
+        parse_yaml("\xff\x13", "src", value=value)
+    with pytest.raises(ConfigError, match=r"special characters are not allowed"):
+        Recipe.from_dict({}, overrides=["plugins.threshold_decoding.shadow=\xff\x13"])
