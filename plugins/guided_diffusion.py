@@ -81,6 +81,15 @@ def _guide_dir(instance, attribute, value):
         raise ValueError(f"{attribute.name} = {value!r}: no config.json in {path} ({allowed})")
 
 
+def _torch_device(instance, attribute, value):
+    if value is None:
+        return
+    try:
+        torch.device(value)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{attribute.name} = {value!r}: not a torch device (e.g. cpu, cuda, cuda:1, mps)") from None
+
+
 def _optional(validator):
     return attrs.validators.optional(validator)
 
@@ -88,7 +97,7 @@ def _optional(validator):
 @attrs.frozen(kw_only=True)
 class GuidedOptions:
     guide: str = attrs.field(default="default", validator=_guide_dir)
-    device: str | None = None  # must be the diffusion model's (None: it is)
+    device: str | None = attrs.field(default=None, validator=_torch_device)  # must be the diffusion model's
     dtype: str | None = attrs.field(default=None, validator=_optional(choice(*DTYPES)))
     accept: str = attrs.field(default="argmax", validator=choice("argmax", "top_k_relative", "min_prob"))
     top_k: int = attrs.field(default=2, validator=at_least(1))
@@ -135,10 +144,10 @@ class Guide:
     def flops(self, batch: int, past: int, fed: int, head_rows: int) -> int:
         """Matrix FLOPs of one forward over `fed` columns after `past` cached ones (a multiply-add is
         2; per fed row and layer: q, k, v and o projections, gated MLP, scores and weighted values
-        over the keys it attends to, padding included), plus `head_rows` LM-head rows, for `batch` rows."""
+        over all past + fed keys, as the attention kernel computes them under a causal mask, padding
+        included), plus `head_rows` LM-head rows, for `batch` rows."""
         d, q, kv = self.d, self.q_dim, self.kv_dim
-        keys = fed * past + fed * (fed + 1) // 2
-        layer = fed * (2 * d * q + 4 * d * kv + 2 * q * d + 6 * d * self.ffn) + 4 * q * keys
+        layer = fed * (2 * d * q + 4 * d * kv + 2 * q * d + 6 * d * self.ffn) + 4 * q * fed * (past + fed)
         return batch * (self.layers * layer + 2 * d * self.vocab * head_rows)
 
 
@@ -170,8 +179,8 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
 
 
 @contextlib.contextmanager
-def _quiet_loading():
-    """No weight-loading progress bar of transformers on stderr (restored afterwards)."""
+def _quiet_progress():
+    """No progress bar of transformers (loading or saving weights) on stderr (restored afterwards)."""
     from transformers.utils import logging as hf_logging
 
     was_on = hf_logging.is_progress_bar_enabled()
@@ -188,7 +197,7 @@ def _from_pretrained(directory: Path, where: str):
 
     try:
         # outside inference mode: the parameters must be ordinary tensors, whoever loads first
-        with torch.inference_mode(False), _quiet_loading():
+        with torch.inference_mode(False), _quiet_progress():
             return AutoModelForCausalLM.from_pretrained(str(directory), local_files_only=True)
     except Exception as exc:  # transformers raises many types for one broken directory
         message = " ".join(str(exc).split())[:300]
@@ -198,10 +207,10 @@ def _from_pretrained(directory: Path, where: str):
 def _guide_tokenizer(directory: Path, where: str):
     if not any((directory / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         return None
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PretrainedConfig
 
-    try:
-        return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    try:  # an empty config: the tokenizer's class comes from tokenizer_config.json, as the model loader reads it
+        return AutoTokenizer.from_pretrained(str(directory), local_files_only=True, config=PretrainedConfig())
     except Exception as exc:  # noqa: BLE001 -- one line naming the directory, whatever broke
         message = " ".join(str(exc).split())[:300]
         raise ConfigError(f"{where}: the tokenizer files in {directory} cannot be loaded "
@@ -218,7 +227,8 @@ def check_vocabulary(guide_tokenizer, guide_vocab_size: int, model, directory) -
     if ours is None or guide_tokenizer is None:
         if ours is not None or guide_tokenizer is not None:
             lacking = directory if guide_tokenizer is None else source
-            raise ConfigError(f"{head}: {lacking} has no tokenizer files, so the vocabularies cannot be compared")
+            raise ConfigError(f"plugins.{NAME}.guide: {directory}: its vocabulary cannot be checked against "
+                              f"{source}'s: {lacking} has no tokenizer files")
         if guide_vocab_size != model.config.vocab_size:
             raise ConfigError(f"plugins.{NAME}.guide: {directory}: vocab_size {guide_vocab_size} differs from "
                               f"{source}'s {model.config.vocab_size} (neither has a tokenizer to compare)")
@@ -261,7 +271,7 @@ class GuidedDiffusion(Plugin):
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                              bos_token_id=None, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id)
         torch.manual_seed(0)
-        with torch.inference_mode(False):
+        with torch.inference_mode(False), _quiet_progress():
             LlamaForCausalLM(config).save_pretrained(directory)
         return {"guide": str(directory)}
 
