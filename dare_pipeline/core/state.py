@@ -142,7 +142,8 @@ class DecodeState:
 
         Only columns after the row's first committed stop change: the answer is cut there anyway,
         so what is lost is never answer text, only forwards over the tail (guided diffusion's
-        early stop; any policy may call it)."""
+        early stop; any policy may call it). A fill can end a block early: a policy that calls it
+        must not promise more forwards from `dare_block_min_forwards` than its fills leave."""
         answer = self.x[:, self.prompt_end:]
         stops = torch.tensor(self.model.config.stop_token_ids, device=answer.device)
         index = torch.arange(answer.shape[1], device=answer.device)
