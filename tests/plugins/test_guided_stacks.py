@@ -22,6 +22,7 @@ GUIDED = {"name": NAME}
 STACKS = {
     "guided": [GUIDED],
     "top_k_relative, no early stop": [{"name": NAME, "accept": "top_k_relative", "stop_at_eos": False}],
+    "windows of 8": [{"name": NAME, "verify_window": 8}],
     "dual_cache": [{"name": "dual_cache", "head_commit": "off"}, GUIDED],
     "dual_cache + threshold": [{"name": "dual_cache", "head_commit": "off"}, {"name": NAME, "also_commit_above": 0.9}],
     "FreeCache (prefix_cache frozen blocks)": [{"name": "prefix_cache", "freeze_finished_blocks": True,
