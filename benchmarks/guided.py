@@ -143,6 +143,40 @@ def report(paths) -> None:
         print("| " + " | ".join(cells) + " |")
 
 
+def analysis(paths) -> None:
+    """Per family, for the guided recipes: answer length, the fewest forwards the early stop allows
+    (the blocks up to the one holding the answer's EOS, one forward each), the forwards taken, the
+    drafts accepted per guided forward and the fall-back rate; and the goal's two ratios."""
+    answers = {p["id"]: len(p["answer"]) for p in read_jsonl(HELDOUT_FILE)}  # character tokens
+    by = defaultdict(list)
+    for path in paths:
+        for r in _records(Path(path)):
+            by[(r["gen_length"], r["recipe"])].append(r)
+    print("| gen | recipe | family | answer tokens | fewest forwards (EOS stop) | diffusion fwd / problem | "
+          "accepted / guided fwd | fall-backs | exact % |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+    for (g, name), rs in sorted(by.items(), key=lambda kv: (kv[0][0], list(RECIPES).index(kv[0][1]))):
+        if name not in ("dual_cache + threshold", "guided + dual_cache", "guided + dual_cache, no EOS stop"):
+            continue
+        for fam in FAMILIES:
+            f = [r for r in rs if r["family"] == fam]
+            if not f:
+                continue
+            tokens = sum(answers[r["id"]] for r in f) / len(f)
+            floor = sum(min(g // 32, -(-(answers[r["id"]] + 1) // 32)) for r in f) / len(f)
+            guided = sum(r["guide_forwards"] for r in f)
+            print(f"| {g} | {name} | {fam} | {tokens:.1f} | {floor:.2f} | {sum(r['nfe'] for r in f) / len(f):.2f} | "
+                  + (f"{sum(r['accepted'] for r in f) / guided:.1f} | {100 * sum(r['fallbacks'] for r in f) / guided:.1f} %"
+                     if guided else "- | -") + f" | {100 * sum(r['exact'] for r in f) / len(f):.1f} |")
+    for g in sorted({k[0] for k in by}):
+        ref, ours = by.get((g, "dual_cache + threshold")), by.get((g, "guided + dual_cache"))
+        if ref and ours and {r["id"] for r in ref} == {r["id"] for r in ours}:
+            ratio = sum(r["nfe"] for r in ours) / sum(r["nfe"] for r in ref)
+            points = 100 * (sum(r["exact"] for r in ours) - sum(r["exact"] for r in ref)) / len(ref)
+            print(f"gen {g}: guided + dual_cache takes {ratio:.2f} of dual_cache + threshold's diffusion forwards, "
+                  f"{points:+.1f} points exact match ({len(ref)} problems)")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gen-length", type=int, default=64)
@@ -155,6 +189,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.report:
         report(args.report)
+        print()
+        analysis(args.report)
         return 0
     args.recipes = args.recipes or [n for n in RECIPES if n != "baseline"]
     torch.set_num_threads(1)
