@@ -8,7 +8,7 @@ import attrs
 import torch
 
 from .config.loading import ConfigError
-from .config.recipe import Recipe, generation_with_overrides
+from .config.recipe import Recipe, baseline_recipe, generation_with_overrides
 from .core.loop import denoise
 from .core.registry import make_manager
 from .core.streaming import GenerationStream, StepReporter
@@ -31,8 +31,8 @@ class GenerationOutput:
 
 
 def _as_recipe(recipe) -> Recipe:
-    if recipe is None:  # the baseline settings
-        return Recipe()
+    if recipe is None:
+        return baseline_recipe()
     if isinstance(recipe, Recipe):
         return recipe
     if isinstance(recipe, dict):
@@ -41,11 +41,13 @@ def _as_recipe(recipe) -> Recipe:
 
 
 class Pipeline:
-    """A loaded model with a recipe's plugin stack; `generate` may be called any number of times."""
+    """A loaded model with a recipe's plugin stack; `generate` may be called any number of times.
+    `recipe` is the recipe as it decodes on this model: the lengths it leaves unset are the model's
+    (its generation_config.json) or the library defaults (config/generation.py)."""
 
-    def __init__(self, model, recipe):
+    def __init__(self, model, recipe=None):
         self.model = model
-        self.recipe = _as_recipe(recipe)
+        self.recipe = _as_recipe(recipe).for_model(model)
         self.plugins = self.recipe.instantiate_plugins()
         self.manager = make_manager(self.plugins)
         try:
@@ -123,5 +125,5 @@ def _cut_at_stop(text: str, stops) -> str:
 
 def generate(model, prompts, recipe=None, **generation_overrides) -> GenerationOutput:
     """One-shot: build a Pipeline for `recipe` (a Recipe, a dict, a YAML path, or None for the baseline
-    settings) and decode `prompts`; `chat=` as in `Pipeline.generate`."""
+    recipe) and decode `prompts`; `chat=` as in `Pipeline.generate`."""
     return Pipeline(model, recipe).generate(prompts, **generation_overrides)

@@ -88,7 +88,7 @@ def main(argv=None) -> int:
     else:
         recipe = Recipe.from_yaml(args.recipe, overrides=[*canvas, *args.set])
     pipe = Pipeline(model, recipe)
-    gen = {key: getattr(recipe.generation, key) for key in gen}  # what decodes, after any --set
+    gen = {key: getattr(pipe.recipe.generation, key) for key in gen}  # what decodes, after any --set
 
     from tqdm import tqdm
 

@@ -7,7 +7,9 @@ import json
 import sys
 
 from ..config.execution import MODES
+from ..config.generation import MAX_TOKENS_HELP
 from ..config.loading import ConfigError
+from ..config.recipe import BASELINE_HELP
 from ..models.loader import CheckpointError
 from ..prompts.encode import format_hint
 from ..prompts.files import FORMATS, read_prompts
@@ -16,9 +18,11 @@ from .args import positive_int, token_ids
 
 
 def _recipe(args):
-    from ..config.recipe import Recipe
+    """--recipe (the baseline recipe without it) with --max-tokens and --set applied."""
+    from ..config.generation import with_max_tokens
+    from ..config.recipe import recipe_or_baseline
 
-    return Recipe.from_yaml(args.recipe, overrides=args.set)
+    return recipe_or_baseline(args.recipe, with_max_tokens(getattr(args, "max_tokens", None), args.set))
 
 
 def _execution_override(args) -> None:
@@ -40,9 +44,9 @@ def cmd_generate(args) -> int:
 
     _set_threads(args.threads)
     _execution_override(args)
-    recipe = _recipe(args)
+    pipe = Pipeline.from_recipe(_recipe(args), model_path=args.model)
+    recipe = pipe.recipe  # with the model's answer length where the recipe leaves it
     _print_notes(recipe)
-    pipe = Pipeline.from_recipe(recipe, model_path=args.model)
     prompts = list(args.prompt_ids or [])
     prompts += list(args.prompt or [])
     if args.prompts:
@@ -123,6 +127,22 @@ def _print_notes(recipe) -> None:
         print(f"note: {note}", file=sys.stderr)
 
 
+def _for_its_model(recipe):
+    """`recipe` resolved as it decodes on its own model (the lengths it leaves unset taken from the
+    model's generation_config.json, read without loading the weights); with a model directory that
+    is not here, the library defaults fill them and a note says so."""
+    from ..models.default import resolve_model_path
+    from ..models.loader import read_generation_config
+
+    directory = resolve_model_path(recipe.model)
+    if not directory.is_dir():
+        print(f"note: {recipe.source}: model {recipe.model!r} not found here; the lengths the recipe leaves unset "
+              f"are shown as the library defaults (the model's generation_config.json may choose others)",
+              file=sys.stderr)
+        return recipe.resolved()
+    return recipe.resolved(read_generation_config(directory), str(directory / "generation_config.json"))
+
+
 def cmd_recipe_check(args) -> int:
     """Validate each recipe file (every error of each); --print writes the resolved recipes as YAML."""
     import yaml
@@ -132,8 +152,8 @@ def cmd_recipe_check(args) -> int:
     failed = 0
     for i, path in enumerate(args.recipe):
         try:
-            recipe = Recipe.from_yaml(path, overrides=args.set)
-        except ConfigError as exc:
+            recipe = _for_its_model(Recipe.from_yaml(path, overrides=args.set))
+        except (ConfigError, CheckpointError) as exc:
             failed += 1
             _print_error(exc)
             continue
@@ -154,20 +174,33 @@ def cmd_calibrate(args) -> int:
     import yaml
 
     from ..api import Pipeline
+    from ..evaluation.ablation.display import Display
     from ..evaluation.calibration import calibrate
     from ..evaluation.run import write_text_atomic
 
     _set_threads(args.threads)
-    recipe = _recipe(args)
     prompts = read_prompts(args.prompts)[: args.limit]
-    pipe = Pipeline.from_recipe(recipe, model_path=args.model)
+    pipe = Pipeline.from_recipe(_recipe(args), model_path=args.model)
+    recipe = pipe.recipe  # calibrated, and written, with the lengths it decodes with
     ids = pipe.encode(prompts, chat=args.chat)
 
-    def progress(trial):
-        print(f"threshold {trial.threshold:.6g}: reuse {trial.reuse:.4f} ({trial.nfe} forwards)", file=sys.stderr)
+    # the ablation's display: trials done with ETA (at most --max-trials), the trial in flight with its
+    # prompts decoded, on a terminal; one line per trial otherwise
+    display = Display(args.max_trials, unit=f"trials (at most {args.max_trials})")
 
-    result = calibrate(pipe.model, recipe, ids, args.target_reuse, plugin=args.plugin, tolerance=args.tolerance,
-                       max_trials=args.max_trials, progress=progress)
+    def prompt_done(threshold, done, total):  # trial number display.done + 1 is in flight
+        display.start_run(display.done + 1, f"threshold {threshold:.6g}: prompts")
+        display.run_progress(display.done + 1, done, total)
+
+    def progress(trial):
+        display.finish(display.done + 1, f"threshold {trial.threshold:.6g}: reuse {trial.reuse:.4f} "
+                                         f"({trial.nfe} forwards)")
+
+    try:
+        result = calibrate(pipe.model, recipe, ids, args.target_reuse, plugin=args.plugin, tolerance=args.tolerance,
+                           max_trials=args.max_trials, progress=progress, prompt_done=prompt_done)
+    finally:
+        display.close()
     doc = result.recipe.to_dict()
     header = (f"# {result.plugin}.threshold calibrated by `dare-pipeline calibrate`: target reuse "
               f"{result.target}, measured {result.reuse:.4f} on {len(ids)} prompts from {args.prompts}\n")
@@ -205,9 +238,12 @@ def cmd_eval(args) -> int:
         from ..evaluation.run import check_output_file
 
         check_output_file(args.output)  # before the evaluation, not after it
-    doc = evaluate(tasks, recipe=args.recipe, model=args.model, overrides=args.set, batch_size=args.batch_size,
+    from ..config.generation import with_max_tokens
+
+    overrides = with_max_tokens(args.max_tokens, args.set)
+    doc = evaluate(tasks, recipe=args.recipe, model=args.model, overrides=overrides, batch_size=args.batch_size,
                    limit=limit, chat=args.chat, log_samples=args.log_samples, include_path=args.include_path,
-                   command={k: v for k, v in vars(args).items() if k != "func"})
+                   command={k: v for k, v in vars(args).items() if k != "func"}, verbose=args.verbose)
     if doc is None:  # a data-parallel rank other than 0: rank 0 has the results and writes them
         return 0
     if args.output:
@@ -333,7 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="decode prompts with a recipe (several prompts decode as one batch)")
     gen.add_argument("prompt", nargs="*", help="prompt text (needs a checkpoint with a tokenizer)")
-    gen.add_argument("--recipe", required=True, help="recipe YAML file")
+    gen.add_argument("--recipe", help=f"recipe YAML file ({BASELINE_HELP})")
+    gen.add_argument("--max-tokens", type=positive_int, metavar="N", help=MAX_TOKENS_HELP)
     gen.add_argument("--model", help="checkpoint directory (overrides the recipe's model)")
     gen.add_argument("--prompt-ids", action="append", type=token_ids, metavar="1,2,3", help="a prompt as comma-separated token ids")
     gen.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a recipe key")
@@ -381,13 +418,15 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--max-trials", type=int, default=16, help="decodes of the prompt set at most (default 16)")
     cal.add_argument("--model", help="checkpoint directory (overrides the recipe's model)")
     cal.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a recipe key")
+    cal.add_argument("--max-tokens", type=positive_int, metavar="N", help=MAX_TOKENS_HELP)
     cal.add_argument("--chat", action=argparse.BooleanOptionalAction, help="wrap text prompts in the tokenizer's "
                      "chat template (default: as generate)")
     cal.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
     cal.set_defaults(func=cmd_calibrate)
 
     ev = sub.add_parser("eval", help="accuracy on lm-eval tasks (dare_suite, dare_add, ...) with a recipe")
-    ev.add_argument("--recipe", help="recipe YAML file (default: the baseline settings)")
+    ev.add_argument("--recipe", help=f"recipe YAML file ({BASELINE_HELP})")
+    ev.add_argument("--max-tokens", type=positive_int, metavar="N", help=MAX_TOKENS_HELP)
     ev.add_argument("--tasks", required=True, action="append", metavar="T[,T2]",
                     help="lm-eval tasks or groups: dare_suite, dare_add, dare_sort, dare_reverse, dare_expr")
     ev.add_argument("--limit", type=float, help="at most N problems per task (a fraction < 1: that share)")
@@ -400,6 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--log-samples", action="store_true", help="keep every response in the results JSON")
     ev.add_argument("--include-path", help="another directory of lm-eval task YAMLs")
     ev.add_argument("--json", action="store_true", help="print the results JSON instead of the table")
+    ev.add_argument("--verbose", action="store_true", help="let lm-eval print its warnings, log lines and progress "
+                    "bars (default: only errors, and the decoding's progress bar on a terminal)")
     ev.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
     ev.set_defaults(func=cmd_eval)
 

@@ -39,8 +39,11 @@ class ProgressBar:
             self.bar.close()
 
 
+# the canvas symbols (documented in README.md, "Streaming")
 MASKED = "_"  # a position not committed yet
 BLANK = "·"  # a committed token that prints as nothing (end of text, padding)
+LINE_BREAK = "↵"  # a committed line break
+NO_TOKENIZER = "#"  # any committed token of a model without a tokenizer
 
 
 class CanvasView:
@@ -56,9 +59,9 @@ class CanvasView:
 
     def _token(self, token_id: int) -> str:
         if self.tokenizer is None:
-            return "#"
+            return NO_TOKENIZER
         text = self.tokenizer.decode([token_id], skip_special_tokens=True)
-        return text.replace("\n", "↵") or BLANK
+        return text.replace("\n", LINE_BREAK) or BLANK
 
     def __call__(self, event) -> None:
         for canvas, prompt in zip(self.canvases, event.prompts):

@@ -2,10 +2,10 @@
 
     name: baseline
     model: default          # a local checkpoint dir, or "default" for the embedded model
-    generation: {gen_length: 256, block_length: 32, steps: 256, temperature: 0.0,
-                 remasking: low_confidence, cfg_scale: 0.0}
+    generation: {temperature: 0.0, remasking: low_confidence, cfg_scale: 0.0}
     plugins: []             # list of {name: <plugin>, <option>: <value>, ...}
 
+gen_length, block_length and steps left unset are chosen by the model (generation.py).
 Every error names the file, the key path, the bad value and what is allowed.
 """
 
@@ -21,15 +21,18 @@ import yaml
 from ..core.registry import available_plugins
 from .device import usable_device
 from .execution import ExecutionConfig
+from .generation import LENGTH_KEYS, layer, model_lengths, resolve
 from .loading import ConfigError, at_least, choice, convert, structure
 
 
 @attrs.frozen(kw_only=True)
 class GenerationConfig:
-    gen_length: int = attrs.field(default=256, validator=at_least(1))
-    block_length: int = attrs.field(default=32, validator=at_least(1))
+    # None: chosen by the model's generation_config.json, else the library defaults (generation.py:
+    # 256 tokens, blocks of 32, one token per step); a Pipeline decodes with every one set
+    gen_length: int | None = attrs.field(default=None, validator=at_least(1))
+    block_length: int | None = attrs.field(default=None, validator=at_least(1))
     # total steps over all blocks for fixed-step policies (steps per block = steps / blocks)
-    steps: int = attrs.field(default=256, validator=at_least(1))
+    steps: int | None = attrs.field(default=None, validator=at_least(1))
     temperature: float = attrs.field(default=0.0, validator=at_least(0.0))
     # low_confidence: commit the most confident proposals; random: a random order
     remasking: str = attrs.field(default="low_confidence", validator=choice("low_confidence", "random"))
@@ -45,12 +48,14 @@ class GenerationConfig:
     # guard against a model that keeps proposing the mask token (default 4 x max(steps/block, block))
     max_steps_per_block: int | None = attrs.field(default=None, validator=at_least(1))
 
-    def __attrs_post_init__(self):
+    def __attrs_post_init__(self):  # what is set must fit; the rest is checked when it is resolved
+        if self.gen_length is None or self.block_length is None:
+            return
         if self.gen_length % self.block_length:
             raise ValueError(f"gen_length ({self.gen_length}) must be a multiple of block_length "
                              f"({self.block_length})")
         blocks = self.gen_length // self.block_length
-        if self.steps % blocks:
+        if self.steps is not None and self.steps % blocks:
             raise ValueError(f"steps ({self.steps}) must be a multiple of the number of blocks "
                              f"(gen_length / block_length = {blocks})")
 
@@ -72,6 +77,8 @@ class Recipe:
     execution: ExecutionConfig = attrs.Factory(ExecutionConfig)
     plugins: tuple[PluginSpec, ...] = ()
     source: str = attrs.field(default="<dict>", eq=False)
+    # generation keys set by overrides (--set, --max-tokens), named as such in resolution errors
+    overridden: frozenset[str] = attrs.field(default=frozenset(), eq=False, repr=False)
 
     # ---- loading ----------------------------------------------------------------------------
     @classmethod
@@ -93,8 +100,10 @@ class Recipe:
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: top level: expected a mapping, got {type(data).__name__}")
         errors = []  # every mistake of the file and the overrides, reported at once
+        in_file = copy.deepcopy(data.get("generation"))
         for item in overrides or ():
             _collect(errors, apply_override, data, item, source)
+        _overrides_over_file(data, in_file, overrides or (), source)
         raw_plugins = data.pop("plugins", None) or []
         recipe = _collect(errors, structure, cls, data, "", source)
         if isinstance(raw_plugins, list):
@@ -103,17 +112,36 @@ class Recipe:
             errors.append(_not_a_plugin_list(raw_plugins, source))
             entries = ()
         specs = tuple(s for s in (_collect(errors, _plugin_spec, e, i, source) for i, e in enumerate(entries)) if s)
-        if len(specs) == len(entries):  # composition is judged on the whole list
-            _collect(errors, check_composition, specs, source)
+        # composition is judged on every entry naming a known plugin, options valid or not, so that
+        # a conflict is reported together with the file's other mistakes
+        errors += composition_errors([_entry_name(e) for e in entries], source)
         if errors:
             raise ConfigError.combine(errors)
-        return attrs.evolve(recipe, plugins=specs, source=source)
+        overridden = frozenset(k for k in LENGTH_KEYS if any(item.split("=", 1)[0].strip() == f"generation.{k}"
+                                                             for item in overrides or ()))
+        return attrs.evolve(recipe, plugins=specs, source=source, overridden=overridden)
+
+    def resolved(self, model_generation: dict | None = None, model_source: str = "the model") -> Recipe:
+        """This recipe with gen_length, block_length and steps set (generation.py): its own keys over
+        those of the model's generation_config.json (`model_generation`, read from `model_source`)
+        over the library defaults."""
+        levels = [(model_source, model_lengths(model_generation, model_source)),
+                  (self.source, {k: getattr(self.generation, k) for k in LENGTH_KEYS if k not in self.overridden}),
+                  (f"{self.source} override", {k: getattr(self.generation, k) for k in self.overridden})]
+        lengths = resolve(levels, self.source)
+        return attrs.evolve(self, generation=attrs.evolve(self.generation, **lengths))
+
+    def for_model(self, model) -> Recipe:
+        """`resolved` for a loaded model (its `generation_config` and `source` as load_model sets them)."""
+        source = getattr(model, "source", None)
+        where = f"{source}/generation_config.json" if source is not None else "the model's generation_config"
+        return self.resolved(getattr(model, "generation_config", None), where)
 
     def with_overrides(self, overrides: list[str]) -> Recipe:
         return Recipe.from_dict(self.to_dict(), source=self.source, overrides=overrides)
 
     def to_dict(self) -> dict:
-        out = attrs.asdict(self, recurse=True, filter=lambda a, v: a.name not in ("source", "plugins"))
+        out = attrs.asdict(self, recurse=True, filter=lambda a, v: a.name not in ("source", "plugins", "overridden"))
         out["generation"]["stop"] = list(self.generation.stop)
         out["plugins"] = [{"name": p.name, **attrs.asdict(p.options)} for p in self.plugins]
         return out
@@ -127,6 +155,38 @@ class Recipe:
         if not any("commit_policy" in p.provides for p in plugins):
             plugins.insert(0, classes[DEFAULT_POLICY]())
         return plugins
+
+
+BASELINE_HELP = ("default: the baseline recipe, as recipes/baseline.yaml: the default policy, one token per "
+                 "step, the model's answer length")
+
+
+def baseline_recipe() -> Recipe:
+    """The recipe `generate`, `serve` and `eval` use without --recipe: recipes/baseline.yaml (the
+    default policy, one token per step, the model's answer length)."""
+    return Recipe(name="baseline", source="<the baseline recipe>")
+
+
+def recipe_or_baseline(path, overrides: list[str] | None = None) -> Recipe:
+    """The recipe file at `path` with `overrides`, or the baseline recipe with them when `path` is None."""
+    if path is None:
+        return baseline_recipe().with_overrides(list(overrides or ()))
+    return Recipe.from_yaml(path, overrides=overrides)
+
+
+def _overrides_over_file(data: dict, in_file, overrides, source: str) -> None:
+    """The length keys of --set overrides over the file's, by generation.py's rules: a file's steps
+    follows an overridden gen_length, its block_length is cut to it."""
+    generation = data.get("generation")
+    if not isinstance(generation, dict) or not isinstance(in_file, dict):
+        return
+    given = {item.split("=", 1)[0].strip() for item in overrides}
+    values, origins = {}, {}
+    layer(values, origins, {k: in_file.get(k) for k in LENGTH_KEYS}, source)
+    layer(values, origins, {k: generation.get(k) for k in LENGTH_KEYS if f"generation.{k}" in given}, "--set")
+    for key in LENGTH_KEYS:
+        generation.pop(key, None)
+    generation.update(values)
 
 
 def _not_a_plugin_list(plugins, source: str) -> ConfigError:
@@ -157,23 +217,44 @@ def _plugin_spec(entry, index: int, source: str) -> PluginSpec:
     return PluginSpec(name=name, options=structure(classes[name].Options, options, path, source))
 
 
+def _entry_name(entry):
+    """The plugin a `plugins:` entry names, None for an entry that names none."""
+    if isinstance(entry, str):
+        return entry
+    return entry.get("name") if isinstance(entry, dict) else None
+
+
 def check_composition(specs: tuple[PluginSpec, ...], source: str) -> None:
-    """Refuse two plugins that own the same decision, a plugin named twice, or declared conflicts."""
+    """Refuse two plugins that own the same decision, a plugin named twice, or declared conflicts
+    (every such problem of the list in one ConfigError)."""
+    errors = composition_errors([s.name for s in specs], source)
+    if errors:
+        raise ConfigError.combine(errors)
+
+
+def composition_errors(names: list, source: str) -> list[ConfigError]:
+    """Every composition problem of a plugin list (`names[i]` is entry i's plugin; names that are
+    not registered plugins, reported elsewhere, are left out): a plugin named twice, two owners of a
+    decision, a declared conflict (once per pair, whichever of the two declares it)."""
     classes = available_plugins()
-    names = [s.name for s in specs]
-    owners: dict[str, str] = {}
+    errors, owners, pairs = [], {}, set()
     for i, name in enumerate(names):
+        if not isinstance(name, str) or name not in classes:
+            continue
         if name in names[:i]:
-            raise ConfigError(f"{source}: plugins[{i}].name = {name!r}: plugin listed twice")
-        cls = classes[name]
-        for decision in sorted(cls.provides):
+            errors.append(ConfigError(f"{source}: plugins[{i}].name = {name!r}: plugin listed twice"))
+            continue
+        for decision in sorted(classes[name].provides):
             if decision in owners:
-                raise ConfigError(f"{source}: plugins: {owners[decision]!r} and {name!r} both decide {decision!r}; "
-                                  f"keep one of them")
-            owners[decision] = name
-        for other, why in cls.conflicts.items():
-            if other in names:
-                raise ConfigError(f"{source}: plugins: {name!r} cannot be combined with {other!r}: {why}")
+                errors.append(ConfigError(f"{source}: plugins: {owners[decision]!r} and {name!r} both decide "
+                                          f"{decision!r}; keep one of them"))
+            else:
+                owners[decision] = name
+        for other, why in classes[name].conflicts.items():
+            if other in names and frozenset((name, other)) not in pairs:
+                pairs.add(frozenset((name, other)))
+                errors.append(ConfigError(f"{source}: plugins: {name!r} cannot be combined with {other!r}: {why}"))
+    return errors
 
 
 def apply_override(data: dict, item: str, source: str) -> None:
@@ -213,15 +294,20 @@ ALIASES = {"max_new_tokens": "gen_length"}
 
 
 def generation_with_overrides(generation, overrides: dict, source: str):
-    """`generation` (a GenerationConfig) with `overrides` applied and validated; errors name the keyword."""
+    """`generation` (a resolved GenerationConfig) with `overrides` applied and validated, the length
+    keys by generation.py's rules (steps follows a new gen_length unless given); errors name the keyword."""
     data = attrs.asdict(generation)
     data["stop"] = list(generation.stop)
     for alias, ours in ALIASES.items():
         if alias in overrides and ours in overrides:
             raise ConfigError(f"{source}: generate() keyword arguments: {alias} and {ours} both given; {alias} "
                               f"means {ours}: give one")
-    data.update({ALIASES.get(key, key): value for key, value in overrides.items()})
-    return structure(type(generation), data, "generation", f"{source} (generate() keyword arguments)")
+    overrides = {ALIASES.get(key, key): value for key, value in overrides.items()}
+    where = f"{source} (generate() keyword arguments)"
+    checked = structure(type(generation), {**data, **dict.fromkeys(LENGTH_KEYS), **overrides}, "generation", where)
+    lengths = resolve([(source, {k: getattr(generation, k) for k in LENGTH_KEYS}),
+                       ("generate() keyword arguments", {k: getattr(checked, k) for k in LENGTH_KEYS})], where)
+    return attrs.evolve(checked, **lengths)
 
 
 def recipe_notes(recipe) -> list[str]:
@@ -229,7 +315,7 @@ def recipe_notes(recipe) -> list[str]:
     and key (`recipe check` and `generate` print them)."""
     g = recipe.generation
     notes = []
-    if g.steps > g.gen_length:
+    if g.steps is not None and g.gen_length is not None and g.steps > g.gen_length:
         notes.append(f"{recipe.source}: generation.steps = {g.steps} exceeds gen_length = {g.gen_length}: with a "
                      f"fixed-step schedule some forwards commit no token (steps <= gen_length gives at least one "
                      f"token per forward)")

@@ -62,8 +62,11 @@ def calibration_plugin(recipe: Recipe, plugin: str | None) -> str:
 
 
 def calibrate(model, recipe: Recipe, prompts: list, target: float, plugin: str | None = None,
-              tolerance: float = 0.01, max_trials: int = 16, progress=None) -> Calibration:
-    """Choose `plugin`'s threshold so its reuse fraction on `prompts` is `target` (+- tolerance)."""
+              tolerance: float = 0.01, max_trials: int = 16, progress=None, prompt_done=None) -> Calibration:
+    """Choose `plugin`'s threshold so its reuse fraction on `prompts` is `target` (+- tolerance).
+
+    `progress(trial)` is called after each trial, `prompt_done(threshold, done, total)` when a trial
+    starts (done 0) and after each of its prompts (a trial decodes every prompt once)."""
     if isinstance(target, bool) or not 0.0 < target < 1.0 or math.isnan(target):
         raise ConfigError(f"target_reuse = {target!r}: must be between 0 and 1, both excluded")
     if not prompts:
@@ -72,7 +75,7 @@ def calibrate(model, recipe: Recipe, prompts: list, target: float, plugin: str |
     trials: list[Trial] = []
 
     def trial(threshold: float) -> Trial:
-        result = _measure(model, recipe, name, threshold, prompts)
+        result = _measure(model, recipe, name, threshold, prompts, prompt_done)
         trials.append(result)
         if progress is not None:
             progress(result)
@@ -106,17 +109,21 @@ def calibrate(model, recipe: Recipe, prompts: list, target: float, plugin: str |
                        trials=tuple(trials), recipe=chosen, converged=abs(best.reuse - target) <= tolerance)
 
 
-def _measure(model, recipe: Recipe, name: str, threshold: float, prompts: list) -> Trial:
+def _measure(model, recipe: Recipe, name: str, threshold: float, prompts: list, prompt_done=None) -> Trial:
     from ..api import Pipeline
 
     pipe = Pipeline(model, recipe.with_overrides([f"plugins.{name}.threshold={_yaml_float(threshold)}"]))
     reused = eligible = nfe = 0
-    for prompt in prompts:
+    for done, prompt in enumerate(prompts):
+        if prompt_done is not None:
+            prompt_done(threshold, done, len(prompts))
         out = pipe.generate([prompt])
         report = out.stats.plugins[name]
         reused += report["rows_reused"]
         eligible += report["rows_eligible"]
         nfe += out.stats.nfe
+    if prompt_done is not None:
+        prompt_done(threshold, len(prompts), len(prompts))
     return Trial(threshold=threshold, reuse=reused / eligible if eligible else 0.0, nfe=nfe)
 
 

@@ -4,7 +4,7 @@ Carlo likelihood estimate (LLaDA's) behind `loglikelihood` / `loglikelihood_roll
     lm_eval --model dare --model_args recipe=recipes/baseline.yaml,gen_length=64 --tasks ...
 
 model_args (all optional):
-    recipe        recipe YAML path, a Recipe or a dict (default: the baseline settings)
+    recipe        recipe YAML path, a Recipe or a dict (default: the baseline recipe)
     model         checkpoint directory or "default" (overrides the recipe's model; alias: pretrained)
     dtype, device override the recipe's (a CUDA device on a machine without CUDA falls back to the
                   recipe's device with a warning, since lm-eval's CLI passes --device cuda:0 by default)
@@ -35,7 +35,7 @@ from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
 from ..api import Pipeline
-from ..config.recipe import GenerationConfig, Recipe
+from ..config.recipe import GenerationConfig, Recipe, baseline_recipe
 from ..core.hookspecs import hookimpl
 from ..reuse import flops as flops_mod
 from . import distributed
@@ -199,7 +199,7 @@ def build_recipe(recipe=None, overrides=(), **generation) -> Recipe:
     """The recipe of a model_args set: a path / Recipe / dict (None = baseline settings), then the
     generation shortcuts, then the `set` overrides."""
     if recipe is None:
-        base = Recipe.from_dict({"name": "baseline"}, source="<baseline defaults>")
+        base = baseline_recipe()
     elif isinstance(recipe, Recipe):
         base = recipe
     elif isinstance(recipe, dict):
@@ -208,9 +208,9 @@ def build_recipe(recipe=None, overrides=(), **generation) -> Recipe:
         base = Recipe.from_yaml(Path(recipe))
     if not generation and not overrides:
         return base
-    data = base.to_dict()
-    data["generation"].update(generation)
-    return Recipe.from_dict(data, source=base.source, overrides=list(overrides))
+    # the shortcuts are overrides like `set`'s: a recipe's steps follow a gen_length given here
+    shortcuts = [f"generation.{key}={json.dumps(value)}" for key, value in generation.items()]
+    return base.with_overrides(shortcuts + list(overrides))
 
 
 class _FlopsCounter:
@@ -271,11 +271,11 @@ class DareLM(TemplateLM):
             changes["device"] = resolved_device
         if changes:
             recipe = Recipe.from_dict({**recipe.to_dict(), **changes}, source=recipe.source)
-        self.recipe = recipe
         if model is None or isinstance(model, (str, Path)):
             self.pipeline = Pipeline.from_recipe(recipe)
         else:  # an already loaded DiffusionTransformer (Python API)
             self.pipeline = Pipeline(model, recipe)
+        self.recipe = self.pipeline.recipe  # with the model's answer length where the recipe leaves it
         self.model = self.pipeline.model
         self.tokenizer = self.model.tokenizer
         if self.tokenizer is None:
@@ -294,6 +294,7 @@ class DareLM(TemplateLM):
         DareLM.last_recipe_name = recipe.name  # lm_eval_cli names lm-eval's results after it
 
     last_recipe_name: str | None = None  # the recipe of the latest DareLM built in this process
+    show_progress = True  # draw the decoding's progress bars (`dare-pipeline eval`: only on a terminal)
     _merged_stats = None  # with data parallelism: every rank's counters, merged after generate_until
 
     @staticmethod
@@ -433,6 +434,9 @@ class DareLM(TemplateLM):
             ids = ids[-room:]
         return ids
 
+    def _no_bar(self, disable_tqdm: bool) -> bool:
+        return disable_tqdm or self.rank != 0 or not self.show_progress
+
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         out = self._on_every_rank(self._generate_until, requests, "generate_until", disable_tqdm=disable_tqdm)
         if self.world_size > 1:  # every rank is here: merge now, for get_model_info on rank 0 alone
@@ -446,7 +450,7 @@ class DareLM(TemplateLM):
             key = json.dumps(req.args[1] or {}, sort_keys=True, default=repr)
             groups.setdefault(key, []).append(i)
         # closed on the way out of an interruption too, before the command prints its last line
-        with tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="dare generate_until") as bar:
+        with tqdm(total=len(requests), disable=self._no_bar(disable_tqdm), desc="dare generate_until") as bar:
             for indices in groups.values():
                 gen_kwargs = requests[indices[0]].args[1]
                 overrides, until = self._generation_overrides(gen_kwargs)
@@ -536,7 +540,7 @@ class DareLM(TemplateLM):
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         out = []
         t0 = time.perf_counter()
-        for (text_pair, context, continuation) in tqdm(requests, disable=disable_tqdm or self.rank != 0,
+        for (text_pair, context, continuation) in tqdm(requests, disable=self._no_bar(disable_tqdm),
                                                         desc="dare loglikelihood"):
             result = self.score_continuation(list(context), list(continuation))
             out.append(result)
@@ -556,7 +560,7 @@ class DareLM(TemplateLM):
 
         out = []
         t0 = time.perf_counter()
-        for req in tqdm(requests, disable=disable_tqdm or self.rank != 0, desc="dare loglikelihood_rolling"):
+        for req in tqdm(requests, disable=self._no_bar(disable_tqdm), desc="dare loglikelihood_rolling"):
             (string,) = req.args
             windows = map(lm_utils.make_disjoint_window, lm_utils.get_rolling_token_windows(
                 token_list=self.tok_encode(string, add_special_tokens=False), prefix_token=self.prefix_token_id,

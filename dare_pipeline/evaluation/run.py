@@ -52,6 +52,32 @@ def quiet_lm_eval_git() -> None:
     evaluator.get_git_commit_hash = git_describe
 
 
+@contextlib.contextmanager
+def quiet_lm_eval(verbose: bool = False):
+    """lm-eval's warnings and log lines and its own progress bar (the one it draws while it builds
+    the requests) kept off stderr while it runs, unless `verbose`; errors still show. The decoding's
+    progress is ours (DareLM.show_progress)."""
+    if verbose:
+        yield
+        return
+    import functools
+    import logging
+
+    from lm_eval.api import task as lm_eval_task
+
+    logger = logging.getLogger("lm_eval")
+    level, bar = logger.level, getattr(lm_eval_task, "tqdm", None)
+    logger.setLevel(logging.ERROR)
+    if bar is not None:
+        lm_eval_task.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+        if bar is not None:
+            lm_eval_task.tqdm = bar
+
+
 def versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -199,8 +225,12 @@ def check_tasks(tasks: list[str], include_path=None):
 
 
 def evaluate(tasks: list[str], recipe=None, model=None, overrides=(), batch_size: int = 1, limit=None,
-             chat: bool = False, log_samples: bool = False, include_path=None, lm=None, command=None) -> dict | None:
+             chat: bool = False, log_samples: bool = False, include_path=None, lm=None, command=None,
+             verbose: bool = False) -> dict | None:
     """Run the tasks and return the results document (see docs/evaluation.md).
+
+    Without `verbose`, lm-eval's warnings and its own progress bars stay off stderr, and the
+    decoding's progress bar shows only on a terminal.
 
     With data parallelism (several ranks) every rank must call it; rank 0 gets the document (with
     every rank's problems and decoding statistics), the other ranks get None."""
@@ -215,12 +245,13 @@ def evaluate(tasks: list[str], recipe=None, model=None, overrides=(), batch_size
     manager = check_tasks(tasks, include_path)  # before the model loads
     if lm is None:
         lm = DareLM(recipe=recipe, model=model, set=list(overrides), batch_size=batch_size)
+    lm.show_progress = verbose or _on_a_terminal()
     if lm.world_size > 1 and limit is not None and limit >= 1 and int(limit) < lm.world_size:
         # lm-eval gives rank r the problems r, r + W, ...: a rank without any stops with "did not find
         # any docs" while the others wait for it
         raise ValueError(f"--limit {limit} gives some of the {lm.world_size} data-parallel processes no problem; "
                          f"use a limit of at least {lm.world_size} or fewer processes")
-    with _local_rank_zero(lm):
+    with _local_rank_zero(lm), quiet_lm_eval(verbose):
         raw = simple_evaluate(model=lm, tasks=list(tasks), limit=limit, task_manager=manager,
                               log_samples=log_samples, apply_chat_template=chat, fewshot_as_multiturn=False,
                               bootstrap_iters=1000)
@@ -249,6 +280,12 @@ def evaluate(tasks: list[str], recipe=None, model=None, overrides=(), batch_size
     if log_samples:
         doc["samples"] = _samples(raw.get("samples"))
     return doc
+
+
+def _on_a_terminal() -> bool:
+    import sys
+
+    return getattr(sys.stderr, "isatty", lambda: False)()
 
 
 def format_table(doc: dict) -> str:

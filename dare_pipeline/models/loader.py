@@ -52,6 +52,13 @@ def read_config(directory: Path):
     return family, cfg
 
 
+def read_generation_config(directory: Path) -> dict:
+    """directory/generation_config.json as a dict ({} without one): Hugging Face's generation
+    settings, of which a recipe takes max_new_tokens, steps and block_length (config/generation.py)."""
+    path = directory / "generation_config.json"
+    return read_json_object(path) if path.is_file() else {}
+
+
 def _weight_files(directory: Path) -> list[Path]:
     index = directory / "model.safetensors.index.json"
     if index.is_file():
@@ -89,7 +96,8 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: s
     """Load the checkpoint at `path` ("default" = the embedded model) for inference.
 
     Returns a DiffusionTransformer in eval mode with `.tokenizer` (None when the directory has no
-    tokenizer files; prompts are then token ids) and `.source` (the directory) attached.
+    tokenizer files; prompts are then token ids), `.source` (the directory) and `.generation_config`
+    (its generation_config.json, {} without one) attached.
     """
     from .default import resolve_model_path
 
@@ -98,6 +106,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: s
         raise CheckpointError(f"{directory}: checkpoint directory not found")
     torch_dtype, device = resolve_dtype(dtype), torch.device(device)
     _, cfg = read_config(directory)
+    generation_config = read_generation_config(directory)
     tokenizer = _load_tokenizer(directory)
     if tokenizer is not None:
         check_tokenizer_size(tokenizer, cfg, directory)
@@ -131,6 +140,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: s
     model.eval().requires_grad_(False)
     model.tokenizer = tokenizer
     model.source = directory
+    model.generation_config = generation_config
     return model
 
 

@@ -124,12 +124,15 @@ def _write_tokenizer(tokenizer, directory: Path) -> None:
         tokenizer.save_pretrained(str(directory))
 
 
-def save_checkpoint(model, directory: str | os.PathLike, tokenizer=None, dtype: str | torch.dtype | None = None) -> Path:
+def save_checkpoint(model, directory: str | os.PathLike, tokenizer=None, dtype: str | torch.dtype | None = None,
+                    generation: dict | None = None) -> Path:
     """Write `model` (a DiffusionTransformer) as an HF-format checkpoint into `directory`.
 
     tokenizer: a tokenizer object (saved next to the weights), True / "default" for the embedded
     character tokenizer, or None to use the model's attached `.tokenizer` (if any).
     dtype: storage dtype of the weights (default: the model's dtype).
+    generation: generation_config.json keys to write (max_new_tokens, steps, block_length: the
+    defaults a recipe takes from the model), over those of the model's own `.generation_config`.
     The write is atomic: a temporary sibling directory is filled, then renamed over `directory`.
     """
     cfg: ModelConfig = model.config
@@ -147,7 +150,8 @@ def save_checkpoint(model, directory: str | os.PathLike, tokenizer=None, dtype: 
     try:
         config = _CONFIG_WRITERS[cfg.family](cfg, dtype)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        generation = {"eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id,
+        generation = {**(getattr(model, "generation_config", None) or {}), **(generation or {}),
+                      "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id,
                       "bos_token_id": cfg.bos_token_id, "mask_token_id": cfg.mask_token_id}
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2, sort_keys=True) + "\n")
         save_file(checkpoint_tensors(model, dtype), str(tmp / "model.safetensors"), metadata={"format": "pt"})

@@ -1,20 +1,27 @@
 """The OpenAI-compatible HTTP API (FastAPI): completions, chat completions, streaming, models,
-health and metrics. Decoding happens in the BatchScheduler's worker thread; handlers only plan
-rows, enqueue them and await their results."""
+health and metrics. The event loop only reads requests, awaits results and writes answers:
+parsing and tokenizing run in a small thread pool and decoding in the BatchScheduler's worker
+thread, so `/health` and other requests are answered while either works."""
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import time
 import uuid
 from contextlib import asynccontextmanager
 
+import anyio
+import attrs
 from fastapi import Depends, FastAPI, Request
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
+from .limits import ServerLimits
 from .metrics import Metrics
 from .requests import RequestError, Served, plan_rows
 from .scheduler import BatchScheduler, Row, RowResult
@@ -22,35 +29,47 @@ from .schemas import ChatCompletionRequest, CompletionRequest
 
 DISCONNECT_POLL_S = 0.25  # how often a waiting request checks whether its client is still there
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+PREPARE_THREADS = 4  # requests parsed and tokenized at once (each in a thread, off the event loop)
+MAX_JSON_DEPTH = 32  # the deepest nesting of arrays and objects a request body may have
+# after --shutdown-timeout, what is still decoding is cancelled at its next step and answered 503;
+# this much longer, the HTTP server closes whatever remains
+SHUTDOWN_GRACE_S = 5.0
 
 
-def create_app(served: Served, *, max_batch: int = 16, batch_window_ms: float = 20.0, max_queue: int = 256,
-               api_key: str | None = None, threads: int | None = None) -> FastAPI:
+def create_app(served: Served, *, limits: ServerLimits | None = None, api_key: str | None = None,
+               threads: int | None = None, **limit_values) -> FastAPI:
+    """The app for `served`; `limits` (or its fields as keywords: max_batch=8, ...) as ServerLimits."""
+    limits = attrs.evolve(limits or ServerLimits(), **limit_values)
     metrics = Metrics()
-    scheduler = BatchScheduler(served.model, max_batch=max_batch, window_s=batch_window_ms / 1000,
-                               max_queue=max_queue, metrics=metrics, threads=threads)
+    scheduler = BatchScheduler(served.model, max_batch=limits.max_batch, window_s=limits.batch_window_ms / 1000,
+                               max_queue=limits.max_queue, metrics=metrics, threads=threads)
+    preparing: list[anyio.CapacityLimiter] = []  # made on the event loop, at the first request
 
     @asynccontextmanager
     async def lifespan(app):
         scheduler.start()
         yield
-        scheduler.stop(timeout=30.0)
+        scheduler.stop(timeout=SHUTDOWN_GRACE_S)
 
-    app = FastAPI(title="dare-pipeline", lifespan=lifespan)
-    app.state.scheduler, app.state.metrics, app.state.served = scheduler, metrics, served
+    # the OpenAPI schema and its pages are served below, behind the API key when there is one
+    app = FastAPI(title="dare-pipeline", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.scheduler, app.state.metrics, app.state.served, app.state.limits = scheduler, metrics, served, limits
     app.add_middleware(_CountRequests, metrics=metrics)
+    expected = None if api_key is None else f"Bearer {api_key}".encode()
 
     def authorized(request: Request) -> None:
-        if api_key is None:
+        if expected is None:
             return
-        header = request.headers.get("authorization", "")
-        if header != f"Bearer {api_key}":
+        given = request.headers.get("authorization", "").encode("latin-1")  # as Starlette decoded it
+        if not hmac.compare_digest(given, expected):  # constant time: no timing hints about the key
             raise RequestError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
                                "authorization", "invalid_api_key", kind="authentication_error")
 
     @app.exception_handler(RequestError)
     async def request_error(request: Request, error: RequestError):
-        return JSONResponse(error.body(), status_code=error.status)
+        # after a body refused unread (413) or late (408) the connection cannot carry another request
+        closing = {"Connection": "close"} if error.status in (408, 413) else None
+        return JSONResponse(error.body(), status_code=error.status, headers=closing)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException):
@@ -59,12 +78,16 @@ def create_app(served: Served, *, max_batch: int = 16, batch_window_ms: float = 
 
     @app.exception_handler(Exception)
     async def server_error(request: Request, error: Exception):  # logged by uvicorn; the client gets JSON
-        return JSONResponse(RequestError(500, f"decoding failed: {type(error).__name__}: {error}",
+        return JSONResponse(RequestError(500, f"internal error: {type(error).__name__}: {error}",
                                          kind="server_error").body(), status_code=500)
 
     @app.get("/health")
     async def health():
-        return {"status": "ok"}
+        problem = scheduler.problem()
+        if problem is None:
+            return {"status": "ok"}
+        return JSONResponse({"status": "unavailable", **RequestError(503, problem, kind="server_error").body()},
+                            status_code=503)
 
     @app.get("/metrics", dependencies=[Depends(authorized)])
     async def metrics_text():
@@ -75,23 +98,39 @@ def create_app(served: Served, *, max_batch: int = 16, batch_window_ms: float = 
         return {"object": "list", "data": [{"id": served.name, "object": "model", "created": 0,
                                             "owned_by": "dare-pipeline", "recipe": served.recipe.name}]}
 
+    @app.get("/openapi.json", dependencies=[Depends(authorized)], include_in_schema=False)
+    async def openapi():
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", dependencies=[Depends(authorized)], include_in_schema=False)
+    async def docs():
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="dare-pipeline")
+
+    @app.get("/redoc", dependencies=[Depends(authorized)], include_in_schema=False)
+    async def redoc():
+        return get_redoc_html(openapi_url="/openapi.json", title="dare-pipeline")
+
     @app.post("/v1/completions", dependencies=[Depends(authorized)])
     async def completions(request: Request):
-        return await _decode(await _parse(request, CompletionRequest), request, chat=False)
+        return await _decode(request, CompletionRequest, chat=False)
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
     async def chat_completions(request: Request):
-        return await _decode(await _parse(request, ChatCompletionRequest), request, chat=True)
+        return await _decode(request, ChatCompletionRequest, chat=True)
 
-    async def _decode(body, request: Request, chat: bool):
+    async def _decode(request: Request, schema, chat: bool):
         started = time.monotonic()
         endpoint = request.url.path
-        specs = plan_rows(body, served, chat)
+        raw = await _read_body(request, limits)
+        if not preparing:
+            preparing.append(anyio.CapacityLimiter(PREPARE_THREADS))
+        body, specs = await anyio.to_thread.run_sync(_prepare, raw, schema, served, chat, limits.max_queue,
+                                                     limiter=preparing[0])
         loop = asyncio.get_running_loop()
         events = asyncio.Queue() if body.stream else None
         rows = [Row(spec=spec, loop=loop, future=loop.create_future(), events=events) for spec in specs]
         scheduler.submit(rows)
-        reply = _Reply(served.name, chat, rows)
+        reply = _Reply(served.name, chat, rows, usage=bool(body.stream_options and body.stream_options.include_usage))
         if body.stream:
             stream = _stream(reply, events, request, lambda: metrics.latency.labels(endpoint).observe(
                 time.monotonic() - started))
@@ -103,6 +142,37 @@ def create_app(served: Served, *, max_batch: int = 16, batch_window_ms: float = 
         return reply.complete(results)
 
     return app
+
+
+async def _read_body(request: Request, limits: ServerLimits) -> bytes:
+    """The request body, refused (413) as soon as it is known to exceed --max-body-bytes, and (408)
+    when it does not arrive within --read-timeout."""
+    limit = limits.max_body_bytes
+    too_large = RequestError(413, f"the request body is larger than {limit:,} bytes (--max-body-bytes)", None,
+                             "request_too_large")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:  # refused before reading a byte of it
+        raise too_large
+    chunks, size = [], 0
+    try:
+        with anyio.fail_after(limits.read_timeout):  # raises TimeoutError when the body is late
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise too_large
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestError(408, f"the request body did not arrive within {limits.read_timeout:g} s "
+                           "(--read-timeout)", None, "request_timeout") from None
+    except ClientDisconnect:
+        raise RequestError(400, "the client disconnected while sending the request body") from None
+    return b"".join(chunks)
+
+
+def _prepare(raw: bytes, schema, served: Served, chat: bool, max_rows: int):
+    """The validated body and its rows (runs in a worker thread: JSON parsing and tokenizing)."""
+    body = _parse(raw, schema)
+    return body, plan_rows(body, served, chat, max_rows)
 
 
 class _CountRequests:
@@ -149,14 +219,22 @@ async def _wait(rows: list[Row], request: Request) -> list[RowResult] | None:
 class _Reply:
     """OpenAI response and stream chunk shapes for one request."""
 
-    def __init__(self, model_name: str, chat: bool, rows: list[Row]):
+    def __init__(self, model_name: str, chat: bool, rows: list[Row], usage: bool = False):
         self.model, self.chat, self.rows = model_name, chat, rows
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
+        self.stream_usage = usage  # stream_options.include_usage: every chunk has `usage`, the last one filled
 
     def _envelope(self, chunk: bool) -> dict:
         kind = ("chat.completion" if self.chat else "text_completion") + (".chunk" if chunk and self.chat else "")
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+        doc = {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+        return doc | {"usage": None} if chunk and self.stream_usage else doc
+
+    def usage(self, results: list[RowResult]) -> dict:
+        prompt_tokens = sum(len(ids) for ids in {id(r.spec.ids): r.spec.ids for r in self.rows}.values())
+        completion_tokens = sum(len(r.answer) for r in results)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens}
 
     def complete(self, results: list[RowResult]) -> dict:
         choices = []
@@ -169,11 +247,7 @@ class _Reply:
             else:
                 choice |= {"text": text, "logprobs": None}
             choices.append(choice)
-        prompt_tokens = sum(len(ids) for ids in {id(r.spec.ids): r.spec.ids for r in self.rows}.values())
-        completion_tokens = sum(len(r.answer) for r in results)
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                 "total_tokens": prompt_tokens + completion_tokens}
-        return self._envelope(chunk=False) | {"choices": choices, "usage": usage}
+        return self._envelope(chunk=False) | {"choices": choices, "usage": self.usage(results)}
 
     def chunk(self, index: int, text: str | None, finish_reason: str | None = None, extension: dict | None = None,
               role: bool = False) -> str:
@@ -189,6 +263,9 @@ class _Reply:
             choice["dare"] = extension
         return _sse(self._envelope(chunk=True) | {"choices": [choice]})
 
+    def usage_chunk(self, results: list[RowResult]) -> str:
+        return _sse(self._envelope(chunk=True) | {"choices": [], "usage": self.usage(results)})
+
 
 def _sse(doc: dict) -> str:
     return f"data: {json.dumps(doc, separators=(',', ':'))}\n\n"
@@ -196,7 +273,9 @@ def _sse(doc: dict) -> str:
 
 async def _stream(reply: _Reply, events: asyncio.Queue, request: Request, on_end):
     """Server-sent events: per step and choice, the newly settled text and the committed positions;
-    then per choice its finish reason; then `[DONE]`. A client that disconnects drops its rows."""
+    then per choice its finish reason; then the usage (with stream_options.include_usage); then
+    `[DONE]`. A row that fails (or is cancelled at shutdown) ends the stream with an error event.
+    A client that disconnects drops its rows."""
     rows = {row.spec.index: row for row in reply.rows}
     sent = dict.fromkeys(rows, "")
     open_rows = set(rows)
@@ -208,7 +287,7 @@ async def _stream(reply: _Reply, events: asyncio.Queue, request: Request, on_end
         while open_rows:
             try:
                 kind, index, payload = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
-            except TimeoutError:
+            except asyncio.TimeoutError:  # TimeoutError itself from Python 3.11 on
                 if await request.is_disconnected():
                     return
                 continue
@@ -229,13 +308,15 @@ async def _stream(reply: _Reply, events: asyncio.Queue, request: Request, on_end
             error = rows[index].future.exception()
             if error is not None:
                 body = error.body() if isinstance(error, RequestError) else RequestError(
-                    500, f"decoding failed: {error}", kind="server_error").body()
+                    500, f"decoding failed: {type(error).__name__}: {error}", kind="server_error").body()
                 yield _sse(body)
                 return
             result = rows[index].future.result()
             yield reply.chunk(index, _delta(sent[index], result.text), finish_reason=result.finish_reason,
                               extension={"nfe": result.nfe, "batch_size": result.batch_size,
                                          "token_ids": result.answer})
+        if reply.stream_usage:
+            yield reply.usage_chunk([rows[i].future.result() for i in sorted(rows)])
         yield "data: [DONE]\n\n"
         on_end()
     finally:
@@ -250,21 +331,44 @@ def _delta(sent: str, text: str | None) -> str:
     return text[len(sent):]
 
 
-async def _parse(request: Request, model):
-    """The body as `model`. Parsed here rather than by FastAPI so that any content type is read as
+def _parse(raw: bytes, schema):
+    """The body as `schema`. Parsed here rather than by FastAPI so that any content type is read as
     JSON (curl's -d sends a form type) and every error names its field in OpenAI's error shape."""
-    raw = await request.body()
     try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise RequestError(400, f"the request body is not valid JSON: {error}", None, "invalid_json") from None
+        data = json.loads(raw, parse_constant=_not_json)
+    except RecursionError:
+        raise _invalid_json(f"arrays and objects nested deeper than {MAX_JSON_DEPTH}") from None
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError, an over-long integer
+        if "integer string conversion" in str(error):
+            raise _invalid_json("a number has more than 4,300 digits") from None
+        raise _invalid_json(str(error)) from None
     if not isinstance(data, dict):
-        raise RequestError(400, f"the request body must be a JSON object, got {type(data).__name__}", None,
-                           "invalid_json")
+        raise _invalid_json(f"the request body must be a JSON object, got {type(data).__name__}")
+    if _nested_deeper(data, MAX_JSON_DEPTH):
+        raise _invalid_json(f"arrays and objects nested deeper than {MAX_JSON_DEPTH}")
     try:
-        return model.model_validate(data)
+        return schema.model_validate(data)
     except ValidationError as error:
-        raise _validation_error(error.errors(), model) from None
+        raise _validation_error(error.errors(), schema) from None
+
+
+def _not_json(constant: str):
+    raise ValueError(f"{constant} is not a JSON value")
+
+
+def _invalid_json(reason: str) -> RequestError:
+    return RequestError(400, f"the request body is not valid JSON: {reason}", None, "invalid_json")
+
+
+def _nested_deeper(data, limit: int) -> bool:
+    stack = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = value.values() if isinstance(value, dict) else value
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+    return False
 
 
 def _validation_error(errors: list, model) -> RequestError:
@@ -281,6 +385,8 @@ def _validation_error(errors: list, model) -> RequestError:
     if first.get("type") != "missing":
         shown = f" = {json.dumps(first.get('input'), default=str)[:80]}"
     return RequestError(400, f"{param or 'body'}{shown}: {first['msg']}", param)
+
+
 def _is_type_tag(part) -> bool:
     return isinstance(part, str) and (part in ("str", "int", "list[int]", "list[str]") or part.startswith(
         ("list[", "function-")))

@@ -2,32 +2,81 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import re
 import socket
 import sys
 from pathlib import Path
 
+import attrs
+
 from ..config.loading import ConfigError
+from .limits import ServerLimits, flag
+
+API_KEY = re.compile(r"[\x21-\x7e]{1,512}")  # what an HTTP header carries unchanged
+from ..config.recipe import BASELINE_HELP
 
 
 def add_parser(sub) -> None:
     serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (completions, chat, streaming, batching)")
-    serve.add_argument("--recipe", required=True, help="recipe YAML file every request starts from")
+    serve.add_argument("--recipe", help=f"recipe YAML file every request starts from ({BASELINE_HELP})")
     serve.add_argument("--model", help="checkpoint directory (overrides the recipe's model)")
     serve.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a recipe key")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     serve.add_argument("--port", type=int, default=8000, help="port (0: any free port, printed when ready)")
-    serve.add_argument("--max-batch", type=int, default=16, help="rows decoded together at most (default 16)")
-    serve.add_argument("--batch-window-ms", type=float, default=20.0,
-                       help="how long a request waits at most for others to share its batch (default 20)")
-    serve.add_argument("--max-queue", type=int, default=256, help="rows waiting at most; beyond, 429 (default 256)")
-    serve.add_argument("--max-tokens", type=int, default=1024, help="the largest max_tokens a request may ask for")
+    d = ServerLimits()
+    serve.add_argument("--max-batch", type=int, default=d.max_batch,
+                       help=f"rows decoded together at most (default {d.max_batch})")
+    serve.add_argument("--batch-window-ms", type=float, default=d.batch_window_ms,
+                       help="how long a request waits at most for others to share its batch (default "
+                            f"{d.batch_window_ms:g})")
+    serve.add_argument("--max-queue", type=int, default=d.max_queue,
+                       help=f"rows waiting at most; beyond, 429 (default {d.max_queue})")
+    serve.add_argument("--max-tokens", type=int, metavar="N", help="the answer length of a request that sends no "
+                       "max_tokens (generation.gen_length; default: the recipe's, else the model's, else 256)")
+    serve.add_argument("--max-tokens-limit", type=int, default=1024, help="the largest max_tokens a request may ask "
+                       "for (default 1024)")
+    serve.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes,
+                       help=f"larger request bodies are refused with 413 (default {d.max_body_bytes:,})")
+    serve.add_argument("--read-timeout", type=float, default=d.read_timeout,
+                       help=f"seconds a connection gets to send a request's headers, and then its body (default "
+                            f"{d.read_timeout:g})")
+    serve.add_argument("--keep-alive-timeout", type=float, default=d.keep_alive_timeout,
+                       help=f"seconds an idle keep-alive connection stays open (default {d.keep_alive_timeout:g})")
     serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every endpoint but /health")
     serve.add_argument("--served-model-name", help="the model id clients send (default: the model's name)")
-    serve.add_argument("--shutdown-timeout", type=float, default=30.0,
-                       help="on SIGTERM, seconds in-flight requests get to finish before they are cancelled")
+    serve.add_argument("--shutdown-timeout", type=float, default=d.shutdown_timeout,
+                       help="on SIGTERM, seconds in-flight requests get to finish before they are cancelled "
+                            f"(default {d.shutdown_timeout:g})")
     serve.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     serve.add_argument("--access-log", action="store_true", help="log every request")
     serve.set_defaults(func=cmd_serve)
+
+
+def check_options(args) -> ServerLimits:
+    """The server's limits from the command line; any option out of range is a one-line ConfigError
+    naming it (before the model loads or a port is taken)."""
+    values = {f.name: getattr(args, f.name) for f in attrs.fields(ServerLimits)}
+    try:
+        limits = ServerLimits(**values)
+    except ValueError as error:
+        name = str(error).split(" ", 1)[0]
+        raise ConfigError(f"serve: {str(error).replace(name, flag(name), 1)}") from None
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"serve: --port = {args.port}: must be between 0 and 65535 (0: any free port)")
+    if not 1 <= args.max_tokens_limit <= 10**7:
+        raise ConfigError(f"serve: --max-tokens-limit = {args.max_tokens_limit}: must be between 1 and 10,000,000")
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise ConfigError(f"serve: --max-tokens = {args.max_tokens}: must be >= 1")
+    cores = os.cpu_count() or 1
+    if args.threads is not None and not 1 <= args.threads <= 4 * cores:
+        raise ConfigError(f"serve: --threads = {args.threads}: must be between 1 and {4 * cores} (4 x this "
+                          f"machine's {cores} CPUs)")
+    if args.api_key is not None and not API_KEY.fullmatch(args.api_key):
+        raise ConfigError("serve: --api-key: must be 1 to 512 visible ASCII characters (no spaces), as clients "
+                          "send it in an HTTP header")
+    return limits
 
 
 def cmd_serve(args) -> int:
@@ -35,35 +84,36 @@ def cmd_serve(args) -> int:
 
     if importlib.util.find_spec("uvicorn") is None or importlib.util.find_spec("fastapi") is None:
         raise ConfigError("serve needs FastAPI and uvicorn: pip install 'dare-pipeline[serve]'")
+    limits = check_options(args)
     import torch
     import uvicorn
 
-    from ..config.recipe import Recipe
+    from ..config.generation import with_max_tokens
+    from ..config.recipe import recipe_or_baseline
     from ..models import load_model
-    from .app import create_app
+    from .app import SHUTDOWN_GRACE_S, create_app
+    from .protocol import timed_protocol
     from .requests import Served
 
-    for flag, value, low in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 1),
-                             ("--max-tokens", args.max_tokens, 1), ("--batch-window-ms", args.batch_window_ms, 0),
-                             ("--shutdown-timeout", args.shutdown_timeout, 0)):
-        if value < low:
-            raise ConfigError(f"serve: {flag} = {value}: must be >= {low}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    recipe = Recipe.from_yaml(args.recipe, overrides=args.set)
+    recipe = recipe_or_baseline(args.recipe, with_max_tokens(args.max_tokens, args.set))
     model_path = args.model or recipe.model
     model = load_model(model_path, dtype=recipe.dtype, device=recipe.device)
     name = args.served_model_name or (model_path if model_path.startswith("default") else Path(model_path).name)
     served = Served(name=name, model=model, recipe=recipe,
-                    max_tokens=min(args.max_tokens, model.config.max_sequence_length - 1))
-    app = create_app(served, max_batch=args.max_batch, batch_window_ms=args.batch_window_ms,
-                     max_queue=args.max_queue, api_key=args.api_key, threads=args.threads)
+                    max_tokens=min(args.max_tokens_limit, model.config.max_sequence_length - 1))
+    app = create_app(served, limits=limits, api_key=args.api_key, threads=args.threads)
     sock = _bind(args.host, args.port)
     host, port = sock.getsockname()[:2]
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
-    config = uvicorn.Config(app, log_level="info", access_log=args.access_log,
-                            timeout_graceful_shutdown=args.shutdown_timeout)
-    server = _make_server(config, ready=f"dare-pipeline: serving {name!r} with recipe {recipe.name!r} on {url}")
+    # uvicorn's own deadline comes SHUTDOWN_GRACE_S after ours: by then the scheduler has answered
+    # what was still running (503, or an error event), and uvicorn only closes the connections
+    config = uvicorn.Config(app, log_level="info", access_log=args.access_log, http=timed_protocol(limits.read_timeout),
+                            timeout_keep_alive=limits.keep_alive_timeout,
+                            timeout_graceful_shutdown=limits.shutdown_timeout + SHUTDOWN_GRACE_S)
+    server = _make_server(config, ready=f"dare-pipeline: serving {name!r} with recipe {recipe.name!r} on {url}",
+                          scheduler=app.state.scheduler, shutdown_timeout=limits.shutdown_timeout)
     server.run(sockets=[sock])
     return 0
 
@@ -81,8 +131,9 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _make_server(config, ready: str):
-    """uvicorn's server, saying on stderr when it accepts connections (tests and scripts wait for it)."""
+def _make_server(config, ready: str, scheduler, shutdown_timeout: float):
+    """uvicorn's server, saying on stderr when it accepts connections (tests and scripts wait for it),
+    and cancelling what still decodes `shutdown_timeout` seconds after a shutdown begins."""
     import uvicorn
 
     class Server(uvicorn.Server):
@@ -90,5 +141,13 @@ def _make_server(config, ready: str):
             await super().startup(sockets=sockets)
             if self.started:
                 print(ready, file=sys.stderr, flush=True)
+
+        async def shutdown(self, sockets=None) -> None:
+            deadline = asyncio.get_running_loop().call_later(
+                shutdown_timeout, scheduler.close, f"the server shut down (--shutdown-timeout {shutdown_timeout:g} s)")
+            try:
+                await super().shutdown(sockets=sockets)
+            finally:
+                deadline.cancel()
 
     return Server(config)

@@ -33,6 +33,8 @@ class Metrics:
                                        registry=r)
         self.cancelled_batches = Counter("dare_cancelled_batches", "batches stopped because every client left "
                                          "or the server shut down", registry=r)
+        self.isolated_batches = Counter("dare_isolated_batches", "batches that failed and were decoded again one "
+                                        "row at a time, so that only a failing request gets an error", registry=r)
         self._largest = 0
 
     def record_batch(self, size: int, nfe: int, tokens: int, seconds: float) -> None:

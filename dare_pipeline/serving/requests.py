@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import attrs
 
@@ -27,6 +28,9 @@ SAFE_OVERRIDES = (
 )
 MAX_N = 16
 MAX_PROMPTS = 64
+# a tokenizer's normalizer may merge characters (NFC composes a letter and up to ~3 combining marks
+# into one): a prompt may have this many times more characters than its tokens' strings hold
+NORMALIZATION_SLACK = 4
 
 
 class RequestError(Exception):
@@ -47,8 +51,19 @@ class Served:
 
     name: str
     model: object
-    recipe: Recipe
+    recipe: Recipe  # kept as it decodes on the model: its answer length where the recipe leaves it
     max_tokens: int  # the largest max_tokens a request may ask for
+    # the longest token of the vocabulary, in characters: a prompt of more than (room for prompt
+    # tokens) x this x NORMALIZATION_SLACK characters cannot fit, and is refused before tokenizing
+    max_token_chars: int = attrs.field(init=False)
+
+    @max_token_chars.default
+    def _longest_token(self) -> int:
+        tokenizer = self.model.tokenizer
+        return 0 if tokenizer is None else max((len(t) for t in tokenizer.get_vocab()), default=1)
+
+    def __attrs_post_init__(self):
+        object.__setattr__(self, "recipe", self.recipe.for_model(self.model))
 
 
 @attrs.frozen(eq=False)
@@ -61,33 +76,62 @@ class RowSpec:
     key: str  # rows with equal keys may decode in one batch
 
 
-def plan_rows(request, served: Served, chat: bool) -> list[RowSpec]:
+def plan_rows(request, served: Served, chat: bool, max_rows: int | None = None) -> list[RowSpec]:
+    """The request's rows, every limit checked before any heavy work: the row count and each prompt's
+    length in characters before a prompt is tokenized, each prompt's tokens as soon as it is."""
     if request.model is not None and request.model != served.name:
         raise RequestError(404, f"model = {request.model!r}: unknown model; this server serves {served.name!r}",
                            "model", "model_not_found")
+    n = 1 if request.n is None else request.n
+    if n > MAX_N:
+        raise RequestError(400, f"n = {n}: must be between 1 and {MAX_N}", "n")
     recipe = request_recipe(request, served)
     gen = recipe.generation
-    prompts = _chat_prompt(request, served) if chat else _completion_prompts(request, served)
+    check_neutral_options(request, gen)
     field = "messages" if chat else "prompt"
+    count = 1 if chat else len(_completion_prompt_list(request))
+    if max_rows is not None and count * n > max_rows:
+        raise RequestError(400, f"{field}: {count} prompt(s) x n {n} = {count * n} rows, and the server queues at most "
+                           f"{max_rows} (--max-queue): this request can never fit; send fewer prompts or a smaller n",
+                           "n" if n > 1 else field, "too_many_rows")
     limit = served.model.config.max_sequence_length
-    for ids in prompts:
-        if len(ids) + gen.gen_length > limit:
-            raise RequestError(400, f"{field}: {len(ids)} prompt tokens + gen_length {gen.gen_length} (max_tokens "
-                               f"rounded up to the block length) exceed the model's max_sequence_length {limit}",
-                               field, "context_length_exceeded")
-    if request.n > MAX_N:
-        raise RequestError(400, f"n = {request.n}: must be between 1 and {MAX_N}", "n")
+    fits = _PromptRoom(field, limit, gen.gen_length, served)
+    prompts = _chat_prompt(request, served, fits) if chat else _completion_prompts(request, served, fits)
     sampling = gen.temperature > 0 or gen.remasking == "random"
     rows = []
     for p, ids in enumerate(prompts):
-        for j in range(request.n):
+        for j in range(n):
             # each sampled choice draws from its own seed; greedy choices are equal whatever the seed
             row_recipe = recipe
             if sampling and j:
                 row_recipe = attrs.evolve(recipe, generation=attrs.evolve(gen, seed=gen.seed + j))
-            rows.append(RowSpec(index=p * request.n + j, ids=ids, recipe=row_recipe,
-                                key=batch_key(row_recipe, sampling)))
+            rows.append(RowSpec(index=p * n + j, ids=ids, recipe=row_recipe, key=batch_key(row_recipe, sampling)))
     return rows
+
+
+def check_neutral_options(request, gen) -> None:
+    """OpenAI options this server accepts only where they change nothing (clients send them by
+    default): anything else is refused with what to send instead."""
+    if request.top_p is not None and request.top_p < 1 and gen.temperature > 0:
+        raise RequestError(400, f"top_p = {request.top_p}: nucleus sampling is not implemented; with temperature "
+                           f"{gen.temperature} send top_p 1 or leave it out (with temperature 0 any top_p is "
+                           "accepted: greedy decoding takes the most likely token either way)", "top_p")
+    for name in ("frequency_penalty", "presence_penalty"):
+        value = getattr(request, name)
+        if value is not None and value != 0:
+            raise RequestError(400, f"{name} = {value}: repetition penalties are not implemented; send 0 or leave "
+                               "it out", name)
+    if request.logit_bias:
+        raise RequestError(400, "logit_bias: not implemented; send {} or leave it out", "logit_bias")
+    if request.logprobs is not None and request.logprobs is not False:  # completions' 0 still asks for some
+        raise RequestError(400, f"logprobs = {json.dumps(request.logprobs)}: log probabilities are not returned by "
+                           f"this server; send {'false' if isinstance(request.logprobs, bool) else 'null'} or leave "
+                           "it out", "logprobs")
+    if getattr(request, "top_logprobs", None):
+        raise RequestError(400, f"top_logprobs = {request.top_logprobs}: log probabilities are not returned by this "
+                           "server; send 0 or leave it out", "top_logprobs")
+    if request.stream_options is not None and not request.stream:
+        raise RequestError(400, "stream_options: only allowed when stream is true", "stream_options")
 
 
 def batch_key(recipe: Recipe, sampling: bool) -> str:
@@ -106,8 +150,8 @@ def request_recipe(request, served: Served) -> Recipe:
                                f"{list(SAFE_OVERRIDES)}", f"recipe_overrides.{key}")
         try:
             apply_override(doc, f"{key}={json.dumps(value)}", "recipe_overrides")
-        except ConfigError as error:
-            raise RequestError(400, str(error), f"recipe_overrides.{key}") from None
+        except (ConfigError, RecursionError) as error:
+            raise RequestError(400, f"recipe_overrides.{key}: {_one_line(error)}", f"recipe_overrides.{key}") from None
     gen = doc["generation"]
     if request.temperature is not None:
         gen["temperature"] = request.temperature
@@ -116,11 +160,16 @@ def request_recipe(request, served: Served) -> Recipe:
     if request.stop is not None:
         stop = [request.stop] if isinstance(request.stop, str) else request.stop
         if len(stop) > 4 or not all(stop):
-            raise RequestError(400, f"stop = {request.stop!r}: at most 4 non-empty strings", "stop")
+            raise RequestError(400, f"stop = {json.dumps(request.stop)[:200]}: at most 4 non-empty strings", "stop")
         gen["stop"] = list(served.recipe.generation.stop) + stop
-    max_tokens = request.max_tokens or min(served.recipe.generation.gen_length, served.max_tokens)
+    length_field, max_tokens = _max_tokens(request, served)
     if max_tokens > served.max_tokens:
-        raise RequestError(400, f"max_tokens = {max_tokens}: must be between 1 and {served.max_tokens}", "max_tokens")
+        raise RequestError(400, f"{length_field} = {max_tokens}: must be between 1 and {served.max_tokens}",
+                           length_field)
+    block = gen["block_length"]
+    if not isinstance(block, int) or isinstance(block, bool) or block < 1:  # the geometry below needs a count
+        raise RequestError(400, f"recipe_overrides.generation.block_length = {json.dumps(block)[:80]}: must be an "
+                           "integer >= 1", "recipe_overrides.generation.block_length")
     steps = gen["steps"]
     gen.update(generation_length(served.recipe.generation.gen_length, gen["block_length"],
                                  served.recipe.generation.steps, max_tokens))
@@ -132,8 +181,41 @@ def request_recipe(request, served: Served) -> Recipe:
     try:
         return Recipe.from_dict(doc, source="request")
     except ConfigError as error:
-        param = next((f"recipe_overrides.{k}" for k in request.recipe_overrides), "max_tokens")
-        raise RequestError(400, str(error), param) from None
+        raise RequestError(400, str(error), _param_of(str(error), request, length_field)) from None
+
+
+def _max_tokens(request, served: Served) -> tuple[str, int]:
+    """The answer length asked for and the field that asked (max_completion_tokens is OpenAI's newer
+    name of max_tokens); without either, the recipe's length capped by the server's limit."""
+    both = request.max_tokens, request.max_completion_tokens
+    if None not in both and both[0] != both[1]:
+        raise RequestError(400, f"max_completion_tokens = {both[1]} and max_tokens = {both[0]}: the same setting "
+                           "twice with different values; send one", "max_completion_tokens")
+    if request.max_completion_tokens is not None:
+        return "max_completion_tokens", request.max_completion_tokens
+    if request.max_tokens is not None:
+        return "max_tokens", request.max_tokens
+    return "max_tokens", min(served.recipe.generation.gen_length, served.max_tokens)
+
+
+def _param_of(message: str, request, length_field: str) -> str:
+    """The request field a recipe error comes from, found by the recipe key its message names
+    ("generation: temperature = ..." names the key temperature)."""
+    def names(key: str) -> bool:
+        return re.search(rf"(^|[\s.:]){re.escape(key.rsplit('.', 1)[-1])} = ", message) is not None
+
+    for key in request.recipe_overrides:
+        if names(key):
+            return f"recipe_overrides.{key}"
+    for name in ("temperature", "seed", "stop"):
+        if getattr(request, name) is not None and names(name):
+            return name
+    return next((f"recipe_overrides.{k}" for k in request.recipe_overrides), length_field)
+
+
+def _one_line(error: Exception) -> str:
+    text = str(error) if not isinstance(error, RecursionError) else "nested too deeply"
+    return text if len(text) <= 500 else text[:500] + "..."
 
 
 def generation_length(gen_length: int, block_length: int, steps: int, max_tokens: int) -> dict:
@@ -147,14 +229,40 @@ def generation_length(gen_length: int, block_length: int, steps: int, max_tokens
     return {"gen_length": blocks * block_length, "block_length": block_length, "steps": blocks * steps_per_block}
 
 
-def _encode(text: str, served: Served, field: str) -> list[int]:
+@attrs.frozen
+class _PromptRoom:
+    """Checks that a prompt leaves room for the answer in the model's context: by its characters
+    before it is tokenized (a bound from the longest token), then by its tokens."""
+
+    field: str
+    limit: int  # the model's max_sequence_length
+    gen_length: int
+    served: Served
+
+    def check_chars(self, chars: int) -> None:
+        room = max(self.limit - self.gen_length, 0)
+        if chars > room * self.served.max_token_chars * NORMALIZATION_SLACK:
+            raise RequestError(400, f"{self.field}: {chars:,} characters cannot fit in the {room} tokens the model's "
+                               f"max_sequence_length {self.limit} leaves beside gen_length {self.gen_length} "
+                               "(max_tokens rounded up to the block length)", self.field, "context_length_exceeded")
+
+    def check_tokens(self, ids: list[int]) -> list[int]:
+        if len(ids) + self.gen_length > self.limit:
+            raise RequestError(400, f"{self.field}: {len(ids)} prompt tokens + gen_length {self.gen_length} "
+                               "(max_tokens rounded up to the block length) exceed the model's max_sequence_length "
+                               f"{self.limit}", self.field, "context_length_exceeded")
+        return ids
+
+
+def _encode(text: str, served: Served, room: _PromptRoom) -> list[int]:
     tokenizer = served.model.tokenizer
     if tokenizer is None:
-        raise RequestError(400, f"{field}: this model has no tokenizer; send token ids", field)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+        raise RequestError(400, f"{room.field}: this model has no tokenizer; send token ids", room.field)
+    room.check_chars(len(text))
+    return room.check_tokens(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def _completion_prompts(request, served: Served) -> list[list[int]]:
+def _completion_prompt_list(request) -> list:
     prompt = request.prompt
     if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
         prompt = [prompt]
@@ -162,17 +270,22 @@ def _completion_prompts(request, served: Served) -> list[list[int]]:
         raise RequestError(400, "prompt: empty list", "prompt")
     if len(prompt) > MAX_PROMPTS:
         raise RequestError(400, f"prompt: {len(prompt)} prompts; at most {MAX_PROMPTS} per request", "prompt")
-    prompts = [_encode(p, served, "prompt") if isinstance(p, str) else list(p) for p in prompt]
+    return prompt
+
+
+def _completion_prompts(request, served: Served, room: _PromptRoom) -> list[list[int]]:
+    prompts = [_encode(p, served, room) if isinstance(p, str) else room.check_tokens(list(p))
+               for p in _completion_prompt_list(request)]
     return _checked(prompts, served, "prompt")
 
 
-def _chat_prompt(request, served: Served) -> list[list[int]]:
+def _chat_prompt(request, served: Served, room: _PromptRoom) -> list[list[int]]:
     tokenizer = served.model.tokenizer
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise RequestError(400, "messages: this model has no chat template; use /v1/completions", "messages")
     messages = [{"role": m.role, "content": m.content} for m in request.messages]
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return _checked([_encode(text, served, "messages")], served, "messages")
+    return _checked([_encode(text, served, room)], served, "messages")
 
 
 def _checked(prompts: list[list[int]], served: Served, field: str) -> list[list[int]]:

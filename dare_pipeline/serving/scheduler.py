@@ -1,15 +1,19 @@
 """Request batching: rows with the same recipe settings decode together, in one worker thread.
 
-The event loop only enqueues rows and awaits their results; the model runs in the worker (torch
-is not re-entrant across requests, and a step of decoding must never block the loop). A batch
-starts when it has `max_batch` rows or its oldest row has waited `window_s`, whichever comes
-first; while a batch decodes, new rows queue for the next one. Among waiting groups the one with
-the oldest row goes first.
+The event loop only enqueues rows and awaits their results; the model runs in the worker (a step
+of decoding must never block the loop). A batch starts when it has `max_batch` rows or its oldest
+row has waited `window_s`, whichever comes first; while a batch decodes, new rows queue for the
+next one. Among waiting groups the one with the oldest row goes first.
+
+The worker is the only thread that calls a Pipeline, and it runs one batch at a time: two
+generations never share a Pipeline (or the model) at once, whatever the requests do. A batch
+that fails is decoded again row by row, so a request that breaks decoding fails alone.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -23,6 +27,7 @@ from .metrics import Metrics
 from .requests import RequestError, RowSpec
 
 PIPELINES_KEPT = 8  # recipes (after per-request settings) whose plugin stacks stay built
+log = logging.getLogger(__name__)
 
 
 @attrs.define(eq=False)
@@ -45,6 +50,9 @@ class Row:
     events: asyncio.Queue | None = None
     arrived: float = attrs.Factory(time.monotonic)
     cancelled: bool = False  # the client is gone: drop the row; a batch of only such rows stops
+    # the last step whose event this row's stream received: a row decoded again after its batch
+    # failed repeats those steps exactly (decoding is batch-invariant), so they are not sent twice
+    steps_sent: int = 0
 
     def finish(self, value) -> None:
         """Hand the row's RowResult (or error) to its request; a stream also gets a "done" item."""
@@ -77,17 +85,34 @@ class BatchScheduler:
         self._queued = 0
         self._cond = threading.Condition()
         self._stopping = False
+        self._closed_because = ""  # why rows are refused and running batches cancelled (set by close)
+        self._failure: str | None = None  # the worker died of this
         self._pipelines: OrderedDict[str, Pipeline] = OrderedDict()
         self._thread = threading.Thread(target=self._work, name="dare-serve-worker", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
+    def problem(self) -> str | None:
+        """Why rows cannot be decoded now (the worker died, or the server is stopping); None when they can."""
+        if self._failure is not None:
+            return self._failure
+        if self._stopping:
+            return self._closed_because
+        if not self._thread.is_alive():
+            return "the decoding worker is not running"
+        return None
+
     # ---- event loop side ------------------------------------------------------------------
     def submit(self, rows: list[Row]) -> None:
+        if len(rows) > self.max_queue:
+            raise RequestError(400, f"this request has {len(rows)} rows (prompts x n) and the server queues at most "
+                               f"{self.max_queue} (--max-queue): it can never fit; send fewer prompts or a smaller n",
+                               "n", "too_many_rows")
         with self._cond:
-            if self._stopping:
-                raise RequestError(503, "the server is shutting down", kind="server_shutting_down")
+            problem = self.problem()
+            if problem is not None:
+                raise RequestError(503, problem, kind="server_shutting_down" if self._stopping else "server_error")
             if self._queued + len(rows) > self.max_queue:
                 raise RequestError(429, f"the queue is full ({self._queued} rows waiting; --max-queue "
                                    f"{self.max_queue}); retry later", kind="rate_limit_error")
@@ -97,28 +122,46 @@ class BatchScheduler:
             self.metrics.queue_depth.set(self._queued)
             self._cond.notify()
 
-    def stop(self, timeout: float) -> None:
-        """Refuse new rows, cancel the queued ones and the running batch, wait for the worker."""
+    def close(self, because: str = "the server is shutting down") -> None:
+        """Refuse new rows, answer the queued ones 503 and cancel the running batch at its next step."""
         with self._cond:
-            self._stopping = True
-            waiting = [row for rows in self._groups.values() for row in rows]
-            self._groups.clear()
-            self._queued = 0
+            if not self._stopping:
+                self._stopping, self._closed_because = True, because
+            waiting = self._take_all()
             self._cond.notify()
         for row in waiting:
-            row.finish(RequestError(503, "the server shut down before this request was decoded",
+            row.finish(RequestError(503, f"{self._closed_because} before this request was decoded",
                                     kind="server_shutting_down"))
+
+    def stop(self, timeout: float) -> None:
+        """close(), then wait up to `timeout` seconds for the worker to end."""
+        self.close()
         self._thread.join(timeout)
+
+    def _take_all(self) -> list[Row]:
+        waiting = [row for rows in self._groups.values() for row in rows]
+        self._groups.clear()
+        self._queued = 0
+        self.metrics.queue_depth.set(0)
+        return waiting
 
     # ---- worker side ----------------------------------------------------------------------
     def _work(self) -> None:
-        if self.threads:
-            torch.set_num_threads(self.threads)
-        while True:
-            batch = self._next_batch()
-            if batch is None:
-                return
-            self._run(batch)
+        try:
+            if self.threads:
+                torch.set_num_threads(self.threads)
+            while True:
+                batch = self._next_batch()
+                if batch is None:
+                    return
+                self._run(batch)
+        except BaseException as error:  # the worker is gone (logged here): nobody may wait for it
+            log.exception("the decoding worker stopped")
+            with self._cond:
+                self._failure = f"the decoding worker stopped: {type(error).__name__}: {error}"
+                waiting = self._take_all()
+            for row in waiting:
+                row.finish(RequestError(503, self._failure, kind="server_error"))
 
     def _next_batch(self) -> list[Row] | None:
         with self._cond:
@@ -163,12 +206,15 @@ class BatchScheduler:
         return self._pipelines[key]
 
     def _run(self, batch: list[Row]) -> None:
+        """Decode a batch and hand each row its result. If decoding fails, a batch of several rows is
+        decoded again one row at a time: only the rows that fail alone get an error, each its own."""
         def on_step(event) -> None:
             if self._stopping or all(r.cancelled for r in batch):
-                raise GenerationCancelled("every request of the batch is gone" if not self._stopping
-                                          else "the server is shutting down")
+                raise GenerationCancelled(self._closed_because if self._stopping
+                                          else "every request of the batch is gone")
             for row, prompt in zip(batch, event.prompts):
-                if row.events is not None and not row.cancelled:
+                if row.events is not None and not row.cancelled and event.step > row.steps_sent:
+                    row.steps_sent = event.step
                     row.deliver(row.events.put_nowait, ("step", row.spec.index, (event.step, prompt)))
 
         self.metrics.batch_size.observe(len(batch))
@@ -177,14 +223,27 @@ class BatchScheduler:
             pipe = self._pipeline(batch[0])
             # the step callback (one host read per step) streams, and stops a batch nobody waits for
             out = pipe.generate([r.spec.ids for r in batch], step_callback=on_step)
-        except GenerationCancelled:
+        except GenerationCancelled as stop:
             self.metrics.cancelled_batches.inc()
             for row in batch:
-                row.finish(RequestError(503, "decoding was cancelled", kind="server_shutting_down"))
+                row.finish(RequestError(503, f"decoding was cancelled: {stop}", kind="server_shutting_down"))
             return
-        except Exception as error:  # noqa: BLE001 -- the rows' requests answer 500 with the message
-            for row in batch:
-                row.finish(error)
+        except Exception as error:  # noqa: BLE001 -- answered per row, never to another row's client
+            if len(batch) == 1:
+                log.error("decoding failed", exc_info=error)
+                batch[0].finish(RequestError(500, f"decoding failed: {type(error).__name__}: {error}",
+                                             kind="server_error"))
+            elif self._stopping:
+                for row in batch:
+                    row.finish(RequestError(503, f"decoding was cancelled: {self._closed_because}",
+                                            kind="server_shutting_down"))
+            else:
+                log.warning("a batch of %d rows failed (%s: %s); decoding its rows one at a time", len(batch),
+                            type(error).__name__, error)
+                self.metrics.isolated_batches.inc()
+                for row in batch:
+                    if not row.cancelled:
+                        self._run([row])
             return
         elapsed = time.perf_counter() - started
         stats = out.stats

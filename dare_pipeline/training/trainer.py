@@ -33,6 +33,9 @@ from .optimizers import OPTIMIZERS, build_optimizer
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "train_log.jsonl"
+# the answer canvas an exported model suggests (generation_config.json): the suite's answers fit in
+# 64 tokens (docs/tasks.md), decoded as trained, in blocks of 32, one token per step
+SUITE_GENERATION = {"max_new_tokens": 64, "block_length": 32, "steps": 64}
 
 
 def _check_family_weights(instance, attribute, value) -> None:
@@ -213,7 +216,8 @@ class Trainer:
 
         self.model.eval()
         try:
-            return save_checkpoint(self.model, directory, tokenizer=build_tokenizer(), dtype="float32")
+            return save_checkpoint(self.model, directory, tokenizer=build_tokenizer(), dtype="float32",
+                                   generation=SUITE_GENERATION)
         finally:
             self.model.train()
 

@@ -59,7 +59,7 @@ def test_an_integer_too_large_for_a_float(tmp_path):
                                           r"expected a finite number"):
         Recipe.from_yaml(path)
     with pytest.raises(ConfigError, match=r"steps \(10+1\) must be a multiple"):  # ints stay exact
-        Recipe.from_dict({"generation": {"steps": 10**400 + 1}})
+        Recipe.from_dict({"generation": {"gen_length": 256, "block_length": 32, "steps": 10**400 + 1}})
 
 
 def test_nan_through_set_names_the_flag_value(capsys):
@@ -128,8 +128,10 @@ def test_steps_greater_than_gen_length_is_said(capsys):
     assert note in capsys.readouterr().err
     assert main(["generate", "--recipe", BASELINE, "--prompt-ids", "5,6", *argv]) == 0
     assert note in capsys.readouterr().err
-    assert main(["recipe", "check", BASELINE, "--set", "generation.steps=256"]) == 0
+    assert main(["recipe", "check", BASELINE, "--set", "generation.steps=64"]) == 0  # the model's 64 tokens
     assert "note:" not in capsys.readouterr().err
+    assert main(["recipe", "check", BASELINE, "--set", "generation.steps=128"]) == 0
+    assert "generation.steps = 128 exceeds gen_length = 64" in capsys.readouterr().err
 
 
 # ---- --set -------------------------------------------------------------------------------------

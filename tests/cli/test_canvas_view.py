@@ -1,7 +1,11 @@
 """`generate --stream`: the answer canvas after every step, filled in until it reads as the answer."""
 
-from dare_pipeline.cli.progress import BLANK, MASKED
+from pathlib import Path
+
 from dare_pipeline.cli import main
+from dare_pipeline.cli.progress import BLANK, LINE_BREAK, MASKED, NO_TOKENIZER
+
+README = Path(__file__).parents[2] / "README.md"
 
 
 def test_generate_stream_draws_the_canvas_each_step(capsys):
@@ -16,3 +20,9 @@ def test_generate_stream_draws_the_canvas_each_step(capsys):
     assert last.startswith("step 32 [0] ") and MASKED not in last
     answer = lines[lines.index("--- [0]") + 1]
     assert last.removeprefix("step 32 [0] ").split(BLANK)[0] == answer  # the answer ends at the first end-of-text
+
+
+def test_every_canvas_symbol_is_explained_in_the_readme():
+    rows = [line for line in README.read_text(encoding="utf-8").splitlines() if line.startswith("| `")]
+    for symbol in (MASKED, BLANK, LINE_BREAK, NO_TOKENIZER):
+        assert any(row.startswith(f"| `{symbol}` | ") for row in rows), symbol

@@ -9,10 +9,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dare_pipeline import Recipe
+from dare_pipeline import Recipe, load_model
 from dare_pipeline.cli import main
+from dare_pipeline.models.default import EMBEDDED
 
 GOLDEN_ARGS = ["--set", "generation.gen_length=32", "--set", "generation.steps=32"]
+
+
+@pytest.fixture(scope="module")
+def default_model():
+    return load_model("default")
 
 
 def test_generate_json_with_prompt_ids(golden_dir, capsys):
@@ -34,6 +40,32 @@ def test_generate_prints_answer_and_stats_line(golden_dir, capsys):
     assert "[baseline] nfe=32" in captured.err
 
 
+PYTHONWIZARD = "Q: reverse pythonwizard\nA: "
+
+
+def test_generate_needs_no_recipe_and_the_model_chooses_the_length(capsys):
+    # the baseline recipe, and the embedded model's generation_config.json: 64 tokens, one per step
+    assert main(["generate", PYTHONWIZARD, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["text"] == ["#### draziwnohtyp"] and out["stats"]["nfe"] == 64
+    assert len(out["sequences"][0]) == len(PYTHONWIZARD) + 64
+    # --max-tokens: the answer length; steps follow it
+    assert main(["generate", PYTHONWIZARD, "--json", "--max-tokens", "32"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["stats"]["nfe"] == 32 and len(out["sequences"][0]) == len(PYTHONWIZARD) + 32
+    assert main(["generate", PYTHONWIZARD, "--max-tokens", "32", "--set", "generation.gen_length=64"]) == 2
+    assert "--max-tokens 32 and --set generation.gen_length=64 both set gen_length: give one" in \
+        capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["generate", "eval", "serve"])
+def test_help_names_the_default_recipe_and_max_tokens(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "default: the baseline recipe, as recipes/baseline.yaml" in text and "--max-tokens N" in text
+
+
 def test_text_prompt_without_tokenizer_is_a_clear_error(golden_dir, capsys):
     assert main(["generate", "hello", "--recipe", "recipes/baseline.yaml", "--model",
                  str(golden_dir / "llada"), *GOLDEN_ARGS]) == 2
@@ -41,7 +73,8 @@ def test_text_prompt_without_tokenizer_is_a_clear_error(golden_dir, capsys):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("generation.gen_length=30", "gen_length (30) must be a multiple of block_length (32)"),
+    ("generation.gen_length=48", "gen_length = 48 (recipes/baseline.yaml override) is not a multiple of block_length = 32 "
+                                 "(" + str(EMBEDDED["default"] / "generation_config.json") + ")"),
     ("generation.colour=1", "generation.colour: unknown key"),
 ])
 def test_bad_override_exits_2_with_message(override, message, capsys):
@@ -133,15 +166,17 @@ def test_recipe_check_reports_every_file_and_every_error(capsys, tmp_path):
     assert any("dtype = 'float8': allowed values" in e for e in errors)
 
 
-def test_recipe_check_print_gives_the_resolved_recipes_as_yaml(capsys):
+def test_recipe_check_print_gives_the_resolved_recipes_as_yaml(capsys, default_model):
     paths = sorted(str(p) for p in Path("recipes").glob("*.yaml"))
     assert main(["recipe", "check", *paths, "--print", "--set", "generation.seed=7"]) == 0
     captured = capsys.readouterr()
     docs = list(yaml.safe_load_all(captured.out))
     assert len(docs) == len(paths) and all(d["generation"]["seed"] == 7 for d in docs)
-    for path, doc in zip(paths, docs):
-        assert Recipe.from_dict(doc) == Recipe.from_yaml(path, overrides=["generation.seed=7"])
+    for path, doc in zip(paths, docs):  # as they decode on their model: the embedded one chooses the length
+        assert Recipe.from_dict(doc) == Recipe.from_yaml(path, overrides=["generation.seed=7"]).for_model(default_model)
         assert "execution" in doc and "max_steps_per_block" in doc["generation"]  # defaults filled in
+        assert (doc["generation"]["gen_length"], doc["generation"]["block_length"], doc["generation"]["steps"]) == \
+            (64, 32, 64)
     assert len(captured.err.splitlines()) == len(paths) and ": ok" in captured.err
 
 

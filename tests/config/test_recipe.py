@@ -8,8 +8,11 @@ import pytest
 
 from dare_pipeline import Recipe
 from dare_pipeline.config import ConfigError
+from dare_pipeline.config.recipe import baseline_recipe
 from dare_pipeline.core import Plugin, hookimpl
-from dare_pipeline.core.registry import registered
+from dare_pipeline.core.registry import available_plugins, registered
+
+DllmCache = available_plugins()["dllm_cache"]
 
 
 @attrs.frozen
@@ -44,9 +47,11 @@ def _write(tmp_path, text):
     return path
 
 
-def test_shipped_baseline_recipe_loads():
+def test_shipped_baseline_recipe_loads_and_is_the_default_recipe():
     recipe = Recipe.from_yaml("recipes/baseline.yaml")
-    assert recipe.name == "baseline" and recipe.plugins == () and recipe.generation.gen_length == 256
+    assert recipe.name == "baseline" and recipe.plugins == () and recipe == baseline_recipe()
+    # the answer length is the model's: unset here
+    assert (recipe.generation.gen_length, recipe.generation.block_length, recipe.generation.steps) == (None,) * 3
 
 
 def test_unknown_top_level_key(tmp_path):
@@ -173,6 +178,32 @@ def test_every_mistake_of_a_file_is_reported_at_once(tmp_path):
     for pattern in expected:
         assert sum(bool(re.match(rf"{re.escape(str(path))}: {pattern}", e)) for e in errors) == 1, pattern
     assert str(caught.value).splitlines() == errors
+
+
+MISTAKES_AND_CONFLICTS = """\
+generation: {gen_length: 0}
+plugins:
+  - {name: threshold_decoding, threshold: 2}
+  - factor_decoding
+  - dllm_cache
+  - dual_cache
+  - dllm_cache
+"""
+
+
+def test_conflicts_and_two_policies_come_with_the_other_mistakes(tmp_path):
+    # a bad value, a bad plugin option, two commit policies, a declared conflict (declared by both
+    # plugins: reported once) and a plugin listed twice: one run reports them all
+    path = _write(tmp_path, MISTAKES_AND_CONFLICTS)
+    with pytest.raises(ConfigError) as caught:
+        Recipe.from_yaml(path)
+    assert [e.removeprefix(f"{path}: ") for e in caught.value.errors] == [
+        "generation: gen_length = 0: must be >= 1",
+        "plugins[0]: threshold = 2.0: must be between 0.0 and 1.0",
+        "plugins: 'threshold_decoding' and 'factor_decoding' both decide 'commit_policy'; keep one of them",
+        "plugins: 'dllm_cache' cannot be combined with 'dual_cache': " + DllmCache.conflicts["dual_cache"],
+        "plugins[4].name = 'dllm_cache': plugin listed twice",
+    ]
 
 
 def test_one_mistake_keeps_its_single_message(tmp_path):

@@ -85,7 +85,12 @@ def test_cli_writes_a_recipe_that_loads(tmp_path, golden_dir, capsys):
     assert " on 2 prompts from " in text.splitlines()[0]  # --limit: the first two of three
     loaded = Recipe.from_yaml(out)
     threshold = {p.name: p.options for p in loaded.plugins}["dare_kv"].threshold
-    assert threshold != 0.01 and f"threshold {threshold:.6g} gives reuse" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert threshold != 0.01 and f"threshold {threshold:.6g} gives reuse" in err
+    # progress: one line per trial (stderr is no terminal here), as the ablation's display writes them
+    trials = [line for line in err.splitlines() if re.match(r"\[\d+/16\] threshold ", line)]
+    assert trials and trials[0].startswith("[1/16] threshold 0.05: reuse ")
+    assert [int(t[1:t.index("/")]) for t in trials] == list(range(1, len(trials) + 1))
     assert not list(tmp_path.glob(".*tmp"))  # written atomically: no temporary file left
 
 
@@ -102,3 +107,27 @@ def test_cli_names_the_bad_prompt_line(tmp_path, capsys, content, message):
     recipe.write_text(json.dumps({"plugins": [{"name": "dare_kv"}]}))
     assert main(["calibrate", "--recipe", str(recipe), "--prompts", str(prompts), "--target-reuse", "0.5"]) == 2
     assert re.search(message, capsys.readouterr().err)
+
+
+def test_each_trial_reports_its_prompts_as_they_decode():
+    model = tiny_model("llada")
+    seen = []
+    result = calibrate(model, _recipe({"name": "dare_kv"}), PROMPTS, 0.3, max_trials=3,
+                       prompt_done=lambda threshold, done, total: seen.append((threshold, done, total)))
+    expected = [(t.threshold, done, len(PROMPTS)) for t in result.trials for done in range(len(PROMPTS) + 1)]
+    assert seen == expected
+
+
+def test_on_a_terminal_calibrate_draws_the_ablation_display(tmp_path, golden_dir, capsys, monkeypatch):
+    import sys
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("generation: {gen_length: 16, block_length: 8, steps: 16}\n"
+                      "plugins: [{name: dual_cache}, {name: dare_kv}]\n")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("[5, 17, 3, 9]\n[7, 7, 7]\n")
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    assert main(["calibrate", "--recipe", str(recipe), "--prompts", str(prompts), "--target-reuse", "0.2",
+                 "--tolerance", "0.05", "--model", str(golden_dir / "llada"), "--max-trials", "4"]) == 0
+    err = capsys.readouterr().err
+    assert "trials (at most 4)" in err and "[1/4] threshold 0.05: reuse " in err

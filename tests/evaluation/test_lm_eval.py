@@ -4,6 +4,7 @@ stands in for a trained model, so accuracies are ~0 here; what is checked is the
 
 import json
 import math
+import re
 import socket
 from pathlib import Path
 
@@ -202,13 +203,21 @@ def test_loglikelihood_rolling_is_the_whole_string_score(lm):
 
 # ---- the runners ------------------------------------------------------------------------------------
 
-def test_eval_command_writes_results_json(tiny_dir, tmp_path, capsys, no_network):
+def _bars(err: str) -> list[str]:
+    """The tqdm frames written to stderr."""
+    return [frame for frame in re.split(r"[\r\n]", err) if "%|" in frame]
+
+
+def test_eval_command_writes_results_json(tiny_dir, tmp_path, capsys, caplog, no_network):
     out = tmp_path / "results.json"
-    code = main(["eval", "--recipe", "recipes/baseline.yaml", "--model", str(tiny_dir), "--tasks", "dare_add,dare_sort",
-                 "--limit", "2", "--batch-size", "2", "--set", "generation.gen_length=32",
-                 "--set", "generation.steps=32", "--output", str(out), "--log-samples"])
+    # without --recipe: the baseline recipe; --max-tokens sets gen_length, and steps follow it
+    code = main(["eval", "--model", str(tiny_dir), "--tasks", "dare_add,dare_sort", "--limit", "2",
+                 "--batch-size", "2", "--max-tokens", "32", "--output", str(out), "--log-samples"])
     assert code == 0
-    assert "dare_add" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "dare_add" in captured.out
+    # lm-eval's warnings and progress bars stay away (not --verbose), and stderr is no terminal here
+    assert not [r for r in caplog.records if r.name.startswith("lm_eval")] and not _bars(captured.err)
     doc = json.loads(out.read_text())
     assert {"schema", "tasks", "groups", "recipe", "decoding", "versions", "hardware", "eval", "model",
             "samples"} <= set(doc)
@@ -216,13 +225,32 @@ def test_eval_command_writes_results_json(tiny_dir, tmp_path, capsys, no_network
     for row in doc["tasks"].values():
         assert row["n"] == 2 and row["n_total"] == 125
         assert 0.0 <= row["exact_match"] <= 1.0 and 0.0 <= row["final_match"] <= 1.0
-    assert doc["recipe"]["generation"]["gen_length"] == 32 and doc["recipe"]["name"] == "baseline"
+    assert doc["recipe"]["name"] == "baseline" and doc["recipe_source"] == "<the baseline recipe>"
+    assert [doc["recipe"]["generation"][k] for k in ("gen_length", "block_length", "steps")] == [32, 32, 32]
     d = doc["decoding"]
     assert (d["requests"], d["batches"], d["nfe_total"], d["nfe_per_request"]) == (4, 2, 64, 32)
     assert d["generated_tokens"] > 0 and d["tokens_per_second"] > 0 and d["wall_time_s"] > 0
     assert doc["versions"]["lm_eval"] and doc["versions"]["torch"] and doc["hardware"]["device"] == "cpu"
     assert [s["id"] for s in doc["samples"]["dare_add"]] == ["add-000000", "add-000001"]
     assert not list(tmp_path.glob(".*.tmp"))  # the atomic write left nothing behind
+
+
+def test_eval_verbose_lets_lm_eval_speak_and_a_terminal_gets_the_decoding_bar(tiny_dir, capsys, caplog,
+                                                                              monkeypatch, no_network):
+    from dare_pipeline.evaluation import run
+
+    argv = ["eval", "--model", str(tiny_dir), "--tasks", "dare_add", "--limit", "1", "--max-tokens", "32"]
+    assert main([*argv, "--verbose"]) == 0
+    err = capsys.readouterr().err
+    assert [r for r in caplog.records if r.name.startswith("lm_eval") and r.levelname == "WARNING"]
+    bars = _bars(err)
+    assert any("dare generate_until" in b for b in bars) and any("dare generate_until" not in b for b in bars)
+    caplog.clear()
+    monkeypatch.setattr(run, "_on_a_terminal", lambda: True)
+    assert main(argv) == 0  # on a terminal: the decoding's bar only
+    bars = _bars(capsys.readouterr().err)
+    assert bars and all("dare generate_until" in b for b in bars)
+    assert not [r for r in caplog.records if r.name.startswith("lm_eval")]
 
 
 def test_eval_command_unknown_suite_task_is_a_clear_error(tiny_dir, capsys):

@@ -95,6 +95,7 @@ def test_readme_main_command_answers_correctly():
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr
     assert "#### draziwnohtyp" in out.stdout, out.stdout
+    assert "[baseline] nfe=64 " in out.stderr  # the model's answer length, one token per step
 
 
 def test_eval_heldout_script_scores_a_recipe(tmp_path):

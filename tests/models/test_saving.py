@@ -68,3 +68,17 @@ def test_dream_needs_qkv_bias(tmp_path):
     with pytest.raises(ValueError, match="bias"):
         save_checkpoint(nobias, tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_generation_config_carries_the_answer_length(tmp_path):
+    """What a recipe may leave to the model (max_new_tokens, steps, block_length) survives a save,
+    and `generation=` adds to it; the special token ids are always the config's."""
+    bare = load_model(save_checkpoint(_tiny("llada"), tmp_path / "bare"))
+    assert bare.generation_config == {"bos_token_id": 1, "eos_token_id": 2, "mask_token_id": 4, "pad_token_id": 0}
+    lengths = {"max_new_tokens": 64, "block_length": 32, "steps": 64}
+    saved = load_model(save_checkpoint(bare, tmp_path / "with", generation=lengths))
+    assert saved.generation_config == {**bare.generation_config, **lengths}
+    again = load_model(save_checkpoint(saved, tmp_path / "again", generation={"steps": 32}))
+    assert again.generation_config == {**saved.generation_config, "steps": 32}
+    shipped = load_model("default")
+    assert {k: shipped.generation_config[k] for k in lengths} == lengths

@@ -69,3 +69,44 @@ def start_server(tmp_path_factory):
     finally:
         for server in started:
             server.stop()
+
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    from dare_pipeline import load_model
+
+    return load_model("default")
+
+
+def _asgi_client(app, **headers):
+    """An httpx client talking to `app` in process (its batching worker must be started)."""
+    import httpx
+
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)  # a server logs, then answers 500
+    return httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60, headers=headers)
+
+
+def _post_all(app, bodies, path="/v1/completions", timeout=120, **headers):
+    """Post every body at once (raw bytes or JSON) and return the replies in order; a request not
+    answered within `timeout` seconds fails the test (in process, httpx's own timeouts do not apply)."""
+    import asyncio
+
+    async def go():
+        async with _asgi_client(app, **headers) as client:
+            return await asyncio.wait_for(asyncio.gather(*(client.post(path, content=b) if isinstance(b, bytes) else
+                                                           client.post(path, json=b) for b in bodies)), timeout)
+
+    return asyncio.run(go())
+
+
+@pytest.fixture
+def asgi_client():
+    """asgi_client(app, **headers): an httpx.AsyncClient for `app` in process."""
+    return _asgi_client
+
+
+@pytest.fixture
+def post_all():
+    """post_all(app, bodies, path=..., timeout=..., **headers): every body posted at once, the replies in order."""
+    return _post_all

@@ -124,7 +124,7 @@ GOOD = {"model": "default", "prompt": PROMPT, "max_tokens": 32, "recipe_override
 
 @pytest.mark.parametrize("body, status, param", [
     (b'{"prompt": "Q: x\\nA: ", ', 400, None),  # malformed JSON
-    ({**GOOD, "top_p": 0.5}, 400, "top_p"),  # a field this server does not know
+    ({**GOOD, "echo": True}, 400, "echo"),  # a field this server does not know
     ({**GOOD, "prompt": "Q: " + "a" * 2040}, 400, "prompt"),  # prompt + max_tokens longer than the model allows
     ({**GOOD, "max_tokens": 0}, 400, "max_tokens"),
     ({**GOOD, "max_tokens": 5000}, 400, "max_tokens"),

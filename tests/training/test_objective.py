@@ -1,4 +1,5 @@
 import itertools
+import json
 import math
 from collections import Counter
 
@@ -190,6 +191,10 @@ def test_init_from_starts_at_the_exported_weights(tmp_path):
     for k, v in first.model.state_dict().items():
         assert torch.equal(v, tuned.model.state_dict()[k]), k
     assert tuned.step == 0 and tuned.optimizer.state_dict()["state"] == {}
+    # the exported model suggests the suite's answer canvas to a recipe that leaves it unset
+    exported = json.loads((tmp_path / "a" / "model" / "generation_config.json").read_text())
+    assert {k: exported[k] for k in ("max_new_tokens", "block_length", "steps")} == {
+        "max_new_tokens": 64, "block_length": 32, "steps": 64}
 
 
 def test_resume_refuses_another_optimizer(tmp_path):

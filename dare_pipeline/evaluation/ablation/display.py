@@ -1,6 +1,6 @@
-"""Progress of an ablation: a rich display (runs done / left with ETA, one line per run in flight
-with its requests done) on a terminal; one plain line per finished run otherwise; nothing with
---quiet."""
+"""Progress of a long command (an ablation's runs, calibration's trials): a rich display (items done /
+left with ETA, one line per item in flight with its own progress) on a terminal; one plain line per
+finished item otherwise; nothing with --quiet."""
 
 from __future__ import annotations
 
@@ -27,8 +27,10 @@ def describe(record: dict) -> str:
 
 
 class Display:
-    def __init__(self, total: int, *, quiet: bool = False, rich: bool | None = None, stream=None):
+    def __init__(self, total: int, *, quiet: bool = False, rich: bool | None = None, stream=None,
+                 unit: str = "runs"):
         self.stream = stream or sys.stderr
+        self.unit = unit
         self.quiet = quiet
         self.total = total
         self.done = 0
@@ -56,7 +58,7 @@ class Display:
                                  TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
                                  console=self.console, transient=False)
         self.progress.start()
-        self.overall = self.progress.add_task("[bold]runs", total=self.total)
+        self.overall = self.progress.add_task(f"[bold]{self.unit}", total=self.total)
 
     # ---- events ---------------------------------------------------------------------------------
     def start_run(self, index: int, name: str) -> None:
@@ -68,9 +70,13 @@ class Display:
             self.progress.update(self.tasks[index], completed=done, total=total)
 
     def finish_run(self, record: dict) -> None:
-        self.done += 1
         index = record.get("index")
-        line = f"[{self.done}/{self.total}] #{index} {record.get('name')}: {describe(record)}"
+        self.finish(index, f"#{index} {record.get('name')}: {describe(record)}")
+
+    def finish(self, index: int, text: str) -> None:
+        """Item `index` is done: its line in flight goes, and `[done/total] text` is printed."""
+        self.done += 1
+        line = f"[{self.done}/{self.total}] {text}"
         if self.progress is not None:
             task = self.tasks.pop(index, None)
             if task is not None:

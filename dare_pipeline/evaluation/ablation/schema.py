@@ -23,6 +23,7 @@ Every error names the file, the key path, the bad value and what is allowed.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import itertools
@@ -132,22 +133,19 @@ class Ablation:
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: top level: expected a mapping, got {type(data).__name__}")
         data = copy.deepcopy(data)
+        errors: list[ConfigError] = []  # every mistake of the file, reported at once
         if "name" not in data:
-            raise ConfigError(f"{source}: name: missing; every ablation needs a name")
-        _str_or_mapping(data.get("recipe"), "recipe", source)
+            errors.append(ConfigError(f"{source}: name: missing; every ablation needs a name"))
+        if _collected(errors, _str_or_mapping, data.get("recipe"), "recipe", source) is _FAILED:
+            data.pop("recipe")
         if isinstance(data.get("tasks"), str):
             data["tasks"] = [t.strip() for t in data["tasks"].split(",") if t.strip()]
-        abl = structure(cls, data, "", source)
-        _check_metric(abl, source)
-        _check_plugin_options(abl.plugin_options, source)
-        _parse_sweep(abl.sweep, source)  # validates the sweep's shape
-        _check_plugin_names(abl, source)
-        _check_targets(abl, source)
-        for i, item in enumerate(abl.set):
-            if "=" not in item:
-                raise ConfigError(f"{source}: set[{i}] = {item!r}: expected KEY.PATH=VALUE")
-        if not abl.tasks:
-            raise ConfigError(f"{source}: tasks: empty; name at least one task (e.g. dare_suite)")
+        abl = _structure_valid_keys(cls, data, source, errors)
+        for check in (_check_metric, _check_plugin_options, _check_sweep, _check_plugin_names, _check_targets,
+                      _check_set, _check_tasks):
+            _collected(errors, check, abl, source)
+        if errors:
+            raise ConfigError.combine(errors)
         return attrs.evolve(abl, source=source)
 
     @property
@@ -181,20 +179,60 @@ class Ablation:
         return data
 
 
+_FAILED = object()
+
+
+def _collected(errors: list, check, *args):
+    """check(*args), or _FAILED with its ConfigError appended to `errors`."""
+    try:
+        return check(*args)
+    except ConfigError as exc:
+        errors.append(exc)
+        return _FAILED
+
+
+def _structure_valid_keys(cls, data: dict, source: str, errors: list):
+    """The Ablation of `data`; with mistakes, they go to `errors` and the instance is built from the
+    keys that are valid on their own, so that the checks that follow still see the rest of the file."""
+    try:
+        return structure(cls, data, "", source)
+    except ConfigError as exc:
+        errors.append(exc)
+    placeholder = {"name": ""}
+    valid = {k: v for k, v in data.items()
+             if _collected([], structure, cls, {**placeholder, k: v}, "", source) is not _FAILED}
+    return structure(cls, {**placeholder, **valid}, "", source)
+
+
 def _check_metric(abl: Ablation, source: str) -> None:
     allowed = ("exact_match", "final_match")
     if abl.metric not in allowed:
         raise ConfigError(f"{source}: metric = {abl.metric!r}: allowed values: {list(allowed)}")
 
 
-def _check_plugin_options(options: dict, source: str) -> None:
-    for name, opts in options.items():
+def _check_plugin_options(abl: Ablation, source: str) -> None:
+    for name, opts in abl.plugin_options.items():
         if not isinstance(name, str):
             raise ConfigError(f"{source}: plugin_options: key {name!r}: expected a plugin name")
         if not isinstance(opts, dict):
             raise ConfigError(f"{source}: plugin_options.{name} = {opts!r}: expected a mapping of options")
         if "name" in opts:
             raise ConfigError(f"{source}: plugin_options.{name}.name: not an option (the key is the plugin name)")
+
+
+def _check_sweep(abl: Ablation, source: str) -> None:
+    _parse_sweep(abl.sweep, source)  # validates the sweep's shape
+
+
+def _check_set(abl: Ablation, source: str) -> None:
+    for i, item in enumerate(abl.set):
+        if "=" not in item:
+            raise ConfigError(f"{source}: set[{i}] = {item!r}: expected KEY.PATH=VALUE")
+
+
+def _check_tasks(abl: Ablation, source: str) -> None:
+    if not abl.tasks:
+        raise ConfigError(f"{source}: tasks: empty; name at least one task (e.g. dare_suite)")
 
 
 def _check_plugin_names(abl: Ablation, source: str) -> None:
@@ -210,14 +248,18 @@ def _check_plugin_names(abl: Ablation, source: str) -> None:
     for i, plugin_set in enumerate(abl.plugins.sets):
         named += [(f"plugins.sets[{i}]", name) for name in plugin_set]
     named += [(f"plugin_options.{name}", name) for name in abl.plugin_options]
-    for e in _parse_sweep(abl.sweep, source):
-        named += [(f"sweep.{k}", e.plugin_of(k)) for k in e.keys if e.plugin_of(k) is not None]
+    with contextlib.suppress(ConfigError):  # a sweep of the wrong shape is _check_sweep's to report
+        for e in _parse_sweep(abl.sweep, source):
+            named += [(f"sweep.{k}", e.plugin_of(k)) for k in e.keys if e.plugin_of(k) is not None]
+    errors = []
     for where, name in named:
         if name not in classes:
             close = difflib.get_close_matches(str(name), list(classes), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"{source}: {where}: unknown plugin {name!r}{hint} (registered plugins: "
-                              f"{sorted(classes)})")
+            errors.append(ConfigError(f"{source}: {where}: unknown plugin {name!r}{hint} (registered plugins: "
+                                      f"{sorted(classes)})"))
+    if errors:
+        raise ConfigError.combine(errors)
 
 
 def _check_targets(abl: Ablation, source: str) -> None:
@@ -424,7 +466,7 @@ def _resolve(data: dict, sweep: dict, base_plugins, plugin_set, common: dict, so
     try:
         check_composition(tuple(PluginSpec(n, None) for n in list(base_plugins) + list(plugin_set)), where)
     except ConfigError as exc:
-        return dict(common, recipe=data, status="skipped", reason=f"refused at recipe load: {exc}")
+        return dict(common, recipe=data, status="skipped", reason="refused at recipe load: " + "; ".join(exc.errors))
     try:
         recipe = Recipe.from_dict(data, source=where)
     except ConfigError as exc:

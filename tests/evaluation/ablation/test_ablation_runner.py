@@ -380,11 +380,28 @@ def test_schema_errors_name_the_file_key_value_and_allowed(data, message):
     assert str(err.value).startswith("abl.yaml: ") and message in str(err.value), str(err.value)
 
 
+def test_every_mistake_of_an_ablation_file_is_reported_at_once():
+    data = {"tasks": ["dare_add"], "batch_size": 0, "colour": 1, "metric": "acc", "set": ["generation.steps"],
+            "plugins": {"sets": [["dual_cache", "treshold_decoding"]]}, "sweep": {"generation.gen_length": 64},
+            "plugin_options": {"dare_oo": {"threshold": 0.1}}}
+    with pytest.raises(ConfigError) as err:
+        Ablation.from_dict(data, source="abl.yaml")
+    expected = ["name: missing", "colour: unknown key", "batch_size = 0: must be >= 1",
+                "metric = 'acc': allowed values", "sweep.generation.gen_length = 64: expected a non-empty list",
+                "plugins.sets[0]: unknown plugin 'treshold_decoding'; did you mean 'threshold_decoding'?",
+                "plugin_options.dare_oo: unknown plugin 'dare_oo'", "set[0] = 'generation.steps': expected KEY.PATH"]
+    errors = err.value.errors
+    assert len(errors) == len(expected), errors
+    for message in expected:
+        assert sum(e.startswith("abl.yaml: ") and message in e for e in errors) == 1, (message, errors)
+
+
 def test_base_recipe_errors_name_the_recipe(tmp_path):
     abl = Ablation.from_dict({"name": "x", "recipe": "nowhere.yaml"}, source=str(tmp_path / "abl.yaml"))
     with pytest.raises(ConfigError, match="recipe = 'nowhere.yaml': recipe file not found"):
         plan_runs(abl)
-    abl = Ablation.from_dict({"name": "x", "set": ["generation.gen_length=33"]}, source="abl.yaml")
+    abl = Ablation.from_dict({"name": "x", "set": ["generation.gen_length=33", "generation.block_length=32"]},
+                             source="abl.yaml")
     with pytest.raises(ConfigError, match="gen_length \\(33\\) must be a multiple of block_length"):
         plan_runs(abl)
 
