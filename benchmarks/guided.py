@@ -3,8 +3,9 @@ accuracy, diffusion forwards, guide forwards, FLOPs (diffusion + guide) and CPU 
 problem, for the shipped recipes against the baseline and dual cache + threshold.
 
     python benchmarks/guided.py --gen-length 64 --out runs/guided/g64.jsonl             # all 500, batch 1
-    python benchmarks/guided.py --gen-length 256 --recipes baseline --limit 40 --out runs/guided/g256.jsonl
-    python benchmarks/guided.py --report runs/guided/g64.jsonl                          # the table
+    python benchmarks/guided.py --gen-length 64 --recipes baseline --out runs/guided/g64_baseline.jsonl
+    python benchmarks/guided.py --gen-length 256 --recipes baseline --limit 100 --out runs/guided/g256_baseline.jsonl
+    python benchmarks/guided.py --report runs/guided/g64*.jsonl runs/guided/g256*.jsonl  # the tables
     python benchmarks/guided.py --gen-length 64 --timing --limit 20 --repeats 3         # CPU time, spread
 
 Each problem decodes alone (batch 1), greedy, float32, one torch thread; the recipes are the files
@@ -169,12 +170,35 @@ def analysis(paths) -> None:
                   + (f"{sum(r['accepted'] for r in f) / guided:.1f} | {100 * sum(r['fallbacks'] for r in f) / guided:.1f} %"
                      if guided else "- | -") + f" | {100 * sum(r['exact'] for r in f) / len(f):.1f} |")
     for g in sorted({k[0] for k in by}):
+        _same_problems(g, {name: rs for (gen, name), rs in by.items() if gen == g})
+    for g in sorted({k[0] for k in by}):
         ref, ours = by.get((g, "dual_cache + threshold")), by.get((g, "guided + dual_cache"))
         if ref and ours and {r["id"] for r in ref} == {r["id"] for r in ours}:
             ratio = sum(r["nfe"] for r in ours) / sum(r["nfe"] for r in ref)
             points = 100 * (sum(r["exact"] for r in ours) - sum(r["exact"] for r in ref)) / len(ref)
             print(f"gen {g}: guided + dual_cache takes {ratio:.2f} of dual_cache + threshold's diffusion forwards, "
                   f"{points:+.1f} points exact match ({len(ref)} problems)")
+
+
+def _same_problems(g: int, runs: dict[str, list[dict]]) -> None:
+    """Where a recipe was measured on fewer problems (the baseline at long answers costs gen_length
+    forwards a problem), every recipe again on just those problems, so that they compare alike."""
+    fewest = min(runs.values(), key=len)
+    ids = {r["id"] for r in fewest}
+    if all({r["id"] for r in rs} == ids for rs in runs.values()):
+        return
+    print(f"\ngen {g}, the {len(ids)} problems every recipe was measured on:")
+    print("| recipe | exact % | final % | diffusion fwd / problem | GFLOPs / problem | CPU s / problem |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name in RECIPES:
+        rs = [r for r in runs.get(name, []) if r["id"] in ids]
+        if len(rs) != len(ids):
+            continue
+        n = len(rs)
+        print(f"| {name} | {100 * sum(r['exact'] for r in rs) / n:.1f} | {100 * sum(r['final'] for r in rs) / n:.1f} | "
+              f"{sum(r['nfe'] for r in rs) / n:.2f} | "
+              f"{sum(r['flops_diffusion'] + r['flops_guide'] for r in rs) / n / 1e9:.2f} | "
+              f"{sum(r['cpu_s'] for r in rs) / n:.3f} |")
 
 
 def main(argv=None) -> int:
