@@ -31,6 +31,14 @@ takes group letters (A B D E F), sub-groups (A1 A2 B1 B2) or row ids, e.g. `--on
   F   plain model forward (no loop), batch 1, over 32 and 768 rows: eager vs torch.compile(model,
       mode="reduce-overhead", dynamic=False); ms per forward, `--f-iters` forwards per sample
   B2  batch 32, steps 64: baseline, prefix_cache (when the budget is left)
+  G   guided diffusion, batch 1, the A1 lengths: guided and dual_cache+guided on the LLaDA shape,
+      dual_cache+guided on the Dream shape. The guide is a random-weight Qwen2.5-0.5B-shape causal LM
+      (`--guide-shape`; Qwen2ForCausalLM built from a config, no download) of the diffusion model's
+      vocabulary, saved under --out and loaded by the plugin (the diffusion model runs in the row's
+      mode, the guide eagerly). A random guide agrees with few drafts, so most forwards commit the
+      fall-back's one token (early stop off): NFE is at most steps (the row reports the guide's
+      counters), and ms/step is a diffusion forward plus the guide's check of the block's drafts (one
+      guide forward over up to 32 columns after its cache of the committed prefix)
   (C) every decode row reports the compile/capture time its warm-up paid (the executor's
       `stats.execution.compile_time_s`, and the warm-up's wall minus a timed decode's, which also
       covers CUDA graph capture) and its peak memory (`torch.cuda.max_memory_allocated`, reset at
@@ -101,7 +109,22 @@ RECIPES: dict[str, list[dict]] = {
     "dllm_cache": [{"name": "dllm_cache"}],
     "dual_cache+dare_kv": [{"name": "dual_cache"}, {"name": "dare_kv", "threshold": 0.05}],
 }
-GROUP_ORDER = ("A1", "D", "B1", "A2", "E", "F", "B2")
+# guided diffusion's guide: a random-weight causal LM built from a config at the row's vocabulary
+GUIDE = "<random guide>"
+RECIPES.update({
+    "guided": [{"name": "guided_diffusion", "guide": GUIDE, "stop_at_eos": False}],
+    "dual_cache+guided": [{"name": "dual_cache", "head_commit": "off"},
+                          {"name": "guided_diffusion", "guide": GUIDE, "stop_at_eos": False}],
+})
+# Qwen2.5-0.5B's published shape (config.json of Qwen/Qwen2.5-0.5B-Instruct) and a tiny one for CPU runs
+GUIDE_SHAPES = {
+    "qwen2.5-0.5b": {"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
+                     "num_attention_heads": 14, "num_key_value_heads": 2, "max_position_embeddings": 32768,
+                     "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": True},
+    "tiny": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "max_position_embeddings": 4096, "tie_word_embeddings": True},
+}
+GROUP_ORDER = ("A1", "D", "B1", "A2", "E", "F", "B2", "G")
 MODE_LABEL = {"cuda_graphs": "graphs"}
 F_COMPILED = "reduce-overhead"
 
@@ -279,6 +302,7 @@ class Suite:
         self.jsonl.write_text("")
         self.conditions: dict = {}
         self.started = time.perf_counter()
+        self.guides: dict[tuple, str] = {}  # (family, shape) -> directory of its random guide
 
     # -- output --
     def write(self, record: dict) -> None:
@@ -329,11 +353,32 @@ class Suite:
             for p in plugins:
                 if p["name"] in ("dare_kv", "dare_o") and self.args.reuse_row_budget is not None:
                     p["row_budget"] = self.args.reuse_row_budget
+                if p.get("guide") == GUIDE:
+                    p["guide"] = self.guide(row.family, row.shape)
             recipe = {"name": row.recipe, "plugins": plugins, "execution": execution,
                       "generation": {"gen_length": row.gen_length, "block_length": row.block_length,
                                      "steps": row.steps}}
             self.pipes[key] = (Pipeline(self.model(row.family, row.shape), recipe), False)
         return self.pipes[key]
+
+    def guide(self, family: str, shape: str) -> str:
+        """The directory of a random-weight guide (`--guide-shape`) of the model's vocabulary, built
+        from a config once and saved under --out (no tokenizer: neither has one, the sizes match)."""
+        key = (family, shape)
+        if key not in self.guides:
+            from transformers import Qwen2Config, Qwen2ForCausalLM
+
+            started = time.perf_counter()
+            cfg = self.model(family, shape).config
+            config = Qwen2Config(vocab_size=cfg.vocab_size, bos_token_id=None, eos_token_id=cfg.eos_token_id,
+                                 pad_token_id=cfg.pad_token_id, **GUIDE_SHAPES[self.args.guide_shape])
+            torch.manual_seed(0)
+            directory = self.out / f"guide-{self.args.guide_shape}-{family}-{shape}"
+            Qwen2ForCausalLM(config).to(self.dtype).save_pretrained(directory)
+            self.guides[key] = str(directory)
+            self.write({"type": "setup", "what": f"random {self.args.guide_shape} guide for {family} {shape}",
+                        "seconds": time.perf_counter() - started, "elapsed_s": self.elapsed()})
+        return self.guides[key]
 
     def mark_warm(self, row: Row, pipe: Pipeline) -> None:
         for key, (p, _) in self.pipes.items():
@@ -396,6 +441,8 @@ def measure_decode(suite: Suite, row: Row) -> dict:
         "eager_forwards": ex.get("eager_forwards"), "timed_compile_time_s": timed_compile,
         "peak_mem_gib": peak_gib(device),
     })
+    if "guided_diffusion" in out.stats.plugins:  # the guide's forwards, rows, FLOPs and agreement
+        res["guided"] = out.stats.plugins["guided_diffusion"]
     if res.get("warmup") == "full decode":
         res["compile_est_s"] = res["warmup_s"] - med_wall  # the warm-up's extra time over a timed decode
     return res
@@ -519,6 +566,8 @@ def plan_rows(args) -> list[Row]:
             rows["F"].append(Row(id=f"F.rows{n}.{mode}", group="F", sub="F", kind="forward", family=family,
                                  shape=shape, mode=mode, rows=n))
     decode("B2", ["baseline", "prefix_cache"], family, shape, args.b_batch, args.b_steps)
+    decode("G", ["guided", "dual_cache+guided"], family, shape, 1, args.steps)
+    decode("G", ["dual_cache+guided"], "dream", dream_shape, 1, args.steps)
     ordered = [r for g in GROUP_ORDER for r in rows[g]]
     if args.only:
         wanted = {t.strip().upper() for item in args.only for t in item.split(",") if t.strip()}
@@ -637,6 +686,7 @@ def conditions(args) -> dict:
         "steps (A1, D, E)": args.steps, "steps (A2)": args.reuse_steps, "batch (B)": args.b_batch,
         "steps (B)": args.b_steps, "F rows": args.f_rows, "F iters per sample": args.f_iters,
         "repeats": args.repeats, "modes": args.modes, "backend": args.backend or "executor default",
+        "guide (G)": f"random {args.guide_shape}",
         "reuse row_budget": "plugin default" if args.reuse_row_budget is None else args.reuse_row_budget,
         "budget_s": args.budget_s, "row_timeout_s": args.row_timeout_s, "quick": args.quick,
         "argv": sys.argv[1:] if args.argv is None else args.argv,
@@ -684,7 +734,7 @@ def markdown(records: list[dict], args) -> str:
         for r in decode:
             key = (r["sub"], r["family"], r["shape"], r["recipe"], r["batch"], r["steps"], r["gen_length"])
             table.setdefault(key, {})[r["mode"]] = r
-        lines.append(f"## Decoding (A, B, E): ms per step, median (min-max) of {args.repeats} timed decodes "
+        lines.append(f"## Decoding (A, B, E, G): ms per step, median (min-max) of {args.repeats} timed decodes "
                      f"after a warm-up")
         lines.append("")
         head = ["group", "model", "recipe", "batch", "gen/steps", "NFE"]
@@ -817,6 +867,8 @@ def parse_args(argv=None):
     ap.add_argument("--dream-shape", default=None, choices=sorted(SHAPES),
                     help="shape of E (default: dream-7b with llada-8b, else --shape)")
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--guide-shape", default=None, choices=sorted(GUIDE_SHAPES),
+                    help="shape of G's random guide (default: qwen2.5-0.5b, tiny with --shape tiny)")
     ap.add_argument("--modes", nargs="+", default=["eager", "cuda_graphs"],
                     choices=["auto", "eager", "compiled", "cuda_graphs"])
     ap.add_argument("--backend", default=None, choices=["inductor", "aot_eager", "eager"],
@@ -846,6 +898,8 @@ def parse_args(argv=None):
     args.argv = list(argv) if argv is not None else None
     if args.gen_length is None:
         args.gen_length = 64 if args.quick else 256
+    if args.guide_shape is None:
+        args.guide_shape = "tiny" if args.shape == "tiny" else "qwen2.5-0.5b"
     if args.steps is None:
         args.steps = args.gen_length
     quarter = max(args.gen_length // args.block_length, args.gen_length // 4)

@@ -1,4 +1,4 @@
-"""The Python examples of README.md and docs/prompts.md run, and print what their comments say."""
+"""The Python examples of README.md, docs/prompts.md and docs/guided.md run, and print what their comments say."""
 
 import contextlib
 import io
@@ -35,7 +35,7 @@ def _check(value, expected):
     assert re.fullmatch(pattern, str(value), re.DOTALL), (str(value), expected)
 
 
-@pytest.mark.parametrize("doc", ["README.md", "docs/prompts.md"])
+@pytest.mark.parametrize("doc", ["README.md", "docs/prompts.md", "docs/guided.md"])
 def test_python_examples_print_what_they_say(doc, monkeypatch):
     blocks = _python_blocks(doc)
     assert blocks, f"{doc} has no example with the embedded model"

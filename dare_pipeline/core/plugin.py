@@ -34,5 +34,13 @@ class Plugin:
     def __init__(self, options: Any = None):
         self.options = options if options is not None else self.Options()
 
+    @classmethod
+    def contract_options(cls, model, directory) -> dict[str, Any] | None:
+        """Options the plugin contract (`plugin_kit.checks`) runs this plugin with on its tiny random
+        `model`, for a plugin whose defaults cannot run there (guided diffusion needs a guide of the
+        model's vocabulary: it saves one into `directory`, an empty folder of its own). None: the
+        defaults."""
+        return None
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.options!r})"

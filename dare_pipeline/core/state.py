@@ -134,6 +134,27 @@ class DecodeState:
         """`unfinished` per model batch row (on the host): an unconditional row decodes with its prompt."""
         return self.unfinished * (self.model_batch // self.batch)
 
+    def fill_after_stop(self) -> torch.Tensor:
+        """End each answer at its first committed stop token: every masked answer column after it
+        becomes EOS, committed by the forward that just ran (call it from `dare_step_end`; its
+        `unmask_step` is that forward's and the step's commit counts include it). Later blocks left
+        without a masked column take no forward. Returns the (B,) device tensor of columns filled.
+
+        Only columns after the row's first committed stop change: the answer is cut there anyway,
+        so what is lost is never answer text, only forwards over the tail (guided diffusion's
+        early stop; any policy may call it). A fill can end a block early: a policy that calls it
+        must not promise more forwards from `dare_block_min_forwards` than its fills leave."""
+        answer = self.x[:, self.prompt_end:]
+        stops = torch.tensor(self.model.config.stop_token_ids, device=answer.device)
+        index = torch.arange(answer.shape[1], device=answer.device)
+        first_stop = torch.where(torch.isin(answer, stops), index, answer.shape[1]).amin(-1, keepdim=True)
+        fill = (answer == self.mask_id) & (index > first_stop)
+        self.x[:, self.prompt_end:] = torch.where(fill, self.model.config.eos_token_id, answer)
+        self.unmask_step.copy_(torch.where(fill, self.step, self.unmask_step))
+        filled = fill.sum(-1)
+        self.stats.record_extra_commits(filled)
+        return filled
+
     def require_store(self) -> ActivationStore:
         """The activation store of this generation, created on first request."""
         if self.store is None:

@@ -70,6 +70,9 @@ class GenerationStats:
     rows_fed: int = 0  # rows entering the model, summed over forwards (batch rows counted)
     row_counter: RowCounter | None = None  # what the model adds to at every layer of every forward
     plugins: dict[str, dict] = attrs.Factory(dict)
+    # FLOPs of other models plugins ran for this generation, by name (guided diffusion's guide), on
+    # top of the diffusion model's (estimated from `layer_rows`); totals in reports include them
+    extra_flops: dict[str, int] = attrs.Factory(dict)
     # how the forwards ran: mode, compile_time_s (paid by this generation), compiles, eager_forwards
     execution: dict = attrs.Factory(lambda: {"mode": "eager"})
     # per forward, the (B,) device tensor of tokens committed; turned into tokens_per_step by finish()
@@ -82,6 +85,17 @@ class GenerationStats:
     def record_commits(self, per_prompt: torch.Tensor) -> None:
         """Tokens committed by one forward, (B,) on the device: kept there, no host sync."""
         self._commits.append(per_prompt)
+
+    def record_extra_commits(self, per_prompt: torch.Tensor) -> None:
+        """Tokens a plugin committed after the loop's commit of the last forward (DecodeState's
+        `fill_after_stop`), (B,) on the device: they count as that forward's."""
+        if not self._commits:
+            raise RuntimeError("record_extra_commits: no forward has committed yet in this generation")
+        self._commits[-1] = self._commits[-1] + per_prompt
+
+    def add_extra_flops(self, name: str, flops: int) -> None:
+        """FLOPs a plugin's own model computed (e.g. a guide's forwards), reported beside the diffusion model's."""
+        self.extra_flops[name] = self.extra_flops.get(name, 0) + int(flops)
 
     def finish(self) -> None:
         """Read the device-side counters once, when the generation ends."""
@@ -114,7 +128,7 @@ class GenerationStats:
             "generated_tokens": self.generated_tokens, "total_generated_tokens": self.total_generated,
             "tokens_per_second": round(self.tokens_per_second, 3), "tokens_per_step": self.tokens_per_step,
             "rows_fed": self.rows_fed, "layer_rows": self.rows_by_layer(), "execution": self.execution,
-            "plugins": self.plugins,
+            "plugins": self.plugins, "extra_flops": dict(self.extra_flops),
         }
 
     def summary(self) -> str:

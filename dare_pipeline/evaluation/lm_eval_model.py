@@ -215,7 +215,8 @@ def build_recipe(recipe=None, overrides=(), **generation) -> Recipe:
 
 class _FlopsCounter:
     """Registered on the model's plugin manager: adds each generation's estimated FLOPs (from the
-    rows each layer really computed) to the model's DecodingStats. Observes, decides nothing."""
+    rows each layer really computed, plus what other models a plugin ran computed: a guide's
+    forwards) to the model's DecodingStats. Observes, decides nothing."""
 
     def __init__(self, lm):
         self.lm = lm
@@ -223,8 +224,8 @@ class _FlopsCounter:
     @hookimpl
     def dare_generation_end(self, state):
         head_rows = state.stats.nfe * state.model_batch * state.gen.block_length
-        self.lm.stats.flops = flops_mod.add(self.lm.stats.flops, flops_mod.estimate(
-            self.lm.config, state.stats.layer_rows, state.length, head_rows))
+        estimated = flops_mod.estimate(self.lm.config, state.stats.layer_rows, state.length, head_rows)
+        self.lm.stats.flops = flops_mod.add(self.lm.stats.flops, flops_mod.with_extra(estimated, state.stats.extra_flops))
 
 
 @register_model("dare")

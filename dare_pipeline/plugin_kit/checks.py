@@ -23,12 +23,18 @@ same functions, so there is one contract.
   entered the projections (counting hooks on them), so reported savings are real;
 - `check_batch_invariance`: a batch decodes each prompt exactly as alone;
 - `check_abort_recovery`: after a generation that raised part-way, the Pipeline decodes as a new one.
+
+A plugin enters every check with its default options, or with what its `contract_options` returns
+for the tiny model (a plugin that needs a second model, as guided diffusion's guide, builds it
+there); a decoding policy stacked under another plugin enters the same way.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import tempfile
+from pathlib import Path
 
 import torch
 
@@ -61,6 +67,26 @@ def model(family: str):
 def prompts(n: int = 3, seed: int = 11) -> list[list[int]]:
     """n prompts of different lengths (a batch is left-padded), without the EOS and mask ids."""
     return random_prompts(n, VOCAB, seed=seed, min_len=2, max_len=9, exclude=(VOCAB - 2, VOCAB - 1))
+
+
+# working folders of plugins' contract_options (a guide saved for the tiny model), removed at exit
+_WORKDIRS: list[tempfile.TemporaryDirectory] = []
+
+
+@functools.cache
+def _contract_options(name: str, family: str) -> tuple:
+    cls = plugin_class(name)
+    if getattr(cls.contract_options, "__func__", None) is Plugin.contract_options.__func__:
+        return ()
+    folder = tempfile.TemporaryDirectory(prefix=f"dare-contract-{name}-{family}-")
+    _WORKDIRS.append(folder)
+    return tuple((cls.contract_options(model(family), Path(folder.name)) or {}).items())
+
+
+def entry(name: str, family: str) -> dict:
+    """The recipe entry a check runs plugin `name` with on `family`'s tiny model: its defaults, or its
+    `contract_options` for that model."""
+    return {"name": name, **dict(_contract_options(name, family))}
 
 
 def plugin_class(name: str):
@@ -135,7 +161,7 @@ def has_exactness_check(name: str) -> bool:
 def check_exact_options(name: str, family: str) -> None:
     cls = plugin_class(name)
     batch = prompts()
-    with_it, logits = _exact_run(family, [{"name": name, **cls.exact_options}], batch)
+    with_it, logits = _exact_run(family, [{**entry(name, family), **cls.exact_options}], batch)
     without, expected = _exact_run(family, [], batch)
     what = f"{name} with exact_options {cls.exact_options}"
     _same_decode(with_it, without, what)
@@ -172,7 +198,7 @@ def check_cache_invariant(name: str, family: str) -> None:
     capturable that forward runs eagerly and is checked the same). A plugin that refuses every row
     feeder (a declared conflict) is checked on whole-canvas forwards only."""
     cls = plugin_class(name)
-    plugins = [{"name": name, **cls.exact_options}]
+    plugins = [{**entry(name, family), **cls.exact_options}]
     cases = invariant_cases(whole_canvas_only=all(feeder is None for feeder, _ in stacks(name)))
     what = f"{name} with exact_options {cls.exact_options}"
     for case in cases:
@@ -205,12 +231,12 @@ def check_exact_stacked(name: str, family: str, feeder: str | None, policy: str 
     """One stack under one of STACKED_GENS (`variant`, taken modulo their number), a batch of three
     left-padded prompts."""
     cls = plugin_class(name)
-    base = [p for p in (feeder, policy) if p]
+    base = [entry(p, family) for p in (feeder, policy) if p]
     gen = STACKED_GENS[variant % len(STACKED_GENS)]
     batch = prompts(3, seed=20 + variant)
-    with_it, logits = _exact_run(family, [*base, {"name": name, **cls.exact_options}], batch, gen)
+    with_it, logits = _exact_run(family, [*base, {**entry(name, family), **cls.exact_options}], batch, gen)
     without, expected = _exact_run(family, base, batch, gen)
-    what = f"{name} {cls.exact_options} on {base or 'the default recipe'}, generation {gen}"
+    what = f"{name} {cls.exact_options} on {[p['name'] for p in base] or 'the default recipe'}, generation {gen}"
     _same_decode(with_it, without, what)
     assert with_it.stats.nfe == without.stats.nfe, f"{what}: forwards differ"
     _same_logits(logits, expected, what)
@@ -218,8 +244,8 @@ def check_exact_stacked(name: str, family: str, feeder: str | None, policy: str 
 
 def check_stats_and_reset(name: str, family: str) -> None:
     batch = prompts(2)
-    first, pipe = _run(family, [name], batch)
-    second, _ = _run(family, [name], batch, pipe=pipe)
+    first, pipe = _run(family, [entry(name, family)], batch)
+    second, _ = _run(family, [entry(name, family)], batch, pipe=pipe)
     stats = first.stats
     assert stats.nfe > 0 and stats.steps == stats.nfe
     assert len(stats.tokens_per_step) == len(batch)
@@ -245,7 +271,7 @@ def check_counted_rows(name: str, family: str) -> None:
                 seen[sub][i] += args[0].numel() // args[0].shape[-1]
             handles.append(getattr(layer, proj).register_forward_hook(count))
     try:
-        out, _ = _run(family, [name], prompts())
+        out, _ = _run(family, [entry(name, family)], prompts())
     finally:
         for handle in handles:
             handle.remove()
@@ -259,9 +285,9 @@ def check_counted_rows(name: str, family: str) -> None:
 
 def check_batch_invariance(name: str, family: str) -> None:
     batch = prompts(3)
-    together, _ = _run(family, [name], batch)
+    together, _ = _run(family, [entry(name, family)], batch)
     for i, prompt in enumerate(batch):
-        alone, _ = _run(family, [name], [prompt])
+        alone, _ = _run(family, [entry(name, family)], [prompt])
         assert together.sequences[i] == alone.sequences[0], f"{name}: prompt {i} decodes differently in a batch"
         assert commit_order(together.unmask_step[i]) == commit_order(alone.unmask_step[0]), \
             f"{name}: prompt {i} commits in another order in a batch"
@@ -270,7 +296,8 @@ def check_batch_invariance(name: str, family: str) -> None:
 def check_abort_recovery(name: str, family: str) -> None:
     batch = prompts(2)
     with registered(CrashAtStep):
-        pipe = Pipeline(model(family), Recipe.from_dict({"generation": GEN, "plugins": [name, "crash_at_step"]}))
+        pipe = Pipeline(model(family), Recipe.from_dict({"generation": GEN,
+                                                         "plugins": [entry(name, family), "crash_at_step"]}))
         crasher = next(p for p in pipe.plugins if p.name == "crash_at_step")
         try:
             pipe.generate(batch)
@@ -279,8 +306,8 @@ def check_abort_recovery(name: str, family: str) -> None:
         else:
             raise AssertionError("the crashing observer did not stop the generation")
         crasher.armed = False
-        after, _ = _run(family, [name, "crash_at_step"], batch, pipe=pipe)
-    fresh, _ = _run(family, [name], batch)
+        after, _ = _run(family, [entry(name, family), "crash_at_step"], batch, pipe=pipe)
+    fresh, _ = _run(family, [entry(name, family)], batch)
     _same_decode(after, fresh, f"{name}: after an aborted generation")
     assert after.stats.plugins.get(name) == fresh.stats.plugins.get(name)
 

@@ -14,6 +14,8 @@ plus, per LM-head row (the rows whose logits are read: the current block's colum
 and per model batch row), `2 * d * V` with V the LM head's output rows (`embedding_size`).
 Norms, RoPE, softmax and sampling are left out (O(d) per row). The numbers are estimates of the
 matrix work actually done: rows a reuse plugin kept out of a sub-operation cost nothing here.
+Other models a plugin runs (guided diffusion's guide) count their own FLOPs into
+`GenerationStats.extra_flops`; `with_extra` adds them to an estimate's total.
 """
 
 from __future__ import annotations
@@ -67,6 +69,16 @@ def estimate(config, layer_rows, key_length: int, head_rows: int = 0) -> dict[st
     return out
 
 
+def with_extra(estimated: Mapping[str, int], extra: Mapping[str, int]) -> dict[str, int]:
+    """An `estimate` of the diffusion model's FLOPs with the FLOPs of other models a generation ran
+    (`GenerationStats.extra_flops`: a guide's forwards) added as their own keys and to `total`."""
+    out = dict(estimated)
+    for name, value in extra.items():
+        out[name] = out.get(name, 0) + int(value)
+        out["total"] = out.get("total", 0) + int(value)
+    return out
+
+
 def full_recompute(config, forwards: int, rows_per_forward: int, key_length: int, head_rows: int = 0) -> dict:
     """FLOPs of `forwards` plain forwards of `rows_per_forward` rows each (every row through every
     sub-operation of every layer): the reference a reuse fraction or FLOPs saving is measured against."""
@@ -91,4 +103,5 @@ def format_flops(value: float | None) -> str:
     return f"{value:.0f} FLOP"
 
 
-__all__: Sequence[str] = ("ROW_OPS", "SUB_OPS", "add", "estimate", "format_flops", "full_recompute", "per_row")
+__all__: Sequence[str] = ("ROW_OPS", "SUB_OPS", "add", "estimate", "format_flops", "full_recompute", "per_row",
+                          "with_extra")

@@ -35,10 +35,16 @@ def test_every_row_of_the_cpu_smoke_run_is_measured_and_tabulated(gpu_suite, tmp
     records, rows, md = read(tmp_path)
     assert records[0]["type"] == "conditions" and records[-1]["type"] == "end"
     assert list(rows) == planned
-    assert {r.sub for r in gpu_suite.plan_rows(gpu_suite.parse_args(TINY))} == {"A1", "D", "B1", "A2", "E", "F", "B2"}
+    assert {r.sub for r in gpu_suite.plan_rows(gpu_suite.parse_args(TINY))} == {"A1", "D", "B1", "A2", "E", "F", "B2",
+                                                                               "G"}
     for row_id, r in rows.items():
         assert r["status"] == "ok", (row_id, r["status"], r.get("traceback"))
-        if r["kind"] == "decode":
+        if r["kind"] == "decode" and r["sub"] == "G":  # a run of drafts a random guide agrees with saves forwards
+            assert r["nfe"] <= r["steps"] and r["ms_per_step"]["min"] > 0
+            assert r["guided"]["guide_forwards"] == r["nfe"] and r["guided"]["guide_flops"] > 0
+            assert r["guided"]["fallbacks"] + r["guided"]["accepted"] >= r["nfe"]
+            assert r["guided"]["guide_execution"] == "eager"
+        elif r["kind"] == "decode":
             assert r["nfe"] == r["steps"] and r["ms_per_step"]["min"] > 0
             assert r["peak_mem_gib"] == "n/a on cpu"
             assert r["resolved_mode"] in ("eager", None)

@@ -36,10 +36,11 @@ GENERATION_KEYS = ["gen_length", "block_length", "steps", "temperature", "remask
                    "timestep_eps", "cfg_scale", "stop", "seed", "max_steps_per_block", "colour"]
 TOP_KEYS = ["name", "description", "model", "dtype", "device", "execution", "generation", "plugins", "other"]
 PLUGIN_NAMES = ["baseline", "dare_kv", "dare_o", "dllm_cache", "dual_cache", "factor_decoding", "prefix_cache",
-                "threshold_decoding", "no_such_plugin"]
+                "threshold_decoding", "guided_diffusion", "no_such_plugin"]
 OPTION_NAMES = ["threshold", "exempt_layers", "refresh_every", "recompute_at_refresh", "recompute_block", "shadow",
                 "row_budget", "prompt_interval", "response_interval", "ratio", "head_commit", "factor", "quota",
-                "freeze_finished_blocks", "name"]
+                "freeze_finished_blocks", "guide", "device", "accept", "top_k", "min_prob", "verify_window",
+                "also_commit_above", "stop_at_eos", "name"]
 
 # numbers at the edges of what an option takes (and strings that look like numbers)
 EDGE_NUMBERS = st.sampled_from([math.nan, math.inf, -math.inf, 10**400, -(10**400), -1, 0, 1, 2**63, True, 1e-3, "1e-3",

@@ -18,6 +18,7 @@ import torch
 
 from dare_pipeline import Pipeline, Recipe
 from dare_pipeline.config import ConfigError
+from dare_pipeline.core.registry import available_plugins
 from dare_pipeline.execution import executor as executor_module
 from dare_pipeline.plugin_kit.testing import tiny_model
 
@@ -33,12 +34,22 @@ def _decode(model, recipe_path: Path, execution: list[str]):
     return Pipeline(model, recipe).generate(PROMPTS)
 
 
+def _guide_for(model, recipe_path: Path, folder: Path) -> list[str]:
+    """A guided recipe's guide replaced by a tiny random one of the golden model's vocabulary (the
+    plugin's contract options: the embedded guide's tokenizer is not the golden models')."""
+    if "guided_diffusion" not in {p.name for p in Recipe.from_yaml(recipe_path).plugins}:
+        return []
+    options = available_plugins()["guided_diffusion"].contract_options(model, folder)
+    return [f"plugins.guided_diffusion.{key}={value}" for key, value in options.items()]
+
+
 @pytest.mark.parametrize("family", ["llada", "dream"])
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
-def test_compiled_decode_equals_eager(golden_models, family, recipe):
+def test_compiled_decode_equals_eager(golden_models, family, recipe, tmp_path):
     model = golden_models[family]
-    eager = _decode(model, recipe, [])
-    compiled = _decode(model, recipe, ["execution.mode=compiled", "execution.backend=aot_eager"])
+    guide = _guide_for(model, recipe, tmp_path)
+    eager = _decode(model, recipe, guide)
+    compiled = _decode(model, recipe, guide + ["execution.mode=compiled", "execution.backend=aot_eager"])
     assert compiled.sequences == eager.sequences
     assert compiled.unmask_step == eager.unmask_step
     assert compiled.stats.nfe == eager.stats.nfe
