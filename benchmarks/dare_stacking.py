@@ -66,7 +66,7 @@ def measure(model, plugins, probs, gen) -> dict:
     for p in probs:
         out = pipe.generate([p["prompt"]])
         nfe += out.stats.nfe
-        total += sum(flops.estimate(model.config, out.stats.layer_rows, len(out.sequences[0])).values())
+        total += flops.estimate(model.config, out.stats.layer_rows, len(out.sequences[0]))["total"]
         exact += score(p, out.text[0])["exact_match"]
         for report in out.stats.plugins.values():
             if "rows_reused" in report:
