@@ -650,3 +650,17 @@ def test_a_repeat_that_finishes_before_its_first_pass_waits_for_it():
     assert final_b and [s["round"] for s in done["timing"]["samples"]] == [1, 2]
     assert done["timing"]["tokens_per_second"]["median"] == 20.0 and done["metrics"]["tokens_per_second"] == 99.0
     assert rounds.dead(spec)
+
+
+def test_a_run_timed_later_is_recorded_under_the_names_the_file_gives_it_now(write_ablation, tmp_path):
+    out = tmp_path / "o.jsonl"
+    first = write_ablation(name="first", plugins={"sets": [[]]})
+    assert main(["ablate", str(first), "--output", str(out), "--quiet", "--no-report"]) == 0
+    now = write_ablation(name="renamed", plugins={"sets": [[]]})
+    assert main(["ablate", str(now), "--output", str(out), "--quiet", "--no-report", "--repeats", "1",
+                 "--timing-limit", "1"]) == 0
+    records = read_records(out)
+    assert len(records) == 2 and records[0]["key"] == records[1]["key"]
+    timed = records[1]
+    assert timed["ablation"] == "renamed" and timed["ablation_file"].endswith("renamed.yaml")
+    assert timed["accuracy"] == records[0]["accuracy"] and timed["timing"]["complete"]
