@@ -335,10 +335,16 @@ def reused_first_passes(specs: list[RunSpec], files, ablation: dict) -> dict[int
     for spec in specs:
         if spec.status == "pending" and spec.key in donors:
             path, r = donors[spec.key]
-            measured = {k: r[k] for k in _FIRST_PASS_FIELDS if k in r}
             source = {"file": str(path), "ablation": r.get("ablation"), "index": r.get("index")}
-            out[spec.index] = _clean(base_record(spec, ablation) | measured | {"status": "ok", "reused_from": source})
+            out[spec.index] = first_pass_record(spec, r | {"reused_from": source}, ablation)
     return out
+
+
+def first_pass_record(spec: RunSpec, recorded: dict, ablation: dict) -> dict:
+    """A run's record from a first pass recorded before (here or in another results file): what was
+    measured, under the names this ablation file gives the run now."""
+    measured = {k: recorded[k] for k in (*_FIRST_PASS_FIELDS, "reused_from") if k in recorded}
+    return _clean(base_record(spec, ablation) | measured | {"status": "ok"})
 
 
 def check_models(runs: list[RunSpec]) -> None:
@@ -429,9 +435,11 @@ def run_ablation(abl: Ablation, output, *, limit=None, model=None, extra_set=(),
         existing = read_records(output)
         todo, write_now, already = select(runs, existing, shard, retry_failed, repeats)
         done = {r["key"]: r for r in dedupe(existing)}
-        kept = {s.index: done[s.key] for s in todo if (done.get(s.key) or {}).get("status") == "ok"}
-        reused = reused_first_passes([s for s in todo if s.key not in done], reuse_runs,
-                                     {"name": abl.name, "source": abl.source, "metric": abl.metric})
+        about = {"name": abl.name, "source": abl.source, "metric": abl.metric}
+        # the recorded first pass under this file's names (labels and sweeps may have changed since)
+        kept = {s.index: first_pass_record(s, done[s.key], about) for s in todo
+                if (done.get(s.key) or {}).get("status") == "ok"}
+        reused = reused_first_passes([s for s in todo if s.key not in done], reuse_runs, about)
         check_models(todo)
     if todo:
         check_tasks(abl.tasks)

@@ -676,3 +676,17 @@ def test_an_ablation_naming_an_empty_recipe_file_is_refused(tmp_path):
     abl = Ablation.from_dict({"name": "x", "recipe": "empty.yaml"}, source=str(tmp_path / "abl.yaml"))
     with pytest.raises(ConfigError, match=r"empty.yaml: the file is empty; a recipe is a mapping"):
         plan_runs(abl)
+
+
+def test_a_run_timed_later_is_recorded_under_the_names_the_file_gives_it_now(write_ablation, tmp_path):
+    out = tmp_path / "o.jsonl"
+    first = write_ablation(name="first", plugins={"sets": [[]]})
+    assert main(["ablate", str(first), "--output", str(out), "--quiet", "--no-report"]) == 0
+    now = write_ablation(name="renamed", plugins={"sets": [[]]})
+    assert main(["ablate", str(now), "--output", str(out), "--quiet", "--no-report", "--repeats", "1",
+                 "--timing-limit", "1"]) == 0
+    records = read_records(out)
+    assert len(records) == 2 and records[0]["key"] == records[1]["key"]
+    timed = records[1]
+    assert timed["ablation"] == "renamed" and timed["ablation_file"].endswith("renamed.yaml")
+    assert timed["accuracy"] == records[0]["accuracy"] and timed["timing"]["complete"]
