@@ -26,6 +26,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -159,11 +160,16 @@ def lr_at(step: int, progress: float, cfg: GuideConfig) -> float:
     return cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) * schedule_factor(progress, cfg)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
 def export_guide(model, directory: str | os.PathLike) -> Path:
-    """Write `model` as an HF-format directory with the embedded tokenizer's files, atomically (a
-    temporary sibling is filled, then renamed over `directory`)."""
+    """Write `model` as an HF-format directory with the embedded diffusion model's tokenizer files,
+    atomically (a temporary sibling is filled, then renamed over `directory`). The files are copied,
+    not written again: a tokenizer saved by another transformers/tokenizers version serialises
+    differently, and the guide's tokenizer must be the diffusion model's byte for byte."""
+    from ..models.default import EMBEDDED
     from ..models.saving import atomic_directory
-    from ..models.tokenizer import save_tokenizer
 
     directory = Path(directory)
     was_training = model.training
@@ -171,7 +177,8 @@ def export_guide(model, directory: str | os.PathLike) -> Path:
     try:
         with atomic_directory(directory) as tmp:
             model.save_pretrained(str(tmp))
-            save_tokenizer(tmp)
+            for name in TOKENIZER_FILES:
+                shutil.copyfile(EMBEDDED["default"] / name, Path(tmp) / name)
     finally:
         model.train(was_training)
     return directory
