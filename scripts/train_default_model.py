@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dare_pipeline.training import TrainConfig, Trainer
 from dare_pipeline.training.optimizers import OPTIMIZERS
-from dare_pipeline.training.trainer import CHECKPOINT, PRESETS, SCHEDULES, family_weights_arg
+from dare_pipeline.training.trainer import (CHECKPOINT, PRESETS, SCHEDULES, add_shape_flags, family_weights_arg,
+                                            stop_on_sigterm)
 
 
 def parse_args(argv=None):
@@ -75,19 +76,14 @@ def parse_args(argv=None):
     ap.add_argument("--init-std", type=float, default=None)
     ap.add_argument("--checkpoint-every", type=int, default=None)
     ap.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in this session")
-    for name in ("d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden"):
-        ap.add_argument("--" + name.replace("_", "-"), type=int, default=None)
+    add_shape_flags(ap)
     ap.add_argument("--no-progress", action="store_true")
     return ap.parse_args(argv)
 
 
-def _stop_on_sigterm(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")  # the trainer's finally-block saves a checkpoint
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     # every TrainConfig field given on the command line (the --flag names are the field names)

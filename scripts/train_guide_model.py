@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dare_pipeline.training.guide import CHECKPOINT, SCHEDULES, GuideConfig, GuideTrainer  # noqa: E402
 from dare_pipeline.training.optimizers import OPTIMIZERS  # noqa: E402
-from dare_pipeline.training.trainer import family_weights_arg  # noqa: E402
+from dare_pipeline.training.trainer import add_shape_flags, family_weights_arg, stop_on_sigterm  # noqa: E402
 
 # every GuideConfig field the command line may set (the --flag names are the field names)
 FIELDS = ("steps", "minutes", "lr", "warmup_steps", "schedule", "decay_fraction", "optimizer", "muon_lr_scale",
@@ -71,14 +71,9 @@ def parse_args(argv=None):
                     help="the answers of the prompt's few-shot examples are targets too (default: yes)")
     ap.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints (100)")
     ap.add_argument("--log-every", type=int, default=None, help="steps between log lines (10)")
-    for name in ("d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden"):
-        ap.add_argument("--" + name.replace("_", "-"), type=int, default=None)
+    add_shape_flags(ap)
     ap.add_argument("--no-progress", action="store_true")
     return ap.parse_args(argv)
-
-
-def _stop_on_sigterm(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")  # the trainer's finally-block saves a checkpoint
 
 
 def main(argv=None) -> int:
@@ -104,7 +99,7 @@ def main(argv=None) -> int:
         print(f"train_guide_model: {error}", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
-    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
     trainer = GuideTrainer(cfg, out, progress=not args.no_progress)
     if args.resume:
         trainer.load()

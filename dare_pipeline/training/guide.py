@@ -38,7 +38,7 @@ from ..config.loading import at_least, choice, in_range
 from ..models.tokenizer import BOS_ID, EOS_ID, EOT_ID, PAD_ID, VOCAB_SIZE
 from .batches import BatchKind, BatchSampler, Phase
 from .causal_objective import causal_lm_loss, loss_mask
-from .optimizers import OPTIMIZERS, build_optimizer
+from .optimizers import OPTIMIZERS, build_optimizer, optimizer_step
 from .run_dir import CHECKPOINT, LOG, atomic_torch_save, truncate_log
 from .trainer import SCHEDULES, check_family_weights
 
@@ -265,19 +265,14 @@ class GuideTrainer:
         progress = self.progress()
         batch = self.sampler.next_batch(round(progress * PHASE_RESOLUTION), PHASE_RESOLUTION)
         lr = lr_at(self.step, progress, cfg)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
         targets = loss_mask(batch.input_ids, batch.attention_mask, batch.answer_mask, cfg.shot_answers)
         loss, n_targets = causal_lm_loss(self.model, batch.input_ids, batch.attention_mask, targets)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-        self.optimizer.step()
+        grad_norm = optimizer_step(self.model, self.optimizer, loss, lr, cfg.grad_clip)
         self.step += 1
         self.tokens += batch.real_tokens
         self.targets += n_targets
         self.last_loss = loss.item()
-        self._last_info = {"lr": lr, "progress": round(progress, 5), "grad_norm": float(grad_norm),
+        self._last_info = {"lr": lr, "progress": round(progress, 5), "grad_norm": grad_norm,
                            "rows": batch.rows, "canvas": batch.canvas, "kind": batch.kind,
                            "width": batch.input_ids.shape[1], "batch_targets": n_targets}
         return self.last_loss

@@ -130,3 +130,16 @@ def build_optimizer(model: torch.nn.Module, name: str, lr: float, weight_decay: 
     if name == "muon":
         return MuonWithAdamW(model, lr, weight_decay, betas, muon_lr_scale)
     raise ValueError(f"optimizer {name!r}: allowed {', '.join(OPTIMIZERS)}")
+
+
+def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor, lr: float,
+                   grad_clip: float) -> float:
+    """One update of `model` from `loss` at learning rate `lr` (each group scaled by its `lr_scale`),
+    gradients clipped to `grad_clip`; returns the gradient norm before clipping."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return float(grad_norm)

@@ -29,7 +29,7 @@ from ..models.tokenizer import BOS_ID, EOS_ID, MASK_ID, PAD_ID, VOCAB_SIZE
 from ..models.transformer import DiffusionTransformer
 from .batches import LONG_PHASE_ZERO_SHOT, BatchSampler, Phase, default_curriculum
 from .objective import DEFAULT_EPS, diffusion_loss
-from .optimizers import OPTIMIZERS, build_optimizer
+from .optimizers import OPTIMIZERS, build_optimizer, optimizer_step
 from .run_dir import CHECKPOINT, LOG, atomic_torch_save, truncate_log
 
 # the answer canvas an exported model suggests (generation_config.json): the suite's answers fit in
@@ -49,6 +49,18 @@ def check_family_weights(instance, attribute, value) -> None:
             raise ValueError(f"family_weights[{family!r}] must be a non-negative int, got {weight!r}")
     if not any(value.values()):
         raise ValueError(f"family_weights {value!r} give every family weight 0")
+
+
+def add_shape_flags(parser) -> None:
+    """The training scripts' model-shape flags (--d-model ... --ffn-hidden): config field overrides."""
+    for name in ("d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden"):
+        parser.add_argument("--" + name.replace("_", "-"), type=int, default=None)
+
+
+def stop_on_sigterm(signum, frame):
+    """SIGTERM handler of the training scripts: ends training like Ctrl-C, whose finally-block saves a
+    checkpoint."""
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def family_weights_arg(text: str) -> dict[str, int]:
@@ -268,21 +280,16 @@ class Trainer:
         batch = self.sampler.next_batch(self.step, cfg.steps)
         lr = lr_at(self.step, cfg)
         block_prob = cfg.block_prefix_prob if self.step >= cfg.block_prefix_start * cfg.steps else 0.0
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
         dev = self.device
         loss, _ = diffusion_loss(self.model, batch.input_ids.to(dev), batch.attention_mask.to(dev),
                                  batch.answer_mask.to(dev),
                                  self.noise_gen, cfg.eps, stratified=cfg.stratified, weighting=cfg.weighting,
                                  block_prefix_prob=block_prob, block_length=cfg.block_length)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-        self.optimizer.step()
+        grad_norm = optimizer_step(self.model, self.optimizer, loss, lr, cfg.grad_clip)
         self.step += 1
         self.tokens += batch.real_tokens
         self.last_loss = loss.item()
-        self._last_info = {"lr": lr, "grad_norm": float(grad_norm), "rows": batch.rows, "canvas": batch.canvas,
+        self._last_info = {"lr": lr, "grad_norm": grad_norm, "rows": batch.rows, "canvas": batch.canvas,
                            "kind": batch.kind, "width": batch.input_ids.shape[1]}
         return self.last_loss
 
