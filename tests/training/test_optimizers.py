@@ -7,6 +7,7 @@ from dare_pipeline.training.optimizers import (
     Float32Muon,
     MuonWithAdamW,
     build_optimizer,
+    optimizer_step,
     orthogonalise,
 )
 
@@ -133,3 +134,17 @@ def test_trainer_scales_only_the_muon_learning_rate(tmp_path):
     assert [g["lr"] for g in trainer.optimizer.adamw.param_groups] == [schedule, schedule]
     with pytest.raises(ValueError, match="muon_lr_scale"):
         TrainConfig(muon_lr_scale=0.0)
+
+
+def test_optimizer_step_updates_at_the_scheduled_rate_with_clipped_gradients():
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.SGD([{"params": [model.weight], "lr_scale": 0.5}, {"params": [model.bias]}], lr=1.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = 100 * model(torch.ones(3, 4)).sum()
+    norm = optimizer_step(model, optimizer, loss, lr=0.2, grad_clip=1.0)
+    assert norm > 1.0  # the norm before clipping
+    assert [g["lr"] for g in optimizer.param_groups] == [0.1, 0.2]
+    assert torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in model.parameters()])) == pytest.approx(1.0)
+    step_w, step_b = before[0] - model.weight.detach(), before[1] - model.bias.detach()
+    assert torch.allclose(step_w, 0.1 * model.weight.grad) and torch.allclose(step_b, 0.2 * model.bias.grad)
+
