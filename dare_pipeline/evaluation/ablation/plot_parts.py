@@ -59,6 +59,25 @@ def set_ratio_axis(ax, which: str) -> None:
     axis.set_minor_formatter(NullFormatter())
 
 
+def set_threshold_axis(ax, values: list[float]) -> None:
+    """Thresholds that span a decade or more (0.001, 0.01, 0.1) on a log axis, or symlog when 0 is
+    among them (linear up to the smallest positive one), so that no decade is crowded into a corner;
+    a narrower sweep keeps a linear axis. Either way the swept values themselves are the labelled
+    ticks (a single one is not surrounded by ticks of values never run)."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
+    swept = sorted(set(values))
+    positive = [v for v in swept if v > 0]
+    if len(positive) >= 2 and positive[-1] / positive[0] >= 10:
+        if swept[0] <= 0:
+            ax.set_xscale("symlog", linthresh=positive[0], linscale=0.5)
+        else:
+            ax.set_xscale("log")
+    ax.xaxis.set_major_locator(FixedLocator(swept))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_locator(NullLocator())
+
+
 # ---- marks that would hide each other -------------------------------------------------------------
 
 def spread_positions(points_pt: list[tuple[float, float]], spacing: float = MARK_SPACING_PT

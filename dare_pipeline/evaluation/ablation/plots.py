@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .analysis import (Analysis, by_strategy, combination_label, geometric_mean, is_plugin_key, pareto_front, row_label,
                        section_title)
-from .plot_parts import caption, separate_marks, set_ratio_axis
+from .plot_parts import caption, separate_marks, set_ratio_axis, set_threshold_axis
 
 PLOTS = ("accuracy_vs_speedup.png", "reuse_vs_threshold.png", "additive_gain.png")
 _MARKERS = "osD^vP*Xh<>p"
@@ -153,6 +153,7 @@ def reuse_threshold_figure(an: Analysis, plt):
                 lines.append((i, ax.plot(xs, [None if p[2] is None else p[2] * 100 for p in pts], "s--", color=color,
                                          label=f"{name[:50]}: {plugin}'s own reuse (% of the rows it could reuse)")))
         drawn = drawn or bool(lines)
+        set_threshold_axis(ax, [p[0] for pts in series.values() for p in pts])
         ax.set_xlim(*ax.get_xlim())  # the limits of the data, before the series are dodged
         for i, drawn_lines in lines:  # series side by side, a few points apart, so equal ones stay visible
             for line in drawn_lines if len(series) > 1 else ():

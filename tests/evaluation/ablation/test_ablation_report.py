@@ -146,6 +146,30 @@ def test_threshold_sweep_gets_a_reuse_plot(tmp_path):
     assert (tmp_path / "reuse_vs_threshold.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.parametrize("thresholds, scale, shown", [
+    ((0.001, 0.01, 0.1), "log", ["0.001", "0.01", "0.1"]),          # decades: each gets its own room
+    ((0.0, 0.0005, 0.01, 0.1), "symlog", ["0", "0.0005", "0.01", "0.1"]),  # 0 swept too
+    ((0.05, 0.1, 0.2), "linear", ["0.05", "0.1", "0.2"]),            # less than a decade: linear
+    ((0.1,), "linear", ["0.1"])])                                    # one value: only its own tick
+def test_thresholds_spanning_decades_get_a_log_axis_labelled_with_the_swept_values(thresholds, scale, shown):
+    from dare_pipeline.evaluation.ablation.plots import reuse_threshold_figure
+
+    records = [_rec(0, [], 10, 0.5)]
+    for i, t in enumerate(thresholds, 1):
+        r = _rec(i, ["dare_o"], 10 + i, 0.5, sweep={"plugins.dare_o.threshold": t})
+        r["reuse"] = {"flops": 0.1 * i, "plugins": {"dare_o": {"reuse_fraction": 0.2 * i}}}
+        records.append(r)
+    fig, plt = _figure(reuse_threshold_figure, records)
+    ax = fig.axes[0]
+    scale_seen, ticks = ax.get_xscale(), _shown_ticks(ax)
+    xs = [ax.transData.transform((t, 0))[0] for t in thresholds]
+    plt.close(fig)
+    assert scale_seen == scale and ticks == shown
+    if scale != "linear":
+        gaps = [b - a for a, b in zip(xs, xs[1:])]
+        assert min(gaps) > 0.25 * max(gaps)  # no swept value crowded against its neighbour
+
+
 # ---- timed repeats: spreads, intervals, within noise ------------------------------------------------
 
 def _timed(record, tps_values):
