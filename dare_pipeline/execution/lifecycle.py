@@ -83,6 +83,24 @@ def interrupt_handlers():
             signal.signal(s, handler)
 
 
+@contextlib.contextmanager
+def children_start_ignoring_interrupts():
+    """Within: processes started here (the runner's spawned workers) begin with SIGINT ignored.
+    A spawned worker runs the interpreter's start-up and its imports (seconds, with torch) before
+    it can ignore SIGINT itself in die_with_parent, and a handler does not survive exec while
+    SIG_IGN does; without this, Ctrl-C to the group in that window printed a KeyboardInterrupt
+    traceback from every starting worker. A SIGINT to this process within (the few milliseconds
+    the process starts take) is lost: a second Ctrl-C stops the command."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, saved)
+
+
 def _set_parent_death_signal(signum: int) -> bool:
     if not sys.platform.startswith("linux"):
         return False

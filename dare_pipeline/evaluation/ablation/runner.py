@@ -22,6 +22,7 @@ from datetime import datetime, timezone
 import attrs
 
 from ...config.loading import ConfigError
+from ...execution.lifecycle import children_start_ignoring_interrupts
 from ...execution.outputs import check_output_file
 from . import timing
 from .display import Display, describe
@@ -606,8 +607,9 @@ def _run_pool(tasks: list, info: dict, workers: int, threads, display: Display, 
             pool = ProcessPoolExecutor(max_workers=min(workers, len({s.index for s, _ in remaining})), mp_context=ctx,
                                        initializer=_worker_init, initargs=(threads, queue, os.getpid()))
             try:
-                futures = {pool.submit(_worker_execute, spec, info, r, r > 0 or spec.index in (kept or {})):
-                           (spec, r) for spec, r in remaining}
+                with children_start_ignoring_interrupts():  # submit spawns the workers
+                    futures = {pool.submit(_worker_execute, spec, info, r, r > 0 or spec.index in (kept or {})):
+                               (spec, r) for spec, r in remaining}
                 pending = set(futures)
                 while pending:
                     done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)

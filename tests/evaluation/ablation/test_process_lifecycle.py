@@ -155,6 +155,33 @@ def test_no_worker_outlives_a_killed_ablate(tmp_path, signum, group):
         err.close()
 
 
+def _workers_started(proc, n):
+    """The spawned workers once n of them exist, before their imports are done (a worker's
+    interpreter start-up and imports take seconds)."""
+    procs = descendants(proc.pid)
+    workers = [p for p in procs if "multiprocessing" in _cmdline(p) and "resource_tracker" not in _cmdline(p)]
+    return procs if len(workers) >= n else None
+
+
+def test_ctrl_c_while_the_workers_start_prints_one_line_and_no_traceback(tmp_path):
+    path = _ablation(tmp_path)
+    proc, err = start(["ablate", str(path), "--workers", "2", "--output", str(tmp_path / "out.jsonl"), "--quiet",
+                       "--no-report"], tmp_path)
+    try:
+        procs = wait_for(lambda: _workers_started(proc, 2), 240, "two started workers")
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal: the whole group, workers included
+        rc = proc.wait(timeout=60)
+        wait_for(lambda: not alive(procs), 10, "every descendant of the interrupted runner to exit")
+        err.seek(0)
+        text = err.read()
+        assert rc == 130, text
+        assert text.strip().splitlines()[-1] == "dare-pipeline: interrupted; 0 of 2 runs recorded, rerun to resume"
+        assert "Traceback" not in text and "KeyboardInterrupt" not in text, text
+    finally:
+        stop_group(proc)
+        err.close()
+
+
 def test_sigint_ends_ablate_with_one_line_and_resume_keeps_the_runs(tmp_path):
     path = _ablation(tmp_path, name="sigint", limit=2, seeds=(0, 1, 2))
     out = tmp_path / "out.jsonl"
