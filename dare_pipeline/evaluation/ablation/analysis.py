@@ -20,7 +20,7 @@ from collections import OrderedDict
 
 from .results import dedupe
 from .runner import accuracy_mean
-from .timing import spread
+from .timing import spread, timed_ranks
 from .timing import tokens_per_second as timed_tps
 
 
@@ -130,8 +130,8 @@ class Analysis:
     @staticmethod
     def _machine(r: dict) -> tuple:
         h = r.get("hardware") or {}
-        return tuple(h.get(k) for k in ("platform", "machine", "processor", "cpu_count", "torch_threads", "device",
-                                        "gpu", "ranks"))  # ranks: data-parallel processes (absent = 1)
+        return (*(h.get(k) for k in ("platform", "machine", "processor", "cpu_count", "torch_threads", "device", "gpu")),
+                timed_ranks(r))  # the data-parallel processes its tokens/s came from
 
     def other_hardware(self, r: dict) -> bool:
         """The run and its baseline ran on different hardware (merged shards): tokens/s do not compare."""

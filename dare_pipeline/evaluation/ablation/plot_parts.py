@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 import textwrap
 
+from .timing import timed_ranks
+
 # marks closer than this (in points, centre to centre) are moved apart; a 7-point mark is 7 wide
 MARK_SPACING_PT = 11.0
 
@@ -172,8 +174,8 @@ def _hardware(r: dict) -> str | None:
     cpu = f"{h.get('machine') or 'CPU'} with {h.get('cpu_count')} cores"
     threads = f"{h.get('torch_threads')} torch thread{'s' if h.get('torch_threads') != 1 else ''}"
     where = h.get("gpu") or ("CPU" if str(h.get("device", "cpu")).startswith("cpu") else h.get("device"))
-    ranks = f", {h['ranks']} processes" if h.get("ranks") else ""
-    return f"{where} ({cpu}, {threads}{ranks})"
+    ranks = timed_ranks(r)  # where the tokens/s came from (the accuracy pass may have had more processes)
+    return f"{where} ({cpu}, {threads}{f', {ranks} processes' if ranks > 1 else ''})"
 
 
 def _problems(r: dict) -> str | None:

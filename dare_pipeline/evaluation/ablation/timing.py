@@ -14,7 +14,10 @@ from __future__ import annotations
 import statistics
 
 # what each timed repeat keeps from its pass's metrics
-SAMPLE_FIELDS = ("decode_time_s", "decode_cpu_s", "tokens_per_second", "generated_tokens", "nfe_total", "requests")
+# (ranks: the processes the pass ran in; the timed passes may run in another invocation than the
+# first, e.g. accuracy under --data-parallel and timing in one process)
+SAMPLE_FIELDS = ("decode_time_s", "decode_cpu_s", "tokens_per_second", "generated_tokens", "nfe_total", "requests",
+                 "ranks")
 SPREAD_FIELDS = ("decode_time_s", "decode_cpu_s", "tokens_per_second")
 
 
@@ -76,3 +79,14 @@ def tokens_per_second(record: dict) -> dict | None:
         return None
     s = timing.get("tokens_per_second")
     return s if isinstance(s, dict) and isinstance(s.get("median"), (int, float)) and s["median"] > 0 else None
+
+
+def timed_ranks(record: dict) -> int:
+    """The processes that gave the record's tokens/s: its timed passes' when they say (a record
+    timed before samples kept it, or never timed: its first pass's)."""
+    timing = record.get("timing")
+    samples = timing.get("samples") if isinstance(timing, dict) else None
+    ranks = {s.get("ranks") for s in samples or [] if isinstance(s, dict)}
+    if samples and None not in ranks:
+        return max(ranks)
+    return ((record.get("hardware") or {}).get("ranks") or (record.get("metrics") or {}).get("ranks") or 1)

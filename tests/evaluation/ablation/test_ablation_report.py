@@ -180,6 +180,36 @@ def _timed(record, tps_values):
     return record | {"timing": timing.summarize(samples, len(samples))}
 
 
+def test_the_processes_named_are_those_the_tokens_per_second_came_from():
+    """Accuracy under --data-parallel (2 processes), timing later in one process: the caption and
+    the comparison with the baseline go by the timed passes' processes."""
+    from dare_pipeline.evaluation.ablation import timing
+    from dare_pipeline.evaluation.ablation.plot_parts import caption
+
+    def run(index, plugins, first_pass_ranks, timed_ranks):
+        r = _rec(index, plugins, 10, 0.5)
+        r["hardware"] = {"machine": "x86_64", "cpu_count": 2, "torch_threads": 1, "device": "cpu",
+                         **({"ranks": first_pass_ranks} if first_pass_ranks > 1 else {})}
+        if timed_ranks is not None:
+            passes = [{"metrics": {"tokens_per_second": t, "decode_time_s": 1.0, "requests": 4, "ranks": timed_ranks}}
+                      for t in (9.0, 11.0)]
+            r["timing"] = timing.summarize([timing.sample(p) for p in passes], 2)
+        return r
+
+    assert timing.sample({"metrics": {"ranks": 2}})["ranks"] == 2
+    one = " ".join(caption([run(0, [], 2, 1)], 200).split())
+    assert "(x86_64 with 2 cores, 1 torch thread)" in one and "processes" not in one
+    assert "1 torch thread, 2 processes)" in " ".join(caption([run(0, [], 2, 2)], 200).split())
+    assert "1 torch thread, 2 processes)" in " ".join(caption([run(0, [], 2, None)], 200).split())  # untimed
+    old = run(0, [], 2, 1)
+    for s in old["timing"]["samples"]:
+        del s["ranks"]  # timed by a version that did not keep them: the first pass's processes
+    assert "2 processes" in " ".join(caption([old], 200).split())
+    # a run timed in one process against a baseline timed in two: not comparable, marked
+    assert Analysis([run(0, [], 2, 2), run(1, ["a"], 2, 1)]).other_hardware(run(1, ["a"], 2, 1))
+    assert not Analysis([run(0, [], 2, 1), run(1, ["a"], 1, 1)]).other_hardware(run(1, ["a"], 1, 1))
+
+
 def test_spread_is_median_quartiles_and_range():
     from dare_pipeline.evaluation.ablation.timing import needs_timing, spread
 
