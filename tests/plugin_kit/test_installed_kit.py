@@ -36,17 +36,21 @@ OURS = ("dare_pipeline", "__editable__", "dare_step_logger", "dare_input_drift",
 TIMEOUT = 300  # per command: a hung build or run fails the test instead of the CI job
 
 
-def _run(cmd, cwd, env=None):
+def _run(cmd, cwd, env=None, stderr_too=False):
     result = subprocess.run([str(c) for c in cmd], check=False, cwd=cwd, env=env, capture_output=True, text=True,
                             timeout=TIMEOUT)  # the assertion below shows the output
     assert result.returncode == 0, f"{' '.join(map(str, cmd))} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result.stdout
+    return result.stdout + (result.stderr if stderr_too else "")
 
 
 def _wheel(source: Path, work: Path, out: Path) -> Path:
-    """Build a wheel of `source` (copied to `work` first: the build writes beside the sources)."""
-    _run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-index", "--no-build-isolation",
-          "--wheel-dir", out, "."], cwd=work)
+    """Build a wheel of `source` (copied to `work` first: the build writes beside the sources). The
+    build prints no warning: setuptools' deprecations (a license table, a data directory it would
+    ignore) are what a user sees on install, and each has a date after which the build fails."""
+    output = _run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-index", "--no-build-isolation",
+                   "--wheel-dir", out, "."], cwd=work, stderr_too=True)
+    warnings = [line.strip() for line in output.splitlines() if "Warning:" in line]
+    assert warnings == [], f"building {source.name} warned:\n" + "\n".join(warnings)
     return out
 
 
