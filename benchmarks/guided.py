@@ -65,7 +65,8 @@ def decode(pipe: Pipeline, problem: dict, gen: dict) -> dict:
     st = out.stats
     guided = st.plugins.get("guided_diffusion", {})
     diffusion = flops.estimate(pipe.model.config, st.layer_rows, len(out.sequences[0]), st.nfe * gen["block_length"])
-    return {"exact": score(problem, out.text[0])["exact_match"], "final": score(problem, out.text[0])["final_match"],
+    scores = score(problem, out.text[0])
+    return {"exact": scores["exact_match"], "final": scores["final_match"],
             "nfe": st.nfe, "guide_forwards": guided.get("guide_forwards", 0), "accepted": guided.get("accepted", 0),
             "fallbacks": guided.get("fallbacks", 0), "eos_filled": guided.get("eos_filled", 0),
             "flops_diffusion": diffusion["total"], "flops_guide": st.extra_flops.get("guide", 0),
@@ -113,22 +114,24 @@ def timing(args, model, problems, gen) -> None:
 
 
 def _records(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    lines = path.read_text().splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
+    return read_jsonl(path) if path.is_file() else []
 
 
-def report(paths) -> None:
+def _by_run(paths) -> list[tuple[tuple[int, str], list[dict]]]:
+    """The records of the files, grouped by (gen_length, recipe), in gen_length then RECIPES order."""
     by = defaultdict(list)
     for path in paths:
         for r in _records(Path(path)):
             by[(r["gen_length"], r["recipe"])].append(r)
+    return sorted(by.items(), key=lambda kv: (kv[0][0], list(RECIPES).index(kv[0][1])))
+
+
+def report(paths) -> None:
     print("| gen | recipe | problems | exact % | add | sort | reverse | expr | final % | diffusion fwd / problem | "
           "guide fwd / problem | accepted / guided fwd | fall-backs | GFLOPs / problem (diffusion + guide) | "
           "CPU s / problem |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for (g, name), rs in sorted(by.items(), key=lambda kv: (kv[0][0], list(RECIPES).index(kv[0][1]))):
+    for (g, name), rs in _by_run(paths):
         n = len(rs)
         fam = {f: [r["exact"] for r in rs if r["family"] == f] for f in FAMILIES}
         guided = sum(r["guide_forwards"] for r in rs)
@@ -149,14 +152,12 @@ def analysis(paths) -> None:
     (the blocks up to the one holding the answer's EOS, one forward each), the forwards taken, the
     drafts accepted per guided forward and the fall-back rate; and the goal's two ratios."""
     answers = {p["id"]: len(p["answer"]) for p in read_jsonl(HELDOUT_FILE)}  # character tokens
-    by = defaultdict(list)
-    for path in paths:
-        for r in _records(Path(path)):
-            by[(r["gen_length"], r["recipe"])].append(r)
+    runs = _by_run(paths)
+    by = dict(runs)
     print("| gen | recipe | family | answer tokens | fewest forwards (EOS stop) | diffusion fwd / problem | "
           "accepted / guided fwd | fall-backs | exact % |")
     print("|---|---|---|---:|---:|---:|---:|---:|---:|")
-    for (g, name), rs in sorted(by.items(), key=lambda kv: (kv[0][0], list(RECIPES).index(kv[0][1]))):
+    for (g, name), rs in runs:
         if name not in ("dual_cache + threshold", "guided + dual_cache", "guided + dual_cache, no EOS stop"):
             continue
         for fam in FAMILIES:

@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from importlib import resources
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -58,6 +57,7 @@ import torch
 
 from dare_pipeline.config import ConfigError, at_least, choice, in_range
 from dare_pipeline.core import Plugin, hookimpl
+from dare_pipeline.models.default import GUIDE
 
 NAME = "guided_diffusion"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -67,7 +67,7 @@ LAYOUT = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermedia
 
 def embedded_guide() -> Path:
     """The embedded guide's directory (beside the embedded diffusion weights)."""
-    return Path(str(resources.files("dare_pipeline").joinpath("models", "default", "guide")))
+    return GUIDE
 
 
 def _guide_dir(instance, attribute, value):

@@ -66,16 +66,15 @@ def _raise_interrupted(signum, frame):
 
 
 @contextlib.contextmanager
-def interrupt_handlers():
-    """Within: SIGINT and SIGTERM raise Interrupted in the main thread (SIGTERM would otherwise end
-    the process at once, leaving no chance to stop the workers or to say what was kept). The
-    previous handlers come back on exit."""
+def _handlers_within(handlers: dict):
+    """Within: the signal handlers `handlers` (signal -> handler), the previous ones back on exit.
+    Only the main thread may set handlers: elsewhere nothing changes."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    for s in saved:
-        signal.signal(s, _raise_interrupted)
+    saved = {s: signal.getsignal(s) for s in handlers}
+    for s, handler in handlers.items():
+        signal.signal(s, handler)
     try:
         yield
     finally:
@@ -83,7 +82,13 @@ def interrupt_handlers():
             signal.signal(s, handler)
 
 
-@contextlib.contextmanager
+def interrupt_handlers():
+    """Within: SIGINT and SIGTERM raise Interrupted in the main thread (SIGTERM would otherwise end
+    the process at once, leaving no chance to stop the workers or to say what was kept). The
+    previous handlers come back on exit."""
+    return _handlers_within({signal.SIGINT: _raise_interrupted, signal.SIGTERM: _raise_interrupted})
+
+
 def children_start_ignoring_interrupts():
     """Within: processes started here (the runner's spawned workers) begin with SIGINT ignored.
     A spawned worker runs the interpreter's start-up and its imports (seconds, with torch) before
@@ -91,14 +96,7 @@ def children_start_ignoring_interrupts():
     SIG_IGN does; without this, Ctrl-C to the group in that window printed a KeyboardInterrupt
     traceback from every starting worker. A SIGINT to this process within (the few milliseconds
     the process starts take) is lost: a second Ctrl-C stops the command."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    saved = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, saved)
+    return _handlers_within({signal.SIGINT: signal.SIG_IGN})
 
 
 def _set_parent_death_signal(signum: int) -> bool:

@@ -8,10 +8,9 @@ import shutil
 from pathlib import Path
 
 import torch
+from dare_pipeline.models.default import EMBEDDED
+from dare_pipeline.training.guide import TOKENIZER_FILES
 from dare_pipeline_plugins.guided_diffusion import Guide
-
-EMBEDDED = Path(__file__).parents[2] / "dare_pipeline" / "models" / "default" / "llada"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def save_guide(directory: Path, arch: str = "llama", vocab_size: int = 101, tokenizer: bool = True,
@@ -34,7 +33,7 @@ def save_guide(directory: Path, arch: str = "llama", vocab_size: int = 101, toke
     model.save_pretrained(directory)
     if tokenizer:
         for name in TOKENIZER_FILES:
-            shutil.copy(EMBEDDED / name, directory / name)
+            shutil.copy(EMBEDDED["default"] / name, directory / name)
     return directory
 
 

@@ -7,6 +7,8 @@ from pathlib import Path
 HERE = Path(__file__).parent
 # name -> directory; "default" is the LLaDA-architecture model
 EMBEDDED = {"default": HERE / "llada", "default-llada": HERE / "llada", "default-dream": HERE / "dream"}
+# the embedded guide of guided diffusion (a causal LM with the embedded models' tokenizer)
+GUIDE = HERE / "guide"
 
 
 def resolve_model_path(path: str | Path) -> Path:
