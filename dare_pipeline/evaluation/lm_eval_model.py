@@ -459,17 +459,22 @@ class DareLM(TemplateLM):
                 order = sorted(indices, key=lambda i: -len(requests[i].args[0]))
                 for start in range(0, len(order), self.batch_size):
                     chunk = order[start:start + self.batch_size]
-                    prompts = [self._fit(self.tok_encode(requests[i].args[0]), gen.gen_length) for i in chunk]
-                    t0, cpu0 = time.perf_counter(), time.process_time()
-                    out = self.pipeline.generate(prompts, **overrides)
-                    cpu = time.process_time() - cpu0
-                    texts = [cut_at_stops(self.tok_decode(a), list(gen.stop) + until) for a in out.answers]
-                    self.stats.add(out.stats, len(chunk), time.perf_counter() - t0, cpu)
+                    texts = self._decode_batch([requests[i].args[0] for i in chunk], gen_kwargs, gen, overrides, until)
                     for i, text in zip(chunk, texts):
                         results[i] = text
                         self.cache_hook.add_partial("generate_until", requests[i].args, text)
                     bar.update(len(chunk))
         return results
+
+    def _decode_batch(self, contexts: list[str], gen_kwargs, gen, overrides: dict, until: list[str]) -> list[str]:
+        """The answers to one batch of contexts (decoded together), its counters added to `stats`."""
+        prompts = [self._fit(self.tok_encode(c), gen.gen_length) for c in contexts]
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        out = self.pipeline.generate(prompts, **overrides)
+        cpu = time.process_time() - cpu0
+        texts = [cut_at_stops(self.tok_decode(a), list(gen.stop) + until) for a in out.answers]
+        self.stats.add(out.stats, len(contexts), time.perf_counter() - t0, cpu)
+        return texts
 
     # ---- likelihoods (Monte Carlo, as in the LLaDA paper) ------------------------------------
     def _logits(self, x: torch.Tensor, prompt_len: int) -> torch.Tensor:

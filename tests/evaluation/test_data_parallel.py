@@ -4,7 +4,9 @@ accuracy, the decoding counters summed over the ranks. The launch runs both comm
 two processes (one start-up for both); the 1-process references run in this process.
 
 limit 3 over 2 ranks: rank 0 gets 2 problems per task, rank 1 gets 1 and lm-eval pads it with a
-copy, which must be neither decoded again nor counted."""
+copy, which must be neither decoded again nor counted. The ablation's first run resumes from a
+journal that one interrupted process left: each rank takes the batches recorded there, whichever
+process decoded them."""
 
 import json
 import os
@@ -74,6 +76,7 @@ def launched(tiny_dir, tmp_path_factory):
     driver.write_text(DRIVER)
     ablate = ["ablate", str(ablation_file(out, tiny_dir)), "--output", str(out / "dp.jsonl"), "--data-parallel",
               "--quiet"]
+    _interrupt_after_two_problems(out / "dp.yaml", out / "dp.jsonl")
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}
     env.update(OMP_NUM_THREADS="1", TQDM_DISABLE="1", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
@@ -81,6 +84,28 @@ def launched(tiny_dir, tmp_path_factory):
                           env=env, cwd=out, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return out, proc.stdout
+
+
+def _interrupt_after_two_problems(path, output):
+    """One process starts the ablation and is interrupted at its third problem: its first run's
+    journal holds two decoded problems and the results file nothing."""
+    from dare_pipeline.evaluation.ablation import Ablation
+    from dare_pipeline.evaluation.ablation.runner import run_ablation
+    from dare_pipeline.execution.lifecycle import Interrupted
+
+    real, calls = DareLM._decode_batch, []
+
+    def decode(self, *args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, *args)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(DareLM, "_decode_batch", decode)
+        with pytest.raises(Interrupted):
+            run_ablation(Ablation.from_yaml(path), output, quiet=True)
+    assert not output.exists() and len(list(output.with_suffix(".partial").glob("*/rank0.jsonl"))) == 1
 
 
 def test_eval_on_two_ranks_equals_one_process(launched, tiny_dir, tmp_path, capsys):
@@ -116,10 +141,14 @@ def test_ablate_data_parallel_equals_one_process(launched, tiny_dir, tmp_path, c
         assert b["status"] == "ok", b.get("error")
         assert b["accuracy"] == a["accuracy"] and b["reuse"] == a["reuse"]
         for key, value in a["metrics"].items():
-            if key not in TIMES:
+            if key not in TIMES + ("resumed_requests",):
                 assert b["metrics"][key] == value, key
         assert a["metrics"]["requests"] == 3 and (a["metrics"]["ranks"], b["metrics"]["ranks"]) == (1, 2)
         assert b["hardware"]["ranks"] == 2 and b["memory"]["ranks"] == 2
+    # the first run took the two problems the interrupted process decoded; the journal is gone
+    assert [r["metrics"]["resumed_requests"] for r in two] == [2, 0]
+    assert [r["metrics"]["resumed_requests"] for r in one] == [0, 0]
+    assert not (out / "dp.partial").exists()
 
 
 # ---- without a launch -----------------------------------------------------------------------------

@@ -4,6 +4,7 @@ the peak memory of the run. Imports lm-eval: load lazily."""
 
 from __future__ import annotations
 
+import copy
 import os
 import resource
 import sys
@@ -15,6 +16,7 @@ from ...core.hookspecs import hookimpl
 from ...core.stats import ROW_OPS, SUB_OPS
 from ...reuse import flops as flops_mod
 from ..lm_eval_model import DareLM, DecodingStats
+from .journal import BatchJournal, add_counters, batch_key, counters_delta
 
 # plugin numbers whose name says they are a fraction, a rate or a setting (reuse_fraction, threshold,
 # interval): averaged over generations (weighted by prompts); every other number is a count and summed
@@ -49,6 +51,7 @@ class RunStats(DecodingStats):
     plugin_counts: dict = attrs.Factory(dict)
     plugin_mean_sums: dict = attrs.Factory(dict)
     plugin_weights: dict = attrs.Factory(dict)
+    resumed_requests: int = 0  # requests whose answers and counters came from the run's journal
 
     def add_generation(self, state) -> None:
         """Called at the end of each generation (the observer below), before stats.plugins is filled."""
@@ -135,13 +138,33 @@ class _Observer:
 
 
 class AblationLM(DareLM):
-    """The `dare` lm-eval model with RunStats and an observer (not registered with lm-eval)."""
+    """The `dare` lm-eval model with RunStats and an observer (not registered with lm-eval).
 
-    def __init__(self, *args, progress=None, **kwargs):
+    journal: the run's journal directory (a first pass): every decoded batch is recorded there, and
+    a batch recorded before is taken from it instead of decoded again (see journal.py)."""
+
+    def __init__(self, *args, progress=None, journal=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.stats = RunStats(config=self.config, progress=progress)
         self.memory = MemoryProbe(self.model.device)
         self.pipeline.manager.register(_Observer(self.stats, self.memory), name=_Observer.name)
+        self.journal = None if journal is None else BatchJournal(journal, rank=self.rank)
+
+    def _decode_batch(self, contexts, gen_kwargs, gen, overrides, until):
+        if self.journal is None:
+            return super()._decode_batch(contexts, gen_kwargs, gen, overrides, until)
+        key = batch_key(contexts, gen_kwargs)
+        recorded = self.journal.take(key, len(contexts))
+        if recorded is not None:
+            add_counters(self.stats, recorded["counters"])
+            self.stats.resumed_requests += len(contexts)
+            if self.stats.progress is not None:
+                self.stats.progress(self.stats.requests, self.stats.requests_expected or None)
+            return recorded["texts"]
+        before = copy.deepcopy(self.stats.counters())
+        texts = super()._decode_batch(contexts, gen_kwargs, gen, overrides, until)
+        self.journal.add(key, texts, counters_delta(before, self.stats.counters()))
+        return texts
 
     def _generate_until(self, requests, disable_tqdm: bool = False):
         self.stats.requests_expected += len(requests)  # this rank's share, without lm-eval's padding

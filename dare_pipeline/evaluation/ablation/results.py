@@ -52,11 +52,11 @@ def append_record(path: str | os.PathLike, record: dict) -> None:
         os.close(fd)
 
 
-def read_records(path: str | os.PathLike) -> list[dict]:
+def read_records(path: str | os.PathLike, schemas=READABLE_SCHEMAS) -> list[dict]:
     """Every complete record of a results file, in file order. A line that is not a record is
     skipped with a warning naming the file and line: a partial line from a crash, bytes that are not
-    UTF-8, JSON that is not an object with a string `key`, a record of an unknown schema. A missing
-    file has no records."""
+    UTF-8, JSON that is not an object with a string `key`, a record of a schema not in `schemas`.
+    A missing file has no records."""
     path = Path(path)
     if not path.exists():
         return []
@@ -80,8 +80,8 @@ def read_records(path: str | os.PathLike) -> list[dict]:
                 problem = "not a run record"
             elif not isinstance(record["key"], str):
                 problem = f"run key {record['key']!r} is not a string"
-            elif record.get("schema") is not None and record.get("schema") not in READABLE_SCHEMAS:
-                problem = f"schema {record.get('schema')!r} is not one this version reads ({list(READABLE_SCHEMAS)})"
+            elif record.get("schema") is not None and record.get("schema") not in schemas:
+                problem = f"schema {record.get('schema')!r} is not one this version reads ({list(schemas)})"
             if problem:
                 log.warning("%s:%d: %s; ignored", path, n, problem)
                 continue

@@ -24,8 +24,9 @@ import attrs
 from ...config.loading import ConfigError
 from ...execution.lifecycle import children_start_ignoring_interrupts
 from ...execution.outputs import check_output_file
-from . import timing
+from . import journal, timing
 from .display import Display, describe
+from .journal import run_directory
 from .results import SCHEMA, append_record, dedupe, read_records
 from .schema import Ablation, RunSpec, plan_runs
 from .timing import needs_timing
@@ -146,7 +147,11 @@ def execute_run(spec: RunSpec, ablation: dict, progress=None, data_parallel: boo
     task when the run has one, instead of all `spec.limit`.
 
     data_parallel: every rank of the process group calls this for the same run and decodes its
-    share of the problems; rank 0's record holds the whole run, the other ranks' only the status."""
+    share of the problems; rank 0's record holds the whole run, the other ranks' only the status.
+
+    A first pass (not timed) keeps each batch it decodes in the run's journal under
+    `ablation["journal"]` (when given) and takes the batches an interrupted attempt recorded there
+    from it (journal.py)."""
     record = base_record(spec, ablation)
     record["started"] = _now()
     record["worker"] = {"pid": os.getpid()}
@@ -171,8 +176,9 @@ def execute_run(spec: RunSpec, ablation: dict, progress=None, data_parallel: boo
                     from .calibrated import resolve
 
                     recipe, record["calibration"] = resolve(recipe, spec.calibrate, model, spec.key)
+                kept = None if timed or not ablation.get("journal") else run_directory(ablation["journal"], spec.key)
                 return AblationLM(recipe=recipe, model=model, batch_size=spec.batch_size, progress=progress,
-                                  data_parallel=data_parallel)
+                                  data_parallel=data_parallel, journal=kept)
 
             lm = _together(data_parallel, "loading the run", load)
             ranks = lm.world_size
@@ -228,6 +234,7 @@ def _results(doc: dict, stats, memory: dict, metric: str) -> dict:
         "layer_rows": stats.rows, "rows_fed_x_layers": stats.rows_fed_layers,
         "canvas_rows_x_layers": stats.canvas_rows_layers, "lm_head_rows": stats.head_rows,
         "plugins": stats.plugin_summary(),
+        "resumed_requests": stats.resumed_requests,
     }
     return {"accuracy": accuracy, "accuracy_mean": accuracy_mean(accuracy, metric), "metrics": metrics,
             "reuse": stats.reuse(), "memory": memory, "recipe": doc["recipe"], "model": doc["model"],
@@ -286,8 +293,10 @@ class Summary:
                 f"({self.ok} ok, {self.failed} failed), {self.skipped} skipped, {self.already} already in the "
                 f"results file{reused}")
 
-    def interrupted_line(self) -> str:
-        return f"interrupted; {self.already + len(self.records)} of {self.in_shard} runs recorded, rerun to resume"
+    def interrupted_line(self, kept: int = 0) -> str:
+        partial = f" ({kept} problem(s) of unfinished runs kept)" if kept else ""
+        return (f"interrupted; {self.already + len(self.records)} of {self.in_shard} runs recorded{partial}, "
+                f"rerun to resume")
 
 
 def select(runs: list[RunSpec], existing: list[dict], shard=(0, 1), retry_failed: bool = False, repeats: int = 0):
@@ -445,7 +454,9 @@ def run_ablation(abl: Ablation, output, *, limit=None, model=None, extra_set=(),
     if todo:
         check_tasks(abl.tasks)
     summary = Summary(planned=len(runs), in_shard=len(todo) + len(write_now) + len(already), already=len(already))
-    info = {"name": abl.name, "source": abl.source, "metric": abl.metric}
+    journals = None if output is None else journal.root_for(output)
+    info = {"name": abl.name, "source": abl.source, "metric": abl.metric,
+            "journal": None if journals is None else str(journals)}
     display = Display(len(todo) + len(write_now), quiet=quiet or rank != 0, rich=rich)
     warning = oversubscription(workers, threads)
     if warning and todo:
@@ -455,6 +466,8 @@ def run_ablation(abl: Ablation, output, *, limit=None, model=None, extra_set=(),
     def write(record, final: bool = True):
         if rank == 0:
             append_record(output, record)
+            if journals is not None and record.get("status") == "ok":  # its first pass is in the file now
+                journal.remove(journals, record["key"])
         if not final:
             return
         summary.records.append(record)
@@ -505,10 +518,12 @@ def run_ablation(abl: Ablation, output, *, limit=None, model=None, extra_set=(),
         else:
             _run_pool(tasks, info, workers, threads, display, rounds, kept)
     except KeyboardInterrupt as exc:
+        kept = 0
         if rank == 0 and output is not None:  # the file, not the summary: the signal may land between the two
-            summary.already, summary.records = len(select(runs, read_records(output), shard, retry_failed,
-                                                          repeats)[2]), []
-        raise as_interrupted(exc).with_message(summary.interrupted_line()) from None
+            left, _, done_now = select(runs, read_records(output), shard, retry_failed, repeats)
+            summary.already, summary.records = len(done_now), []
+            kept = journal.requests_kept(journals, [s.key for s in left])
+        raise as_interrupted(exc).with_message(summary.interrupted_line(kept)) from None
     finally:
         display.close()
     return summary

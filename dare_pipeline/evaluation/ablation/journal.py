@@ -1,0 +1,118 @@
+"""A run's first pass kept batch by batch, so that an interrupted run resumes at the batch it was on.
+
+As each batch of a first pass ends, its answers and what it added to the run's counters (requests,
+NFE, FLOPs, rows, plugin counters, decode time) are appended to the run's journal, one fsynced line
+(results.append_record). When the run starts again, a batch the journal holds is not decoded again:
+its answers and counters are taken as recorded, so the run's record still counts all the work done
+for it, in whichever process and session that was. The decoding is deterministic (every generation
+is seeded), so a batch's answers do not depend on what was decoded before it.
+
+One directory per run under `<results file>.partial/` (named by the run key, which covers the recipe,
+tasks, limit and batch size), one file per data-parallel rank. A batch is found by its contexts and
+generation arguments, in any of the run's files, and each recorded batch stands for one decode. The
+runner removes a run's directory once the run's record is in the results file."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+from .results import append_record, read_records
+
+SCHEMA = "dare-pipeline/ablation-batch/v1"
+
+
+def root_for(output) -> Path:
+    """Where the journals of a results file's runs live: `runs/x.jsonl` -> `runs/x.partial/`."""
+    path = Path(output)
+    return path.parent / f"{path.stem if path.suffix == '.jsonl' else path.name}.partial"
+
+
+def run_directory(root, run_key: str) -> Path:
+    return Path(root) / run_key
+
+
+def remove(root, run_key: str) -> None:
+    """Drop a run's journal (its record is written); the root too once it is empty."""
+    shutil.rmtree(run_directory(root, run_key), ignore_errors=True)
+    try:
+        Path(root).rmdir()
+    except OSError:  # not empty (other runs' journals) or not there
+        pass
+
+
+def requests_kept(root, run_keys) -> int:
+    """Requests whose answers the journals of these runs hold."""
+    return sum(len(e["texts"]) for key in run_keys for e in _entries(run_directory(root, key)))
+
+
+def batch_key(contexts: list[str], gen_kwargs) -> str:
+    doc = {"contexts": list(contexts), "gen_kwargs": gen_kwargs}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=repr).encode()).hexdigest()
+
+
+def counters_delta(before: dict, after: dict) -> dict:
+    """What a batch added: `after - before` for numbers, key by key in dicts; other values left out."""
+    out = {}
+    for name, value in after.items():
+        old = before.get(name)
+        if isinstance(value, dict):
+            inner = counters_delta(old if isinstance(old, dict) else {}, value)
+            if inner:
+                out[name] = inner
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            diff = value - (old if isinstance(old, (int, float)) and not isinstance(old, bool) else 0)
+            if diff:
+                out[name] = diff
+    return out
+
+
+def _plus(value, delta):
+    if isinstance(delta, dict):
+        base = dict(value) if isinstance(value, dict) else {}
+        for key, d in delta.items():
+            base[key] = _plus(base.get(key), d)
+        return base
+    return (value or 0) + delta
+
+
+def add_counters(stats, delta: dict) -> None:
+    """Add a recorded batch's counters to `stats` (an attrs stats object); names it lacks are ignored."""
+    for name, d in delta.items():
+        if hasattr(stats, name):
+            setattr(stats, name, _plus(getattr(stats, name), d))
+
+
+def _entries(directory: Path) -> list[dict]:
+    out = []
+    for path in sorted(directory.glob("rank*.jsonl")):
+        for e in read_records(path, schemas=(SCHEMA,)):
+            texts, counters = e.get("texts"), e.get("counters")
+            if isinstance(texts, list) and all(isinstance(t, str) for t in texts) and isinstance(counters, dict):
+                out.append(e)
+    return out
+
+
+class BatchJournal:
+    """The journal of one run as one rank sees it: the batches recorded so far (by every rank, in
+    every earlier attempt), and the file this rank appends its new batches to."""
+
+    def __init__(self, directory, rank: int = 0):
+        self.directory = Path(directory)
+        self.path = self.directory / f"rank{rank}.jsonl"
+        self._found: dict[str, list[dict]] = {}
+        for e in _entries(self.directory):
+            self._found.setdefault(e["key"], []).append(e)
+
+    def take(self, key: str, size: int) -> dict | None:
+        """A recorded batch of these contexts (`size` of them), once per recording; None when none is left."""
+        entries = self._found.get(key) or []
+        for i, e in enumerate(entries):
+            if len(e["texts"]) == size:
+                return entries.pop(i)
+        return None
+
+    def add(self, key: str, texts: list[str], counters: dict) -> None:
+        append_record(self.path, {"schema": SCHEMA, "key": key, "texts": list(texts), "counters": counters})

@@ -1,0 +1,118 @@
+"""An interrupted run resumes at the batch it was on: its journal (journal.py) keeps each decoded
+batch's answers and counters, and the resumed run's record counts exactly what an uninterrupted run
+counts."""
+
+import pytest
+
+from dare_pipeline.evaluation.ablation import Ablation, plan_runs
+from dare_pipeline.evaluation.ablation import journal as journal_mod
+from dare_pipeline.evaluation.ablation.journal import BatchJournal, add_counters, counters_delta
+from dare_pipeline.evaluation.ablation.measure import RunStats
+from dare_pipeline.evaluation.ablation.results import dedupe, read_records
+from dare_pipeline.evaluation.ablation.runner import execute_run, run_ablation
+from dare_pipeline.evaluation.lm_eval_model import DareLM
+from dare_pipeline.execution.lifecycle import Interrupted
+
+# what the record of a resumed run must count exactly as an uninterrupted one does
+COUNTED = ("requests", "batches", "nfe_total", "nfe_per_request", "steps", "generated_tokens", "flops",
+           "flops_full_recompute", "layer_rows", "rows_fed_x_layers", "canvas_rows_x_layers", "lm_head_rows",
+           "plugins")
+
+
+def _count_decodes(monkeypatch, interrupt_at=None):
+    """Wrap the real batch decode: count its calls, and raise KeyboardInterrupt at call `interrupt_at`."""
+    calls = []
+    real = DareLM._decode_batch
+
+    def decode(self, contexts, *args):
+        calls.append(list(contexts))
+        if interrupt_at is not None and len(calls) == interrupt_at:
+            raise KeyboardInterrupt
+        return real(self, contexts, *args)
+
+    monkeypatch.setattr(DareLM, "_decode_batch", decode)
+    return calls
+
+
+def test_an_interrupted_run_resumes_at_its_batch_and_counts_all_its_work(write_ablation, tmp_path, monkeypatch):
+    path = write_ablation(name="journal", limit=3, plugins={"sets": [["prefix_cache"]]})
+    abl = Ablation.from_yaml(path)
+    whole = tmp_path / "whole.jsonl"
+    run_ablation(abl, whole, quiet=True)
+    (reference,) = read_records(whole)
+
+    out = tmp_path / "cut.jsonl"
+    root = tmp_path / "cut.partial"
+    calls = _count_decodes(monkeypatch, interrupt_at=3)
+    with pytest.raises(Interrupted) as caught:
+        run_ablation(abl, out, quiet=True)
+    assert caught.value.message == "interrupted; 0 of 1 runs recorded (2 problem(s) of unfinished runs kept), rerun to resume"
+    assert read_records(out) == []
+    (run_dir,) = root.iterdir()
+    assert run_dir.name == reference["key"]
+    assert len(read_records(run_dir / "rank0.jsonl", schemas=(journal_mod.SCHEMA,))) == 2
+
+    calls = _count_decodes(monkeypatch)
+    summary = run_ablation(abl, out, quiet=True)
+    assert summary.ok == 1
+    assert len(calls) == 1  # only the batch the interruption stopped is decoded again
+    (resumed,) = read_records(out)
+    assert resumed["metrics"]["resumed_requests"] == 2 and reference["metrics"]["resumed_requests"] == 0
+    for name in COUNTED:
+        assert resumed["metrics"][name] == reference["metrics"][name], name
+    assert resumed["accuracy"] == reference["accuracy"]
+    assert resumed["reuse"] == reference["reuse"]
+    # the time of the batches decoded before the interruption is in the run's decode time
+    assert resumed["metrics"]["decode_time_s"] > 0 and resumed["metrics"]["tokens_per_second"] > 0
+    assert not root.exists()  # the record is written: its journal is gone
+
+
+def test_timed_passes_neither_read_nor_write_the_journal(write_ablation, tmp_path, monkeypatch):
+    path = write_ablation(name="timed", limit=2, repeats=1)
+    abl = Ablation.from_yaml(path)
+    out = tmp_path / "t.jsonl"
+    _count_decodes(monkeypatch, interrupt_at=2)
+    with pytest.raises(Interrupted):
+        run_ablation(abl, out, quiet=True)
+    (run_dir,) = (tmp_path / "t.partial").iterdir()
+    journal_file = run_dir / "rank0.jsonl"
+    assert len(journal_file.read_text().splitlines()) == 1
+
+    # a timed pass decodes every problem itself, the recorded one too, and records nothing
+    calls = _count_decodes(monkeypatch)
+    (spec,) = plan_runs(abl)
+    info = {"name": abl.name, "source": abl.source, "metric": abl.metric, "journal": str(tmp_path / "t.partial")}
+    assert execute_run(spec, info, timed=True)["status"] == "ok"
+    assert len(calls) == 2
+    assert len(journal_file.read_text().splitlines()) == 1
+
+    # the whole run: its first pass takes the recorded batch, and the journal is gone at the end
+    calls = _count_decodes(monkeypatch)
+    run_ablation(abl, out, quiet=True)
+    (record,) = dedupe(read_records(out))
+    assert record["timing"]["repeats"] == 1 and record["metrics"]["resumed_requests"] == 1
+    assert len(calls) == 1 + 2  # the first pass's second problem, then the timed pass
+    assert not (tmp_path / "t.partial").exists()
+
+
+def test_a_recorded_batch_stands_for_one_decode_whichever_rank_recorded_it(tmp_path):
+    run_dir = tmp_path / "run"
+    BatchJournal(run_dir, rank=0).add("k", ["a"], {"requests": 1})
+    BatchJournal(run_dir, rank=1).add("k", ["b"], {"requests": 1})
+    (run_dir / "rank1.jsonl").open("a").write('{"schema": "dare-pipeline/ablation-batch/v1", "key": "k", "te')
+    resumed = BatchJournal(run_dir, rank=0)
+    assert resumed.take("k", 2) is None  # another batch size: not this batch
+    assert sorted(resumed.take("k", 1)["texts"] + resumed.take("k", 1)["texts"]) == ["a", "b"]
+    assert resumed.take("k", 1) is None  # the partial line is no batch
+
+
+def test_counters_add_back_to_what_the_batch_counted():
+    stats = RunStats(requests=2, flops={"total": 10.0, "ffn": 4.0}, rows={"q": 3}, plugin_counts={})
+    before = stats.counters()
+    after = dict(before, requests=3, flops={"total": 15.0, "ffn": 4.0, "attn": 1.0}, rows={"q": 5},
+                 plugin_counts={"dare_o": {"rows_reused": 7}}, ranks=1)
+    delta = counters_delta(before, after)
+    assert delta == {"requests": 1, "flops": {"total": 5.0, "attn": 1.0}, "rows": {"q": 2},
+                     "plugin_counts": {"dare_o": {"rows_reused": 7}}}
+    add_counters(stats, delta)
+    assert stats.counters() == after
