@@ -316,6 +316,7 @@ def cmd_ablate(args) -> int:
 
         check_output_dir(args.report_dir or output.with_suffix(""), "--report-dir")
     if args.dry_run:
+        from ..evaluation.ablation.journal import requests_kept, root_for
         from ..evaluation.ablation.runner import select
         from ..evaluation.ablation.schema import plan_runs
 
@@ -328,9 +329,12 @@ def cmd_ablate(args) -> int:
         # a run recorded without the timed passes asked for keeps its first pass: only timing is left
         state = ({id(r): "time" if (existing.get(r.key) or {}).get("status") == "ok" else "run" for r in todo}
                  | {id(r): r.status for r in write_now} | {id(r): "done" for r in already})
+        # an interrupted run resumes at the problem it was on (its journal, beside the results file)
+        kept = {id(r): requests_kept(root_for(output), [r.key]) for r in todo if state[id(r)] == "run"}
         for r in runs:
-            mark = state.get(id(r), "other shard")
-            print(f"#{r.index:<4} {r.key}  {mark:<11} {r.name}" + (f"  ({r.reason})" if r.reason else ""))
+            mark = "resume" if kept.get(id(r)) else state.get(id(r), "other shard")
+            note = r.reason or (f"{kept[id(r)]} problem(s) already decoded, kept in its journal" if kept.get(id(r)) else None)
+            print(f"#{r.index:<4} {r.key}  {mark:<11} {r.name}" + (f"  ({note})" if note else ""))
         timing_only = sum(state[id(r)] == "time" for r in todo)
         timing_note = f"{timing_only} to time ({repeats} timed passes after its recorded first pass), " if timing_only else ""
         print(f"{len(runs)} runs planned; this shard: {len(todo) - timing_only} to run, {timing_note}"

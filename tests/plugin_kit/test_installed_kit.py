@@ -21,6 +21,7 @@ import site
 import subprocess
 import sys
 import venv
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,7 @@ pytestmark = pytest.mark.installed_wheel
 
 ROOT = Path(__file__).parents[2]
 EXAMPLE = ROOT / "examples" / "input_drift"
-SOURCES = ["pyproject.toml", "README.md", "dare_pipeline", "plugins"]
+SOURCES = ["pyproject.toml", "README.md", "LICENSE", "dare_pipeline", "plugins"]
 SKIP = shutil.ignore_patterns("__pycache__", "*.egg-info", "build", "dist", ".pytest_cache", ".benchmarks")
 # installed names of this repository's packages (kept out of the fresh environment but for the wheels)
 OURS = ("dare_pipeline", "__editable__", "dare_step_logger", "dare_input_drift", "dare_kit_probe")
@@ -116,6 +117,16 @@ def kit(tmp_path_factory):
     env = Env(tmp / "venv")
     env.install(wheels, "dare_pipeline", "dare_input_drift")
     return env, tmp
+
+
+def test_the_wheel_ships_the_license(kit):
+    _, tmp = kit
+    (wheel,) = (tmp / "wheels").glob("dare_pipeline-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        licenses = [n for n in z.namelist() if ".dist-info/licenses/" in n]
+        metadata = z.read(next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))).decode()
+    assert [n.rsplit("/", 1)[1] for n in licenses] == ["LICENSE"]
+    assert "License-Expression: Apache-2.0" in metadata and "License-File: LICENSE" in metadata
 
 
 def test_the_kit_checks_the_example_from_installed_wheels(kit):

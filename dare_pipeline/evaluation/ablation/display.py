@@ -19,7 +19,9 @@ def describe(record: dict) -> str:
             tps = f"tok/s={timed['median']:.1f} [{timed['min']:.1f}, {timed['max']:.1f}]"
         else:
             tps = f"tok/s={m.get('tokens_per_second') or 0:.1f}"
-        return f"ok {acc_s}{tps} nfe/req={m.get('nfe_per_request') or 0:.1f} ({record.get('wall_time_s') or 0:.1f}s)"
+        resumed = m.get("resumed_requests")
+        resumed = f", {resumed} of {m.get('requests')} problems from the journal" if resumed else ""
+        return f"ok {acc_s}{tps} nfe/req={m.get('nfe_per_request') or 0:.1f} ({record.get('wall_time_s') or 0:.1f}s{resumed})"
     if status == "failed":
         err = record.get("error") or {}
         return f"FAILED {err.get('type')}: {str(err.get('message', ''))[:160]}"

@@ -4,8 +4,10 @@ counts."""
 
 import pytest
 
+from dare_pipeline.cli import main
 from dare_pipeline.evaluation.ablation import Ablation, plan_runs
 from dare_pipeline.evaluation.ablation import journal as journal_mod
+from dare_pipeline.evaluation.ablation.display import describe
 from dare_pipeline.evaluation.ablation.journal import BatchJournal, add_counters, counters_delta
 from dare_pipeline.evaluation.ablation.measure import RunStats
 from dare_pipeline.evaluation.ablation.results import dedupe, read_records
@@ -34,7 +36,8 @@ def _count_decodes(monkeypatch, interrupt_at=None):
     return calls
 
 
-def test_an_interrupted_run_resumes_at_its_batch_and_counts_all_its_work(write_ablation, tmp_path, monkeypatch):
+def test_an_interrupted_run_resumes_at_its_batch_and_counts_all_its_work(write_ablation, tmp_path, monkeypatch,
+                                                                         capsys):
     path = write_ablation(name="journal", limit=3, plugins={"sets": [["prefix_cache"]]})
     abl = Ablation.from_yaml(path)
     whole = tmp_path / "whole.jsonl"
@@ -51,6 +54,9 @@ def test_an_interrupted_run_resumes_at_its_batch_and_counts_all_its_work(write_a
     (run_dir,) = root.iterdir()
     assert run_dir.name == reference["key"]
     assert len(read_records(run_dir / "rank0.jsonl", schemas=(journal_mod.SCHEMA,))) == 2
+    assert main(["ablate", str(path), "--dry-run", "--output", str(out)]) == 0
+    (line, _) = capsys.readouterr().out.splitlines()
+    assert " resume " in line and line.endswith("(2 problem(s) already decoded, kept in its journal)")
 
     calls = _count_decodes(monkeypatch)
     summary = run_ablation(abl, out, quiet=True)
@@ -58,6 +64,7 @@ def test_an_interrupted_run_resumes_at_its_batch_and_counts_all_its_work(write_a
     assert len(calls) == 1  # only the batch the interruption stopped is decoded again
     (resumed,) = read_records(out)
     assert resumed["metrics"]["resumed_requests"] == 2 and reference["metrics"]["resumed_requests"] == 0
+    assert describe(resumed).endswith("s, 2 of 3 problems from the journal)") and "journal" not in describe(reference)
     for name in COUNTED:
         assert resumed["metrics"][name] == reference["metrics"][name], name
     assert resumed["accuracy"] == reference["accuracy"]
