@@ -553,8 +553,9 @@ def main(argv: list[str] | None = None) -> int:
         raise
     except KeyboardInterrupt as exc:  # SIGINT / SIGTERM: one line, no traceback (execution/lifecycle.py)
         stop = as_interrupted(exc)
-        print(f"dare-pipeline: {interrupted_line(args.command, getattr(args, 'output', None), stop.message)}",
-              file=sys.stderr)
+        line = interrupted_line(args.command, getattr(args, "output", None), stop.message)
+        if line:  # a data-parallel rank other than 0 leaves the line to rank 0
+            print(f"dare-pipeline: {line}", file=sys.stderr)
         return stop.exit_status
 
 

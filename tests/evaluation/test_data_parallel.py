@@ -211,6 +211,28 @@ def test_a_limit_below_the_ranks_is_refused_before_running():
         evaluate(["dare_add"], lm=TwoRanks(), limit=1)
 
 
+@pytest.mark.parametrize("rank", [0, 1])
+def test_rank_0_alone_says_what_an_interrupted_data_parallel_ablation_kept(rank, tmp_path, tiny_dir, capsys,
+                                                                         monkeypatch):
+    """Rank 0 reads the results file and journals; another rank's line could only be wrong."""
+    from dare_pipeline.evaluation import distributed
+    from dare_pipeline.evaluation.ablation import runner
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    for k, v in {"WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank)}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(distributed, "init", lambda device: (rank, 2))  # no process group: the collectives
+    monkeypatch.setattr(runner, "_select_on_rank0", lambda runs, *args: (list(runs), [], []))  # as one rank
+    monkeypatch.setattr(runner, "_together", lambda data_parallel, what, fn: fn())  # sees them
+    monkeypatch.setattr(runner, "execute_run", interrupt)
+    path = ablation_file(tmp_path, tiny_dir)
+    assert main(["ablate", str(path), "--data-parallel", "--output", str(tmp_path / "o.jsonl"), "--quiet"]) == 130
+    expected = "dare-pipeline: interrupted; 0 of 2 runs recorded, rerun to resume\n" if rank == 0 else ""
+    assert capsys.readouterr().err == expected
+
+
 def test_data_parallel_ablation_needs_a_launcher(tmp_path, tiny_dir, capsys):
     path = ablation_file(tmp_path, tiny_dir)
     assert main(["ablate", str(path), "--data-parallel", "--output", str(tmp_path / "o.jsonl")]) == 2

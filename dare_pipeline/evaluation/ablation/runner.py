@@ -413,7 +413,7 @@ def run_ablation(abl: Ablation, output, *, limit=None, model=None, extra_set=(),
     alone reads and writes `output` and shows progress.
 
     An interruption (KeyboardInterrupt) stops the workers and raises lifecycle.Interrupted with the
-    line to show ("interrupted; N of M runs recorded, rerun to resume")."""
+    line to show ("interrupted; N of M runs recorded, rerun to resume"; none on ranks other than 0)."""
     from ...execution.lifecycle import as_interrupted
 
     repeats = abl.repeats if repeats is None else repeats
@@ -523,7 +523,8 @@ def run_ablation(abl: Ablation, output, *, limit=None, model=None, extra_set=(),
             left, _, done_now = select(runs, read_records(output), shard, retry_failed, repeats)
             summary.already, summary.records = len(done_now), []
             kept = journal.requests_kept(journals, [s.key for s in left])
-        raise as_interrupted(exc).with_message(summary.interrupted_line(kept)) from None
+        # under data parallelism rank 0 alone says it (the others do not read the results file)
+        raise as_interrupted(exc).with_message(summary.interrupted_line(kept) if rank == 0 else "") from None
     finally:
         display.close()
     return summary
