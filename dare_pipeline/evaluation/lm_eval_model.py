@@ -467,7 +467,9 @@ class DareLM(TemplateLM):
         return results
 
     def _decode_batch(self, contexts: list[str], gen_kwargs, gen, overrides: dict, until: list[str]) -> list[str]:
-        """The answers to one batch of contexts (decoded together), its counters added to `stats`."""
+        """The answers to one batch of contexts (decoded together), its counters added to `stats`.
+        gen_kwargs: the task's generation arguments as lm-eval gave them (what identifies the batch
+        to a subclass that keeps a record of it, see ablation/measure.py)."""
         prompts = [self._fit(self.tok_encode(c), gen.gen_length) for c in contexts]
         t0, cpu0 = time.perf_counter(), time.process_time()
         out = self.pipeline.generate(prompts, **overrides)

@@ -9,17 +9,21 @@ is seeded), so a batch's answers do not depend on what was decoded before it.
 
 One directory per run under `<results file>.partial/` (named by the run key, which covers the recipe,
 tasks, limit and batch size), one file per data-parallel rank. A batch is found by its contexts and
-generation arguments, in any of the run's files, and each recorded batch stands for one decode. The
-runner removes a run's directory once the run's record is in the results file."""
+generation arguments, in any of the run's files; within a rank each recorded batch stands for one
+decode. The runner removes a run's directory once the run's record (ok or failed) is in the results
+file: a retried failure starts over, with whatever was fixed since."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 from pathlib import Path
 
 from .results import append_record, read_records
+
+log = logging.getLogger(__name__)
 
 SCHEMA = "dare-pipeline/ablation-batch/v1"
 
@@ -41,6 +45,14 @@ def remove(root, run_key: str) -> None:
         Path(root).rmdir()
     except OSError:  # not empty (other runs' journals) or not there
         pass
+
+
+def prune(root, finished_keys) -> None:
+    """Drop the journals of runs the results file holds a record of (a process that ended between
+    writing the record and removing the journal leaves one behind)."""
+    for key in finished_keys:
+        if run_directory(root, key).is_dir():
+            remove(root, key)
 
 
 def requests_kept(root, run_keys) -> int:
@@ -69,7 +81,7 @@ def counters_delta(before: dict, after: dict) -> dict:
     return out
 
 
-def _plus(value, delta):
+def _plus(value, delta):  # not lm_eval_model._merge_values: that keeps the first of non-numbers
     if isinstance(delta, dict):
         base = dict(value) if isinstance(value, dict) else {}
         for key, d in delta.items():
@@ -102,17 +114,29 @@ class BatchJournal:
     def __init__(self, directory, rank: int = 0):
         self.directory = Path(directory)
         self.path = self.directory / f"rank{rank}.jsonl"
+        self.error: str | None = None  # why this rank stopped recording (a failed write)
         self._found: dict[str, list[dict]] = {}
         for e in _entries(self.directory):
             self._found.setdefault(e["key"], []).append(e)
 
     def take(self, key: str, size: int) -> dict | None:
-        """A recorded batch of these contexts (`size` of them), once per recording; None when none is left."""
+        """A recorded batch of these contexts (`size` of them: a line cut short otherwise), once per
+        recording; None when none is left."""
         entries = self._found.get(key) or []
         for i, e in enumerate(entries):
             if len(e["texts"]) == size:
                 return entries.pop(i)
         return None
 
-    def add(self, key: str, texts: list[str], counters: dict) -> None:
-        append_record(self.path, {"schema": SCHEMA, "key": key, "texts": list(texts), "counters": counters})
+    def add(self, key: str, texts: list[str], counters: dict, peak_bytes: int | None = None) -> None:
+        """Record a decoded batch. A write that fails (a full disk; a counter that is not a finite
+        number) stops the recording, not the run: the run goes on, only less of it can resume."""
+        if self.error is not None:
+            return
+        line = {"schema": SCHEMA, "key": key, "texts": list(texts), "counters": counters, "peak_bytes": peak_bytes}
+        try:
+            append_record(self.path, line)
+        except (OSError, ValueError) as exc:
+            self.error = f"{self.path}: {exc}"
+            log.warning("the run's journal stops here (%s): an interruption now resumes from its last "
+                        "recorded batch", self.error)

@@ -81,6 +81,9 @@ class RunStats(DecodingStats):
                 else:
                     counts = self.plugin_counts.setdefault(name, {})
                     counts[key] = counts.get(key, 0) + value
+        self.report_progress()
+
+    def report_progress(self) -> None:
         if self.progress is not None:
             self.progress(self.requests, self.requests_expected or None)
 
@@ -149,6 +152,7 @@ class AblationLM(DareLM):
         self.memory = MemoryProbe(self.model.device)
         self.pipeline.manager.register(_Observer(self.stats, self.memory), name=_Observer.name)
         self.journal = None if journal is None else BatchJournal(journal, rank=self.rank)
+        self.journal_peak_bytes = 0  # the highest peak memory of the batches taken from the journal
 
     def _decode_batch(self, contexts, gen_kwargs, gen, overrides, until):
         if self.journal is None:
@@ -158,18 +162,28 @@ class AblationLM(DareLM):
         if recorded is not None:
             add_counters(self.stats, recorded["counters"])
             self.stats.resumed_requests += len(contexts)
-            if self.stats.progress is not None:
-                self.stats.progress(self.stats.requests, self.stats.requests_expected or None)
+            self.journal_peak_bytes = max(self.journal_peak_bytes, recorded.get("peak_bytes") or 0)
+            self.stats.report_progress()
             return recorded["texts"]
         before = copy.deepcopy(self.stats.counters())
         texts = super()._decode_batch(contexts, gen_kwargs, gen, overrides, until)
-        self.journal.add(key, texts, counters_delta(before, self.stats.counters()))
+        self.journal.add(key, texts, counters_delta(before, self.stats.counters()), self.memory.stop()["peak_bytes"])
         return texts
+
+    def memory_record(self) -> dict:
+        """The run's peak memory: this process's, or the peak the journal recorded for the batches
+        decoded before an interruption where that is higher (the longest prompts decode first)."""
+        memory = self.memory.stop()
+        if self.journal_peak_bytes:
+            memory["journal_peak_bytes"] = self.journal_peak_bytes
+            if self.journal_peak_bytes > memory["peak_bytes"]:
+                memory["peak_bytes"] = self.journal_peak_bytes
+                memory["delta_bytes"] = max(self.journal_peak_bytes - memory["start_bytes"], 0)
+        return memory
 
     def _generate_until(self, requests, disable_tqdm: bool = False):
         self.stats.requests_expected += len(requests)  # this rank's share, without lm-eval's padding
-        if self.stats.progress is not None:
-            self.stats.progress(self.stats.requests, self.stats.requests_expected)
+        self.stats.report_progress()
         return super()._generate_until(requests, disable_tqdm=True)
 
 

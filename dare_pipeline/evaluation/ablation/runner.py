@@ -26,7 +26,6 @@ from ...execution.lifecycle import children_start_ignoring_interrupts
 from ...execution.outputs import check_output_file
 from . import journal, timing
 from .display import Display, describe
-from .journal import run_directory
 from .results import SCHEMA, append_record, dedupe, read_records
 from .schema import Ablation, RunSpec, plan_runs
 from .timing import needs_timing
@@ -176,9 +175,10 @@ def execute_run(spec: RunSpec, ablation: dict, progress=None, data_parallel: boo
                     from .calibrated import resolve
 
                     recipe, record["calibration"] = resolve(recipe, spec.calibrate, model, spec.key)
-                kept = None if timed or not ablation.get("journal") else run_directory(ablation["journal"], spec.key)
+                journal_dir = (None if timed or not ablation.get("journal")
+                               else journal.run_directory(ablation["journal"], spec.key))
                 return AblationLM(recipe=recipe, model=model, batch_size=spec.batch_size, progress=progress,
-                                  data_parallel=data_parallel, journal=kept)
+                                  data_parallel=data_parallel, journal=journal_dir)
 
             lm = _together(data_parallel, "loading the run", load)
             ranks = lm.world_size
@@ -188,7 +188,7 @@ def execute_run(spec: RunSpec, ablation: dict, progress=None, data_parallel: boo
                     lm.memory.start()
                     limit = spec.timing_limit if timed and spec.timing_limit is not None else spec.limit
                     doc = evaluate(list(spec.tasks), lm=lm, limit=limit)
-                    return doc, lm.memory.stop()
+                    return doc, lm.memory_record()
 
             doc, memory = _together(data_parallel, "the evaluation", measure)
             stats = lm.gathered_stats()  # every rank's counters (collective with several ranks)
@@ -198,6 +198,8 @@ def execute_run(spec: RunSpec, ablation: dict, progress=None, data_parallel: boo
                 memory = _highest_peak(distributed.all_gather_object(memory))
         if doc is not None:  # None: a rank other than 0, whose share is in rank 0's record
             record.update(_results(doc, stats, memory, record["metric"]))
+        if lm.journal is not None and lm.journal.error is not None:
+            record["journal_error"] = lm.journal.error
         record["status"] = "ok"
     except Exception as exc:  # noqa: BLE001 -- the run failed, whatever the cause: record it, the others go on
         record["status"] = "failed"
@@ -454,20 +456,25 @@ def run_ablation(abl: Ablation, output, *, limit=None, model=None, extra_set=(),
     if todo:
         check_tasks(abl.tasks)
     summary = Summary(planned=len(runs), in_shard=len(todo) + len(write_now) + len(already), already=len(already))
-    journals = None if output is None else journal.root_for(output)
+    journal_root = None if output is None else journal.root_for(output)
     info = {"name": abl.name, "source": abl.source, "metric": abl.metric,
-            "journal": None if journals is None else str(journals)}
+            "journal": None if journal_root is None else str(journal_root)}
     display = Display(len(todo) + len(write_now), quiet=quiet or rank != 0, rich=rich)
     warning = oversubscription(workers, threads)
     if warning and todo:
         display.message(f"warning: {warning}")
     recorded = {r["key"] for r in dedupe(read_records(output))} if rank == 0 and output is not None else set()
+    if journal_root is not None and rank == 0:
+        journal.prune(journal_root, recorded)
+
+    def record_run(record):
+        append_record(output, record)
+        if journal_root is not None:  # the run's first pass (or its failure) is in the file now
+            journal.remove(journal_root, record["key"])
 
     def write(record, final: bool = True):
         if rank == 0:
-            append_record(output, record)
-            if journals is not None and record.get("status") == "ok":  # its first pass is in the file now
-                journal.remove(journals, record["key"])
+            record_run(record)
         if not final:
             return
         summary.records.append(record)
@@ -481,14 +488,14 @@ def run_ablation(abl: Ablation, output, *, limit=None, model=None, extra_set=(),
     for spec in [s for s in todo if s.index in reused]:
         record = reused[spec.index]
         if repeats == 0:  # nothing left to do for it
-            append_record(output, record)
+            record_run(record)
             summary.records.append(record)
             summary.ok += 1
             summary.reused += 1
             display.finish_run(record)
             todo.remove(spec)
         else:  # its timed passes run here, after a warm-up pass
-            append_record(output, record | {"timing": timing.pending(repeats)})
+            record_run(record | {"timing": timing.pending(repeats)})
             recorded.add(spec.key)
             kept[spec.index] = record
             summary.reused += 1
@@ -518,13 +525,13 @@ def run_ablation(abl: Ablation, output, *, limit=None, model=None, extra_set=(),
         else:
             _run_pool(tasks, info, workers, threads, display, rounds, kept)
     except KeyboardInterrupt as exc:
-        kept = 0
+        problems_kept = 0
         if rank == 0 and output is not None:  # the file, not the summary: the signal may land between the two
             left, _, done_now = select(runs, read_records(output), shard, retry_failed, repeats)
             summary.already, summary.records = len(done_now), []
-            kept = journal.requests_kept(journals, [s.key for s in left])
+            problems_kept = journal.requests_kept(journal_root, [s.key for s in left])
         # under data parallelism rank 0 alone says it (the others do not read the results file)
-        raise as_interrupted(exc).with_message(summary.interrupted_line(kept) if rank == 0 else "") from None
+        raise as_interrupted(exc).with_message(summary.interrupted_line(problems_kept) if rank == 0 else "") from None
     finally:
         display.close()
     return summary

@@ -2,6 +2,9 @@
 batch's answers and counters, and the resumed run's record counts exactly what an uninterrupted run
 counts."""
 
+import errno
+import json
+
 import pytest
 
 from dare_pipeline.cli import main
@@ -123,3 +126,73 @@ def test_counters_add_back_to_what_the_batch_counted():
                      "plugin_counts": {"dare_o": {"rows_reused": 7}}}
     add_counters(stats, delta)
     assert stats.counters() == after
+
+
+def test_a_resumed_run_keeps_the_peak_memory_of_its_earlier_pieces(write_ablation, tmp_path, monkeypatch):
+    path = write_ablation(name="peak", limit=2)
+    abl = Ablation.from_yaml(path)
+    out = tmp_path / "p.jsonl"
+    _count_decodes(monkeypatch, interrupt_at=2)
+    with pytest.raises(Interrupted):
+        run_ablation(abl, out, quiet=True)
+    (journal_file,) = (tmp_path / "p.partial").glob("*/rank0.jsonl")
+    (line,) = read_records(journal_file, schemas=(journal_mod.SCHEMA,))
+    assert line["peak_bytes"] > 0
+    journal_file.write_text(json.dumps(line | {"peak_bytes": 10**15}) + "\n")  # an earlier piece's higher peak
+    monkeypatch.undo()
+    run_ablation(abl, out, quiet=True)
+    (record,) = read_records(out)
+    assert record["memory"]["peak_bytes"] == record["memory"]["journal_peak_bytes"] == 10**15
+
+
+def test_a_failed_journal_write_stops_the_journal_not_the_run(write_ablation, tmp_path, monkeypatch):
+    def disk_full(path, record):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(journal_mod, "append_record", disk_full)
+    out = tmp_path / "f.jsonl"
+    run_ablation(Ablation.from_yaml(write_ablation(name="full", limit=2)), out, quiet=True)
+    (record,) = read_records(out)
+    assert record["status"] == "ok" and record["metrics"]["requests"] == 2
+    assert "No space left on device" in record["journal_error"]
+
+
+def test_a_failed_run_drops_its_journal_and_a_retry_starts_over(write_ablation, tmp_path, monkeypatch):
+    path = write_ablation(name="fails", limit=2)
+    abl = Ablation.from_yaml(path)
+    out = tmp_path / "x.jsonl"
+    real, calls = DareLM._decode_batch, []
+
+    def fail_second(self, contexts, *args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("a bug, fixed before the retry")
+        return real(self, contexts, *args)
+
+    monkeypatch.setattr(DareLM, "_decode_batch", fail_second)
+    run_ablation(abl, out, quiet=True)
+    assert read_records(out)[0]["status"] == "failed"
+    assert not (tmp_path / "x.partial").exists()
+    monkeypatch.undo()
+    calls = _count_decodes(monkeypatch)
+    run_ablation(abl, out, quiet=True, retry_failed=True)
+    assert len(calls) == 2 and read_records(out)[-1]["status"] == "ok"
+
+
+def test_journals_of_recorded_runs_are_dropped(write_ablation, tmp_path):
+    """A process that ends between writing a run's record and removing its journal leaves one behind;
+    so does a run whose first pass comes from another results file."""
+    path = write_ablation(name="left", limit=2)
+    abl = Ablation.from_yaml(path)
+    donor = tmp_path / "donor.jsonl"
+    run_ablation(abl, donor, quiet=True)
+    (key,) = [r["key"] for r in read_records(donor)]
+    left_behind = tmp_path / "donor.partial" / key
+    left_behind.mkdir(parents=True)
+    assert run_ablation(abl, donor, quiet=True).already == 1
+    assert not (tmp_path / "donor.partial").exists()
+
+    out = tmp_path / "taker.jsonl"
+    (tmp_path / "taker.partial" / key).mkdir(parents=True)
+    assert run_ablation(abl, out, quiet=True, reuse_runs=[donor]).reused == 1
+    assert not (tmp_path / "taker.partial").exists()
