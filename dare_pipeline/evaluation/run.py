@@ -78,6 +78,20 @@ def quiet_lm_eval(verbose: bool = False):
             lm_eval_task.tqdm = bar
 
 
+@contextlib.contextmanager
+def without_env_report():
+    """lm-eval's environment report (`pip list` through a subprocess, ~1.3 s an evaluation) is left
+    out: the results document has its own versions() and hardware()."""
+    from lm_eval import evaluator
+
+    saved = evaluator.add_env_info
+    evaluator.add_env_info = lambda results: None
+    try:
+        yield
+    finally:
+        evaluator.add_env_info = saved
+
+
 def versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -241,7 +255,7 @@ def evaluate(tasks: list[str], recipe=None, model=None, overrides=(), batch_size
         # any docs" while the others wait for it
         raise ValueError(f"--limit {limit} gives some of the {lm.world_size} data-parallel processes no problem; "
                          f"use a limit of at least {lm.world_size} or fewer processes")
-    with _local_rank_zero(lm), quiet_lm_eval(verbose):
+    with _local_rank_zero(lm), quiet_lm_eval(verbose), without_env_report():
         raw = simple_evaluate(model=lm, tasks=list(tasks), limit=limit, task_manager=manager,
                               log_samples=log_samples, apply_chat_template=chat, fewshot_as_multiturn=False,
                               bootstrap_iters=1000)

@@ -237,8 +237,12 @@ def test_eval_command_writes_results_json(tiny_dir, tmp_path, capsys, caplog, no
 
 def test_eval_verbose_lets_lm_eval_speak_and_a_terminal_gets_the_decoding_bar(tiny_dir, capsys, caplog,
                                                                               monkeypatch, no_network):
+    from lm_eval import evaluator
+
     from dare_pipeline.evaluation import run
 
+    env_reports = []  # lm-eval's `pip list` report: ours has its own versions, with or without --verbose
+    monkeypatch.setattr(evaluator, "add_env_info", env_reports.append)
     argv = ["eval", "--model", str(tiny_dir), "--tasks", "dare_add", "--limit", "1", "--max-tokens", "32"]
     assert main([*argv, "--verbose"]) == 0
     err = capsys.readouterr().err
@@ -251,6 +255,7 @@ def test_eval_verbose_lets_lm_eval_speak_and_a_terminal_gets_the_decoding_bar(ti
     bars = _bars(capsys.readouterr().err)
     assert bars and all("dare generate_until" in b for b in bars)
     assert not [r for r in caplog.records if r.name.startswith("lm_eval")]
+    assert env_reports == []
 
 
 def test_eval_command_unknown_suite_task_is_a_clear_error(tiny_dir, capsys):

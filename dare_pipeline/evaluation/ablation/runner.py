@@ -96,24 +96,6 @@ def _error(exc: BaseException, captured: str = "") -> dict:
     return out
 
 
-@contextlib.contextmanager
-def _quiet_lm_eval():
-    """lm-eval's environment report (`pip list` through a subprocess, ~1.3 s a run) is replaced by
-    our own versions; its INFO/WARNING logs are held back while a run goes."""
-    from lm_eval import evaluator
-
-    saved = evaluator.add_env_info
-    logger = logging.getLogger("lm_eval")
-    level = logger.level
-    evaluator.add_env_info = lambda results: None
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        evaluator.add_env_info = saved
-        logger.setLevel(level)
-
-
 def _load(recipe):
     from ...models import load_model
 
@@ -184,11 +166,10 @@ def execute_run(spec: RunSpec, ablation: dict, progress=None, data_parallel: boo
             ranks = lm.world_size
 
             def measure():
-                with _quiet_lm_eval():
-                    lm.memory.start()
-                    limit = spec.timing_limit if timed and spec.timing_limit is not None else spec.limit
-                    doc = evaluate(list(spec.tasks), lm=lm, limit=limit)
-                    return doc, lm.memory_record()
+                lm.memory.start()
+                limit = spec.timing_limit if timed and spec.timing_limit is not None else spec.limit
+                doc = evaluate(list(spec.tasks), lm=lm, limit=limit)  # lm-eval's logs held back
+                return doc, lm.memory_record()
 
             doc, memory = _together(data_parallel, "the evaluation", measure)
             stats = lm.gathered_stats()  # every rank's counters (collective with several ranks)
