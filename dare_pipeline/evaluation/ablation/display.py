@@ -1,6 +1,6 @@
 """Progress of a long command (an ablation's runs, calibration's trials): a rich display (items done /
-left with ETA, one line per item in flight with its own progress) on a terminal; one plain line per
-finished item otherwise; nothing with --quiet."""
+left with ETA, one line per item in flight with its own progress) on a terminal; otherwise plain
+lines: one per finished item, and a few for an item in flight; nothing with --quiet."""
 
 from __future__ import annotations
 
@@ -29,14 +29,21 @@ def describe(record: dict) -> str:
 
 
 class Display:
+    """On a terminal, rich bars: runs done / total, and one bar per run in flight. Elsewhere (a log
+    file, CI), one line per finished run, and for a run in flight a line at each tenth of its
+    progress, at most every `log_every_s` seconds (a run of hours shows it is moving)."""
+
     def __init__(self, total: int, *, quiet: bool = False, rich: bool | None = None, stream=None,
-                 unit: str = "runs"):
+                 unit: str = "runs", log_every_s: float = 60.0):
         self.stream = stream or sys.stderr
         self.unit = unit
         self.quiet = quiet
         self.total = total
         self.done = 0
         self.started = time.perf_counter()
+        self.log_every_s = log_every_s
+        self.names: dict[int, str] = {}
+        self.logged: dict[int, tuple[int, float]] = {}  # run in flight -> (tenths logged, when)
         if rich is None:
             rich = not quiet and getattr(self.stream, "isatty", lambda: False)()
         self.progress = None
@@ -64,12 +71,24 @@ class Display:
 
     # ---- events ---------------------------------------------------------------------------------
     def start_run(self, index: int, name: str) -> None:
+        self.names[index] = name
+        self.logged[index] = (0, time.perf_counter())
         if self.progress is not None and index not in self.tasks:
             self.tasks[index] = self.progress.add_task(f"  #{index} {name}", total=None)
 
     def run_progress(self, index: int, done: int, total: int | None) -> None:
-        if self.progress is not None and index in self.tasks:
-            self.progress.update(self.tasks[index], completed=done, total=total)
+        if self.progress is not None:
+            if index in self.tasks:
+                self.progress.update(self.tasks[index], completed=done, total=total)
+            return
+        if self.quiet or not total or done >= total:  # the run's own line says it is done
+            return
+        tenths, when = self.logged.get(index, (0, self.started))
+        now = time.perf_counter()
+        if done * 10 // total > tenths and now - when >= self.log_every_s:
+            self.logged[index] = (done * 10 // total, now)
+            print(f"  #{index} {self.names.get(index, '')}: {done}/{total} done, "
+                  f"{_clock(now - self.started)} elapsed", file=self.stream, flush=True)
 
     def finish_run(self, record: dict) -> None:
         index = record.get("index")
@@ -98,3 +117,8 @@ class Display:
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"

@@ -128,8 +128,27 @@ def test_display_rich_and_plain():
     assert plain.getvalue() == "[1/1] #3 y: skipped: refused\n"
     quiet = io.StringIO()
     d = Display(1, quiet=True, stream=quiet)
+    d.start_run(3, "y")
+    d.run_progress(3, 5, 10)
     d.finish_run({"index": 3, "name": "y", "status": "skipped", "reason": "refused"})
     assert quiet.getvalue() == ""
+
+
+def test_a_long_run_logs_its_progress_by_tenths_at_most_every_interval(monkeypatch):
+    from dare_pipeline.evaluation.ablation import display
+
+    clock = [0.0]
+    monkeypatch.setattr(display.time, "perf_counter", lambda: clock[0])
+    log = io.StringIO()
+    d = Display(1, stream=log, log_every_s=60)
+    d.start_run(0, "baseline")
+    for done, at in ((10, 30), (19, 61), (20, 62), (30, 100), (95, 122), (99, 900), (100, 1000)):
+        clock[0] = at
+        d.run_progress(0, done, 100)
+    assert log.getvalue().splitlines() == [
+        "  #0 baseline: 19/100 done, 0:01:01 elapsed",    # 30 s in: too early; 61 s: past its first tenth
+        "  #0 baseline: 95/100 done, 0:02:02 elapsed"]    # a tenth more, but each line waits its interval
+    # 99: no new tenth; 100/100: the run's own line says it
 
 
 def test_threshold_sweep_gets_a_reuse_plot(tmp_path):
