@@ -45,6 +45,8 @@ class DecodeState:
     # per prompt: its current block still has masked columns (set by the loop before each step, on
     # the host; a prompt that is done only waits for the rest of its batch)
     unfinished: list[bool] = attrs.Factory(list)
+    # the model's stop tokens on the device, copied there once (fill_after_stop reads them each step)
+    stop_ids: torch.Tensor | None = None
 
     @classmethod
     def create(cls, model, gen, prompts: list[list[int]], seed: int, executor=None) -> DecodeState:
@@ -68,6 +70,7 @@ class DecodeState:
                     prompt_lengths=[len(p) for p in prompts], cfg_scale=gen.cfg_scale, executor=executor)
         state.unmask_step = torch.zeros(batch, gen.gen_length, dtype=torch.long, device=device)
         state.key_mask = None if bool(attention_mask.all()) else state.model_rows(attention_mask)
+        state.stop_ids = torch.tensor(cfg.stop_token_ids, dtype=torch.long, device=device)
         return state
 
     # ---- geometry ------------------------------------------------------------------------------
@@ -145,9 +148,8 @@ class DecodeState:
         early stop; any policy may call it). A fill can end a block early: a policy that calls it
         must not promise more forwards from `dare_block_min_forwards` than its fills leave."""
         answer = self.x[:, self.prompt_end:]
-        stops = torch.tensor(self.model.config.stop_token_ids, device=answer.device)
         index = torch.arange(answer.shape[1], device=answer.device)
-        first_stop = torch.where(torch.isin(answer, stops), index, answer.shape[1]).amin(-1, keepdim=True)
+        first_stop = torch.where(torch.isin(answer, self.stop_ids), index, answer.shape[1]).amin(-1, keepdim=True)
         fill = (answer == self.mask_id) & (index > first_stop)
         self.x[:, self.prompt_end:] = torch.where(fill, self.model.config.eos_token_id, answer)
         self.unmask_step.copy_(torch.where(fill, self.step, self.unmask_step))
