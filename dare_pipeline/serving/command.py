@@ -33,6 +33,9 @@ def add_parser(sub) -> None:
                             f"{d.batch_window_ms:g})")
     serve.add_argument("--max-queue", type=int, default=d.max_queue,
                        help=f"rows waiting at most; beyond, 429 (default {d.max_queue})")
+    serve.add_argument("--max-connections", type=int, default=d.max_connections,
+                       help=f"client connections served at once; one more is answered 503 (default "
+                            f"{d.max_connections})")
     serve.add_argument("--max-tokens", type=int, metavar="N", help="the answer length of a request that sends no "
                        "max_tokens (generation.gen_length; default: the recipe's, else the model's, else 256)")
     serve.add_argument("--max-tokens-limit", type=int, default=1024, help="the largest max_tokens a request may ask "
@@ -85,6 +88,7 @@ def cmd_serve(args) -> int:
     if importlib.util.find_spec("uvicorn") is None or importlib.util.find_spec("fastapi") is None:
         raise ConfigError("serve needs FastAPI and uvicorn: pip install 'dare-pipeline[serve]'")
     limits = check_options(args)
+    allow_open_files(limits.max_connections)
     import torch
     import uvicorn
 
@@ -92,7 +96,7 @@ def cmd_serve(args) -> int:
     from ..config.recipe import recipe_or_baseline
     from ..models import load_model
     from .app import SHUTDOWN_GRACE_S, create_app
-    from .protocol import timed_protocol
+    from .protocol import guarded_protocol
     from .requests import Served
 
     if args.threads:
@@ -109,13 +113,41 @@ def cmd_serve(args) -> int:
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
     # uvicorn's own deadline comes SHUTDOWN_GRACE_S after ours: by then the scheduler has answered
     # what was still running (503, or an error event), and uvicorn only closes the connections
-    config = uvicorn.Config(app, log_level="info", access_log=args.access_log, http=timed_protocol(limits.read_timeout),
+    protocol = guarded_protocol(limits, on_refused=app.state.metrics.refused_connections.inc)
+    config = uvicorn.Config(app, log_level="info", access_log=args.access_log, http=protocol,
                             timeout_keep_alive=limits.keep_alive_timeout,
                             timeout_graceful_shutdown=limits.shutdown_timeout + SHUTDOWN_GRACE_S)
     server = _make_server(config, ready=f"dare-pipeline: serving {name!r} with recipe {recipe.name!r} on {url}",
                           scheduler=app.state.scheduler, shutdown_timeout=limits.shutdown_timeout)
     server.run(sockets=[sock])
     return 0
+
+
+# file descriptors the server needs besides its client connections: the listening socket, logs,
+# checkpoint files while they load, the worker's pipes
+OWN_FILES = 64
+
+
+def allow_open_files(max_connections: int) -> None:
+    """Raise this process's soft limit on open files (`ulimit -n`) to what `max_connections` needs, as
+    far as the hard limit allows; beyond it, a ConfigError naming the option (before the model loads)."""
+    try:
+        import resource
+    except ImportError:  # not on Unix: no per-process limit to raise
+        return
+    needed = max_connections + OWN_FILES
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return
+    if hard != resource.RLIM_INFINITY and hard < needed:
+        raise ConfigError(f"serve: --max-connections = {max_connections}: this process may open at most {hard} "
+                          f"files (ulimit -Hn) and keeps {OWN_FILES} for itself; allowed: 1 to "
+                          f"{max(hard - OWN_FILES, 0)}, or raise the limit")
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+    except (ValueError, OSError) as error:
+        raise ConfigError(f"serve: --max-connections = {max_connections}: cannot raise the open files limit "
+                          f"(ulimit -n) from {soft} to {needed}: {error}") from None
 
 
 def _bind(host: str, port: int) -> socket.socket:

@@ -1,5 +1,5 @@
-"""What one server allows: batch and queue sizes, the request body, and how long a connection may
-take to send a request or to finish when the server stops. Each limit is a `serve` option of the
+"""What one server allows: batch and queue sizes, open connections, the request body, and how long a
+connection may take to send a request or to finish when the server stops. Each limit is a `serve` option of the
 same name (docs/serving.md); values are checked here, for the command line and `create_app` alike."""
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ class ServerLimits:
     # how long a row waits at most for others to join its batch
     batch_window_ms: float = attrs.field(default=20.0, validator=_seconds(0, 60_000))
     max_queue: int = attrs.field(default=256, validator=_count(1, 1_000_000))  # rows waiting at most
+    # open client connections at most; one more is answered 503 and closed (each holds a file descriptor)
+    max_connections: int = attrs.field(default=512, validator=_count(1, 1_000_000))
     # a request body larger than this is refused (413) before it is read
     max_body_bytes: int = attrs.field(default=4 * 2**20, validator=_count(1024, 2**30))
     # seconds a connection gets to send a request's line and headers, and then its body

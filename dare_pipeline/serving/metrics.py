@@ -35,6 +35,8 @@ class Metrics:
                                          "or the server shut down", registry=r)
         self.isolated_batches = Counter("dare_isolated_batches", "batches that failed and were decoded again one "
                                         "row at a time, so that only a failing request gets an error", registry=r)
+        self.refused_connections = Counter("dare_refused_connections", "connections answered 503 and closed "
+                                           "because --max-connections were open", registry=r)
         self._largest = 0
 
     def record_batch(self, size: int, nfe: int, tokens: int, seconds: float) -> None:

@@ -1,6 +1,10 @@
 """`dare-pipeline serve` refuses bad settings with one line, before it loads a model or listens."""
 
+import shutil
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -19,6 +23,7 @@ from dare_pipeline.config import ConfigError
     ("--read-timeout", "0", "must be > 0"),
     ("--keep-alive-timeout", "-inf", "finite number"),
     ("--max-body-bytes", "10", "between 1024 and"),
+    ("--max-connections", "0", "between 1 and 1,000,000"),
     ("--port", "99999", "between 0 and 65535"),
     ("--port", "-1", "between 0 and 65535"),
     ("--max-tokens", "0", "must be >= 1"),
@@ -32,6 +37,32 @@ def test_bad_setting_exits_2_with_one_line_naming_the_flag(capsys, flag, value, 
     assert main(["serve", "--recipe", "recipes/baseline.yaml", f"{flag}={value}"]) == 2
     err = capsys.readouterr().err
     assert f"serve: {flag}" in err and allowed in err and len(err.splitlines()) == 1, err
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _under_ulimit(limits: str, *python: str) -> subprocess.CompletedProcess:
+    """Run Python with its open files limited by bash's `ulimit` (set before Python starts)."""
+    return subprocess.run(["bash", "-c", f'{limits} && exec "$0" "$@"', sys.executable, *python], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.skipif(shutil.which("bash") is None or sys.platform == "win32", reason="needs bash's ulimit")
+def test_more_connections_than_the_open_files_limit_allows_is_a_clear_error():
+    done = _under_ulimit("ulimit -n 300", "-m", "dare_pipeline.cli", "serve", "--max-connections", "1000")
+    assert done.returncode == 2
+    assert done.stderr.strip() == ("dare-pipeline: error: serve: --max-connections = 1000: this process may open at most 300 "
+                                   "files (ulimit -Hn) and keeps 64 for itself; allowed: 1 to 236, or raise the "
+                                   "limit"), done.stderr
+
+
+@pytest.mark.skipif(shutil.which("bash") is None or sys.platform == "win32", reason="needs bash's ulimit")
+def test_the_open_files_limit_is_raised_to_what_the_connections_need():
+    show = ("import resource; from dare_pipeline.serving.command import allow_open_files as allow; "
+            "allow(512); print(resource.getrlimit(resource.RLIMIT_NOFILE))")
+    done = _under_ulimit("ulimit -Sn 100 && ulimit -Hn 2000", "-c", show)
+    assert done.stdout.strip() == "(576, 2000)", done.stderr  # 512 connections + 64 of its own
 
 
 def test_a_port_in_use_is_a_clear_error(capsys):

@@ -1,8 +1,10 @@
 """A live server's limits (docs/serving.md): /health answers within a second while a 50 MB body,
-a maximal body or a long decode is handled; slow connections are timed out; past
---shutdown-timeout what still decodes gets a JSON 503 or a stream error event."""
+a maximal body or a long decode is handled; slow connections are timed out; connections beyond
+--max-connections get a 503; past --shutdown-timeout what still decodes gets a JSON 503 or a stream
+error event."""
 
 import json
+import re
 import signal
 import socket
 import threading
@@ -164,6 +166,58 @@ def test_an_idle_keep_alive_connection_is_closed(impatient):
         assert reply.startswith(b"HTTP/1.1 200")
         waited, rest = _timed_out(sock, b"")
     assert rest == b"" and 0.8 < waited < 5
+
+
+@pytest.fixture(scope="module")
+def crowded(start_server):
+    return start_server("--max-connections", "2", "--keep-alive-timeout", "60")
+
+
+def _kept_alive(url: str) -> socket.socket:
+    """A connection that asked /health and stays open (counted by the server)."""
+    sock = _raw(url)
+    sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    reply = b""
+    while not reply.endswith(b'{"status":"ok"}'):
+        reply += sock.recv(65536)
+    return sock
+
+
+def _until_served(url: str, seconds: float = 5.0) -> httpx.Response:
+    """GET `url` until it is not refused (a closed connection is counted out when the server sees it go)."""
+    deadline = time.monotonic() + seconds
+    while (reply := httpx.get(url, timeout=10)).status_code == 503 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return reply
+
+
+def _refused_so_far(url: str) -> float:
+    found = re.search(r"^dare_refused_connections_total (\S+)$", _until_served(f"{url}/metrics").text, re.M)
+    return float(found.group(1))
+
+
+def test_a_connection_beyond_max_connections_gets_503_and_a_freed_slot_serves_again(crowded):
+    before = _refused_so_far(crowded.url)
+    first, second = _kept_alive(crowded.url), _kept_alive(crowded.url)
+    with first, second:
+        refused = httpx.get(f"{crowded.url}/health", timeout=10)
+        assert refused.status_code == 503, refused.text
+        assert refused.headers["retry-after"] == "1" and refused.headers["connection"] == "close"
+        assert refused.json()["error"] == {
+            "message": "the server has 2 connections open, the most it serves at once (--max-connections); retry "
+                       "later", "type": "server_error", "param": None, "code": "too_many_connections"}
+        second.close()
+        assert _until_served(f"{crowded.url}/health").status_code == 200
+        # the refused connection never counted: the one kept open and this one are served
+        assert _refused_so_far(crowded.url) == before + 1
+    assert re.search(r"refused \d+ connection\(s\) with 503: 2 open, --max-connections 2", crowded.output())
+
+
+def test_a_refused_connection_that_sends_nothing_is_answered_and_closed(crowded):
+    with _kept_alive(crowded.url), _kept_alive(crowded.url), _raw(crowded.url) as silent:
+        waited, reply = _timed_out(silent, b"")
+    assert reply.startswith(b"HTTP/1.1 503") and b'"too_many_connections"' in reply
+    assert waited < 1  # answered and ended at once, not when a read deadline passes
 
 
 def test_past_the_shutdown_timeout_requests_get_503_and_streams_an_error_event(start_server):
