@@ -38,6 +38,10 @@ class GenerationConfig:
     # the Gumbel-max sampler divides by (-log u)^T in float64, exact only while that neither
     # underflows nor overflows (T up to about 19); at 10 the sampling is already far from the model's
     temperature: float = attrs.field(default=0.0, validator=[at_least(0.0), in_range(0.0, MAX_TEMPERATURE)])
+    # nucleus and top-k filters on the tempered distribution (Dream's reference rules, core/sampling.py):
+    # 1 and 0 are off
+    top_p: float = attrs.field(default=1.0, validator=in_range(0.0, 1.0))
+    top_k: int = attrs.field(default=0, validator=at_least(0))
     # low_confidence: commit the most confident proposals; random: a random order
     remasking: str = attrs.field(default="low_confidence", validator=choice("low_confidence", "random"))
     # what "confident" means: top-1 probability, top-1 minus top-2 margin, or negative entropy (Dream's options)

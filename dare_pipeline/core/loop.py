@@ -119,7 +119,7 @@ def _forward_and_propose(state: DecodeState, reuse: ReuseSet):
     gen = state.gen
     return propose(logits, state.x[:, cols], state.masked[:, cols], cols, family=state.family,
                    temperature=gen.temperature, remasking=gen.remasking, confidence=gen.confidence,
-                   generators=state.generators)
+                   generators=state.generators, top_p=gen.top_p, top_k=gen.top_k)
 
 
 def _prediction_rows(shifted: bool, cols: slice, fed: slice, device) -> torch.Tensor:

@@ -8,6 +8,9 @@ import torch
 # Confidence precision of each family's reference decoder: LLaDA ranks by float64 softmax, Dream by
 # float32. Ranking in the other precision can reorder candidates whose confidences tie at 1e-8.
 CONFIDENCE_DTYPE = {"llada": torch.float64, "dream": torch.float32}
+# Which distribution each family's reference ranks by: Dream by the one it samples from (tempered,
+# then filtered by top_p and top_k), LLaDA (and a family not named here) by the model's own softmax.
+RANKS_SAMPLED_DISTRIBUTION = {"dream"}
 CONFIDENCES = ("probability", "margin", "neg_entropy")
 
 
@@ -43,10 +46,35 @@ def gumbel_argmax(logits: torch.Tensor, temperature: float, generators: list[tor
     return (logits.exp() / (-torch.log(u)) ** temperature).argmax(-1)
 
 
+def outside_nucleus(logits: torch.Tensor, top_p: float = 1.0, top_k: int = 0) -> torch.Tensor | None:
+    """Bool (..., V): the tokens that top_p, then top_k, rule out of the distribution softmax(`logits`)
+    (None when both are off), by Dream's reference rules. top_p keeps the most likely tokens up to
+    and including the first whose cumulative probability passes top_p (so always the most likely
+    one; top_p 0 keeps that one alone); top_k then keeps the tokens whose logit is at least the k-th
+    largest (ties at the k-th all stay). Fixed-shape device ops: no host synchronisation."""
+    out = None
+    if top_p < 1:
+        ordered, order = logits.sort(dim=-1, descending=True, stable=True)  # ties: the argmax first
+        passed = torch.softmax(ordered.float(), dim=-1).cumsum(-1) > top_p
+        drop = torch.zeros_like(passed)
+        drop[..., 1:] = passed[..., :-1]  # the token that passes top_p stays
+        out = torch.zeros_like(drop).scatter_(-1, order, drop)
+        logits = logits.masked_fill(out, -torch.inf)
+    if top_k > 0:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        below = logits < kth
+        out = below if out is None else out | below
+    return out
+
+
 def propose(logits: torch.Tensor, canvas: torch.Tensor, candidates: torch.Tensor, columns: slice, *,
             family: str, temperature: float, remasking: str, confidence: str,
-            generators: list[torch.Generator]) -> Proposal:
+            generators: list[torch.Generator], top_p: float = 1.0, top_k: int = 0) -> Proposal:
     """Proposal for `columns` from their logits (B, c, V); `canvas` (B, c) holds the current tokens.
+
+    Tokens come from softmax(logits / temperature) restricted by top_p and top_k (argmax at
+    temperature 0). The confidence and `probability` read the distribution the family's reference
+    ranks by (RANKS_SAMPLED_DISTRIBUTION): Dream's the sampled one, LLaDA's the unfiltered softmax.
 
     Greedy decoding (temperature 0, confidence remasking) runs on the device without a host
     synchronisation. Sampling (temperature > 0 or random remasking) has exactly one: which rows
@@ -55,8 +83,16 @@ def propose(logits: torch.Tensor, canvas: torch.Tensor, candidates: torch.Tensor
     generator advances is decided on the host."""
     # the one sync of sampling (see the docstring)
     active = candidates.any(-1).tolist() if temperature > 0 or remasking == "random" else None
-    tokens = gumbel_argmax(logits, temperature, generators, active)
-    probs = torch.softmax(logits.to(CONFIDENCE_DTYPE.get(family, torch.float32)), dim=-1)
+    sampled = logits
+    if top_p < 1 or top_k > 0:
+        ruled_out = outside_nucleus(logits / temperature if temperature > 0 else logits, top_p, top_k)
+        sampled = logits.masked_fill(ruled_out, -torch.inf)
+    # the Gumbel sampler tempers in float64 itself: dividing first could overflow its exp
+    tokens = gumbel_argmax(sampled, temperature, generators, active)
+    ranked = logits
+    if family in RANKS_SAMPLED_DISTRIBUTION:
+        ranked = sampled / temperature if temperature > 0 else sampled
+    probs = torch.softmax(ranked.to(CONFIDENCE_DTYPE.get(family, torch.float32)), dim=-1)
     prob = torch.gather(probs, -1, tokens[..., None]).squeeze(-1)
     if remasking == "random":
         score = row_uniform(tokens.shape, generators, tokens.device, active)

@@ -43,6 +43,7 @@ from . import distributed
 log = logging.getLogger(__name__)
 
 GENERATION_KEYS = tuple(a.name for a in attrs.fields(GenerationConfig))
+SAMPLING_KEYS = {"temperature": float, "top_p": float, "top_k": int}  # applied only with do_sample=true
 # keys lm-eval itself may put into model_args; accepted and ignored
 _IGNORED_ARGS = ("trust_remote_code", "parallelize", "max_length")
 
@@ -401,11 +402,13 @@ class DareLM(TemplateLM):
         until = [until] if isinstance(until, str) else list(until or [])
         overrides = {}
         # the recipe decides how to decode: a task's do_sample=false does not turn a sampling recipe
-        # greedy; an explicit temperature with do_sample=true does override it
+        # greedy; an explicit temperature, top_p or top_k with do_sample=true does override it (as in
+        # transformers, they mean nothing to a task that does not sample)
         do_sample = kw.pop("do_sample", None)
-        temperature = kw.pop("temperature", None)
-        if do_sample and temperature is not None:
-            overrides["temperature"] = float(temperature)
+        for key, kind in SAMPLING_KEYS.items():
+            value = kw.pop(key, None)
+            if do_sample and value is not None:
+                overrides[key] = kind(value)
         for key in list(kw):
             if key in GENERATION_KEYS:
                 value = kw.pop(key)

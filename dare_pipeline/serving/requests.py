@@ -87,7 +87,7 @@ def plan_rows(request, served: Served, chat: bool, max_rows: int | None = None) 
         raise RequestError(400, f"n = {n}: must be between 1 and {MAX_N}", "n")
     recipe = request_recipe(request, served)
     gen = recipe.generation
-    check_neutral_options(request, gen)
+    check_neutral_options(request)
     field = "messages" if chat else "prompt"
     count = 1 if chat else len(_completion_prompt_list(request))
     if max_rows is not None and count * n > max_rows:
@@ -109,13 +109,9 @@ def plan_rows(request, served: Served, chat: bool, max_rows: int | None = None) 
     return rows
 
 
-def check_neutral_options(request, gen) -> None:
+def check_neutral_options(request) -> None:
     """OpenAI options this server accepts only where they change nothing (clients send them by
     default): anything else is refused with what to send instead."""
-    if request.top_p is not None and request.top_p < 1 and gen.temperature > 0:
-        raise RequestError(400, f"top_p = {request.top_p}: nucleus sampling is not implemented; with temperature "
-                           f"{gen.temperature} send top_p 1 or leave it out (with temperature 0 any top_p is "
-                           "accepted: greedy decoding takes the most likely token either way)", "top_p")
     for name in ("frequency_penalty", "presence_penalty"):
         value = getattr(request, name)
         if value is not None and value != 0:
@@ -155,6 +151,10 @@ def request_recipe(request, served: Served) -> Recipe:
     gen = doc["generation"]
     if request.temperature is not None:
         gen["temperature"] = request.temperature
+    if request.top_p is not None:
+        gen["top_p"] = request.top_p
+    if request.top_k is not None:
+        gen["top_k"] = max(request.top_k, 0)  # vLLM's -1 is off, as 0 is
     if request.seed is not None:
         gen["seed"] = request.seed
     if request.stop is not None:

@@ -3,7 +3,7 @@ types are exact (`"max_tokens": "32"`, `true` or `"stream": "yes"` are errors na
 
 Unknown fields are errors (`extra="forbid"`): an OpenAI field this server does not implement
 (`echo`, `tools`, ...) is refused by name instead of being silently ignored. Some OpenAI fields
-that clients send by default are accepted with their neutral value only (`top_p`, the penalties,
+that clients send by default are accepted with their neutral value only (the penalties,
 `logit_bias`, `logprobs`); serving/requests.py checks those values and says why.
 """
 
@@ -34,6 +34,7 @@ class _Sampling(BaseModel):
     max_completion_tokens: int | None = Field(default=None, ge=1)  # OpenAI's newer name of max_tokens
     temperature: float | None = Field(default=None, ge=0.0, allow_inf_nan=False)
     top_p: float | None = Field(default=None, ge=0.0, le=1.0, allow_inf_nan=False)
+    top_k: int | None = Field(default=None, ge=-1)  # extension, as vLLM's: 0 or -1 is off
     stop: str | list[str] | None = None
     seed: int | None = None
     n: int | None = Field(default=None, ge=1)

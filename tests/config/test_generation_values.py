@@ -20,6 +20,9 @@ from dare_pipeline.config.recipe import MAX_TEMPERATURE
     ({"timestep_eps": 0.0}, "timestep_eps = 0.0: must be > 0.0"),
     ({"temperature": 1e308}, f"temperature = 1e+308: must be between 0.0 and {MAX_TEMPERATURE}"),
     ({"temperature": 50}, f"temperature = 50.0: must be between 0.0 and {MAX_TEMPERATURE}"),
+    ({"top_p": 1.5}, "top_p = 1.5: must be between 0.0 and 1.0"),
+    ({"top_p": -0.1}, "top_p = -0.1: must be between 0.0 and 1.0"),
+    ({"top_k": -1}, "top_k = -1: must be >= 0"),
 ])
 def test_values_the_decoder_cannot_honour_are_refused(generation, message):
     with pytest.raises(ConfigError) as caught:

@@ -32,8 +32,8 @@ SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-3, 300), st.integers(
 VALUES = st.recursive(SCALARS, lambda inner: st.one_of(st.lists(inner, max_size=3),
                                                        st.dictionaries(st.text(max_size=6), inner, max_size=3)),
                       max_leaves=6)
-GENERATION_KEYS = ["gen_length", "block_length", "steps", "temperature", "remasking", "confidence", "schedule",
-                   "timestep_eps", "cfg_scale", "stop", "seed", "max_steps_per_block", "colour"]
+GENERATION_KEYS = ["gen_length", "block_length", "steps", "temperature", "top_p", "top_k", "remasking", "confidence",
+                   "schedule", "timestep_eps", "cfg_scale", "stop", "seed", "max_steps_per_block", "colour"]
 TOP_KEYS = ["name", "description", "model", "dtype", "device", "execution", "generation", "plugins", "other"]
 PLUGIN_NAMES = ["baseline", "dare_kv", "dare_o", "dllm_cache", "dual_cache", "factor_decoding", "prefix_cache",
                 "threshold_decoding", "guided_diffusion", "no_such_plugin"]
@@ -85,7 +85,8 @@ def test_recipe_from_dict_gives_a_recipe_or_a_config_error(data, sets):
         return
     again = Recipe.from_dict(recipe.to_dict(), source="fuzz.yaml")
     assert again == recipe
-    floats = [recipe.generation.temperature, recipe.generation.cfg_scale, recipe.generation.timestep_eps]
+    floats = [recipe.generation.temperature, recipe.generation.top_p, recipe.generation.cfg_scale,
+              recipe.generation.timestep_eps]
     assert all(math.isfinite(f) for f in floats)
 
 
@@ -119,7 +120,8 @@ def settings_and_prompts(draw, vocab: int, mask: int):
     blocks = draw(st.integers(1, 2))
     gen = {"gen_length": block * blocks, "block_length": block,
            "steps": draw(st.sampled_from([block // 2, block])) * blocks,
-           "temperature": draw(st.sampled_from([0.0, 0.0, 0.8])), "seed": draw(st.integers(0, 3))}
+           "temperature": draw(st.sampled_from([0.0, 0.0, 0.8])), "seed": draw(st.integers(0, 3)),
+           "top_p": draw(st.sampled_from([1.0, 1.0, 0.9])), "top_k": draw(st.sampled_from([0, 0, 5]))}
     ids = st.integers(0, vocab - 1).filter(lambda t: t != mask)
     prompts = draw(st.lists(st.lists(ids, min_size=1, max_size=9), min_size=2, max_size=4))
     return gen, prompts

@@ -125,6 +125,14 @@ def test_chat_template_is_the_tokenizer_one(lm):
 
 # ---- generate_until -------------------------------------------------------------------------------
 
+def test_sampling_kwargs_apply_only_when_the_task_samples(lm):
+    kwargs = {"until": ["\n\n"], "temperature": 0.7, "top_p": 0.9, "top_k": 5, "steps": 32}
+    assert lm._generation_overrides({**kwargs, "do_sample": True}) == (
+        {"temperature": 0.7, "top_p": 0.9, "top_k": 5, "steps": 32}, ["\n\n"])
+    for greedy in ({"do_sample": False}, {}):  # transformers ignores them too
+        assert lm._generation_overrides({**kwargs, **greedy}) == ({"steps": 32}, ["\n\n"])
+
+
 def test_cut_at_stops_takes_the_earliest():
     assert cut_at_stops("abc\n\nQ: x", ["\n\n"]) == "abc"
     assert cut_at_stops("a;b,c", [",", ";"]) == "a"

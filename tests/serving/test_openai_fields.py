@@ -1,8 +1,8 @@
 """The OpenAI fields common clients send, through the official openai client (in process, the
 embedded model): what LangChain's ChatOpenAI and OpenAI classes and LiteLLM put in a request by
 default is accepted, `max_completion_tokens` is `max_tokens`, `stream_options.include_usage` adds
-the usage chunk, and values that would change decoding in a way this server does not implement
-are refused naming the field."""
+the usage chunk, `top_p` (and vLLM's `top_k`) restrict sampling, and values that would change
+decoding in a way this server does not implement are refused naming the field."""
 
 import asyncio
 
@@ -95,9 +95,26 @@ def test_with_greedy_decoding_any_top_p_is_accepted(app):
     assert out.choices[0].text == ANSWER
 
 
+@pytest.mark.parametrize("extra", [{"top_p": 0.0}, {"top_k": 1}])
+def test_top_p_and_top_k_restrict_sampling(app, extra):
+    """A nucleus of one token samples the most likely one: at temperature 5 the answers are the greedy
+    answer whatever the seed (the embedded LLaDA-family model ranks by its own softmax), and without
+    the restriction the same seeds sample other answers."""
+    def answers(**fields):
+        texts = set()
+        for seed in (0, 10):
+            out = _call(app, lambda c: c.completions.create(model="default", prompt=PROMPT, max_tokens=64, n=4,
+                                                            temperature=5.0, seed=seed, **fields))
+            texts |= {choice.text for choice in out.choices}
+        return texts
+
+    assert answers(**({"extra_body": extra} if "top_k" in extra else extra)) == {ANSWER}
+    assert answers() != {ANSWER}
+
+
 @pytest.mark.parametrize("chat, fields, param", [
-    (False, {"temperature": 0.7, "top_p": 0.9}, "top_p"),  # nucleus sampling would change the answer
-    (True, {"temperature": 0.7, "top_p": 0.5}, "top_p"),
+    (False, {"top_p": 1.5}, "top_p"),
+    (False, {"extra_body": {"top_k": -2}}, "top_k"),
     (False, {"frequency_penalty": 0.5}, "frequency_penalty"),
     (True, {"presence_penalty": -1}, "presence_penalty"),
     (False, {"logit_bias": {"9": 5}}, "logit_bias"),

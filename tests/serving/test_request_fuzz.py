@@ -35,6 +35,7 @@ MESSAGE = st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "
 VALID = {
     "model": st.just("fuzz"), "max_tokens": st.integers(1, 17), "max_completion_tokens": st.integers(1, 17),
     "temperature": st.sampled_from([0, 0.0, 0.7, 1.5]), "top_p": st.sampled_from([1, 1.0, 0.9, 0]),
+    "top_k": st.sampled_from([-1, 0, 1, 5]),
     "stop": st.one_of(st.text(min_size=1, max_size=3), st.lists(st.text(min_size=1, max_size=3), max_size=5)),
     "seed": st.integers(0, 2**64), "n": st.integers(1, 3), "stream": st.booleans(),
     "stream_options": st.fixed_dictionaries({}, optional={"include_usage": st.booleans()}),
