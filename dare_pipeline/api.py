@@ -15,6 +15,7 @@ from .config.loading import ConfigError, shown
 from .config.recipe import Recipe, baseline_recipe, generation_with_overrides
 from .core.loop import denoise
 from .core.registry import make_manager
+from .core.sampling import filters_apply
 from .core.streaming import GenerationCancelled, GenerationStream, StepReporter
 from .execution.executor import executor_for
 from .models.memory import available_bytes, generation_bytes, gib, weights_bytes
@@ -180,7 +181,8 @@ class Pipeline:
         kept = self.executor.mode == "cuda_graphs" and self.executor.holds_store(model_batch, length)
         parts = generation_bytes(model.config, model.dtype, batch=batch, model_batch=model_batch, length=length,
                                  block_length=gen.block_length, store=bool(provided & _STORE_DECISIONS) and not kept,
-                                 fields=2 if provided & _FIELD_DECISIONS else 0, temperature=gen.temperature)
+                                 fields=2 if provided & _FIELD_DECISIONS else 0, temperature=gen.temperature,
+                                 filtered=filters_apply(model.config.family, gen.temperature, gen.top_p, gen.top_k))
         needed, available = sum(parts.values()), available_bytes(model.device)
         if available is None or needed <= available:
             return

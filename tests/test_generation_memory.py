@@ -71,3 +71,21 @@ def test_the_parameter_count_is_the_models(model):
 def test_available_memory_is_read_on_the_cpu():
     available = available_bytes("cpu")
     assert available is not None and 0 < available
+
+
+def test_the_sampling_filters_are_counted_where_they_apply(model, monkeypatch):
+    sizes = dict(batch=8, model_batch=8, length=1024, block_length=32, store=False, fields=0, temperature=0.7)
+    plain, filtered = (generation_bytes(model.config, model.dtype, filtered=f, **sizes) for f in (False, True))
+    assert filtered["logits"] - plain["logits"] == 8 * 32 * model.config.embedding_size * (32 + 4)
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["filtered"])
+        return generation_bytes(*args, **kwargs)
+
+    monkeypatch.setattr(api, "generation_bytes", spy)
+    pipe = Pipeline(model, "recipes/baseline.yaml")
+    for settings in ({}, {"top_p": 0.9}, {"top_p": 0.9, "temperature": 0.5}, {"top_k": 3, "temperature": 0.5}):
+        pipe.generate(["Q: add 1+2\nA: "], gen_length=8, steps=8, block_length=8, **settings)
+    # the embedded model is of the LLaDA family: at temperature 0 it takes the argmax, filtered or not
+    assert seen == [False, False, True, True]

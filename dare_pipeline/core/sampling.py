@@ -42,8 +42,18 @@ def gumbel_argmax(logits: torch.Tensor, temperature: float, generators: list[tor
     if temperature <= 0:
         return logits.argmax(-1)
     logits = logits.to(torch.float64)
+    # less each row's largest logit (clamped: a row of -inf stays -inf): the same argmax, and exp can
+    # neither overflow nor flush every token a filter kept to 0
+    logits = logits - logits.amax(-1, keepdim=True).clamp(min=torch.finfo(torch.float64).min)
     u = row_uniform(logits.shape, generators, logits.device, active)
     return (logits.exp() / (-torch.log(u)) ** temperature).argmax(-1)
+
+
+def filters_apply(family: str, temperature: float, top_p: float, top_k: int) -> bool:
+    """Whether top_p / top_k can change a proposal: they are on, and either tokens are sampled or the
+    family ranks by the filtered distribution (at temperature 0 a LLaDA-family model takes the
+    argmax, which every filter keeps, and ranks by the unfiltered softmax)."""
+    return (top_p < 1 or top_k > 0) and (temperature > 0 or family in RANKS_SAMPLED_DISTRIBUTION)
 
 
 def outside_nucleus(logits: torch.Tensor, top_p: float = 1.0, top_k: int = 0) -> torch.Tensor | None:
@@ -83,16 +93,18 @@ def propose(logits: torch.Tensor, canvas: torch.Tensor, candidates: torch.Tensor
     generator advances is decided on the host."""
     # the one sync of sampling (see the docstring)
     active = candidates.any(-1).tolist() if temperature > 0 or remasking == "random" else None
+    dtype = CONFIDENCE_DTYPE.get(family, torch.float32)
     sampled = logits
-    if top_p < 1 or top_k > 0:
-        ruled_out = outside_nucleus(logits / temperature if temperature > 0 else logits, top_p, top_k)
+    if filters_apply(family, temperature, top_p, top_k):
+        # tempered in float32 at least: a bf16 division would round the distribution it filters
+        ruled_out = outside_nucleus(logits.float() / temperature if temperature > 0 else logits, top_p, top_k)
         sampled = logits.masked_fill(ruled_out, -torch.inf)
-    # the Gumbel sampler tempers in float64 itself: dividing first could overflow its exp
+    # the Gumbel sampler tempers in float64 itself
     tokens = gumbel_argmax(sampled, temperature, generators, active)
-    ranked = logits
+    ranked = logits.to(dtype)
     if family in RANKS_SAMPLED_DISTRIBUTION:
-        ranked = sampled / temperature if temperature > 0 else sampled
-    probs = torch.softmax(ranked.to(CONFIDENCE_DTYPE.get(family, torch.float32)), dim=-1)
+        ranked = sampled.to(dtype) / temperature if temperature > 0 else sampled.to(dtype)
+    probs = torch.softmax(ranked, dim=-1)
     prob = torch.gather(probs, -1, tokens[..., None]).squeeze(-1)
     if remasking == "random":
         score = row_uniform(tokens.shape, generators, tokens.device, active)

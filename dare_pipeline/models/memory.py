@@ -87,9 +87,10 @@ def weights_bytes(cfg, dtype: torch.dtype) -> int:
 
 
 def generation_bytes(cfg, dtype: torch.dtype, *, batch: int, model_batch: int, length: int, block_length: int,
-                     store: bool, fields: int, temperature: float) -> dict[str, int]:
+                     store: bool, fields: int, temperature: float, filtered: bool = False) -> dict[str, int]:
     """Estimated bytes of one generation, by part: `model_batch` rows (batch, doubled by guidance) of
-    `length` columns; `store`: an activation store is kept, with `fields` row fields per layer."""
+    `length` columns; `store`: an activation store is kept, with `fields` row fields per layer;
+    `filtered`: top_p / top_k apply (core/sampling.py `filters_apply`)."""
     size, hd = itemsize(dtype), cfg.d_model // cfg.n_heads
     kv = cfg.n_kv_heads * hd
     rows = model_batch * length
@@ -99,7 +100,10 @@ def generation_bytes(cfg, dtype: torch.dtype, *, batch: int, model_batch: int, l
     confidence = 8 if cfg.family == "llada" else 4  # sampling.CONFIDENCE_DTYPE
     block_rows = block_length * cfg.embedding_size
     parts["logits"] = (model_batch * block_rows * (size + 4)
-                       + batch * block_rows * (2 * confidence + (24 if temperature > 0 else 0)))
+                       + batch * block_rows * (2 * confidence + (24 if temperature > 0 else 0)
+                                               # the filters: float32 tempered, sorted and cumulated
+                                               # logits, int64 order, bool masks; the filtered copy
+                                               + ((32 + size) if filtered else 0)))
     # one layer at a time: residual, norm, q, repeated k/v, attention out, projections; rope in float32
     parts["layer activations"] = rows * ((6 * cfg.d_model + 3 * cfg.ffn_hidden) * size + (cfg.d_model + kv + hd) * 8)
     return parts

@@ -12,6 +12,7 @@ import attrs
 
 from ..config.loading import ConfigError
 from ..config.recipe import Recipe, apply_override
+from ..core.sampling import filters_apply
 from ..prompts.check import PromptError, check_token_ids
 
 # the recipe keys a request may change through `recipe_overrides`: they steer decoding of the
@@ -105,7 +106,8 @@ def plan_rows(request, served: Served, chat: bool, max_rows: int | None = None) 
             row_recipe = recipe
             if sampling and j:
                 row_recipe = attrs.evolve(recipe, generation=attrs.evolve(gen, seed=gen.seed + j))
-            rows.append(RowSpec(index=p * n + j, ids=ids, recipe=row_recipe, key=batch_key(row_recipe, sampling)))
+            rows.append(RowSpec(index=p * n + j, ids=ids, recipe=row_recipe,
+                                key=batch_key(row_recipe, sampling, served.model.config.family)))
     return rows
 
 
@@ -130,10 +132,14 @@ def check_neutral_options(request) -> None:
         raise RequestError(400, "stream_options: only allowed when stream is true", "stream_options")
 
 
-def batch_key(recipe: Recipe, sampling: bool) -> str:
+def batch_key(recipe: Recipe, sampling: bool, family: str) -> str:
     doc = recipe.to_dict()
+    gen = recipe.generation
     if not sampling:  # the seed only feeds sampling: greedy rows of any seed decode together
         doc["generation"].pop("seed")
+    if not filters_apply(family, gen.temperature, gen.top_p, gen.top_k):  # nor do filters that change nothing
+        doc["generation"].pop("top_p")
+        doc["generation"].pop("top_k")
     return json.dumps(doc, sort_keys=True, default=str)
 
 

@@ -91,3 +91,32 @@ def test_sampling_draws_only_kept_tokens_in_proportion(family):
         assert abs(counts[0].item() - 0.7311) < 0.01, counts
     unfiltered = _propose(logits, family, temperature=1.0, seed=7).tokens
     assert torch.bincount(unfiltered.flatten(), minlength=4)[2:].sum() > 0  # the filters did rule them out
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_top_p_reads_the_tempered_distribution(family):
+    """At temperature 2 the logits [2, 1, 0, -1] are [1, 0.5, 0, -0.5] (probabilities 0.455, 0.276,
+    0.167, 0.102): top_p 0.8 keeps three tokens (0.731 has not passed it), drawn in proportion
+    e^1 : e^0.5 : e^0 (50.7 %, 30.7 %, 18.6 %); on the untempered logits it would keep two."""
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0]).expand(64, 250, 4).contiguous()
+    tokens = _propose(logits, family, temperature=2.0, top_p=0.8, seed=3).tokens
+    counts = torch.bincount(tokens.flatten(), minlength=4).double() / tokens.numel()
+    assert counts[3] == 0 and abs(counts[0].item() - 0.5066) < 0.01 and abs(counts[2].item() - 0.1863) < 0.01, counts
+
+
+def test_bf16_logits_are_tempered_and_ranked_in_float32():
+    logits = torch.randn(2, 8, 30, generator=torch.Generator().manual_seed(4)) * 3
+    half = logits.to(torch.bfloat16)
+    proposal = _propose(half, "dream", temperature=0.3)
+    want = torch.softmax(half.float() / 0.3, -1).gather(-1, proposal.tokens[..., None]).squeeze(-1)
+    torch.testing.assert_close(proposal.probability, want, rtol=1e-6, atol=1e-7)
+
+
+def test_sampling_survives_logits_whose_exp_underflows_or_overflows():
+    """exp(-800) is 0 and exp(800) inf in float64: the sampler draws from the kept tokens all the same."""
+    for shift in (-800.0, 800.0):
+        logits = (torch.tensor([2.0, 1.0, 0.0, -1.0]) + shift).expand(8, 100, 4).contiguous()
+        logits[..., 0] = -torch.inf if shift < 0 else logits[..., 0]
+        tokens = _propose(logits, "llada", temperature=1.0, top_k=2, seed=5).tokens
+        kept = {1, 2} if shift < 0 else {0, 1}
+        assert set(tokens.flatten().tolist()) == kept, (shift, torch.bincount(tokens.flatten()))

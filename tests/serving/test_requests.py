@@ -25,7 +25,19 @@ def test_a_one_block_recipe_becomes_one_block_of_max_tokens():
 def test_greedy_rows_batch_whatever_their_seed_sampled_rows_only_with_their_own():
     greedy = Recipe.from_yaml("recipes/baseline.yaml")
     other_seed = attrs.evolve(greedy, generation=attrs.evolve(greedy.generation, seed=7))
-    assert batch_key(greedy, sampling=False) == batch_key(other_seed, sampling=False)
-    assert batch_key(greedy, sampling=True) != batch_key(other_seed, sampling=True)
+    assert batch_key(greedy, False, "llada") == batch_key(other_seed, False, "llada")
+    assert batch_key(greedy, True, "llada") != batch_key(other_seed, True, "llada")
     longer = attrs.evolve(greedy, generation=attrs.evolve(greedy.generation, gen_length=512, steps=512))
-    assert batch_key(greedy, sampling=False) != batch_key(longer, sampling=False)
+    assert batch_key(greedy, False, "llada") != batch_key(longer, False, "llada")
+
+
+def test_greedy_rows_batch_whatever_their_filters_where_filters_change_nothing():
+    greedy = Recipe.from_yaml("recipes/baseline.yaml")
+    nucleus = attrs.evolve(greedy, generation=attrs.evolve(greedy.generation, top_p=0.9, top_k=5))
+    # a LLaDA-family model takes the argmax and ranks by its own softmax: the filters change nothing
+    assert batch_key(greedy, False, "llada") == batch_key(nucleus, False, "llada")
+    # a Dream-family model ranks by the filtered distribution, and sampling draws from it
+    assert batch_key(greedy, False, "dream") != batch_key(nucleus, False, "dream")
+    sampled, sampled_nucleus = (attrs.evolve(r, generation=attrs.evolve(r.generation, temperature=0.7))
+                                for r in (greedy, nucleus))
+    assert batch_key(sampled, True, "llada") != batch_key(sampled_nucleus, True, "llada")
