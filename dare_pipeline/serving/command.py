@@ -123,9 +123,10 @@ def cmd_serve(args) -> int:
     return 0
 
 
-# file descriptors the server needs besides its client connections: the listening socket, logs,
-# checkpoint files while they load, the worker's pipes
-OWN_FILES = 64
+# file descriptors the server needs besides the connections it serves: refused connections while
+# they linger (protocol.REFUSED_LINGERING), the listening socket, logs, checkpoint files while they
+# load, the worker's pipes, and what a GPU driver opens
+OWN_FILES = 256
 
 
 def allow_open_files(max_connections: int) -> None:

@@ -6,7 +6,11 @@ head within `read_timeout` seconds of connecting, or of its first byte after a r
 gets a 408 and is closed. (The body has its own deadline, in app.py.)
 
 Every connection holds a file descriptor and buffers until it closes, so at most `max_connections`
-are served at once; one more is answered 503 as soon as it connects, and closed.
+are served at once; one more is answered 503 as soon as it connects, and closed. A refused
+connection lingers a moment so that its client reads the 503; at most REFUSED_LINGERING of them
+at once, beyond which they are closed at once. So a flood of connections holds about
+REFUSED_LINGERING descriptors beyond the served ones (those closed at once are released when the
+event loop next turns).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from .limits import ServerLimits
 # a refused connection reads and drops what its client sends for this long before it is closed:
 # closing a socket with unread bytes resets the connection, and the client may lose the 503 unread
 REFUSED_LINGER_S = 2.0
+REFUSED_LINGERING = 64  # refused connections lingering at once at most
 REFUSAL_LOG_EVERY_S = 10.0  # a flood of connections logs one line this often, not one each
 
 
@@ -45,15 +50,19 @@ def guarded_protocol(limits: ServerLimits, on_refused=lambda: None) -> type[H11P
         "503 Service Unavailable", f"the server has {most} connections open, the most it serves at once "
         "(--max-connections); retry later", "too_many_connections", "server_error", b"retry-after: 1\r\n")
     refusals = {"logged_at": None, "since": 0}
+    # refused connections not closed yet: uvicorn's set of connections holds them too (so that a
+    # shutdown closes them), but they are not served and do not count against the limit
+    refused = set()
+    lingering = set()  # of those, the ones left open for their clients to read the 503
 
     class GuardedH11Protocol(H11Protocol):
         _deadline = None
         _refused = False
+        refused_open, lingering_open = refused, lingering  # for tests and diagnostics
 
         def connection_made(self, transport) -> None:
-            super().connection_made(transport)  # counts it in self.connections
-            if len(self.connections) > most:
-                self.connections.discard(self)  # the count is of connections served
+            super().connection_made(transport)  # adds it to self.connections
+            if len(self.connections) - len(refused) > most:
                 self._refuse()
             else:
                 self._arm()
@@ -69,6 +78,8 @@ def guarded_protocol(limits: ServerLimits, on_refused=lambda: None) -> type[H11P
 
         def connection_lost(self, exc) -> None:
             self._disarm()
+            refused.discard(self)
+            lingering.discard(self)
             super().connection_lost(exc)
 
         def _arm(self) -> None:
@@ -88,9 +99,14 @@ def guarded_protocol(limits: ServerLimits, on_refused=lambda: None) -> type[H11P
 
         def _refuse(self) -> None:
             self._refused = True
+            refused.add(self)
             on_refused()
             self._log_refusal()
             self.transport.write(refusal)
+            if len(lingering) >= REFUSED_LINGERING:  # a flood: no descriptor is held for its clients' sake
+                self.transport.close()
+                return
+            lingering.add(self)
             if self.transport.can_write_eof():
                 self.transport.write_eof()  # the client reads the 503, then the end of the stream
             self._deadline = self.loop.call_later(REFUSED_LINGER_S, self.transport.close)
@@ -100,7 +116,7 @@ def guarded_protocol(limits: ServerLimits, on_refused=lambda: None) -> type[H11P
             refusals["since"] += 1
             if refusals["logged_at"] is None or now - refusals["logged_at"] >= REFUSAL_LOG_EVERY_S:
                 self.logger.warning("refused %d connection(s) with 503: %d open, --max-connections %d",
-                                    refusals["since"], len(self.connections), most)
+                                    refusals["since"], len(self.connections) - len(refused), most)
                 refusals["logged_at"], refusals["since"] = now, 0
 
     return GuardedH11Protocol

@@ -50,11 +50,11 @@ def _under_ulimit(limits: str, *python: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.skipif(shutil.which("bash") is None or sys.platform == "win32", reason="needs bash's ulimit")
 def test_more_connections_than_the_open_files_limit_allows_is_a_clear_error():
-    done = _under_ulimit("ulimit -n 300", "-m", "dare_pipeline.cli", "serve", "--max-connections", "1000")
+    done = _under_ulimit("ulimit -n 500", "-m", "dare_pipeline.cli", "serve", "--max-connections", "1000")
     assert done.returncode == 2
-    assert done.stderr.strip() == ("dare-pipeline: error: serve: --max-connections = 1000: this process may open at most 300 "
-                                   "files (ulimit -Hn) and keeps 64 for itself; allowed: 1 to 236, or raise the "
-                                   "limit"), done.stderr
+    assert done.stderr.strip() == ("dare-pipeline: error: serve: --max-connections = 1000: this process may open at "
+                                   "most 500 files (ulimit -Hn) and keeps 256 for itself; allowed: 1 to 244, or "
+                                   "raise the limit"), done.stderr
 
 
 @pytest.mark.skipif(shutil.which("bash") is None or sys.platform == "win32", reason="needs bash's ulimit")
@@ -62,7 +62,7 @@ def test_the_open_files_limit_is_raised_to_what_the_connections_need():
     show = ("import resource; from dare_pipeline.serving.command import allow_open_files as allow; "
             "allow(512); print(resource.getrlimit(resource.RLIMIT_NOFILE))")
     done = _under_ulimit("ulimit -Sn 100 && ulimit -Hn 2000", "-c", show)
-    assert done.stdout.strip() == "(576, 2000)", done.stderr  # 512 connections + 64 of its own
+    assert done.stdout.strip() == "(768, 2000)", done.stderr  # 512 connections + 256 of its own
 
 
 def test_a_port_in_use_is_a_clear_error(capsys):

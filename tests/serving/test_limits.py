@@ -183,21 +183,24 @@ def _kept_alive(url: str) -> socket.socket:
     return sock
 
 
-def _until_served(url: str, seconds: float = 5.0) -> httpx.Response:
-    """GET `url` until it is not refused (a closed connection is counted out when the server sees it go)."""
-    deadline = time.monotonic() + seconds
+def _until_served(url: str, seconds: float = 5.0) -> tuple[httpx.Response, int]:
+    """GET `url` until it is not refused (a closed connection is counted out when the server sees it
+    go); the reply and how many times it was refused first."""
+    deadline, refusals = time.monotonic() + seconds, 0
     while (reply := httpx.get(url, timeout=10)).status_code == 503 and time.monotonic() < deadline:
+        refusals += 1
         time.sleep(0.05)
-    return reply
+    return reply, refusals
 
 
-def _refused_so_far(url: str) -> float:
-    found = re.search(r"^dare_refused_connections_total (\S+)$", _until_served(f"{url}/metrics").text, re.M)
-    return float(found.group(1))
+def _refused_so_far(url: str) -> tuple[float, int]:
+    """dare_refused_connections_total, and the refusals met asking for it."""
+    reply, refusals = _until_served(f"{url}/metrics")
+    return float(re.search(r"^dare_refused_connections_total (\S+)$", reply.text, re.M).group(1)), refusals
 
 
 def test_a_connection_beyond_max_connections_gets_503_and_a_freed_slot_serves_again(crowded):
-    before = _refused_so_far(crowded.url)
+    before, _ = _refused_so_far(crowded.url)
     first, second = _kept_alive(crowded.url), _kept_alive(crowded.url)
     with first, second:
         refused = httpx.get(f"{crowded.url}/health", timeout=10)
@@ -207,10 +210,23 @@ def test_a_connection_beyond_max_connections_gets_503_and_a_freed_slot_serves_ag
             "message": "the server has 2 connections open, the most it serves at once (--max-connections); retry "
                        "later", "type": "server_error", "param": None, "code": "too_many_connections"}
         second.close()
-        assert _until_served(f"{crowded.url}/health").status_code == 200
-        # the refused connection never counted: the one kept open and this one are served
-        assert _refused_so_far(crowded.url) == before + 1
+        served, refused_meanwhile = _until_served(f"{crowded.url}/health")
+        assert served.status_code == 200
+        after, refused_asking = _refused_so_far(crowded.url)
+        assert after == before + 1 + refused_meanwhile + refused_asking
     assert re.search(r"refused \d+ connection\(s\) with 503: 2 open, --max-connections 2", crowded.output())
+
+
+def test_a_refused_connection_still_open_does_not_count(crowded):
+    """While a refused connection lingers (its client keeps it open), a freed slot serves at once."""
+    first, second = _kept_alive(crowded.url), _kept_alive(crowded.url)
+    with first, _raw(crowded.url) as refused:
+        reply = b""
+        while not reply.endswith(b'"too_many_connections"}}'):
+            reply += refused.recv(65536)
+        second.close()
+        served, _ = _until_served(f"{crowded.url}/health", seconds=1.0)  # within the refused one's 2 s
+        assert served.status_code == 200
 
 
 def test_a_refused_connection_that_sends_nothing_is_answered_and_closed(crowded):
@@ -254,3 +270,51 @@ def test_past_the_shutdown_timeout_requests_get_503_and_streams_an_error_event(s
     assert all("error" not in json.loads(line) for line in stream_lines[:-1])
     assert server.proc.wait(timeout=15) == 128 + signal.SIGTERM
     assert "Traceback" not in server.output() and "timeout graceful shutdown exceeded" not in server.output()
+
+
+def test_a_flood_of_connections_lingers_only_refused_lingering_of_them():
+    """In process, the protocol alone: max_connections 1, then 1 + REFUSED_LINGERING + 10 clients
+    that keep their connections open; the first is served, REFUSED_LINGERING refused ones linger
+    and the last 10 are closed at once; every refused client reads its 503."""
+    import asyncio
+
+    import uvicorn
+    from uvicorn.server import ServerState
+
+    from dare_pipeline.serving.limits import ServerLimits
+    from dare_pipeline.serving.protocol import REFUSED_LINGERING, guarded_protocol
+
+    async def app(scope, receive, send):  # never reached: no request is sent
+        raise AssertionError(scope)
+
+    async def flood():
+        config = uvicorn.Config(app, log_level="warning")
+        config.load()
+        refusals = []
+        protocol = guarded_protocol(ServerLimits(max_connections=1), on_refused=lambda: refusals.append(1))
+        state = ServerState()
+        server = await asyncio.get_running_loop().create_server(
+            lambda: protocol(config=config, server_state=state, app_state={}), "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        clients = [await asyncio.open_connection("127.0.0.1", port) for _ in range(1 + REFUSED_LINGERING + 10)]
+        for _ in range(200):
+            if len(refusals) == REFUSED_LINGERING + 10 and len(state.connections) == 1 + REFUSED_LINGERING:
+                break
+            await asyncio.sleep(0.01)
+        lingering, open_ = len(protocol.lingering_open), len(state.connections)
+        replies = [await asyncio.wait_for(reader.read(), 5) for reader, _ in clients[1:]]
+        for _, writer in clients:
+            writer.close()
+        for _ in range(200):  # the server sees them go
+            if not state.connections:
+                break
+            await asyncio.sleep(0.01)
+        left = len(state.connections), len(protocol.refused_open), len(protocol.lingering_open)
+        server.close()
+        await server.wait_closed()
+        return lingering, open_, replies, left
+
+    lingering, open_, replies, left = asyncio.run(flood())
+    assert (lingering, open_) == (REFUSED_LINGERING, 1 + REFUSED_LINGERING)
+    assert left == (0, 0, 0)  # nothing kept for connections gone
+    assert all(reply.startswith(b"HTTP/1.1 503") and reply.endswith(b'"too_many_connections"}}') for reply in replies)
