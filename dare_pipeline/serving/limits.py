@@ -1,6 +1,7 @@
 """What one server allows: batch and queue sizes, open connections, the request body, and how long a
-connection may take to send a request or to finish when the server stops. Each limit is a `serve` option of the
-same name (docs/serving.md); values are checked here, for the command line and `create_app` alike."""
+connection may take to send a request or to finish when the server stops. Each limit is a `serve`
+option of the same name (docs/serving.md); values are checked here, for the command line and
+`create_app` alike."""
 
 from __future__ import annotations
 

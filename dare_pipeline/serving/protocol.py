@@ -44,8 +44,8 @@ def guarded_protocol(limits: ServerLimits, on_refused=lambda: None) -> type[H11P
     each connection refused."""
     read_timeout, most = limits.read_timeout, limits.max_connections
     timeout_response = _raw_response(
-        "408 Request Timeout", f"the request line and headers did not arrive within {read_timeout:g} s (--read-timeout)",
-        "request_timeout", "invalid_request_error")
+        "408 Request Timeout", f"the request line and headers did not arrive within {read_timeout:g} s "
+        "(--read-timeout)", "request_timeout", "invalid_request_error")
     refusal = _raw_response(
         "503 Service Unavailable", f"the server has {most} connections open, the most it serves at once "
         "(--max-connections); retry later", "too_many_connections", "server_error", b"retry-after: 1\r\n")
