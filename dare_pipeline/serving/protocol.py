@@ -49,7 +49,7 @@ def guarded_protocol(limits: ServerLimits, on_refused=lambda: None) -> type[H11P
     refusal = _raw_response(
         "503 Service Unavailable", f"the server has {most} connections open, the most it serves at once "
         "(--max-connections); retry later", "too_many_connections", "server_error", b"retry-after: 1\r\n")
-    refusals = {"logged_at": None, "since": 0}
+    refusals = {"logged_at": None, "since": 0, "due": None}  # due: the next line's timer
     # refused connections not closed yet: uvicorn's set of connections holds them too (so that a
     # shutdown closes them), but they are not served and do not count against the limit
     refused = set()
@@ -112,11 +112,24 @@ def guarded_protocol(limits: ServerLimits, on_refused=lambda: None) -> type[H11P
             self._deadline = self.loop.call_later(REFUSED_LINGER_S, self.transport.close)
 
         def _log_refusal(self) -> None:
-            now = time.monotonic()
+            """One line for the first refusal, then at most one every REFUSAL_LOG_EVERY_S with the
+            count since the last: a line falls due when the time has passed, flood or not, so the
+            count of a flood's last seconds is logged too."""
             refusals["since"] += 1
-            if refusals["logged_at"] is None or now - refusals["logged_at"] >= REFUSAL_LOG_EVERY_S:
-                self.logger.warning("refused %d connection(s) with 503: %d open, --max-connections %d",
-                                    refusals["since"], len(self.connections) - len(refused), most)
-                refusals["logged_at"], refusals["since"] = now, 0
+            if refusals["due"] is not None:
+                return  # the line already due counts this one
+            logged_at = refusals["logged_at"]
+            wait = 0.0 if logged_at is None else logged_at + REFUSAL_LOG_EVERY_S - time.monotonic()
+            if wait <= 0:
+                self._write_refusal_line()
+            else:
+                refusals["due"] = self.loop.call_later(wait, self._write_refusal_line)
+
+        def _write_refusal_line(self) -> None:
+            now, logged_at = time.monotonic(), refusals["logged_at"]
+            span = "" if logged_at is None else f" in the last {now - logged_at:.3g} s"
+            self.logger.warning("refused %d connection(s) with 503%s: %d open, --max-connections %d",
+                                refusals["since"], span, len(self.connections) - len(refused), most)
+            refusals.update(logged_at=now, since=0, due=None)
 
     return GuardedH11Protocol

@@ -272,30 +272,40 @@ def test_past_the_shutdown_timeout_requests_get_503_and_streams_an_error_event(s
     assert "Traceback" not in server.output() and "timeout graceful shutdown exceeded" not in server.output()
 
 
-def test_a_flood_of_connections_lingers_only_refused_lingering_of_them():
-    """In process, the protocol alone: max_connections 1, then 1 + REFUSED_LINGERING + 10 clients
-    that keep their connections open; the first is served, REFUSED_LINGERING refused ones linger
-    and the last 10 are closed at once; every refused client reads its 503."""
+async def _in_process(max_connections: int, refusals: list):
+    """The guarded protocol alone, served in this event loop: (protocol class, uvicorn's server state
+    whose `connections` it counts, the asyncio server, its port); `refusals` gets one item a refusal."""
     import asyncio
 
     import uvicorn
     from uvicorn.server import ServerState
 
     from dare_pipeline.serving.limits import ServerLimits
-    from dare_pipeline.serving.protocol import REFUSED_LINGERING, guarded_protocol
+    from dare_pipeline.serving.protocol import guarded_protocol
 
     async def app(scope, receive, send):  # never reached: no request is sent
         raise AssertionError(scope)
 
+    config = uvicorn.Config(app, log_level="warning")
+    config.load()
+    protocol = guarded_protocol(ServerLimits(max_connections=max_connections), on_refused=lambda: refusals.append(1))
+    state = ServerState()
+    server = await asyncio.get_running_loop().create_server(
+        lambda: protocol(config=config, server_state=state, app_state={}), "127.0.0.1", 0)
+    return protocol, state, server, server.sockets[0].getsockname()[1]
+
+
+def test_a_flood_of_connections_lingers_only_refused_lingering_of_them():
+    """In process, the protocol alone: max_connections 1, then 1 + REFUSED_LINGERING + 10 clients
+    that keep their connections open; the first is served, REFUSED_LINGERING refused ones linger
+    and the last 10 are closed at once; every refused client reads its 503."""
+    import asyncio
+
+    from dare_pipeline.serving.protocol import REFUSED_LINGERING
+
     async def flood():
-        config = uvicorn.Config(app, log_level="warning")
-        config.load()
         refusals = []
-        protocol = guarded_protocol(ServerLimits(max_connections=1), on_refused=lambda: refusals.append(1))
-        state = ServerState()
-        server = await asyncio.get_running_loop().create_server(
-            lambda: protocol(config=config, server_state=state, app_state={}), "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
+        protocol, state, server, port = await _in_process(1, refusals)
         clients = [await asyncio.open_connection("127.0.0.1", port) for _ in range(1 + REFUSED_LINGERING + 10)]
         for _ in range(200):
             if len(refusals) == REFUSED_LINGERING + 10 and len(state.connections) == 1 + REFUSED_LINGERING:
@@ -318,3 +328,49 @@ def test_a_flood_of_connections_lingers_only_refused_lingering_of_them():
     assert (lingering, open_) == (REFUSED_LINGERING, 1 + REFUSED_LINGERING)
     assert left == (0, 0, 0)  # nothing kept for connections gone
     assert all(reply.startswith(b"HTTP/1.1 503") and reply.endswith(b'"too_many_connections"}}') for reply in replies)
+
+
+def test_refusals_are_logged_at_most_once_an_interval_and_a_floods_last_count_too(monkeypatch):
+    """In process, max_connections 1 and the log interval cut to 0.5 s: 1 served and 5 refused
+    clients. The first refusal is logged at once; the others, refused within the interval, are
+    counted in a line when it has passed, though no refusal follows them; lines are an interval apart."""
+    import asyncio
+    import logging
+
+    from dare_pipeline.serving import protocol as protocol_module
+
+    interval = 0.5
+    monkeypatch.setattr(protocol_module, "REFUSAL_LOG_EVERY_S", interval)
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+
+    async def flood():
+        refusals = []
+        protocol, state, server, port = await _in_process(1, refusals)
+        logger.addHandler(handler)  # after uvicorn's logging set-up, which drops the handlers it meets
+        clients = [await asyncio.open_connection("127.0.0.1", port) for _ in range(6)]
+        for _ in range(200):
+            if len(refusals) == 5:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(2 * interval)  # the line due after the last refusal
+        for _, writer in clients:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+        return len(refusals)
+
+    logger = logging.getLogger("uvicorn.error")
+    try:
+        refused = asyncio.run(flood())
+    finally:
+        logger.removeHandler(handler)
+    lines = [r for r in records if "with 503" in r.getMessage()]
+    counts = [int(re.match(r"refused (\d+) connection\(s\) with 503", r.getMessage()).group(1)) for r in lines]
+    assert refused == 5 and sum(counts) == 5 and counts[0] == 1, [r.getMessage() for r in lines]
+    assert lines[0].getMessage() == "refused 1 connection(s) with 503: 1 open, --max-connections 1"
+    later = re.fullmatch(r"refused \d+ connection\(s\) with 503 in the last ([\d.]+) s: 1 open, --max-connections 1",
+                         lines[1].getMessage())
+    assert later and float(later.group(1)) >= interval - 0.01, lines[1].getMessage()
+    assert all(b.created - a.created >= interval - 0.01 for a, b in zip(lines, lines[1:]))
