@@ -20,6 +20,7 @@ from collections import OrderedDict
 
 from .results import dedupe
 from .runner import accuracy_mean
+from .schema import device_kind
 from .timing import spread, timed_ranks
 from .timing import tokens_per_second as timed_tps
 
@@ -30,8 +31,11 @@ def is_plugin_key(key: str) -> bool:
 
 def canonical(record: dict, drop=()) -> str:
     """What identifies a run up to the plugins in `drop`: the recipe without its name, description
-    and the dropped plugins (the others sorted by name), with the tasks, limit and batch size."""
+    and the dropped plugins (the others sorted by name; `cuda:N` counted as `cuda`, as in run_key),
+    with the tasks, limit and batch size."""
     recipe = dict(record.get("recipe") or {})
+    if "device" in recipe:
+        recipe["device"] = device_kind(recipe["device"])
     recipe.pop("name", None)
     recipe.pop("description", None)
     plugins = [p for p in recipe.get("plugins") or [] if p.get("name") not in set(drop)]
@@ -130,7 +134,8 @@ class Analysis:
     @staticmethod
     def _machine(r: dict) -> tuple:
         h = r.get("hardware") or {}
-        return (*(h.get(k) for k in ("platform", "machine", "processor", "cpu_count", "torch_threads", "device", "gpu")),
+        return (*(h.get(k) for k in ("platform", "machine", "processor", "cpu_count", "torch_threads", "gpu")),
+                device_kind(h.get("device")),  # the GPU's model is `gpu`; its index on the machine does not matter
                 timed_ranks(r))  # the data-parallel processes its tokens/s came from
 
     def other_hardware(self, r: dict) -> bool:

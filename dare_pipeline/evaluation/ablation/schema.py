@@ -368,13 +368,18 @@ def _short(key: str) -> str:
     return parts[-1]
 
 
+def device_kind(device):
+    """`cuda:N` as `cuda`: which GPU of a machine ran a run does not change it (one shard per GPU)."""
+    return "cuda" if isinstance(device, str) and device.startswith("cuda:") else device
+
+
 def run_key(recipe: dict, tasks, limit, batch_size, calibrate: dict | None = None) -> str:
     """Stable hash of what determines a run's results: the recipe (its name and description
     excluded, `cuda:N` counted as `cuda`), the tasks, the limit, the batch size and, for a
     target_reuse run, what it calibrates on."""
     body = {k: v for k, v in recipe.items() if k not in ("name", "description")}
-    if isinstance(body.get("device"), str) and body["device"].startswith("cuda:"):
-        body["device"] = "cuda"  # which GPU ran it does not change the run (one shard per GPU)
+    if "device" in body:
+        body["device"] = device_kind(body["device"])
     doc = {"recipe": body, "tasks": list(tasks), "limit": limit, "batch_size": batch_size}
     if calibrate is not None:
         doc["calibrate"] = calibrate

@@ -229,6 +229,27 @@ def test_the_processes_named_are_those_the_tokens_per_second_came_from():
     assert not Analysis([run(0, [], 2, 1), run(1, ["a"], 1, 1)]).other_hardware(run(1, ["a"], 1, 1))
 
 
+def test_runs_of_per_rank_gpu_shards_compare_with_a_baseline_on_another_gpu():
+    """torchrun with one shard of the runs per GPU: each rank's recipes say cuda:<rank>. A run whose
+    baseline ran on another GPU of the same model has its speed-up and gains, and no mark; a baseline
+    on a GPU of another model is marked."""
+    def on(index, plugins, tps, gpu_index, gpu="NVIDIA H100"):
+        r = _rec(index, plugins, tps, 0.5)
+        r["recipe"]["device"] = f"cuda:{gpu_index}"
+        r["hardware"] = {"machine": "x86_64", "cpu_count": 16, "torch_threads": 1, "device": f"cuda:{gpu_index}",
+                         "gpu": gpu}
+        return r
+
+    records = [on(0, [], 10, 0), on(1, ["a"], 20, 1), on(2, ["b"], 30, 2), on(3, ["a", "b"], 90, 3)]
+    an = Analysis(records)
+    assert [an.speedup(r) for r in records] == [1.0, 2.0, 3.0, 9.0]
+    assert not any(an.other_hardware(r) for r in records)
+    assert sorted((g["strategy"], g["combination"], g["gain"]) for g in an.additive_gains()) == [
+        ("a", "b", 3.0), ("a", "baseline", 2.0), ("b", "a", 4.5), ("b", "baseline", 3.0)]
+    elsewhere = on(1, ["a"], 20, 1, gpu="NVIDIA H200")
+    assert Analysis([records[0], elsewhere]).other_hardware(elsewhere)
+
+
 def test_spread_is_median_quartiles_and_range():
     from dare_pipeline.evaluation.ablation.timing import needs_timing, spread
 
