@@ -126,13 +126,14 @@ def write_json_atomic(path: str | os.PathLike, data: dict) -> Path:
     return write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write `text` via a temp file in the same directory + os.replace: never a partial file."""
+def write_text_atomic(path: str | os.PathLike, text: str | bytes) -> Path:
+    """Write `text` (UTF-8, or bytes as they are) via a temp file in the same directory + os.replace:
+    never a partial file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with (os.fdopen(fd, "wb") if isinstance(text, bytes) else os.fdopen(fd, "w", encoding="utf-8")) as f:
             f.write(text)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)

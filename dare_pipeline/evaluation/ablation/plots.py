@@ -5,11 +5,13 @@ and a caption with what was measured (plot_parts.caption)."""
 
 from __future__ import annotations
 
+import io
 from collections import OrderedDict
 from pathlib import Path
 
 from .analysis import (Analysis, by_strategy, combination_label, geometric_mean, is_plugin_key, pareto_front, row_label,
                        section_title)
+from ..run import write_text_atomic
 from .plot_parts import caption, separate_marks, set_ratio_axis, set_threshold_axis
 
 PLOTS = ("accuracy_vs_speedup.png", "reuse_vs_threshold.png", "additive_gain.png")
@@ -252,7 +254,9 @@ def write_plots(an: Analysis, out: Path) -> list[str]:
         fig = build(an, plt)
         if fig is None:
             continue
-        fig.savefig(out / name, dpi=120)
+        png = io.BytesIO()
+        fig.savefig(png, format="png", dpi=120)
         plt.close(fig)
+        write_text_atomic(out / name, png.getvalue())
         written.append(name)
     return written

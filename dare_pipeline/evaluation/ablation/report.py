@@ -4,10 +4,12 @@ every run, and the plots (plots.py). The numbers come from analysis.py."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from pathlib import Path
 
+from ..run import write_text_atomic
 from .analysis import Analysis, by_strategy, geometric_mean, row_label, section_title
 from .plots import write_plots
 
@@ -199,26 +201,30 @@ def csv_rows(an: Analysis) -> tuple[list[str], list[dict]]:
 
 def write_report(records: list[dict], out_dir, metric: str | None = None) -> list[Path]:
     """Write report.md, results.csv, additive_gain.csv (when there are pairs) and the PNG plots
-    (when there is something to plot) into out_dir."""
+    (when there is something to plot) into out_dir, each whole (a temporary file moved into place);
+    an additive_gain.csv or plot of an earlier report that this one has no data for is removed."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     an = Analysis(records, metric)
     plots = write_plots(an, out)
     written = [out / name for name in plots]
     fields, rows = csv_rows(an)
-    with open(out / "results.csv", "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
-    written.append(out / "results.csv")
+    written.append(write_text_atomic(out / "results.csv", _csv(fields, rows)))
     gains = an.additive_gains()
     if gains:
-        with open(out / "additive_gain.csv", "w", newline="", encoding="utf-8") as f:
-            w = csv.DictWriter(f, fieldnames=["ablation", "strategy", "strategy_values", "combination", "with",
-                                              "gain", "low", "high", "within_noise"])
-            w.writeheader()
-            w.writerows(gains)
-        written.append(out / "additive_gain.csv")
-    (out / "report.md").write_text(markdown(an, plots), encoding="utf-8")
-    written.insert(0, out / "report.md")
+        written.append(write_text_atomic(out / "additive_gain.csv", _csv(GAIN_FIELDS, gains)))
+    else:  # one from an earlier report would describe other data
+        (out / "additive_gain.csv").unlink(missing_ok=True)
+    written.insert(0, write_text_atomic(out / "report.md", markdown(an, plots)))
     return written
+
+
+GAIN_FIELDS = ["ablation", "strategy", "strategy_values", "combination", "with", "gain", "low", "high", "within_noise"]
+
+
+def _csv(fields: list[str], rows: list[dict]) -> str:
+    text = io.StringIO(newline="")
+    w = csv.DictWriter(text, fieldnames=fields)
+    w.writeheader()
+    w.writerows(rows)
+    return text.getvalue()

@@ -82,6 +82,35 @@ def test_report_without_a_baseline_or_plots_data(tmp_path):
     assert row.split(" | ")[4] == "-"
 
 
+def test_a_report_replaces_the_last_one_whole_and_drops_what_no_longer_has_data(tmp_path, monkeypatch):
+    """A report over an earlier one: its additive gains and plots go when the new records have no
+    pairs; an interruption while a file is written leaves that file as it was, and no temporary file."""
+    from dare_pipeline.evaluation import run
+
+    with_pairs = [_rec(0, [], 10, 0.5), _rec(1, ["a"], 20, 0.5), _rec(2, ["b"], 30, 0.4),
+                  _rec(3, ["a", "b"], 90, 0.3)]
+    assert {f.name for f in write_report(with_pairs, tmp_path)} >= {"additive_gain.csv", "additive_gain.png"}
+    write_report([_rec(1, ["a"], 20, 0.5)], tmp_path)  # no baseline: no pairs, nothing to plot
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.md", "results.csv"]
+
+    before = {name: (tmp_path / name).read_bytes() for name in ("report.md", "results.csv")}
+    replace = run.os.replace
+
+    def interrupted(src, dst):
+        if str(dst).endswith("results.csv"):
+            raise KeyboardInterrupt
+        replace(src, dst)
+
+    monkeypatch.setattr(run.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_report(with_pairs, tmp_path)
+    assert (tmp_path / "results.csv").read_bytes() == before["results.csv"]
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    monkeypatch.undo()
+    written = write_report(with_pairs, tmp_path)
+    assert all(f.read_bytes() for f in written) and (tmp_path / "additive_gain.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_skipped_record_superseded_by_a_measured_run_is_not_listed(tmp_path):
     skipped = _rec(1, ["a"], None, None, status="skipped", reason="unknown plugin 'a'")
     skipped["key"] = "raw"
