@@ -66,7 +66,9 @@ def batch_key(contexts: list[str], gen_kwargs) -> str:
 
 
 def counters_delta(before: dict, after: dict) -> dict:
-    """What a batch added: `after - before` for numbers, key by key in dicts; other values left out."""
+    """What a batch added: `after - before` for numbers, key by key in dicts; other values left out.
+    A number the batch brought in is kept though it is 0 (a plugin's reuse fraction of 0 is a value:
+    a run resumed wholly from its journal reports it)."""
     out = {}
     for name, value in after.items():
         old = before.get(name)
@@ -75,8 +77,9 @@ def counters_delta(before: dict, after: dict) -> dict:
             if inner:
                 out[name] = inner
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            diff = value - (old if isinstance(old, (int, float)) and not isinstance(old, bool) else 0)
-            if diff:
+            known = isinstance(old, (int, float)) and not isinstance(old, bool)
+            diff = value - (old if known else 0)
+            if diff or not known:
                 out[name] = diff
     return out
 

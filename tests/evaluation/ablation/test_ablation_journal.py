@@ -119,13 +119,21 @@ def test_a_recorded_batch_stands_for_one_decode_whichever_rank_recorded_it(tmp_p
 def test_counters_add_back_to_what_the_batch_counted():
     stats = RunStats(requests=2, flops={"total": 10.0, "ffn": 4.0}, rows={"q": 3}, plugin_counts={})
     before = stats.counters()
+    # a plugin's first reuse fraction is 0: a value the delta keeps (else a run resumed wholly from
+    # its journal would report no reuse fraction at all)
     after = dict(before, requests=3, flops={"total": 15.0, "ffn": 4.0, "attn": 1.0}, rows={"q": 5},
-                 plugin_counts={"dare_o": {"rows_reused": 7}}, ranks=1)
+                 plugin_counts={"dare_o": {"rows_reused": 7}}, ranks=1,
+                 plugin_mean_sums={"dare_o": {"reuse_fraction": 0.0}}, plugin_weights={"dare_o": {"reuse_fraction": 1}})
     delta = counters_delta(before, after)
     assert delta == {"requests": 1, "flops": {"total": 5.0, "attn": 1.0}, "rows": {"q": 2},
-                     "plugin_counts": {"dare_o": {"rows_reused": 7}}}
+                     "plugin_counts": {"dare_o": {"rows_reused": 7}},
+                     "plugin_mean_sums": {"dare_o": {"reuse_fraction": 0.0}},
+                     "plugin_weights": {"dare_o": {"reuse_fraction": 1}}}
     add_counters(stats, delta)
     assert stats.counters() == after
+    resumed = RunStats()  # a run whose every batch comes from the journal
+    add_counters(resumed, delta)
+    assert resumed.plugin_summary() == {"dare_o": {"rows_reused": 7, "reuse_fraction": 0.0}}
 
 
 def test_a_resumed_run_keeps_the_peak_memory_of_its_earlier_pieces(write_ablation, tmp_path, monkeypatch):
