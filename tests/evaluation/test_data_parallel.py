@@ -233,6 +233,32 @@ def test_rank_0_alone_says_what_an_interrupted_data_parallel_ablation_kept(rank,
     assert capsys.readouterr().err == expected
 
 
+@pytest.mark.parametrize("options, says", [
+    (["--limit", "1"], "limit 1 gives some of the 2 data-parallel processes no problem; use a limit of at least 2"),
+    (["--repeats", "1", "--timing-limit", "1"],
+     "timing_limit 1 gives some of the 2 data-parallel processes no problem; use a timing_limit of at least 2")])
+def test_a_data_parallel_ablation_with_a_pass_too_small_for_its_ranks_stops_before_any_run(
+        options, says, tmp_path, tiny_dir, capsys, monkeypatch):
+    """Under 2 ranks, a limit or (with timed passes) a timing_limit of 1 would leave a rank without a
+    problem: refused at once, not after the runs' first passes."""
+    from dare_pipeline.evaluation import distributed
+    from dare_pipeline.evaluation.ablation import runner
+
+    def run(*args, **kwargs):
+        raise AssertionError("no run may start")
+
+    for k, v in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(distributed, "init", lambda device: (0, 2))  # no process group: the collectives
+    monkeypatch.setattr(runner, "_select_on_rank0", lambda runs, *args: (list(runs), [], []))  # as one rank
+    monkeypatch.setattr(runner, "_together", lambda data_parallel, what, fn: fn())  # sees them
+    monkeypatch.setattr(runner, "execute_run", run)
+    path = ablation_file(tmp_path, tiny_dir)
+    assert main(["ablate", str(path), "--data-parallel", "--output", str(tmp_path / "o.jsonl"), "--quiet",
+                 *options]) == 2
+    assert says in capsys.readouterr().err
+
+
 def test_data_parallel_ablation_needs_a_launcher(tmp_path, tiny_dir, capsys):
     path = ablation_file(tmp_path, tiny_dir)
     assert main(["ablate", str(path), "--data-parallel", "--output", str(tmp_path / "o.jsonl")]) == 2

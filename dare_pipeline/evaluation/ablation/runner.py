@@ -419,10 +419,13 @@ def run_ablation(abl: Ablation, output, *, limit=None, model=None, extra_set=(),
         device = next((str(r.recipe.get("device", "cpu")) for r in runs if isinstance(r.recipe, dict)), "cpu")
         rank, world = distributed.init(device)
         todo, write_now, already = _select_on_rank0(runs, output, shard, retry_failed, repeats)
-        small = sorted({s.limit for s in todo if isinstance(s.limit, int) and s.limit < world})
-        if small:  # every rank needs a problem of every task (see evaluation.run.evaluate)
-            raise ValueError(f"limit {small[0]} gives some of the {world} data-parallel processes no problem; use a "
-                             f"limit of at least {world} or fewer processes")
+        # every rank needs a problem of every task in every pass (see evaluation.run.evaluate)
+        small = sorted({(name, n) for s in todo for name, n in (("limit", s.limit), ("timing_limit", s.timing_limit))
+                        if isinstance(n, int) and n < world and (name == "limit" or repeats > 0)})
+        if small:
+            name, n = small[0]
+            raise ValueError(f"{name} {n} gives some of the {world} data-parallel processes no problem; use a "
+                             f"{name} of at least {world} or fewer processes")
         _together(True, "checking the models", lambda: check_models(todo))
     else:
         existing = read_records(output)
