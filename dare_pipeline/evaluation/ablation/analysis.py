@@ -143,6 +143,20 @@ class Analysis:
         base = self.baseline(r)
         return base is not None and self._machine(base) != self._machine(r)
 
+    @staticmethod
+    def timing_basis(r: dict) -> tuple:
+        """How a run's tokens/s were measured: timed repeats (over how many problems a task; None: the
+        run's limit), or its single untimed first pass (a cold pass, over every problem)."""
+        if timed_tps(r) is None:
+            return ("first pass",)
+        return ("timed repeats", (r.get("timing") or {}).get("limit"))
+
+    def other_timing(self, r: dict) -> bool:
+        """The run's tokens/s and its baseline's were measured differently (one run's repeats still
+        pending after an interruption, or files timed over other numbers of problems merged)."""
+        base = self.baseline(r)
+        return base is not None and self.timing_basis(base) != self.timing_basis(r)
+
     def flops_ratio(self, r: dict) -> float | None:
         base = self.baseline(r)
         if base is None or self.flops_per_request(r) is None or self.flops_per_request(base) is None:
@@ -159,7 +173,7 @@ class Analysis:
         {strategy: S, strategy_values: S's own sweep values in C + S ("threshold=0.1"), combination: C's
         label, with: C+S's label, gain: tokens/s(C+S) / tokens/s(C),
         low / high: the gain's interval over the repeats (None without repeats), within_noise: the
-        interval contains 1.0}."""
+        interval contains 1.0, unlike_timing: the two tokens/s were measured differently (timing_basis)}."""
         out = []
         for r in self.ok:
             plugins = r.get("plugins") or []
@@ -175,7 +189,8 @@ class Analysis:
                 out.append({"strategy": s, "strategy_values": own, "combination": c.get("name"),
                             "with": r.get("name"), "ablation": r.get("ablation"), "gain": self.tps(r) / self.tps(c),
                             "low": interval[0] if interval else None, "high": interval[1] if interval else None,
-                            "within_noise": None if interval is None else interval[0] <= 1.0 <= interval[1]})
+                            "within_noise": None if interval is None else interval[0] <= 1.0 <= interval[1],
+                            "unlike_timing": self.timing_basis(r) != self.timing_basis(c)})
         return out
 
     def sections(self) -> OrderedDict[tuple, list[dict]]:

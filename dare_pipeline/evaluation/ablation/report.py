@@ -16,6 +16,12 @@ from .plots import write_plots
 
 # ---- formatting -----------------------------------------------------------------------------------
 
+def _marks(an: Analysis, r: dict) -> str:
+    """The footnote marks of a run's speed-up: † other hardware, ‡ measured otherwise than its baseline."""
+    marks = ("†" if an.other_hardware(r) else "") + ("‡" if an.other_timing(r) else "")
+    return f" {marks}" if marks else ""
+
+
 def _f(v, fmt: str, suffix: str = "") -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:{fmt}}{suffix}"
 
@@ -70,7 +76,7 @@ def markdown(an: Analysis, plots: list[str] = ()) -> str:
                                                                                   (int, float)) else None, ".1f")
                           for t in tasks]
                 mean = an.accuracy(r)
-                mark = " †" if an.other_hardware(r) and an.speedup(r) is not None else ""
+                mark = _marks(an, r) if an.speedup(r) is not None else ""
                 cells += [_f(None if mean is None else mean * 100, ".1f"),
                           _f(an.tps(r), ".1f") + _bracket(an.tps_range(r), ".1f"),
                           _f(an.speedup(r), ".2f", "x" + mark) + _bracket(an.speedup_interval(r), ".2f"),
@@ -93,6 +99,10 @@ def markdown(an: Analysis, plots: list[str] = ()) -> str:
     if any(an.other_hardware(r) for r in an.ok):
         lines += [("† measured on other hardware than its baseline (results merged from several machines): the "
                    "speed-up compares tokens/s across machines; FLOPs x does not depend on it."), ""]
+    if any(an.other_timing(r) for r in an.ok):
+        lines += [("‡ its tokens/s measured otherwise than its baseline's (one from a single untimed first pass, "
+                   "the other from timed repeats, or timed over another number of problems): the speed-up "
+                   "compares unlike measurements; rerun the ablation to time what is pending."), ""]
     gains = an.additive_gains()
     if gains:
         lines += ["## Additive gain per strategy", "",
@@ -111,6 +121,8 @@ def markdown(an: Analysis, plots: list[str] = ()) -> str:
         for g in gains:
             interval = "-" if g["low"] is None else f"[{g['low']:.2f}, {g['high']:.2f}]"
             verdict = {True: "within noise", False: "", None: "untimed"}[g["within_noise"]]
+            if g["unlike_timing"]:
+                verdict = f"{verdict} ‡".strip()
             own = g.get("strategy_values")
             strategy = f"{g['strategy']} ({own})" if own else g["strategy"]
             lines.append(f"| {strategy} | {g['combination']} | {g['gain']:.2f}x | {interval} | {verdict} |")
@@ -219,7 +231,8 @@ def write_report(records: list[dict], out_dir, metric: str | None = None) -> lis
     return written
 
 
-GAIN_FIELDS = ["ablation", "strategy", "strategy_values", "combination", "with", "gain", "low", "high", "within_noise"]
+GAIN_FIELDS = ["ablation", "strategy", "strategy_values", "combination", "with", "gain", "low", "high", "within_noise",
+               "unlike_timing"]
 
 
 def _csv(fields: list[str], rows: list[dict]) -> str:

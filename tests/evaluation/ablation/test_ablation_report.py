@@ -10,7 +10,7 @@ import torch
 
 from dare_pipeline.evaluation.ablation.display import Display
 from dare_pipeline.evaluation.ablation.analysis import Analysis, pareto_front
-from dare_pipeline.evaluation.ablation.report import write_report
+from dare_pipeline.evaluation.ablation.report import markdown, write_report
 from dare_pipeline.evaluation.ablation.results import append_record, dedupe, read_records
 from dare_pipeline.plugin_kit.testing import tiny_config
 from dare_pipeline.reuse import flops
@@ -279,6 +279,31 @@ def test_runs_of_per_rank_gpu_shards_compare_with_a_baseline_on_another_gpu():
     assert Analysis([records[0], elsewhere]).other_hardware(elsewhere)
 
 
+def test_a_speed_up_of_tokens_per_second_measured_otherwise_than_its_baselines_is_marked(tmp_path):
+    """An interrupted ablation with repeats: the baseline timed, a run's repeats still pending (its
+    tokens/s from its cold first pass). Its speed-up and gain are marked ‡ and explained; runs timed
+    like their baseline are not."""
+    from dare_pipeline.evaluation.ablation import timing
+
+    base, done, pending = _timed(_rec(0, [], 10, 0.5), [9, 10, 11]), _timed(_rec(1, ["a"], 20, 0.5), [19, 21]), \
+        _rec(2, ["b"], 30, 0.5)
+    pending["timing"] = timing.pending(3)
+    an = Analysis([base, done, pending])
+    assert [an.other_timing(r) for r in (base, done, pending)] == [False, False, True]
+    regimes = {g["with"]: g["unlike_timing"] for g in an.additive_gains()}
+    assert regimes == {"a": False, "b": True}
+    md = markdown(an)
+    rows = {line.split(" | ")[0]: line for line in md.split("## Additive gain")[0].splitlines() if line.startswith("| ")}
+    assert "3.00x ‡" in rows["| b"] and "‡" not in rows["| a"]
+    assert "‡ its tokens/s measured otherwise than its baseline's" in md
+    assert "| b | baseline | 3.00x | - | untimed ‡ |" in md
+    # timed over another number of problems a task than its baseline
+    other = _timed(_rec(2, ["b"], 30, 0.5), [29, 31])
+    other["timing"]["limit"] = 1
+    assert Analysis([base, other]).other_timing(other)
+    assert "‡" not in markdown(Analysis([base, done]))
+
+
 def test_spread_is_median_quartiles_and_range():
     from dare_pipeline.evaluation.ablation.timing import needs_timing, spread
 
@@ -309,7 +334,7 @@ def test_gains_whose_interval_contains_one_are_within_noise(tmp_path):
     csv_text = (tmp_path / "results.csv").read_text()
     assert "tokens_per_second_min" in csv_text.splitlines()[0]
     gains_csv = (tmp_path / "additive_gain.csv").read_text()
-    assert gains_csv.splitlines()[0].endswith("gain,low,high,within_noise") and "True" in gains_csv
+    assert gains_csv.splitlines()[0].endswith("gain,low,high,within_noise,unlike_timing") and "True" in gains_csv
     # untimed records (an older results file): no interval, said so
     an = Analysis([_rec(0, [], 10, 0.5), _rec(1, ["a"], 20, 0.5)])
     assert an.additive_gains()[0]["within_noise"] is None and an.speedup_interval(an.ok[1]) is None
