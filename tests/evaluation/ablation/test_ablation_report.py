@@ -452,6 +452,24 @@ def test_the_additive_gain_plot_names_the_combination_of_each_point():
                     "+ c": ["over baseline (threshold=0.1)", "over baseline (threshold=0.2)"]}
 
 
+def test_each_setting_has_its_own_pareto_front():
+    """Two settings (gen_length 64 and 128), each over its own baseline: the best run of the first is
+    on its front though a run of the second beats it on both axes; one dashed line per setting."""
+    from dare_pipeline.evaluation.ablation.plots import accuracy_speedup_figure
+
+    records = [_rec(0, [], 10, 0.5), _rec(1, ["a"], 20, 0.6),
+               *(_rec(i, p, tps, 0.9, sweep={"generation.gen_length": 128}, gen={"gen_length": 128})
+                 for i, p, tps in ((2, [], 5), (3, ["a"], 20)))]
+    fig, plt = _figure(accuracy_speedup_figure, records)
+    ax = fig.axes[0]
+    circled = sorted((round(float(line.get_xdata()[0]), 3), round(float(line.get_ydata()[0]), 3))
+                     for line in ax.lines if line.get_markeredgecolor() == "red")
+    assert circled == [(2.0, 60.0), (4.0, 90.0)]  # 2x / 60 % is beaten only by the other setting's 4x / 90 %
+    dashed = [line for line in ax.lines if line.get_linestyle() == "--"]
+    assert len(dashed) == 2
+    plt.close(fig)
+
+
 def test_every_figure_says_what_was_measured(tmp_path):
     from dare_pipeline.evaluation.ablation.plots import (accuracy_speedup_figure, additive_gain_figure,
                                                          reuse_threshold_figure)
