@@ -21,7 +21,7 @@ from collections import OrderedDict
 from .results import dedupe
 from .runner import accuracy_mean
 from .schema import device_kind
-from .timing import spread, timed_ranks
+from .timing import spread, timed_hardware, timed_ranks
 from .timing import tokens_per_second as timed_tps
 
 
@@ -133,7 +133,7 @@ class Analysis:
 
     @staticmethod
     def _machine(r: dict) -> tuple:
-        h = r.get("hardware") or {}
+        h = timed_hardware(r)  # where its tokens/s were measured
         return (*(h.get(k) for k in ("platform", "machine", "processor", "cpu_count", "torch_threads", "gpu")),
                 device_kind(h.get("device")),  # the GPU's model is `gpu`; its index on the machine does not matter
                 timed_ranks(r))  # the data-parallel processes its tokens/s came from

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import textwrap
 
-from .timing import timed_ranks
+from .timing import timed_hardware, timed_ranks
 
 # marks closer than this (in points, centre to centre) are moved apart; a 7-point mark is 7 wide
 MARK_SPACING_PT = 11.0
@@ -168,7 +168,7 @@ def _generation(r: dict) -> str | None:
 
 
 def _hardware(r: dict) -> str | None:
-    h = r.get("hardware") or {}
+    h = timed_hardware(r)  # where the tokens/s were measured
     if not h:
         return None
     cpu = f"{h.get('machine') or 'CPU'} with {h.get('cpu_count')} cores"

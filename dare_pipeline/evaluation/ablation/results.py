@@ -91,12 +91,14 @@ def read_records(path: str | os.PathLike, schemas=READABLE_SCHEMAS) -> list[dict
 
 def _order(record: dict) -> tuple:
     status = record.get("status")
-    return (_RANK.get(status, -1) if isinstance(status, str) else -1, str(record.get("finished") or ""))
+    return (_RANK.get(status, -1) if isinstance(status, str) else -1, str(record.get("finished") or ""),
+            str(record.get("recorded") or ""))
 
 
 def dedupe(records: list[dict]) -> list[dict]:
-    """One record per run key (a finished run over a failed one over a skipped one; the later
-    record among equals), in the order the keys first appear."""
+    """One record per run key (a finished run over a failed one over a skipped one; among equals the
+    one whose first pass finished last, then the one recorded last, then the later one), in the
+    order the keys first appear."""
     best: dict[str, dict] = {}
     for r in records:
         k = r["key"]

@@ -452,7 +452,9 @@ def run_ablation(abl: Ablation, output, *, limit=None, model=None, extra_set=(),
         journal.prune(journal_root, recorded)
 
     def record_run(record):
-        append_record(output, record)
+        # `recorded` orders records of one run when files are merged: a run timed here on a first pass
+        # reused from another file shares that pass's `finished` with the donor's record
+        append_record(output, record | {"recorded": _now()})
         if journal_root is not None:  # the run's first pass (or its failure) is in the file now
             journal.remove(journal_root, record["key"])
 

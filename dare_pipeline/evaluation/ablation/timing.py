@@ -22,10 +22,12 @@ SPREAD_FIELDS = ("decode_time_s", "decode_cpu_s", "tokens_per_second")
 
 
 def sample(record: dict) -> dict:
-    """One timed repeat, from the record its pass produced."""
+    """One timed repeat, from the record its pass produced (with the machine it ran on: a run's first
+    pass may come from another machine, --reuse-runs, or another invocation)."""
     m = record.get("metrics") or {}
     out = {k: m.get(k) for k in SAMPLE_FIELDS}
     out["wall_time_s"] = record.get("wall_time_s")
+    out["hardware"] = record.get("hardware")
     return out
 
 
@@ -79,6 +81,17 @@ def tokens_per_second(record: dict) -> dict | None:
         return None
     s = timing.get("tokens_per_second")
     return s if isinstance(s, dict) and isinstance(s.get("median"), (int, float)) and s["median"] > 0 else None
+
+
+def timed_hardware(record: dict) -> dict:
+    """The machine that gave the record's tokens/s: its timed passes' when they say (a record timed
+    before samples kept it, or never timed: its first pass's)."""
+    timing = record.get("timing")
+    samples = timing.get("samples") if isinstance(timing, dict) else None
+    machines = [s.get("hardware") if isinstance(s, dict) else None for s in samples or []]
+    if machines and all(isinstance(h, dict) for h in machines):
+        return machines[-1]
+    return record.get("hardware") or {}
 
 
 def timed_ranks(record: dict) -> int:

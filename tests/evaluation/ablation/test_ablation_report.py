@@ -124,6 +124,10 @@ def test_dedupe_prefers_finished_runs_then_the_latest():
     c = {"key": "k", "status": "ok", "finished": "3"}
     assert dedupe([a, b]) == [b] and dedupe([b, a]) == [b] and dedupe([c, b, a]) == [c]
     assert dedupe([{"key": "k", "status": "skipped"}, a]) == [a]
+    # a run timed here on a first pass reused from another file: the same `finished`, recorded later
+    donor = {"key": "k", "status": "ok", "finished": "1", "recorded": "1"}
+    taker = {"key": "k", "status": "ok", "finished": "1", "recorded": "2"}
+    assert dedupe([taker, donor]) == [taker] and dedupe([donor, taker]) == [taker]
 
 
 def test_append_is_line_complete_and_partial_lines_are_skipped(tmp_path, caplog):
@@ -302,6 +306,30 @@ def test_a_speed_up_of_tokens_per_second_measured_otherwise_than_its_baselines_i
     other["timing"]["limit"] = 1
     assert Analysis([base, other]).other_timing(other)
     assert "‡" not in markdown(Analysis([base, done]))
+
+
+def test_a_run_timed_elsewhere_than_its_first_pass_compares_by_where_it_was_timed():
+    """First passes measured on a 16-core machine (or taken from another results file), the timed
+    passes on the baseline's 2-core machine: the speed-up compares like with like (no †), and the
+    caption names the machine of the timed passes."""
+    from dare_pipeline.evaluation.ablation import timing
+    from dare_pipeline.evaluation.ablation.plot_parts import caption
+
+    here = {"machine": "x86_64", "cpu_count": 2, "torch_threads": 1, "device": "cpu"}
+    there = dict(here, cpu_count=16, torch_threads=8)
+
+    def run(index, plugins, first_pass_on, timed_on):
+        r = _rec(index, plugins, 10, 0.5)
+        r["hardware"] = first_pass_on
+        passes = [{"metrics": {"tokens_per_second": t, "decode_time_s": 1.0, "requests": 4}, "hardware": timed_on}
+                  for t in (9.0, 11.0)]
+        r["timing"] = timing.summarize([timing.sample(p) for p in passes], 2)
+        return r
+
+    base, moved = run(0, [], here, here), run(1, ["a"], there, here)
+    assert not Analysis([base, moved]).other_hardware(moved)
+    assert "(x86_64 with 2 cores, 1 torch thread)" in " ".join(caption([moved], 200).split())
+    assert Analysis([base, run(1, ["a"], here, there)]).other_hardware(run(1, ["a"], here, there))
 
 
 def test_spread_is_median_quartiles_and_range():

@@ -19,7 +19,7 @@ from dare_pipeline.evaluation.ablation.runner import parse_shard, run_ablation, 
 ROOT = Path(__file__).parents[3]
 RECORD_KEYS = {"schema", "key", "index", "ablation", "label", "name", "plugins", "sweep", "tasks", "limit",
                "batch_size", "status", "recipe", "accuracy", "metrics", "reuse", "memory", "wall_time_s",
-               "versions", "hardware", "started", "finished"}
+               "versions", "hardware", "started", "finished", "recorded"}
 METRIC_KEYS = {"tokens_per_second", "nfe_total", "nfe_per_request", "generated_tokens", "flops", "flops_per_request",
                "layer_rows", "requests", "decode_time_s"}
 
@@ -250,6 +250,7 @@ def test_repeats_run_round_robin_and_resume(write_ablation, tmp_path, monkeypatc
     assert [s["round"] for s in t["samples"]] == [1, 2] and t["tokens_per_second"]["n"] == 2
     assert t["tokens_per_second"]["min"] <= t["tokens_per_second"]["median"] <= t["tokens_per_second"]["max"]
     assert all(s["nfe_total"] == final["metrics"]["nfe_total"] for s in t["samples"])  # exact counters
+    assert all(s["hardware"] == final["hardware"] for s in t["samples"])  # the machine each repeat ran on
     assert t["decode_cpu_s"]["median"] > 0 and final["schema"].endswith("/v2")
 
     # interrupted during the repeats: the first-pass records are kept; a rerun times those runs again
