@@ -36,6 +36,14 @@ MAX_JSON_DEPTH = 32  # the deepest nesting of arrays and objects a request body 
 SHUTDOWN_GRACE_S = 5.0
 
 
+class AsciiJSONResponse(JSONResponse):
+    """JSON with every non-ASCII character escaped: text that is not valid Unicode (a lone surrogate,
+    which JSON's \\ud800 escapes can carry) is echoed back in an error instead of failing to encode."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
 def create_app(served: Served, *, limits: ServerLimits | None = None, api_key: str | None = None,
                threads: int | None = None, **limit_values) -> FastAPI:
     """The app for `served`; `limits` (or its fields as keywords: max_batch=8, ...) as ServerLimits."""
@@ -52,7 +60,8 @@ def create_app(served: Served, *, limits: ServerLimits | None = None, api_key: s
         scheduler.stop(timeout=SHUTDOWN_GRACE_S)
 
     # the OpenAPI schema and its pages are served below, behind the API key when there is one
-    app = FastAPI(title="dare-pipeline", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="dare-pipeline", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
+                  default_response_class=AsciiJSONResponse)
     app.state.scheduler, app.state.metrics, app.state.served, app.state.limits = scheduler, metrics, served, limits
     app.add_middleware(_CountRequests, metrics=metrics)
     expected = None if api_key is None else f"Bearer {api_key}".encode()
@@ -69,24 +78,24 @@ def create_app(served: Served, *, limits: ServerLimits | None = None, api_key: s
     async def request_error(request: Request, error: RequestError):
         # after a body refused unread (413) or late (408) the connection cannot carry another request
         closing = {"Connection": "close"} if error.status in (408, 413) else None
-        return JSONResponse(error.body(), status_code=error.status, headers=closing)
+        return AsciiJSONResponse(error.body(), status_code=error.status, headers=closing)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException):
-        return JSONResponse(RequestError(error.status_code, f"{request.method} {request.url.path}: {error.detail}; "
-                                         f"endpoints: {list(ENDPOINTS)}").body(), status_code=error.status_code)
+        message = f"{request.method} {request.url.path}: {error.detail}; endpoints: {list(ENDPOINTS)}"
+        return AsciiJSONResponse(RequestError(error.status_code, message).body(), status_code=error.status_code)
 
     @app.exception_handler(Exception)
     async def server_error(request: Request, error: Exception):  # logged by uvicorn; the client gets JSON
-        return JSONResponse(RequestError(500, f"internal error: {type(error).__name__}: {error}",
-                                         kind="server_error").body(), status_code=500)
+        return AsciiJSONResponse(RequestError(500, f"internal error: {type(error).__name__}: {error}",
+                                              kind="server_error").body(), status_code=500)
 
     @app.get("/health")
     async def health():
         problem = scheduler.problem()
         if problem is None:
             return {"status": "ok"}
-        return JSONResponse({"status": "unavailable", **RequestError(503, problem, kind="server_error").body()},
+        return AsciiJSONResponse({"status": "unavailable", **RequestError(503, problem, kind="server_error").body()},
                             status_code=503)
 
     @app.get("/metrics", dependencies=[Depends(authorized)])
@@ -100,7 +109,7 @@ def create_app(served: Served, *, limits: ServerLimits | None = None, api_key: s
 
     @app.get("/openapi.json", dependencies=[Depends(authorized)], include_in_schema=False)
     async def openapi():
-        return JSONResponse(app.openapi())
+        return AsciiJSONResponse(app.openapi())
 
     @app.get("/docs", dependencies=[Depends(authorized)], include_in_schema=False)
     async def docs():

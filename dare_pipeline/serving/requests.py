@@ -28,6 +28,9 @@ SAFE_OVERRIDES = (
     "plugins.dare_o.threshold",
 )
 MAX_N = 16
+# a stop string is searched for in every streamed row's text after every step: bounded, so that a
+# request cannot make each step of a shared batch slow
+MAX_STOP_CHARS = 256
 MAX_PROMPTS = 64
 # a tokenizer's normalizer may merge characters (NFC composes a letter and up to ~3 combining marks
 # into one): a prompt may have this many times more characters than its tokens' strings hold
@@ -165,8 +168,9 @@ def request_recipe(request, served: Served) -> Recipe:
         gen["seed"] = request.seed
     if request.stop is not None:
         stop = [request.stop] if isinstance(request.stop, str) else request.stop
-        if len(stop) > 4 or not all(stop):
-            raise RequestError(400, f"stop = {json.dumps(request.stop)[:200]}: at most 4 non-empty strings", "stop")
+        if len(stop) > 4 or not all(stop) or max(map(len, stop)) > MAX_STOP_CHARS:
+            raise RequestError(400, f"stop = {json.dumps(request.stop)[:200]}: at most 4 non-empty strings of at most "
+                               f"{MAX_STOP_CHARS} characters", "stop")
         gen["stop"] = list(served.recipe.generation.stop) + stop
     length_field, max_tokens = _max_tokens(request, served)
     if max_tokens > served.max_tokens:
@@ -260,10 +264,22 @@ class _PromptRoom:
         return ids
 
 
-def _encode(text: str, served: Served, room: _PromptRoom) -> list[int]:
+def _unicode(text: str, field: str) -> str:
+    """`text` unchanged when it is valid Unicode (JSON's escapes can carry a lone surrogate, which no
+    tokenizer takes); else a 400 naming the field."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise RequestError(400, f"{field}: not valid Unicode text: a lone surrogate {ascii(text[error.start])} at "
+                           f"character {error.start}", field) from None
+    return text
+
+
+def _encode(text: str, served: Served, room: _PromptRoom, field: str | None = None) -> list[int]:
     tokenizer = served.model.tokenizer
     if tokenizer is None:
         raise RequestError(400, f"{room.field}: this model has no tokenizer; send token ids", room.field)
+    _unicode(text, field or room.field)
     room.check_chars(len(text))
     return room.check_tokens(tokenizer(text, add_special_tokens=False)["input_ids"])
 
@@ -280,8 +296,9 @@ def _completion_prompt_list(request) -> list:
 
 
 def _completion_prompts(request, served: Served, room: _PromptRoom) -> list[list[int]]:
-    prompts = [_encode(p, served, room) if isinstance(p, str) else room.check_tokens(list(p))
-               for p in _completion_prompt_list(request)]
+    listed = _completion_prompt_list(request)
+    prompts = [_encode(p, served, room, "prompt" if len(listed) == 1 else f"prompt[{i}]") if isinstance(p, str)
+               else room.check_tokens(list(p)) for i, p in enumerate(listed)]
     return _checked(prompts, served, "prompt")
 
 
@@ -289,8 +306,14 @@ def _chat_prompt(request, served: Served, room: _PromptRoom) -> list[list[int]]:
     tokenizer = served.model.tokenizer
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise RequestError(400, "messages: this model has no chat template; use /v1/completions", "messages")
-    messages = [{"role": m.role, "content": m.content} for m in request.messages]
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    messages = [{"role": m.role, "content": _unicode(m.content, f"messages[{i}].content")}
+                for i, m in enumerate(request.messages)]
+    from jinja2 import TemplateError
+
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except TemplateError as error:  # the template refuses these messages (raise_exception in it)
+        raise RequestError(400, f"messages: the model's chat template refuses them: {error}", "messages") from None
     return _checked([_encode(text, served, room)], served, "messages")
 
 

@@ -32,7 +32,9 @@ log = logging.getLogger(__name__)
 
 @attrs.define(eq=False)
 class RowResult:
-    answer: list[int]  # answer token ids, cut before the first stop token
+    # answer token ids: cut before the first stop token, or through the token that completes a stop
+    # string (the tokens counted as the completion's, as vLLM counts them)
+    answer: list[int]
     text: str | None  # the answer text, cut at stop strings
     finish_reason: str  # "stop": a stop token or string ended it; "length": the canvas filled up
     nfe: int
@@ -87,6 +89,7 @@ class BatchScheduler:
         self._stopping = False
         self._closed_because = ""  # why rows are refused and running batches cancelled (set by close)
         self._failure: str | None = None  # the worker died of this
+        self._running: list[Row] = []  # the batch the worker decodes: answered if the worker dies
         self._pipelines: OrderedDict[str, Pipeline] = OrderedDict()
         self._thread = threading.Thread(target=self._work, name="dare-serve-worker", daemon=True)
 
@@ -113,6 +116,7 @@ class BatchScheduler:
             problem = self.problem()
             if problem is not None:
                 raise RequestError(503, problem, kind="server_shutting_down" if self._stopping else "server_error")
+            self._drop_cancelled()  # the rows of clients gone hold no place in the queue
             if self._queued + len(rows) > self.max_queue:
                 raise RequestError(429, f"the queue is full ({self._queued} rows waiting; --max-queue "
                                    f"{self.max_queue}); retry later", kind="rate_limit_error")
@@ -125,8 +129,9 @@ class BatchScheduler:
     def close(self, because: str = "the server is shutting down") -> None:
         """Refuse new rows, answer the queued ones 503 and cancel the running batch at its next step."""
         with self._cond:
-            if not self._stopping:
-                self._stopping, self._closed_because = True, because
+            if not self._stopping:  # the reason first: problem() reads it once _stopping is set
+                self._closed_because = because
+                self._stopping = True
             waiting = self._take_all()
             self._cond.notify()
         for row in waiting:
@@ -154,13 +159,15 @@ class BatchScheduler:
                 batch = self._next_batch()
                 if batch is None:
                     return
+                self._running = batch
                 self._run(batch)
+                self._running = []
         except BaseException as error:  # the worker is gone (logged here): nobody may wait for it
             log.exception("the decoding worker stopped")
             with self._cond:
                 self._failure = f"the decoding worker stopped: {type(error).__name__}: {error}"
-                waiting = self._take_all()
-            for row in waiting:
+                waiting = self._running + self._take_all()
+            for row in waiting:  # a row answered already keeps its answer
                 row.finish(RequestError(503, self._failure, kind="server_error"))
 
     def _next_batch(self) -> list[Row] | None:
@@ -194,6 +201,7 @@ class BatchScheduler:
                 self._groups[key] = rows
             else:
                 del self._groups[key]
+        self.metrics.queue_depth.set(self._queued)
 
     def _pipeline(self, row: Row) -> Pipeline:
         key = row.spec.key
@@ -248,19 +256,44 @@ class BatchScheduler:
                         self._run([row])
             return
         elapsed = time.perf_counter() - started
-        stats = out.stats
-        self.metrics.record_batch(size=len(batch), nfe=stats.nfe, tokens=stats.total_generated, seconds=elapsed)
-        gen_length = batch[0].spec.recipe.generation.gen_length
-        for i, row in enumerate(batch):
-            answer = out.answers[i]
-            text = None if out.text is None else out.text[i]
-            stopped = len(answer) < gen_length or (text is not None and _cut_by_stop_string(
-                pipe, answer, text, row.spec.recipe.generation.stop))
-            row.finish(RowResult(answer=answer, text=text, nfe=stats.nfe, batch_size=len(batch),
-                                 finish_reason="stop" if stopped else "length"))
+        try:  # every row is answered, whatever fails here
+            results = [_result(pipe, out, i, row, len(batch)) for i, row in enumerate(batch)]
+            stats = out.stats
+            self.metrics.record_batch(size=len(batch), nfe=stats.nfe, tokens=stats.total_generated, seconds=elapsed)
+        except Exception as error:  # noqa: BLE001
+            log.error("answering a decoded batch failed", exc_info=error)
+            results = [RequestError(500, f"answering failed: {type(error).__name__}: {error}", kind="server_error")
+                       for _ in batch]
+        for row, result in zip(batch, results):
+            row.finish(result)
 
 
-def _cut_by_stop_string(pipe: Pipeline, answer: list[int], text: str, stops) -> bool:
-    full = pipe.model.tokenizer.decode(answer, skip_special_tokens=True)
-    return any(s and s in full for s in stops)
+def _result(pipe: Pipeline, out, i: int, row: Row, batch_size: int) -> RowResult:
+    answer = out.answers[i]
+    text = None if out.text is None else out.text[i]
+    through = None if text is None else _through_stop_string(pipe, answer, row.spec.recipe.generation.stop)
+    stopped = len(answer) < row.spec.recipe.generation.gen_length or through is not None
+    return RowResult(answer=answer if through is None else through, text=text, nfe=out.stats.nfe,
+                     batch_size=batch_size, finish_reason="stop" if stopped else "length")
+
+
+def _through_stop_string(pipe: Pipeline, answer: list[int], stops) -> list[int] | None:
+    """The answer's tokens through the first one whose text completes a stop string; None when its
+    text holds none. (Bisected: a prefix's text holds a stop string once a shorter one's does.)"""
+    decode = pipe.model.tokenizer.decode
+
+    def stops_at(k: int) -> bool:
+        text = decode(answer[:k], skip_special_tokens=True)
+        return any(s and s in text for s in stops)
+
+    if not stops or not stops_at(len(answer)):
+        return None
+    low, high = 1, len(answer)  # stops_at(high) holds
+    while low < high:
+        mid = (low + high) // 2
+        if stops_at(mid):
+            high = mid
+        else:
+            low = mid + 1
+    return answer[:high]
 

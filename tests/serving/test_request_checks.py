@@ -66,6 +66,68 @@ def test_bodies_that_are_not_json_we_take_are_400(app, post_all, raw, reason):
     assert error["code"] == "invalid_json" and reason in error["message"] and len(error["message"]) < 300
 
 
+@pytest.mark.parametrize("raw, path, param", [
+    (b'{"prompt": "Q: a\\ud800b\\nA: ", "max_tokens": 32}', "/v1/completions", "prompt"),
+    (b'{"prompt": ["Q: a\\nA: ", "\\udfff"], "max_tokens": 32}', "/v1/completions", "prompt[1]"),
+    (b'{"messages": [{"role": "user", "content": "x\\ud83d"}]}', "/v1/chat/completions", "messages[0].content"),
+    (b'{"prompt": "x", "\\ud800": 1}', "/v1/completions", None),  # an unknown field, echoed in the error
+    (b'{"prompt": "x", "recipe_overrides": {"\\udfff": 1}}', "/v1/completions", "recipe_overrides.\udfff"),
+])
+def test_text_that_is_not_valid_unicode_is_a_400_naming_where_it_is(app, post_all, raw, path, param):
+    """JSON's escapes can carry lone surrogates, which no tokenizer takes and UTF-8 cannot encode:
+    a 400 naming the prompt, message or field (the error escapes what it echoes), never a 500."""
+    reply = _post(post_all, app, raw, path)
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    if param is not None:
+        assert error["param"] == param
+        assert "not valid Unicode text: a lone surrogate" in error["message"] or "\udfff" in error["message"]
+
+
+def test_messages_the_chat_template_refuses_are_a_400(app, post_all, monkeypatch):
+    from jinja2 import TemplateError
+
+    tokenizer = app.state.served.model.tokenizer
+
+    def refuses(*args, **kwargs):
+        raise TemplateError("Conversation roles must alternate user/assistant/user/assistant/...")
+
+    monkeypatch.setattr(tokenizer, "apply_chat_template", refuses)
+    reply = _post(post_all, app, {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]},
+                  "/v1/chat/completions")
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == "messages"
+    assert "chat template refuses them: Conversation roles must alternate" in reply.json()["error"]["message"]
+
+
+def test_a_stop_string_longer_than_256_characters_is_refused(app, post_all):
+    assert _post(post_all, app, {**GOOD, "stop": ["x" * 256]}).status_code == 200
+    reply = _post(post_all, app, {**GOOD, "stop": ["\n", "x" * 257]})
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == "stop"
+    assert "at most 4 non-empty strings of at most 256 characters" in reply.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_usage_counts_the_tokens_through_the_one_that_completes_a_stop_string(app, post_all, stream):
+    """The embedded tokenizer writes one character a token: '#### draziwnohtyp' cut at the stop string
+    'wn' is '#### drazi', and its tokens are those through 'n' (12), not the 17 of the whole answer."""
+    body = {"prompt": "Q: reverse pythonwizard\nA: ", "max_tokens": 64, "stop": ["wn"], "stream": stream,
+            "stream_options": {"include_usage": True} if stream else None}
+    reply = _post(post_all, app, body)
+    assert reply.status_code == 200, reply.text
+    if stream:
+        chunks = [json.loads(line[6:]) for line in reply.text.splitlines() if line.startswith("data: {")]
+        text = "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
+        usage = chunks[-1]["usage"]
+        ids = next(c["choices"][0]["dare"]["token_ids"] for c in chunks
+                   if c["choices"] and c["choices"][0]["finish_reason"])
+    else:
+        choice = reply.json()["choices"][0]
+        text, usage, ids = choice["text"], reply.json()["usage"], choice["dare"]["token_ids"]
+    assert text == "#### drazi"
+    assert usage["completion_tokens"] == len(ids) == 12
+    assert app.state.served.model.tokenizer.decode(ids) == "#### draziwn"
+
+
 @pytest.mark.parametrize("temperature", [1e400, -1.0, -1e-300])
 def test_a_bad_temperature_is_reported_as_temperature(app, post_all, temperature):
     raw = json.dumps({**GOOD, "temperature": 0.5}).replace("0.5", repr(temperature).replace("inf", "1e400"))

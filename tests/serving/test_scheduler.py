@@ -173,6 +173,80 @@ def test_rows_queued_when_the_worker_dies_get_503(golden_models, post_all):
     assert queued.status_code == 503 and "OverflowError" in queued.json()["error"]["message"]
 
 
+def test_a_failure_answering_a_decoded_batch_answers_its_requests_500_and_the_server_goes_on(app, monkeypatch,
+                                                                                             post_all):
+    """What runs after a batch decodes (its rows' results) fails: the batch's requests get a 500
+    (not a hang), the worker lives on and decodes the next request."""
+    from dare_pipeline.serving import scheduler
+
+    original = scheduler._result
+
+    def broken(*args, **kwargs):
+        raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+
+    monkeypatch.setattr(scheduler, "_result", broken)
+    replies = post_all(app, [BODY, {**BODY, "prompt": [8, 9]}], timeout=30)
+    for reply in replies:
+        assert reply.status_code == 500, reply.text
+        assert reply.json()["error"]["message"].startswith("answering failed: UnicodeDecodeError")
+    monkeypatch.setattr(scheduler, "_result", original)
+    (reply,) = post_all(app, [BODY], timeout=30)
+    assert reply.status_code == 200 and len(reply.json()["choices"][0]["dare"]["token_ids"]) == 32
+
+
+def test_a_worker_that_dies_during_a_batch_answers_that_batch_503(golden_models, post_all):
+    """A failure no batch survives (here in the step callback's caller, past the per-batch handling):
+    the rows being decoded are answered 503 too, not left waiting."""
+    app = create_app(_served(golden_models), batch_window_ms=50)
+    scheduler = app.state.scheduler
+
+    def dies(batch):
+        raise SystemError("worker state lost")
+
+    scheduler._run = dies
+    scheduler.start()
+    (reply,) = post_all(app, [BODY], timeout=30)
+    assert reply.status_code == 503 and "SystemError: worker state lost" in reply.json()["error"]["message"]
+
+
+def test_rows_of_clients_gone_hold_no_place_in_the_queue(golden_models):
+    """--max-queue 2, both places taken by rows whose clients have left (a batch window of a minute, so
+    nothing decodes them meanwhile): a new request is queued, not refused 429."""
+    import asyncio
+
+    from dare_pipeline.serving.requests import RequestError
+    from dare_pipeline.serving.scheduler import Row
+
+    app = create_app(_served(golden_models), max_queue=2, batch_window_ms=60_000)
+    scheduler = app.state.scheduler
+    scheduler.start()
+    spec = _row_spec(golden_models)
+
+    async def go():
+        loop = asyncio.get_running_loop()
+        gone = [Row(spec=spec, loop=loop, future=loop.create_future()) for _ in range(2)]
+        scheduler.submit(gone)
+        with pytest.raises(RequestError) as full:
+            scheduler.submit([Row(spec=spec, loop=loop, future=loop.create_future())])
+        for row in gone:
+            row.cancelled = True
+        scheduler.submit([Row(spec=spec, loop=loop, future=loop.create_future())])
+        return full.value.status, scheduler._queued, app.state.metrics.render().decode()
+
+    try:
+        status, queued, metrics = asyncio.run(go())
+    finally:
+        scheduler.stop(timeout=10)
+    assert status == 429 and queued == 1 and "dare_queue_depth 1.0" in metrics
+
+
+def _row_spec(golden_models):
+    from dare_pipeline.serving.requests import RowSpec
+
+    recipe = _served(golden_models).recipe
+    return RowSpec(index=0, ids=[5, 6, 7], recipe=recipe, key="k")
+
+
 def test_an_infinite_batch_window_is_refused_when_the_app_is_made(golden_models):
     with pytest.raises(ValueError, match="batch_window_ms = inf: expected a finite number"):
         create_app(_served(golden_models), batch_window_ms=math.inf)
