@@ -125,8 +125,14 @@ def check_weight(tensor: torch.Tensor, key: str, file: Path) -> None:
 
 
 def check_tokenizer_size(tokenizer, cfg, directory: Path) -> None:
-    """Every id the tokenizer can produce needs an embedding row."""
+    """Every id the tokenizer can produce needs an embedding row, and the tokenizer's mask token (when
+    it names one) must be the model's: the decoder fills that id, and prompts may not contain it."""
     size = len(tokenizer)
     if size > cfg.embedding_size:
         raise CheckpointError(f"{directory}: the tokenizer has {size} tokens but the embedding has "
                               f"{cfg.embedding_size} rows (config.json); tokenizer and weights do not belong together")
+    mask = getattr(tokenizer, "mask_token", None)
+    if mask is not None and tokenizer.convert_tokens_to_ids(mask) != cfg.mask_token_id:
+        raise CheckpointError(f"{directory}: the tokenizer's mask token {mask!r} is id "
+                              f"{tokenizer.convert_tokens_to_ids(mask)}, config.json's mask_token_id is "
+                              f"{cfg.mask_token_id}; tokenizer and weights do not belong together")

@@ -89,23 +89,51 @@ _TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json"
                     "chat_template.*")
 
 
+# Tokenizer classes whose code a checkpoint ships (tokenizer_config.json's auto_map) and the
+# transformers tokenizer that reads the same files the same way: a checkpoint's own code never runs.
+# Dream's DreamTokenizer is Qwen2's byte-level BPE (vocab.json + merges.txt, the Qwen2 split pattern).
+BUILT_IN_FOR_CUSTOM = {"DreamTokenizer": "qwen2"}
+
+
+def _shipped_tokenizer_class(directory: Path) -> str | None:
+    """tokenizer_config.json's tokenizer class when its code ships with the checkpoint (auto_map),
+    else None."""
+    if not (directory / "tokenizer_config.json").is_file():
+        return None
+    config = read_json_object(checkpoint_file(directory, "tokenizer_config.json"))
+    auto_map = config.get("auto_map")
+    remote = auto_map.get("AutoTokenizer") if isinstance(auto_map, dict) else auto_map
+    return str(config.get("tokenizer_class") or remote) if remote else None
+
+
 def _load_tokenizer(directory: Path):
     for pattern in _TOKENIZER_FILES:
         for file in sorted(directory.glob(pattern)):
             checkpoint_file(directory, file.name)
     if not any((directory / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         return None
-    from transformers import AutoTokenizer, PretrainedConfig
+    from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerFast
 
-    # An empty config keeps AutoTokenizer from reading config.json, whose model_type (llada, Dream)
-    # transformers does not know and would warn about; the tokenizer class comes from
-    # tokenizer_config.json either way.
+    shipped = _shipped_tokenizer_class(directory)
+    built_in = None if shipped is None else BUILT_IN_FOR_CUSTOM.get(shipped.removesuffix("Fast"))
     try:
-        return AutoTokenizer.from_pretrained(str(directory), local_files_only=True, config=PretrainedConfig())
+        if shipped is None:
+            # An empty config keeps AutoTokenizer from reading config.json, whose model_type (llada,
+            # Dream) transformers does not know and would warn about; the tokenizer class comes from
+            # tokenizer_config.json either way.
+            return AutoTokenizer.from_pretrained(str(directory), local_files_only=True, config=PretrainedConfig())
+        if built_in is not None:
+            return AutoTokenizer.from_pretrained(str(directory), local_files_only=True, tokenizer_type=built_in)
+        if (directory / "tokenizer.json").is_file():  # it describes the whole tokenizer: no code needed
+            return PreTrainedTokenizerFast.from_pretrained(str(directory), local_files_only=True)
     except Exception as exc:  # transformers and tokenizers raise many types for one broken file
         files = sorted(f.name for f in directory.iterdir() if f.name.startswith(("tokenizer", "special_tokens")))
         raise CheckpointError(f"{directory}: the tokenizer files {files} cannot be loaded "
                               f"({type(exc).__name__}: {str(exc).strip()[:300]})") from exc
+    raise CheckpointError(f"{directory / 'tokenizer_config.json'}: tokenizer_class = {shipped!r} is code shipped with "
+                          f"the checkpoint (auto_map), which dare-pipeline does not run; it reads "
+                          f"{sorted(BUILT_IN_FOR_CUSTOM)} with transformers' own tokenizers, and any other with a "
+                          f"tokenizer.json")
 
 
 def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu"):
