@@ -80,6 +80,17 @@ class ConfigReader:
             raise ConfigValueError(f"{key} = {shown(value)}: expected true or false")
         return value
 
+    def implemented(self, supported: dict[str, tuple]) -> None:
+        """Keys that change what the model computes: each absent (or null) or one of the values this
+        code implements (`supported`: key -> those values), so that a checkpoint needing another is
+        refused rather than loaded to compute other logits in silence."""
+        for key, allowed in supported.items():
+            value = self.raw.get(key)
+            if value is not None and not any(type(value) is type(a) and value == a for a in allowed):
+                implemented = ", ".join(shown(a) for a in allowed)
+                raise ConfigValueError(f"{key} = {shown(value)}: not supported (model_type {self.family!r}); "
+                                       f"supported: {implemented + ' or ' if implemented else ''}null / absent")
+
     def value(self, key: str, default=None):
         """A value checked elsewhere (special token ids: against the embedding, once its size is known)."""
         return self._get(key, default)

@@ -59,8 +59,16 @@ _LLADA_KEYS = {"d_model": "d_model", "n_layers": "n_layers", "n_heads": "n_heads
                "qkv_bias": "include_qkv_bias", "tie_word_embeddings": "weight_tying"}
 
 
+# config.json keys of the reference LLaDA (OLMo-style) model that change its outputs, with the values
+# this transformer implements (RMSNorm, SiLU-gated FFN, unscaled and unclipped, no extra norms)
+_LLADA_IMPLEMENTED = {"activation_type": ("silu",), "layer_norm_type": ("rms",), "scale_logits": (False,),
+                      "clip_qkv": (), "input_emb_norm": (False,), "attention_layer_norm": (False,),
+                      "multi_query_attention": (False,)}
+
+
 def _llada_config(raw: dict) -> ModelConfig:
     r = ConfigReader(raw, "llada")
+    r.implemented(_LLADA_IMPLEMENTED)
     block_type = r.value("block_type", "llama")
     if block_type != "llama":
         raise ConfigValueError(f"block_type = {shown(block_type)}: not supported; supported: 'llama'")
@@ -116,8 +124,14 @@ _DREAM_KEYS = {"d_model": "hidden_size", "n_layers": "num_hidden_layers", "n_hea
 _DREAM_CHECKS = {**_DREAM_KEYS, "embedding_size": "vocab_size"}
 
 
+# Qwen2-layout keys that change Dream's outputs, with the values this transformer implements (SiLU,
+# plain RoPE, full attention)
+_DREAM_IMPLEMENTED = {"hidden_act": ("silu",), "rope_scaling": (), "use_sliding_window": (False,)}
+
+
 def _dream_config(raw: dict) -> ModelConfig:
     r = ConfigReader(raw, "Dream")
+    r.implemented(_DREAM_IMPLEMENTED)
     n_heads = r.int("num_attention_heads")
     vocab = r.int("vocab_size")
     return _build(

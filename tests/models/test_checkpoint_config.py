@@ -54,6 +54,31 @@ def test_a_bad_value_names_the_checkpoint_the_key_and_the_value(llada, key, valu
     assert str(caught.value).startswith(f"{path}: {key} = {shown(value)}: {problem}")
 
 
+@pytest.mark.parametrize("family, key, value, supported", [
+    ("llada", "activation_type", "gelu", "'silu' or null / absent"),
+    ("llada", "layer_norm_type", "default", "'rms' or null / absent"),
+    ("llada", "scale_logits", True, "False or null / absent"),
+    ("llada", "clip_qkv", 8.0, "null / absent"),
+    ("llada", "input_emb_norm", True, "False or null / absent"),
+    ("llada", "attention_layer_norm", True, "False or null / absent"),
+    ("llada", "multi_query_attention", True, "False or null / absent"),
+    ("dream", "hidden_act", "gelu_pytorch_tanh", "'silu' or null / absent"),
+    ("dream", "rope_scaling", {"type": "yarn", "factor": 4.0}, "null / absent"),
+    ("dream", "use_sliding_window", True, "False or null / absent"),
+])
+def test_a_setting_that_changes_the_outputs_and_is_not_implemented_is_refused(golden_dir, tmp_path, family, key,
+                                                                              value, supported):
+    """A checkpoint that needs another activation, norm, logit scaling, RoPE scaling or attention
+    window would load and compute other logits in silence: refused, naming the key and value."""
+    directory = tmp_path / family
+    shutil.copytree(golden_dir / family, directory)
+    path = _write_config(directory, **{key: value})
+    with pytest.raises(CheckpointError) as caught:
+        load_model(directory)
+    assert str(caught.value) == (f"{path}: {key} = {shown(value)}: not supported (model_type "
+                                 f"{'llada' if family == 'llada' else 'Dream'!r}); supported: {supported}")
+
+
 @pytest.mark.parametrize("changes, message", [
     ({"n_heads": 5}, "d_model = 128 is not divisible by n_heads = 5"),
     ({"n_heads": 128, "n_kv_heads": 128}, "d_model = 128 / n_heads = 128 = 1: rotary embeddings need an even head"),
