@@ -82,15 +82,17 @@ class _Turns:
             raise PipelineBusy("this model is already generating in this thread (generate was called from a step "
                                "callback or a hook of another generation); start the second generation after the "
                                "first returns")
-        while not lock.acquire(timeout=0.05):  # polled: a stream closed while it waits leaves at once
-            if cancelled is not None and cancelled.is_set():
-                raise GenerationCancelled("the stream was closed")
-        self._owners[id(lock)] = threading.get_ident()
-        try:
+        acquired = False
+        try:  # from the acquiring on: an interruption right after it still releases the lock
+            while not (acquired := lock.acquire(timeout=0.05)):  # polled: a closed stream leaves at once
+                if cancelled is not None and cancelled.is_set():
+                    raise GenerationCancelled("the stream was closed")
+            self._owners[id(lock)] = threading.get_ident()
             yield
         finally:
-            del self._owners[id(lock)]
-            lock.release()
+            if acquired:
+                self._owners.pop(id(lock), None)
+                lock.release()
 
 
 _TURNS = _Turns()
@@ -210,10 +212,9 @@ class Pipeline:
 
 
 def _cut_at_stop(text: str, stops) -> str:
-    for s in stops:
-        if s and s in text:
-            text = text[: text.index(s)]
-    return text
+    """`text` up to the earliest stop string (as a stream ends it), whichever stop string that is."""
+    hit = min((text.index(s) for s in stops if s and s in text), default=None)
+    return text if hit is None else text[:hit]
 
 
 def generate(model, prompts, recipe=None, **generation_overrides) -> GenerationOutput:

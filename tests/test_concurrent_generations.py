@@ -17,6 +17,26 @@ def model():
     return load_model("default")
 
 
+def test_an_interruption_right_after_the_model_is_taken_leaves_it_free(model, monkeypatch):
+    """KeyboardInterrupt between taking the model's lock and the generation (here: as its owner is
+    noted): the lock is released, and the next generation runs instead of waiting for ever."""
+    from dare_pipeline import api
+
+    class Interrupting(dict):
+        def __setitem__(self, key, value):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(api._TURNS, "_owners", Interrupting())
+    with pytest.raises(KeyboardInterrupt):
+        Pipeline(model).generate(PROMPTS[:1], **SHORT)
+    monkeypatch.undo()
+    done = []
+    worker = threading.Thread(target=lambda: done.append(Pipeline(model).generate(PROMPTS[:1], **SHORT)))
+    worker.start()
+    worker.join(60)
+    assert done and done[0].text == ["#### draziwnohtyp"]
+
+
 class Lockstep:
     """Step callbacks for two generations that take turns step by step while both run. Where the
     generations cannot run at once, the first wait ends after `timeout` and nobody waits again."""

@@ -136,6 +136,25 @@ def _load_tokenizer(directory: Path):
                           f"tokenizer.json")
 
 
+def _end_of_answer_ids(tokenizer, generation_config: dict, cfg, directory: Path) -> tuple[int, ...]:
+    """Token ids besides config.json's eos_token_id that end an answer: the tokenizer's end-of-turn
+    tokens and its own eos token (an instruct tokenizer's, e.g. `<|im_end|>`, which the references
+    cut answers at), and generation_config.json's eos_token_id (an id or a list of them)."""
+    ids = []
+    if tokenizer is not None:
+        vocab = tokenizer.get_vocab()
+        ids += [vocab[t] for t in _EOT_TOKENS if t in vocab]
+        if getattr(tokenizer, "eos_token_id", None) is not None:
+            ids.append(tokenizer.eos_token_id)
+    theirs = generation_config.get("eos_token_id")
+    for i in theirs if isinstance(theirs, list) else [] if theirs is None else [theirs]:
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < cfg.embedding_size:
+            raise CheckpointError(f"{directory / 'generation_config.json'}: eos_token_id = {theirs!r}: expected a "
+                                  f"token id (or a list of them) below the embedding size {cfg.embedding_size}")
+        ids.append(i)
+    return tuple(ids)
+
+
 def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu"):
     """Load the checkpoint at `path` ("default" = the embedded model) for inference.
 
@@ -159,9 +178,9 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: s
     tokenizer = _load_tokenizer(directory)
     if tokenizer is not None:
         check_tokenizer_size(tokenizer, cfg, directory)
-        vocab = tokenizer.get_vocab()
-        extra = tuple(vocab[t] for t in _EOT_TOKENS if t in vocab and vocab[t] != cfg.eos_token_id)
-        cfg = attrs.evolve(cfg, extra_stop_ids=tuple(dict.fromkeys(cfg.extra_stop_ids + extra)))
+    extra = _end_of_answer_ids(tokenizer, generation_config, cfg, directory)
+    cfg = attrs.evolve(cfg, extra_stop_ids=tuple(i for i in dict.fromkeys(cfg.extra_stop_ids + extra)
+                                                 if i != cfg.eos_token_id))
 
     with torch.device("meta"):
         model = DiffusionTransformer(cfg)

@@ -167,18 +167,20 @@ def atomic_directory(directory: Path) -> Iterator[Path]:
     `directory` stays as it was)."""
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    old = None
     try:
         yield tmp
         os.chmod(tmp, 0o755)
         for f in tmp.iterdir():  # mkdtemp and safetensors create owner-only files; a checkpoint is shareable
             os.chmod(f, 0o644)
-        old = None
         if directory.exists():
             old = directory.parent / f".{directory.name}.old-{os.getpid()}"
             os.replace(directory, old)
         os.replace(tmp, directory)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
+        if old is not None and not directory.exists():  # the new one did not take its place: the old one back
+            os.replace(old, directory)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

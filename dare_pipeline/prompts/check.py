@@ -5,8 +5,9 @@ decoded as part of the answer, differently alone and in a batch)."""
 from __future__ import annotations
 
 import operator
+from collections.abc import Mapping
 
-from ..config.loading import ConfigError
+from ..config.loading import ConfigError, shown
 
 
 class PromptError(ConfigError):
@@ -17,8 +18,13 @@ def prompt_list(prompts) -> list:
     """One prompt (a str or a list of token ids) or a list of them, as a list of prompts."""
     if isinstance(prompts, str):
         return [prompts]
+    if isinstance(prompts, Mapping):  # iterating it would give its keys as prompts ("role", "content")
+        raise PromptError(f"prompts = {shown(prompts)}: one mapping; a chat is a list of messages, "
+                          "e.g. [{'role': 'user', 'content': 'add 3+4+5+6'}]")
     if isinstance(prompts, (bytes, bytearray)) or not hasattr(prompts, "__iter__"):
         raise PromptError(f"prompts = {prompts!r}: expected a str, a list of token ids, or a list of those")
+    if getattr(prompts, "ndim", None) == 1:  # a 1-D tensor or array of token ids: one prompt
+        return [prompts]
     prompts = list(prompts)
     if prompts and not isinstance(prompts[0], (str, bytes, bytearray)) and not hasattr(prompts[0], "__iter__"):
         return [prompts]  # one prompt of token ids

@@ -75,6 +75,15 @@ def test_a_stop_string_is_held_back_until_it_is_decided(pipe):
     assert events[finished_at].prompts[0].settled > len("#### draz")  # decided only when "iw" was settled
 
 
+def test_the_earliest_stop_string_ends_the_answer_whichever_is_listed_first(pipe):
+    """'#### draziwnohtyp' with the overlapping stop strings 'iw' and 'ziw': 'ziw' begins first, so the
+    answer is '#### dra' from generate and from the stream alike (cut at 'iw' first, the text no longer
+    held 'ziw' and was '#### draz')."""
+    stop = ("iw", "ziw")
+    assert pipe.generate(PROMPTS[:1], stop=stop, **SHORT).text == ["#### dra"]
+    assert list(pipe.stream(PROMPTS[:1], stop=stop, **SHORT))[-1].prompts[0].text == "#### dra"
+
+
 def test_closing_a_stream_stops_the_generation_and_the_pipeline_goes_on(pipe, plain):
     stream = pipe.stream(PROMPTS, **SHORT)
     for i, _ in enumerate(stream):

@@ -115,3 +115,37 @@ def test_prompt_longer_than_max_sequence_length(golden_dir, tmp_path):
     pipe = Pipeline(load_model(src), {"generation": {"gen_length": 32, "block_length": 32, "steps": 32}})
     with pytest.raises(ValueError, match="exceeds the model's max_sequence_length 40"):
         pipe.generate([list(range(10))])
+
+
+def test_generation_config_end_of_answer_ids_stop_answers_too(golden_dir, tmp_path):
+    """generation_config.json's eos_token_id (an id or a list, as Hugging Face writes it) ends answers
+    besides config.json's; a value that is not a token id is refused naming the file."""
+    src = _copy(golden_dir, tmp_path)
+    eos = json.loads((src / "config.json").read_text())["eos_token_id"]
+    (src / "generation_config.json").write_text(json.dumps({"eos_token_id": [eos, 7, 11]}))
+    assert load_model(src).config.stop_token_ids == (eos, 7, 11)
+    (src / "generation_config.json").write_text(json.dumps({"eos_token_id": 9}))
+    assert load_model(src).config.stop_token_ids == (eos, 9)
+    (src / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, "x"]}))
+    with pytest.raises(CheckpointError, match=r"generation_config.json: eos_token_id = \[7, 'x'\]: expected a token "
+                                              r"id \(or a list of them\) below the embedding size"):
+        load_model(src)
+
+
+def test_the_tokenizers_own_eos_token_ends_answers(tmp_path):
+    """An instruct tokenizer whose eos token is not config.json's (Qwen-style `<|im_end|>`): answers
+    end there too, as the references cut them at the tokenizer's eos."""
+    from types import SimpleNamespace
+
+    from dare_pipeline.models.loader import _end_of_answer_ids
+
+    class Tokenizer:
+        eos_token_id = 42
+
+        @staticmethod
+        def get_vocab():
+            return {"<|eot|>": 40, "a": 1}
+
+    cfg = SimpleNamespace(embedding_size=64, eos_token_id=3)
+    assert _end_of_answer_ids(Tokenizer(), {}, cfg, tmp_path) == (40, 42)
+    assert _end_of_answer_ids(None, {"eos_token_id": 5}, cfg, tmp_path) == (5,)

@@ -63,6 +63,29 @@ def test_bf16_storage_and_atomic_replace(tmp_path):
     assert torch.equal(loaded.embed.weight, ref)
 
 
+def test_a_replace_that_fails_leaves_the_previous_checkpoint_in_place(tmp_path, monkeypatch):
+    import os
+
+    from dare_pipeline.models import saving
+
+    model = _tiny("llada")
+    target = save_checkpoint(model, tmp_path / "ckpt")
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+    replace = os.replace
+
+    def fails_into_place(src, dst):
+        if str(src).startswith(str(tmp_path / ".ckpt.tmp-")):
+            raise OSError(28, "No space left on device")
+        replace(src, dst)
+
+    monkeypatch.setattr(saving.os, "replace", fails_into_place)
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint(model, target, dtype="bfloat16")
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+
+
 def test_dream_needs_qkv_bias(tmp_path):
     nobias = DiffusionTransformer(attrs.evolve(_tiny("dream").config, qkv_bias=False))
     with pytest.raises(ValueError, match="bias"):

@@ -17,6 +17,21 @@ def pipe():
     return Pipeline(load_model("default"))
 
 
+def test_one_message_mapping_is_refused_rather_than_read_as_two_prompts(pipe):
+    with pytest.raises(PromptError, match=r"prompts = \{'content': 'add 2\+7', 'role': 'user'\}: one mapping; a chat "
+                                          r"is a list of messages"):
+        pipe.generate({"role": "user", "content": "add 2+7"}, gen_length=32, steps=32)
+
+
+def test_a_1d_tensor_of_token_ids_is_one_prompt(pipe):
+    import torch
+
+    ids = pipe.encode(["Q: reverse abc\nA: "])[0]
+    as_list = pipe.generate([ids], gen_length=32, steps=32)
+    as_tensor = pipe.generate(torch.tensor(ids), gen_length=32, steps=32)
+    assert as_tensor.answers == as_list.answers and len(as_tensor.answers) == 1
+
+
 def test_an_empty_text_prompt_is_refused_by_the_api_and_the_command_line(pipe, capsys):
     with pytest.raises(PromptError, match="^prompt 0 is empty: every prompt needs at least one token$"):
         pipe.generate("")
