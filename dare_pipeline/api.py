@@ -139,14 +139,18 @@ class Pipeline:
         check_token_ids(ids, self.model.config, self.model.tokenizer)
         return ids
 
-    def generate(self, prompts, chat: bool | None = None, step_callback=None, **generation_overrides) -> GenerationOutput:
+    def generate(self, prompts, chat: bool | None = None, step_callback=None, seeds=None,
+                 **generation_overrides) -> GenerationOutput:
         """Decode one prompt or a batch (text, token ids or chat message lists) as one batch.
         `step_callback`, if given, is called after every step with a streaming.StepEvent (what the
-        step committed); it costs one host read per step. Raising in it aborts the generation."""
+        step committed); it costs one host read per step. Raising in it aborts the generation.
+        `seeds`: one sampling seed per prompt instead of generation.seed for all (each prompt decodes
+        as it would alone with its seed, so prompts of different seeds share a batch)."""
         gen = self.recipe.generation
         if generation_overrides:  # validated as a recipe's generation keys
             gen = generation_with_overrides(gen, generation_overrides, self.recipe.source)
         ids = self.encode(prompts, chat)
+        seeds = _per_prompt_seeds(seeds, len(ids))
         cfg = self.model.config
         longest = max(len(p) for p in ids)
         if longest + gen.gen_length > cfg.max_sequence_length:
@@ -160,17 +164,17 @@ class Pipeline:
                 self.manager.register(reporter, name=f"{reporter.name}_{id(reporter)}")
             try:
                 with torch.inference_mode():
-                    state = denoise(self.model, ids, gen, self.manager.hook, executor=self.executor)
+                    state = denoise(self.model, ids, gen, self.manager.hook, seed=seeds, executor=self.executor)
             finally:
                 if reporter is not None:
                     self.manager.unregister(reporter)
             return self._output(state, ids, gen)
 
-    def stream(self, prompts, chat: bool | None = None, **generation_overrides) -> GenerationStream:
+    def stream(self, prompts, chat: bool | None = None, seeds=None, **generation_overrides) -> GenerationStream:
         """Like `generate`, but returns at once: iterate over the result for each step's StepEvent
         (decoding runs in a worker thread, after any generation running on the model); its `output` is
         the GenerationOutput afterwards."""
-        return GenerationStream(lambda on_step: self.generate(prompts, chat, step_callback=on_step,
+        return GenerationStream(lambda on_step: self.generate(prompts, chat, step_callback=on_step, seeds=seeds,
                                                               **generation_overrides))
 
     def _check_memory(self, ids, gen) -> None:
@@ -211,6 +215,18 @@ class Pipeline:
                                 stats=state.stats, unmask_step=state.unmask_step.tolist())
 
 
+def _per_prompt_seeds(seeds, prompts: int) -> list[int] | None:
+    """`seeds` as a list of one whole number per prompt (None: generation.seed for all)."""
+    if seeds is None:
+        return None
+    if isinstance(seeds, (str, bytes)) or not hasattr(seeds, "__len__"):
+        raise TypeError(f"seeds = {shown(seeds)}: expected a list of one seed (a whole number) per prompt")
+    seeds = list(seeds)
+    if len(seeds) != prompts or any(isinstance(s, bool) or not isinstance(s, int) for s in seeds):
+        raise ValueError(f"seeds = {shown(seeds)}: expected {prompts} whole number(s), one per prompt")
+    return seeds
+
+
 def _cut_at_stop(text: str, stops) -> str:
     """`text` up to the earliest stop string (as a stream ends it), whichever stop string that is."""
     hit = min((text.index(s) for s in stops if s and s in text), default=None)
@@ -219,5 +235,5 @@ def _cut_at_stop(text: str, stops) -> str:
 
 def generate(model, prompts, recipe=None, **generation_overrides) -> GenerationOutput:
     """One-shot: build a Pipeline for `recipe` (a Recipe, a dict, a YAML path, or None for the baseline
-    recipe) and decode `prompts`; `chat=` as in `Pipeline.generate`."""
+    recipe) and decode `prompts`; `chat=` and `seeds=` as in `Pipeline.generate`."""
     return Pipeline(model, recipe).generate(prompts, **generation_overrides)

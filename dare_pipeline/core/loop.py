@@ -16,10 +16,12 @@ class StepBudgetExceeded(RuntimeError):
     """A block still has masked positions after the step budget (the model keeps proposing the mask)."""
 
 
-def denoise(model, prompts: list[list[int]], gen, hooks, seed: int | None = None, executor=None) -> DecodeState:
+def denoise(model, prompts: list[list[int]], gen, hooks, seed: int | list[int] | None = None,
+            executor=None) -> DecodeState:
     """Decode `prompts` (token id lists) with generation config `gen` and the plugins behind `hooks`
-    (a pluggy HookRelay); `executor` (execution.Executor) runs the model's forwards, eagerly when None.
-    Returns the final DecodeState (canvas in `state.x`, stats in `state.stats`)."""
+    (a pluggy HookRelay); `executor` (execution.Executor) runs the model's forwards, eagerly when None;
+    `seed` seeds the sampling generators, one for every prompt or a list of one per prompt (default
+    gen.seed). Returns the final DecodeState (canvas in `state.x`, stats in `state.stats`)."""
     state = DecodeState.create(model, gen, prompts, gen.seed if seed is None else seed, executor)
     if executor is not None:
         executor.begin_generation()

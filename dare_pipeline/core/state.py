@@ -49,7 +49,7 @@ class DecodeState:
     stop_ids: torch.Tensor | None = None
 
     @classmethod
-    def create(cls, model, gen, prompts: list[list[int]], seed: int, executor=None) -> DecodeState:
+    def create(cls, model, gen, prompts: list[list[int]], seed: int | list[int], executor=None) -> DecodeState:
         cfg = model.config
         device = model.device
         batch = len(prompts)
@@ -165,11 +165,12 @@ class DecodeState:
         return self.store
 
 
-def prompt_generators(seed: int, prompts: list[list[int]], device) -> list[torch.Generator]:
-    """A generator per prompt, seeded from the seed and the prompt's tokens, so that sampling is
-    reproducible and a prompt decodes the same alone or in any batch."""
+def prompt_generators(seed: int | list[int], prompts: list[list[int]], device) -> list[torch.Generator]:
+    """A generator per prompt, seeded from the seed (one for all, or one per prompt) and the prompt's
+    tokens, so that sampling is reproducible and a prompt decodes the same alone or in any batch."""
+    seeds = seed if isinstance(seed, list) else [seed] * len(prompts)
     gens = []
-    for prompt in prompts:
+    for seed, prompt in zip(seeds, prompts, strict=True):
         digest = hashlib.sha256(f"{seed}:{','.join(map(str, prompt))}".encode()).digest()
         g = torch.Generator(device=device)
         g.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))

@@ -250,7 +250,8 @@ class _Reply:
         for row, result in zip(self.rows, results):
             text = result.text if result.text is not None else ""
             choice = {"index": row.spec.index, "finish_reason": result.finish_reason,
-                      "dare": {"token_ids": result.answer, "nfe": result.nfe, "batch_size": result.batch_size}}
+                      "dare": {"token_ids": result.answer, "nfe": result.nfe, "batch_size": result.batch_size,
+                               "seed": row.spec.seed}}
             if self.chat:
                 choice["message"] = {"role": "assistant", "content": text}
             else:
@@ -323,7 +324,7 @@ async def _stream(reply: _Reply, events: asyncio.Queue, request: Request, on_end
             result = rows[index].future.result()
             yield reply.chunk(index, _delta(sent[index], result.text), finish_reason=result.finish_reason,
                               extension={"nfe": result.nfe, "batch_size": result.batch_size,
-                                         "token_ids": result.answer})
+                                         "token_ids": result.answer, "seed": rows[index].spec.seed})
         if reply.stream_usage:
             yield reply.usage_chunk([rows[i].future.result() for i in sorted(rows)])
         yield "data: [DONE]\n\n"

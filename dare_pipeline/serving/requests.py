@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import secrets
 
 import attrs
 
@@ -78,6 +79,7 @@ class RowSpec:
     ids: list[int]
     recipe: Recipe
     key: str  # rows with equal keys may decode in one batch
+    seed: int  # the row's own sampling seed (rows of any seeds share a batch)
 
 
 def plan_rows(request, served: Served, chat: bool, max_rows: int | None = None) -> list[RowSpec]:
@@ -102,16 +104,13 @@ def plan_rows(request, served: Served, chat: bool, max_rows: int | None = None) 
     fits = _PromptRoom(field, limit, gen.gen_length, served)
     prompts = _chat_prompt(request, served, fits) if chat else _completion_prompts(request, served, fits)
     sampling = gen.temperature > 0 or gen.remasking == "random"
-    rows = []
-    for p, ids in enumerate(prompts):
-        for j in range(n):
-            # each sampled choice draws from its own seed; greedy choices are equal whatever the seed
-            row_recipe = recipe
-            if sampling and j:
-                row_recipe = attrs.evolve(recipe, generation=attrs.evolve(gen, seed=gen.seed + j))
-            rows.append(RowSpec(index=p * n + j, ids=ids, recipe=row_recipe,
-                                key=batch_key(row_recipe, sampling, served.model.config.family)))
-    return rows
+    # a sampling request without a seed draws one, as OpenAI's and vLLM's servers do (each choice's
+    # seed is in its `dare.seed`: sent back, it gives that answer again)
+    base = gen.seed if request.seed is not None or not sampling else secrets.randbelow(2**31)
+    key = batch_key(recipe, served.model.config.family)
+    # each sampled choice draws from its own seed; greedy choices are equal whatever the seed
+    return [RowSpec(index=p * n + j, ids=ids, recipe=recipe, key=key, seed=base + j if sampling else base)
+            for p, ids in enumerate(prompts) for j in range(n)]
 
 
 def check_neutral_options(request) -> None:
@@ -135,11 +134,12 @@ def check_neutral_options(request) -> None:
         raise RequestError(400, "stream_options: only allowed when stream is true", "stream_options")
 
 
-def batch_key(recipe: Recipe, sampling: bool, family: str) -> str:
+def batch_key(recipe: Recipe, family: str) -> str:
+    """What rows must share to decode in one batch: the recipe, but its seed (each row brings its own,
+    RowSpec.seed) and sampling filters that change nothing for the model's family."""
     doc = recipe.to_dict()
     gen = recipe.generation
-    if not sampling:  # the seed only feeds sampling: greedy rows of any seed decode together
-        doc["generation"].pop("seed")
+    doc["generation"].pop("seed")
     if not filters_apply(family, gen.temperature, gen.top_p, gen.top_k):  # nor do filters that change nothing
         doc["generation"].pop("top_p")
         doc["generation"].pop("top_k")
@@ -168,7 +168,7 @@ def request_recipe(request, served: Served) -> Recipe:
         gen["seed"] = request.seed
     if request.stop is not None:
         stop = [request.stop] if isinstance(request.stop, str) else request.stop
-        if len(stop) > 4 or not all(stop) or max(map(len, stop)) > MAX_STOP_CHARS:
+        if len(stop) > 4 or not all(stop) or any(len(s) > MAX_STOP_CHARS for s in stop):
             raise RequestError(400, f"stop = {json.dumps(request.stop)[:200]}: at most 4 non-empty strings of at most "
                                f"{MAX_STOP_CHARS} characters", "stop")
         gen["stop"] = list(served.recipe.generation.stop) + stop

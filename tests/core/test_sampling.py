@@ -120,3 +120,21 @@ def test_sampling_survives_logits_whose_exp_underflows_or_overflows():
         tokens = _propose(logits, "llada", temperature=1.0, top_k=2, seed=5).tokens
         kept = {1, 2} if shift < 0 else {0, 1}
         assert set(tokens.flatten().tolist()) == kept, (shift, torch.bincount(tokens.flatten()))
+
+
+def test_a_seed_per_prompt_samples_each_prompt_as_it_would_alone_with_its_seed():
+    """generate(seeds=[...]): one seed per prompt in one batch, each prompt's tokens those it samples
+    alone with its seed (the server batches sampled rows of different seeds this way)."""
+    from dare_pipeline import Pipeline, load_model
+
+    pipe = Pipeline(load_model("default"))
+    prompt, short = "Q: reverse pythonwizard\nA: ", {"gen_length": 32, "steps": 32, "temperature": 2.0}
+    both = pipe.generate([prompt, prompt], seeds=[1, 2], **short)
+    alone = [pipe.generate([prompt], seed=s, **short).sequences[0] for s in (1, 2)]
+    assert both.sequences == alone and alone[0] != alone[1]
+    with pytest.raises(ValueError, match=r"seeds = \[1\]: expected 2 whole number\(s\), one per prompt"):
+        pipe.generate([prompt, prompt], seeds=[1], **short)
+    with pytest.raises(ValueError, match="expected 1 whole number"):
+        pipe.generate([prompt], seeds=[True], **short)
+    with pytest.raises(TypeError, match="seeds = 7: expected a list of one seed"):
+        pipe.generate([prompt], seeds=7, **short)

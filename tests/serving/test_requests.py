@@ -22,22 +22,26 @@ def test_a_one_block_recipe_becomes_one_block_of_max_tokens():
     assert generation_length(256, 256, 128, 40) == {"gen_length": 40, "block_length": 40, "steps": 20}
 
 
-def test_greedy_rows_batch_whatever_their_seed_sampled_rows_only_with_their_own():
+def test_rows_batch_whatever_their_seed_but_not_with_other_settings():
+    """Each row brings its own seed (the generate call takes one per prompt), so greedy and sampled
+    rows of any seeds share a batch; another length does not."""
     greedy = Recipe.from_yaml("recipes/baseline.yaml")
-    other_seed = attrs.evolve(greedy, generation=attrs.evolve(greedy.generation, seed=7))
-    assert batch_key(greedy, False, "llada") == batch_key(other_seed, False, "llada")
-    assert batch_key(greedy, True, "llada") != batch_key(other_seed, True, "llada")
+    sampled = attrs.evolve(greedy, generation=attrs.evolve(greedy.generation, temperature=0.7))
+    for recipe in (greedy, sampled):
+        other_seed = attrs.evolve(recipe, generation=attrs.evolve(recipe.generation, seed=7))
+        assert batch_key(recipe, "llada") == batch_key(other_seed, "llada")
+    assert batch_key(greedy, "llada") != batch_key(sampled, "llada")
     longer = attrs.evolve(greedy, generation=attrs.evolve(greedy.generation, gen_length=512, steps=512))
-    assert batch_key(greedy, False, "llada") != batch_key(longer, False, "llada")
+    assert batch_key(greedy, "llada") != batch_key(longer, "llada")
 
 
 def test_greedy_rows_batch_whatever_their_filters_where_filters_change_nothing():
     greedy = Recipe.from_yaml("recipes/baseline.yaml")
     nucleus = attrs.evolve(greedy, generation=attrs.evolve(greedy.generation, top_p=0.9, top_k=5))
     # a LLaDA-family model takes the argmax and ranks by its own softmax: the filters change nothing
-    assert batch_key(greedy, False, "llada") == batch_key(nucleus, False, "llada")
+    assert batch_key(greedy, "llada") == batch_key(nucleus, "llada")
     # a Dream-family model ranks by the filtered distribution, and sampling draws from it
-    assert batch_key(greedy, False, "dream") != batch_key(nucleus, False, "dream")
+    assert batch_key(greedy, "dream") != batch_key(nucleus, "dream")
     sampled, sampled_nucleus = (attrs.evolve(r, generation=attrs.evolve(r.generation, temperature=0.7))
                                 for r in (greedy, nucleus))
-    assert batch_key(sampled, True, "llada") != batch_key(sampled_nucleus, True, "llada")
+    assert batch_key(sampled, "llada") != batch_key(sampled_nucleus, "llada")

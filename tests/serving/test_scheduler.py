@@ -29,6 +29,10 @@ def app(golden_models):
     app.state.scheduler.stop(timeout=10)
 
 
+def _served_model(app):
+    return app.state.served.model
+
+
 def _alone(golden_models, ids, max_tokens=32):
     return Pipeline(golden_models["llada"], RECIPE).generate([ids], gen_length=max_tokens, steps=max_tokens).answers[0]
 
@@ -244,7 +248,7 @@ def _row_spec(golden_models):
     from dare_pipeline.serving.requests import RowSpec
 
     recipe = _served(golden_models).recipe
-    return RowSpec(index=0, ids=[5, 6, 7], recipe=recipe, key="k")
+    return RowSpec(index=0, ids=[5, 6, 7], recipe=recipe, key="k", seed=0)
 
 
 def test_an_infinite_batch_window_is_refused_when_the_app_is_made(golden_models):
@@ -280,13 +284,32 @@ def test_one_generation_at_a_time_whatever_the_requests(app, monkeypatch, golden
         assert replies[i].json()["choices"][0]["dare"]["token_ids"] == _alone(golden_models, [5 + i, 6, 7])
 
 
-def test_sampled_choices_draw_from_seed_plus_their_index(app, post_all):
+def test_sampled_choices_draw_from_seed_plus_their_index_in_one_batch(app, post_all):
+    """Rows of different seeds decode together (each brings its seed), each as it would alone."""
     sampled = {**BODY, "temperature": 1.0, "seed": 3}
     two, again, fourth = post_all(app, [{**sampled, "n": 2}, sampled, {**sampled, "seed": 4}])
     ids = [c["dare"]["token_ids"] for c in two.json()["choices"]]
     assert ids[0] == again.json()["choices"][0]["dare"]["token_ids"]  # same seed, same sample
     assert ids[1] == fourth.json()["choices"][0]["dare"]["token_ids"]  # choice 1 drew from seed 4
     assert ids[0] != ids[1]
+    assert [c["dare"]["seed"] for c in two.json()["choices"]] == [3, 4]
+    assert {c["dare"]["batch_size"] for r in (two, again, fourth) for c in r.json()["choices"]} == {4}
+    alone = Pipeline(_served_model(app), RECIPE).generate([[5, 6, 7]], gen_length=32, steps=32, temperature=1.0,
+                                                          seed=4)
+    assert alone.answers[0] == ids[1]
+
+
+def test_a_sampled_request_without_a_seed_draws_one_and_says_which(app, post_all):
+    """As OpenAI's and vLLM's servers: the same unseeded sampled request twice gives two samples; the
+    seed a choice reports, sent back, gives that choice again."""
+    sampled = {**BODY, "temperature": 1.0}
+    first, second = post_all(app, [sampled, sampled])
+    seeds = [r.json()["choices"][0]["dare"]["seed"] for r in (first, second)]
+    assert seeds[0] != seeds[1]
+    (again,) = post_all(app, [{**sampled, "seed": seeds[1]}])
+    assert again.json()["choices"][0]["dare"]["token_ids"] == second.json()["choices"][0]["dare"]["token_ids"]
+    (greedy,) = post_all(app, [BODY])
+    assert greedy.json()["choices"][0]["dare"]["seed"] == 0  # greedy: the recipe's seed, which changes nothing
 
 
 def test_without_max_tokens_the_recipe_length_is_capped_by_the_server_limit(app, post_all):
