@@ -187,7 +187,7 @@ class Pipeline:
         kept = self.executor.mode == "cuda_graphs" and self.executor.holds_store(model_batch, length)
         parts = generation_bytes(model.config, model.dtype, batch=batch, model_batch=model_batch, length=length,
                                  block_length=gen.block_length, store=bool(provided & _STORE_DECISIONS) and not kept,
-                                 fields=2 if provided & _FIELD_DECISIONS else 0, temperature=gen.temperature,
+                                 fields=_store_fields(self.plugins), temperature=gen.temperature,
                                  filtered=filters_apply(model.config.family, gen.temperature, gen.top_p, gen.top_k))
         needed, available = sum(parts.values()), available_bytes(model.device)
         if available is None or needed <= available:
@@ -213,6 +213,15 @@ class Pipeline:
             text = [_cut_at_stop(tok.decode(a, skip_special_tokens=True), gen.stop) for a in answers]
         return GenerationOutput(sequences=[p + row for p, row in zip(ids, canvas)], answers=answers, text=text,
                                 stats=state.stats, unmask_step=state.unmask_step.tolist())
+
+
+def _store_fields(plugins) -> int:
+    """The d_model-wide fields per layer the plugins keep in the activation store: those they declare
+    (Plugin.store_fields; a name two declare is one tensor), and two for a plugin that owns a layer
+    decision without declaring them."""
+    declared = frozenset().union(*(p.store_fields or () for p in plugins))
+    undeclared = any(p.store_fields is None and p.provides & _FIELD_DECISIONS for p in plugins)
+    return len(declared) + (2 if undeclared else 0)
 
 
 def _per_prompt_seeds(seeds, prompts: int) -> list[int] | None:

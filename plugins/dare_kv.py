@@ -106,6 +106,7 @@ class DareKV(DriftHooks, Plugin):
     name = "dare_kv"
     Options = DareKVOptions
     provides = frozenset({"kv_rows"})
+    store_fields = frozenset({"dare_kv.q_ref"})  # the query reference (QueryDrift)
     conflicts: ClassVar[dict[str, str]] = {"dllm_cache": WHOLE_LAYER_REUSE}
     exact_options: ClassVar[dict[str, Any]] = {"threshold": 0.0}
 

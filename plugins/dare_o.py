@@ -106,6 +106,7 @@ class DareO(DriftHooks, Plugin):
     name = "dare_o"
     Options = DareOOptions
     provides = frozenset({"attn_rows"})
+    store_fields = frozenset({"dare_o.q_ref", ATTN_OUT})  # the query reference and the attention outputs
     conflicts: ClassVar[dict[str, str]] = {"dllm_cache": WHOLE_LAYER_REUSE}
     exact_options: ClassVar[dict[str, Any]] = {"threshold": 0.0}
 

@@ -220,6 +220,7 @@ class DllmCache(Plugin):
     name = "dllm_cache"
     Options = DllmCacheOptions
     provides = frozenset({"layer_rows"})
+    store_fields = frozenset({ATTN_OUT, FFN_OUT})
     conflicts: ClassVar[dict[str, str]] = {"prefix_cache": ROW_FEEDER, "dual_cache": ROW_FEEDER, "dare_kv": DRIFT_REUSE, "dare_o": DRIFT_REUSE}
     exact_options: ClassVar[dict[str, Any]] = {"prompt_interval": 1, "response_interval": 1}
 

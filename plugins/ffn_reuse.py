@@ -85,6 +85,7 @@ class FfnReuse(DriftHooks, Plugin):
     name = "ffn_reuse"
     Options = FfnReuseOptions
     provides = frozenset({"ffn_rows"})
+    store_fields = frozenset({"ffn_reuse.q_ref", FFN_OUT})  # the query reference and the FFN outputs
     conflicts: ClassVar[dict[str, str]] = {"dllm_cache": WHOLE_LAYER_REUSE}
     exact_options: ClassVar[dict[str, Any]] = {"threshold": 0.0}
 

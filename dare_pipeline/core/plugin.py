@@ -30,6 +30,10 @@ class Plugin:
     # options under which the plugin must reproduce the tokens of the same recipe without it
     # (the contract test checks it); None where no such setting exists (e.g. a decoding policy)
     exact_options: ClassVar[dict[str, Any] | None] = None
+    # the d_model-wide row fields per layer its reuse keeps in the activation store (store.field
+    # names; one shared by two plugins, such as ATTN_OUT, is one tensor), which the memory estimate
+    # counts; None: not declared, estimated as two for a plugin that owns a layer decision
+    store_fields: ClassVar[frozenset[str] | None] = None
 
     def __init__(self, options: Any = None):
         self.options = options if options is not None else self.Options()
