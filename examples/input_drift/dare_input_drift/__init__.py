@@ -67,6 +67,7 @@ class InputDrift(Plugin):
     provides = frozenset({"attn_rows"})
     conflicts: ClassVar[dict[str, str]] = {}
     exact_options: ClassVar[dict[str, Any]] = {"threshold": 0.0}  # the contract checks exactness here
+    store_fields: ClassVar[frozenset[str]] = frozenset({REF, ATTN_OUT})  # the memory check counts them
 
     @hookimpl
     def dare_generation_start(self, state):
