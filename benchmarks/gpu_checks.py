@@ -99,7 +99,7 @@ def sync_summary(found: list) -> dict:
 
 
 class Checks:
-    """The model of the row's family (one at a time), the output files and the clock."""
+    """The models of the families (kept: rows alternate between them), the output files and the clock."""
 
     def __init__(self, args):
         self.args = args
@@ -109,21 +109,21 @@ class Checks:
         self.jsonl = self.out / "results.jsonl"
         self.jsonl.write_text("")
         self.records: list[dict] = []
-        self._family, self._model = None, None
+        self._models: dict[str, torch.nn.Module] = {}
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
 
     def model(self, family: str):
-        if self._family != family:
-            self._model = None
-            torch._dynamo.reset()  # another model: its graphs are new anyway
-            if _is_cuda(self.args.device):
-                torch.cuda.empty_cache()
-            self._model = bench_model(family, dtype=getattr(torch, self.args.dtype), device=self.args.device,
-                                      seed=0, shape=self.args.shape)
-            self._family = family
-        return self._model
+        if family not in self._models:
+            self._models[family] = bench_model(family, dtype=getattr(torch, self.args.dtype), device=self.args.device,
+                                               seed=0, shape=self.args.shape)
+        return self._models[family]
+
+    def forget(self) -> None:
+        """After a row cut short (maybe inside a compile): new models and graphs for the next rows."""
+        self._models.clear()
+        torch._dynamo.reset()
 
     def write(self, record: dict) -> None:
         self.records.append(record)
@@ -213,7 +213,7 @@ def run(checks: Checks, rows: list[tuple[str, str]]) -> None:
             except Interrupted as stop:
                 record["status"] = f"{'skipped (budget)' if stop.reason == 'budget' else 'error: timeout'} after " \
                                    f"{time.perf_counter() - started:.0f} s"
-                checks._family = None  # a compile may have been cut short: start the next row afresh
+                checks.forget()
             except Exception as exc:  # noqa: BLE001 - one recipe's failure is a finding, not the end
                 record["status"] = f"error: {type(exc).__name__}: {exc}"
                 record["traceback"] = traceback.format_exc()
@@ -282,7 +282,8 @@ def main(argv=None) -> int:
     if not _is_cuda(args.device):
         torch.set_num_threads(1)
     checks = Checks(args)
-    rows = [(family, recipe) for family in args.families for recipe in args.recipes]
+    # recipe by recipe, both families each: a budget cut leaves the last recipes, not a whole family
+    rows = [(family, recipe) for recipe in args.recipes for family in args.families]
     print(conditions_line(args), flush=True)
     try:
         run(checks, rows)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import operator
 import os
 import threading
 import weakref
@@ -231,9 +232,12 @@ def _per_prompt_seeds(seeds, prompts: int) -> list[int] | None:
     if isinstance(seeds, (str, bytes)) or not hasattr(seeds, "__len__"):
         raise TypeError(f"seeds = {shown(seeds)}: expected a list of one seed (a whole number) per prompt")
     seeds = list(seeds)
-    if len(seeds) != prompts or any(isinstance(s, bool) or not isinstance(s, int) for s in seeds):
-        raise ValueError(f"seeds = {shown(seeds)}: expected {prompts} whole number(s), one per prompt")
-    return seeds
+    try:
+        if len(seeds) != prompts or any(isinstance(s, bool) for s in seeds):
+            raise TypeError
+        return [operator.index(s) for s in seeds]  # numpy and 0-d tensor integers too, as token ids
+    except TypeError:
+        raise ValueError(f"seeds = {shown(seeds)}: expected {prompts} whole number(s), one per prompt") from None
 
 
 def _cut_at_stop(text: str, stops) -> str:

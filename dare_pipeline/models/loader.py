@@ -96,14 +96,23 @@ BUILT_IN_FOR_CUSTOM = {"DreamTokenizer": "qwen2"}
 
 
 def _shipped_tokenizer_class(directory: Path) -> str | None:
-    """tokenizer_config.json's tokenizer class when its code ships with the checkpoint (auto_map),
-    else None."""
+    """tokenizer_config.json's tokenizer class when it is code shipped with the checkpoint (auto_map
+    names it and transformers has no class of that name), else None."""
     if not (directory / "tokenizer_config.json").is_file():
         return None
+    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
     config = read_json_object(checkpoint_file(directory, "tokenizer_config.json"))
     auto_map = config.get("auto_map")
     remote = auto_map.get("AutoTokenizer") if isinstance(auto_map, dict) else auto_map
-    return str(config.get("tokenizer_class") or remote) if remote else None
+    if not remote:
+        return None
+    named = config.get("tokenizer_class")
+    if isinstance(named, str) and tokenizer_class_from_name(named) is not None:
+        return None  # a class of transformers' own, which it reads without the shipped code
+    if isinstance(named, str) and named:
+        return named
+    return next((str(c).rsplit(".", 1)[-1] for c in (remote if isinstance(remote, list) else [remote]) if c), "?")
 
 
 def _load_tokenizer(directory: Path):
@@ -121,9 +130,11 @@ def _load_tokenizer(directory: Path):
             # An empty config keeps AutoTokenizer from reading config.json, whose model_type (llada,
             # Dream) transformers does not know and would warn about; the tokenizer class comes from
             # tokenizer_config.json either way.
-            return AutoTokenizer.from_pretrained(str(directory), local_files_only=True, config=PretrainedConfig())
+            return AutoTokenizer.from_pretrained(str(directory), local_files_only=True, config=PretrainedConfig(),
+                                                 trust_remote_code=False)
         if built_in is not None:
-            return AutoTokenizer.from_pretrained(str(directory), local_files_only=True, tokenizer_type=built_in)
+            return AutoTokenizer.from_pretrained(str(directory), local_files_only=True, tokenizer_type=built_in,
+                                                 trust_remote_code=False)
         if (directory / "tokenizer.json").is_file():  # it describes the whole tokenizer: no code needed
             return PreTrainedTokenizerFast.from_pretrained(str(directory), local_files_only=True)
     except Exception as exc:  # transformers and tokenizers raise many types for one broken file

@@ -37,8 +37,9 @@ SHUTDOWN_GRACE_S = 5.0
 
 
 class AsciiJSONResponse(JSONResponse):
-    """JSON with every non-ASCII character escaped: text that is not valid Unicode (a lone surrogate,
-    which JSON's \\ud800 escapes can carry) is echoed back in an error instead of failing to encode."""
+    """JSON with every non-ASCII character escaped, for errors and /health: text that is not valid
+    Unicode (a lone surrogate, which JSON's \\ud800 escapes can carry) is echoed back in an error
+    instead of failing to encode. Answers keep UTF-8 (a model's text is valid Unicode)."""
 
     def render(self, content) -> bytes:
         return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
@@ -60,8 +61,7 @@ def create_app(served: Served, *, limits: ServerLimits | None = None, api_key: s
         scheduler.stop(timeout=SHUTDOWN_GRACE_S)
 
     # the OpenAPI schema and its pages are served below, behind the API key when there is one
-    app = FastAPI(title="dare-pipeline", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
-                  default_response_class=AsciiJSONResponse)
+    app = FastAPI(title="dare-pipeline", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.scheduler, app.state.metrics, app.state.served, app.state.limits = scheduler, metrics, served, limits
     app.add_middleware(_CountRequests, metrics=metrics)
     expected = None if api_key is None else f"Bearer {api_key}".encode()
@@ -109,7 +109,7 @@ def create_app(served: Served, *, limits: ServerLimits | None = None, api_key: s
 
     @app.get("/openapi.json", dependencies=[Depends(authorized)], include_in_schema=False)
     async def openapi():
-        return AsciiJSONResponse(app.openapi())
+        return JSONResponse(app.openapi())
 
     @app.get("/docs", dependencies=[Depends(authorized)], include_in_schema=False)
     async def docs():
@@ -305,6 +305,8 @@ async def _stream(reply: _Reply, events: asyncio.Queue, request: Request, on_end
                 next_check = time.monotonic() + DISCONNECT_POLL_S
                 if await request.is_disconnected():
                     return
+            if index not in open_rows:  # a row answered once already (its batch failed after it): nothing more
+                continue
             if kind == "step":
                 step, prompt = payload
                 delta = _delta(sent[index], prompt.text)

@@ -279,7 +279,9 @@ def _result(pipe: Pipeline, out, i: int, row: Row, batch_size: int) -> RowResult
 
 def _through_stop_string(pipe: Pipeline, answer: list[int], stops) -> list[int] | None:
     """The answer's tokens through the first one whose text completes a stop string; None when its
-    text holds none. (Bisected: a prefix's text holds a stop string once a shorter one's does.)"""
+    text holds none. Bisected, taking a prefix's text to hold a stop string once a shorter one's does;
+    a tokenizer whose decode of a longer prefix rewrites earlier text (clean_up_tokenization_spaces)
+    may count a few tokens more, never fewer than the text holds."""
     decode = pipe.model.tokenizer.decode
 
     def stops_at(k: int) -> bool:

@@ -75,13 +75,16 @@ def test_findings_name_another_mode_eager_forwards_and_a_recompile(gpu_checks):
 
 def test_the_device_script_installs_by_links_when_pip_cannot_and_runs_both_scripts(tmp_path):
     """benchmarks/gpu_device_run.sh on the CPU (tiny shapes), its fallback install forced: the linked
-    dist-info names the built-in plugins, which load from it, and both scripts leave their tables."""
+    dist-info names the built-in plugins, which load from it, and both scripts' tables and the log
+    are the five files in OUT."""
     import os
     import subprocess
     import sys
 
     tiny = "--device cpu --shape tiny --prompt-len 16 --gen-length 16 --block-length 8"
-    env = {**os.environ, "OUT": str(tmp_path), "SITE": str(tmp_path / "site"), "TOTAL_S": "300", "PYTHON": sys.executable, "LINK_INSTALL": "1",
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "SITE": str(tmp_path / "site"), "WORK": str(tmp_path / "work"),
+           "TOTAL_S": "300", "PYTHON": sys.executable, "LINK_INSTALL": "1",
            "CHECKS_ARGS": f"{tiny} --mode eager --families llada --recipes baseline",
            "SUITE_ARGS": f"{tiny} --dtype float32 --modes eager --repeats 1 --only A1"}
     env.pop("PYTHONPATH", None)
@@ -92,5 +95,9 @@ def test_the_device_script_installs_by_links_when_pip_cannot_and_runs_both_scrip
     entry_points = (dist / "entry_points.txt").read_text()
     assert "[dare_pipeline]\nbaseline = dare_pipeline_plugins.baseline:BaselineDecoding" in entry_points
     assert "plugins: ['baseline', 'dare_kv', 'dare_o', 'dllm_cache', 'dual_cache'" in done.stdout
-    assert "| llada | baseline | OK |" in (tmp_path / "gpu_checks" / "results.md").read_text()
-    assert "| A1 | llada tiny | baseline |" in (tmp_path / "gpu_suite" / "results.md").read_text()
+    # five files come back, whatever else the scripts wrote (the device returns at most eight)
+    assert sorted(p.name for p in out.iterdir()) == ["checks.jsonl", "checks.md", "run.log", "suite.jsonl",
+                                                     "suite.md"]
+    assert "| llada | baseline | OK |" in (out / "checks.md").read_text()
+    assert "| A1 | llada tiny | baseline |" in (out / "suite.md").read_text()
+    assert "gpu_checks: exit 0" in (out / "run.log").read_text()

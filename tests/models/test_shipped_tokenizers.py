@@ -89,3 +89,10 @@ def test_an_unknown_shipped_tokenizer_class_without_tokenizer_json_is_refused_by
                                               r"shipped with the checkpoint \(auto_map\), which dare-pipeline does "
                                               r"not run; it reads \['DreamTokenizer'\]"):
         _load_tokenizer(_dream_like(tmp_path, "SomeLabTokenizer"))
+
+
+def test_an_auto_map_beside_a_class_transformers_has_is_read_with_that_class(tmp_path):
+    """Some checkpoints name transformers' own class and still ship an auto_map: read as before, by
+    transformers' class, without a tokenizer.json and without the shipped code."""
+    tokenizer = _load_tokenizer(_dream_like(tmp_path, "Qwen2Tokenizer"))
+    assert tokenizer.decode(tokenizer("hello world", add_special_tokens=False)["input_ids"]) == "hello world"

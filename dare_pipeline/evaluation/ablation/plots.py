@@ -247,8 +247,8 @@ def _pair_label(gain: dict) -> str:
 
 
 def write_plots(an: Analysis, out: Path) -> list[str]:
-    """Draw the figures there is data for into `out` (PNG, 120 dpi); stale ones from an earlier
-    report are removed first, as they would describe other data. Returns the names written."""
+    """Draw the figures there is data for into `out` (PNG, 120 dpi, each written whole over the last);
+    one of an earlier report this data has none for is removed. Returns the names written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -256,9 +256,9 @@ def write_plots(an: Analysis, out: Path) -> list[str]:
 
     written = []
     for name, build in zip(PLOTS, (accuracy_speedup_figure, reuse_threshold_figure, additive_gain_figure)):
-        (out / name).unlink(missing_ok=True)
         fig = build(an, plt)
-        if fig is None:
+        if fig is None:  # no data for it now: one of an earlier report would describe other data
+            (out / name).unlink(missing_ok=True)
             continue
         png = io.BytesIO()
         fig.savefig(png, format="png", dpi=120)

@@ -235,9 +235,10 @@ GAIN_FIELDS = ["ablation", "strategy", "strategy_values", "combination", "with",
                "unlike_timing"]
 
 
-def _csv(fields: list[str], rows: list[dict]) -> str:
+def _csv(fields: list[str], rows: list[dict]) -> bytes:
+    """The CSV as bytes (its \\r\\n line ends as the csv module writes them, on every platform)."""
     text = io.StringIO(newline="")
     w = csv.DictWriter(text, fieldnames=fields)
     w.writeheader()
     w.writerows(rows)
-    return text.getvalue()
+    return text.getvalue().encode("utf-8")
