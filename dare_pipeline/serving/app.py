@@ -296,7 +296,7 @@ async def _stream(reply: _Reply, events: asyncio.Queue, request: Request, on_end
                 yield reply.chunk(index, "", role=True)
         while open_rows:
             try:
-                kind, index, payload = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
+                kind, index, _ = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
             except asyncio.TimeoutError:  # TimeoutError itself from Python 3.11 on
                 if await request.is_disconnected():
                     return
@@ -308,13 +308,11 @@ async def _stream(reply: _Reply, events: asyncio.Queue, request: Request, on_end
             if index not in open_rows:  # a row answered once already (its batch failed after it): nothing more
                 continue
             if kind == "step":
-                step, prompt = payload
-                delta = _delta(sent[index], prompt.text)
+                steps = rows[index].take_steps()
+                delta = _delta(sent[index], steps.pop("text"))
                 sent[index] += delta
-                if prompt.positions or delta:
-                    yield reply.chunk(index, delta, extension={
-                        "step": step, "positions": list(prompt.positions), "token_ids": list(prompt.token_ids),
-                        "settled": prompt.settled})
+                if steps["positions"] or delta:
+                    yield reply.chunk(index, delta, extension=steps)
                 continue
             open_rows.discard(index)
             error = rows[index].future.exception()

@@ -48,13 +48,33 @@ class Row:
     spec: RowSpec
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future  # resolves to a RowResult (or a RequestError / exception)
-    # streaming rows get ("step", index, PromptStep) items here; None for plain requests
+    # streaming rows get ("step", index, None) and ("done", index, None) items here; None for plain
+    # requests. A step item says that `unread` holds steps: at most one is queued a row, the steps a
+    # slow reader has not taken yet merge into it, so its memory is bounded by the answer, not the steps
     events: asyncio.Queue | None = None
+    unread: dict | None = None
     arrived: float = attrs.Factory(time.monotonic)
     cancelled: bool = False  # the client is gone: drop the row; a batch of only such rows stops
     # the last step whose event this row's stream received: a row decoded again after its batch
     # failed repeats those steps exactly (decoding is batch-invariant), so they are not sent twice
     steps_sent: int = 0
+
+    def step_event(self, step: int, prompt) -> None:
+        """(On the event loop) a step's PromptStep for the stream: merged into the unread steps."""
+        if self.unread is None:
+            self.unread = {"step": step, "positions": list(prompt.positions), "token_ids": list(prompt.token_ids),
+                           "settled": prompt.settled, "text": prompt.text}
+            self.events.put_nowait(("step", self.spec.index, None))
+        else:
+            self.unread.update(step=step, settled=prompt.settled, text=prompt.text)
+            self.unread["positions"] += prompt.positions
+            self.unread["token_ids"] += prompt.token_ids
+
+    def take_steps(self) -> dict:
+        """(On the event loop) the steps not read yet, merged: the last step's number, settled length
+        and text, and every position committed since the last read with its token."""
+        unread, self.unread = self.unread, None
+        return unread
 
     def finish(self, value) -> None:
         """Hand the row's RowResult (or error) to its request; a stream also gets a "done" item."""
@@ -223,7 +243,7 @@ class BatchScheduler:
             for row, prompt in zip(batch, event.prompts):
                 if row.events is not None and not row.cancelled and event.step > row.steps_sent:
                     row.steps_sent = event.step
-                    row.deliver(row.events.put_nowait, ("step", row.spec.index, (event.step, prompt)))
+                    row.deliver(row.step_event, event.step, prompt)
 
         self.metrics.batch_size.observe(len(batch))
         started = time.perf_counter()

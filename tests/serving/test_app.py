@@ -77,7 +77,10 @@ def test_streamed_completion_sends_each_step_and_the_same_text(client, reference
     chunks = list(client.completions.create(model="default", prompt=PROMPT, max_tokens=64, stream=True))
     assert "".join(c.choices[0].text for c in chunks) == expected.text[0]
     steps = [c.choices[0].model_extra["dare"] for c in chunks[:-1]]
-    assert [s["step"] for s in steps] == list(range(1, 65))  # one committed token per step
+    # one committed token per step; steps the client had not read yet arrive merged into one chunk
+    numbers = [s["step"] for s in steps]
+    assert numbers == sorted(set(numbers)) and numbers[-1] == 64
+    assert sum(len(s["positions"]) for s in steps) == 64
     committed = {p: t for s in steps for p, t in zip(s["positions"], s["token_ids"])}
     assert committed == dict(enumerate(expected.sequences[0][len(reference.encode(PROMPT)[0]):]))
     settled = [s["settled"] for s in steps]

@@ -108,11 +108,14 @@ def test_a_request_that_breaks_decoding_fails_alone(app, monkeypatch, golden_mod
     for i in (0, 2):
         choice = replies[i].json()["choices"][0]
         assert choice["dare"]["token_ids"] == _alone(golden_models, prompts[i]) and choice["dare"]["batch_size"] == 1
-    # the stream had 4 steps from the failed batch; decoded again alone, it goes on from step 5
+    # the stream had 4 steps from the failed batch; decoded again alone, it goes on from step 5: no
+    # step twice (steps the client had not read yet arrive merged into one chunk), every position once
     events = _events(replies[3])
     assert all("error" not in e for e in events)
     steps = [e["choices"][0]["dare"]["step"] for e in events[:-1]]
-    assert steps == list(range(1, 33))
+    assert steps == sorted(set(steps)) and steps[-1] == 32
+    positions = [p for e in events[:-1] for p in e["choices"][0]["dare"]["positions"]]
+    assert sorted(positions) == list(range(32))
     assert events[-1]["choices"][0]["dare"]["token_ids"] == _alone(golden_models, prompts[3])
     # nobody sees another's error
     assert all("cannot decode" not in r.text for r in (replies[0], replies[2], replies[3]))
@@ -249,6 +252,36 @@ def _row_spec(golden_models):
 
     recipe = _served(golden_models).recipe
     return RowSpec(index=0, ids=[5, 6, 7], recipe=recipe, key="k", seed=0)
+
+
+def test_the_steps_a_slow_stream_has_not_read_merge_into_one_item(app, golden_models):
+    """A streaming row whose client reads nothing until its decode ends: its queue holds one step item
+    (every step merged: the last step, every position committed once, in commit order) and the end,
+    not one item a step."""
+    import asyncio
+
+    from dare_pipeline.serving.scheduler import Row
+
+    spec = _row_spec(golden_models)
+
+    async def go():
+        loop = asyncio.get_running_loop()
+        row = Row(spec=spec, loop=loop, future=loop.create_future(), events=asyncio.Queue())
+        app.state.scheduler.submit([row])
+        result = await asyncio.wait_for(row.future, 60)
+        await asyncio.sleep(0.1)  # the worker's last deliveries reach the loop
+        items = [row.events.get_nowait() for _ in range(row.events.qsize())]
+        return result, items, row.take_steps()
+
+    result, items, steps = asyncio.run(go())
+    assert [kind for kind, _, _ in items] == ["step", "done"]
+    gen_length = spec.recipe.generation.gen_length
+    assert steps["step"] == result.nfe and sorted(steps["positions"]) == list(range(gen_length))
+    alone = Pipeline(golden_models["llada"], RECIPE).generate([spec.ids])
+    committed_at = [alone.unmask_step[0][p] for p in steps["positions"]]
+    assert committed_at == sorted(committed_at)  # in the order the steps committed them
+    canvas = alone.sequences[0][len(spec.ids):]
+    assert steps["token_ids"] == [canvas[p] for p in steps["positions"]]
 
 
 def test_an_infinite_batch_window_is_refused_when_the_app_is_made(golden_models):
