@@ -250,7 +250,8 @@ class BatchScheduler:
         try:
             pipe = self._pipeline(batch[0])
             # the step callback (one host read per step) streams, and stops a batch nobody waits for
-            out = pipe.generate([r.spec.ids for r in batch], step_callback=on_step, seeds=[r.spec.seed for r in batch])
+            out = pipe.generate([r.spec.ids for r in batch], step_callback=on_step,
+                                seeds=[r.spec.seed for r in batch])
         except GenerationCancelled as stop:
             self.metrics.cancelled_batches.inc()
             for row in batch:

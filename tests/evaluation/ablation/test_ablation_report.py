@@ -297,7 +297,8 @@ def test_a_speed_up_of_tokens_per_second_measured_otherwise_than_its_baselines_i
     regimes = {g["with"]: g["unlike_timing"] for g in an.additive_gains()}
     assert regimes == {"a": False, "b": True}
     md = markdown(an)
-    rows = {line.split(" | ")[0]: line for line in md.split("## Additive gain")[0].splitlines() if line.startswith("| ")}
+    table = md.split("## Additive gain")[0]
+    rows = {line.split(" | ")[0]: line for line in table.splitlines() if line.startswith("| ")}
     assert "3.00x ‡" in rows["| b"] and "‡" not in rows["| a"]
     assert "‡ its tokens/s measured otherwise than its baseline's" in md
     assert "| b | baseline | 3.00x | - | untimed ‡ |" in md
