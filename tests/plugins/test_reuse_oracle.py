@@ -156,7 +156,7 @@ def _cases():
         yield pytest.param(name, kind, 0.3, family, CAPTURED, id=f"{name}-{family}-0.3-compiled")
 
 
-@pytest.mark.parametrize("name, kind, threshold, family, execution", _cases())
+@pytest.mark.parametrize("name, kind, threshold, family, execution", list(_cases()))
 def test_plugin_logits_equal_the_oracles(name, kind, threshold, family, execution, monkeypatch):
     model = _model(family)
     pipe = Pipeline(model, {"generation": GEN, "execution": execution,
