@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import os
 import sys
 import time
 import traceback
@@ -42,7 +40,7 @@ from pathlib import Path
 
 import torch
 from common import SHAPES, bench_model, bench_prompts
-from gpu_suite import Interrupted, _Alarm, _is_cuda, clock, execution_stats, prompt_vocab
+from gpu_suite import Interrupted, _Alarm, _is_cuda, clock, execution_stats, prompt_vocab, save_record
 
 from dare_pipeline import Pipeline
 
@@ -127,14 +125,7 @@ class Checks:
 
     def write(self, record: dict) -> None:
         self.records.append(record)
-        with open(self.jsonl, "a") as f:
-            f.write(json.dumps(record, default=str) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        md = self.out / "results.md"
-        tmp = md.with_suffix(".md.tmp")
-        tmp.write_text(markdown(self.records, self.args))
-        tmp.replace(md)
+        save_record(self.out, record, markdown(self.records, self.args))
 
 
 def check_recipe(checks: Checks, family: str, recipe: str) -> dict:

@@ -157,6 +157,19 @@ class Interrupted(BaseException):
 
 # ---- measurement helpers -------------------------------------------------------------------------------------
 
+def save_record(out: Path, record: dict, table: str) -> None:
+    """Append `record` to out/results.jsonl (flushed and fsynced: a kill keeps it) and replace
+    out/results.md with `table`."""
+    with open(out / "results.jsonl", "a") as f:
+        f.write(json.dumps(record, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    md = out / "results.md"
+    tmp = md.with_suffix(".md.tmp")
+    tmp.write_text(table)
+    tmp.replace(md)
+
+
 def _is_cuda(device) -> bool:
     return torch.device(device).type == "cuda"
 
@@ -307,14 +320,7 @@ class Suite:
     # -- output --
     def write(self, record: dict) -> None:
         self.records.append(record)
-        with open(self.jsonl, "a") as f:
-            f.write(json.dumps(record, default=str) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        md = self.out / "results.md"
-        tmp = md.with_suffix(".md.tmp")
-        tmp.write_text(markdown(self.records, self.args))
-        tmp.replace(md)
+        save_record(self.out, record, markdown(self.records, self.args))
 
     # -- models and pipelines --
     def model(self, family: str, shape: str):
