@@ -139,13 +139,14 @@ def _number_text(text: str):
 
 
 def structure(cls, data, path: str, source: str):
-    """An instance of attrs class `cls` from mapping `data`; unknown keys and bad values are errors."""
+    """An instance of attrs class `cls` from mapping `data`; unknown keys and bad values are errors.
+    Fields marked `metadata={"internal": True}` are set by the loader, never read from a file."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: {path or 'top level'}: expected a mapping, got {type(data).__name__} {shown(data)}")
     attrs.resolve_types(cls)
-    fields = {f.name: f for f in attrs.fields(cls) if f.init}
+    fields = {f.name: f for f in attrs.fields(cls) if f.init and not f.metadata.get("internal")}
     prefix = f"{path}." if path else ""
     errors, kwargs = [], {}
     for key, value in data.items():  # every key: all mistakes of a file are reported at once

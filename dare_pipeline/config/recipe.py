@@ -86,9 +86,10 @@ class Recipe:
     generation: GenerationConfig = attrs.Factory(GenerationConfig)
     execution: ExecutionConfig = attrs.Factory(ExecutionConfig)
     plugins: tuple[PluginSpec, ...] = ()
-    source: str = attrs.field(default="<dict>", eq=False)
-    # generation keys set by overrides (--set, --max-tokens), named as such in resolution errors
-    overridden: frozenset[str] = attrs.field(default=frozenset(), eq=False, repr=False)
+    # where the recipe came from, and the generation keys overrides (--set, --max-tokens) set, named
+    # as such in resolution errors: the loader's, not keys of a file
+    source: str = attrs.field(default="<dict>", eq=False, metadata={"internal": True})
+    overridden: frozenset[str] = attrs.field(default=frozenset(), eq=False, repr=False, metadata={"internal": True})
 
     # ---- loading ----------------------------------------------------------------------------
     @classmethod
@@ -263,11 +264,14 @@ def apply_override(data: dict, item: str, source: str) -> None:
         plugins = data.setdefault("plugins", []) or []
         if not isinstance(plugins, list):
             raise _not_a_plugin_list(plugins, source)
-        entry = next((p for p in plugins if isinstance(p, dict) and p.get("name") == parts[1]), None)
-        if entry is None:
+        names = [p if isinstance(p, str) else p.get("name") if isinstance(p, dict) else None for p in plugins]
+        if parts[1] not in names:
             raise ConfigError(f"{source}: --set {key}: the recipe has no plugin {parts[1]!r}; "
-                              f"its plugins: {[p.get('name') for p in plugins if isinstance(p, dict)]}")
-        target, parts = entry, parts[2:]
+                              f"its plugins: {[n for n in names if n is not None]}")
+        at = names.index(parts[1])
+        if isinstance(plugins[at], str):  # a plugin named alone (`- dual_cache`) takes options as a mapping
+            plugins[at] = {"name": plugins[at]}
+        target, parts = plugins[at], parts[2:]
     else:
         target = data
     for part in parts[:-1]:

@@ -17,8 +17,8 @@ The loop in loop.py calls these in this order for one generation:
     dare_generation_end(state)
     dare_report_stats(state)                         -> collected into stats["plugins"]
 
-    dare_generation_abort(state, error)              instead of the end, if anything from
-                                                     dare_generation_start on raised
+    dare_generation_abort(state, error)              if anything from dare_generation_start
+                                                     to dare_report_stats raised
 
 Layer-level behaviour does not go through pluggy (it would cost microseconds per layer per
 step): a plugin returns a reuse.LayerReuse object from dare_layer_reuse and the model calls it.
@@ -93,10 +93,11 @@ def dare_generation_end(state):
 
 @hookspec
 def dare_generation_abort(state, error):
-    """The generation raised `error` at or after dare_generation_start (a plugin, the model, the step
-    budget, KeyboardInterrupt); dare_generation_end and dare_report_stats will not fire. Release what
-    the generation holds (files, progress bars, device memory). It may fire even when this plugin's
-    own dare_generation_start did not run (an earlier plugin's raised); `error` propagates afterwards."""
+    """The generation raised `error` from dare_generation_start to dare_report_stats (a plugin, the
+    model, the step budget, KeyboardInterrupt); the hooks after the one that raised will not fire.
+    Release what the generation holds (files, progress bars, device memory), idempotently: it may fire
+    when this plugin's own dare_generation_start did not run (an earlier plugin's raised) or after its
+    own dare_generation_end ran (another plugin's end or report raised); `error` propagates afterwards."""
 
 
 @hookspec

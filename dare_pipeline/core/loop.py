@@ -28,21 +28,27 @@ def denoise(model, prompts: list[list[int]], gen, hooks, seed: int | list[int] |
     started = time.perf_counter()
     try:
         _denoise_all_blocks(state, hooks)
+        hooks.dare_generation_end(state=state)
+        if model.device.type == "cuda":
+            torch.cuda.synchronize(model.device)
+        state.stats.wall_time_s = time.perf_counter() - started
+        state.stats.steps = state.step
+        state.stats.finish()
+        if executor is not None:
+            state.stats.execution = executor.report()
+        for name, report in _named_reports(hooks, state):
+            state.stats.plugins[name] = report
     except BaseException as error:  # also KeyboardInterrupt: plugins release files, bars, device memory
         _abort(hooks, state, error)
         raise
-
-    hooks.dare_generation_end(state=state)
-    if model.device.type == "cuda":
-        torch.cuda.synchronize(model.device)
-    state.stats.wall_time_s = time.perf_counter() - started
-    state.stats.steps = state.step
-    state.stats.finish()
-    if executor is not None:
-        state.stats.execution = executor.report()
-    for name, report in _named_reports(hooks, state):
-        state.stats.plugins[name] = report
     return state
+
+
+def _why_over_budget(state: DecodeState, budget: int) -> str:
+    if budget < state.steps_per_block:  # a set bound below the schedule: a policy may need every step
+        return (f"it is below the {state.steps_per_block} steps the schedule gives a block (generation.steps / "
+                f"blocks): raise it to at least {state.steps_per_block}, or leave it unset")
+    return "the model keeps proposing the mask token"
 
 
 def _denoise_all_blocks(state: DecodeState, hooks) -> None:
@@ -64,7 +70,7 @@ def _denoise_all_blocks(state: DecodeState, hooks) -> None:
             if state.step_in_block >= budget:
                 raise StepBudgetExceeded(
                     f"block {block} still has {int(state.block_masked().sum())} masked positions after "
-                    f"{budget} forwards (generation.max_steps_per_block); the model keeps proposing the mask token")
+                    f"{budget} forwards (generation.max_steps_per_block); " + _why_over_budget(state, budget))
             hooks.dare_step_start(state=state)
             state.plan = hooks.dare_plan_forward(state=state) or _default_plan(state)
             proposal = _forward_and_propose(state, reuse)

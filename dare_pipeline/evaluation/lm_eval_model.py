@@ -108,6 +108,29 @@ def padding_positions(requests) -> dict[int, int]:
     return pad
 
 
+# plugin numbers whose name says they are a fraction, a rate or a setting (reuse_fraction, threshold,
+# row_budget): averaged over generations, weighted by prompts; `min_...`: the least of any generation;
+# every other number is a count and summed
+_MEAN_WORDS = ("fraction", "ratio", "rate", "mean", "avg", "threshold", "interval")
+
+
+def _is_mean(key: str) -> bool:
+    key = key.lower()
+    return any(w in key for w in _MEAN_WORDS) or key.endswith(("reuse", "row_budget"))
+
+
+def _is_minimum(key: str) -> bool:
+    return key.lower().startswith("min_")
+
+
+def least_values(values: list):
+    """The least of several ranks' or batches' values: dicts key by key (recursively), numbers: their minimum."""
+    if isinstance(values[0], dict):
+        keys = dict.fromkeys(k for v in values for k in (v or {}))
+        return {k: least_values([v[k] for v in values if k in (v or {})]) for k in keys}
+    return min(values)
+
+
 def _merge_values(values: list):
     """Sum numbers; dicts key by key (recursively); anything else: the first rank's."""
     first = values[0]
@@ -127,6 +150,7 @@ class DecodingStats:
     (`_MAX_FIELDS`) are the slowest rank's, since the ranks decode at the same time."""
 
     _MAX_FIELDS = ("decode_time_s", "wall_time_s", "loglikelihood_time_s")
+    _MIN_FIELDS = ("plugin_minima",)  # merged (and resumed from a journal) by their minimum
     _LOCAL_FIELDS = ()  # fields that stay this process's (callables, configs)
 
     requests: int = 0
@@ -138,7 +162,12 @@ class DecodingStats:
     decode_time_s: float = 0.0  # the denoising loops themselves
     decode_cpu_s: float = 0.0  # process CPU time (every thread) over the generate calls
     wall_time_s: float = 0.0  # generate_until batches end to end (tokenizing and decoding text included)
-    plugins: dict = attrs.Factory(dict)  # numeric plugin counters, summed
+    # numeric plugin counters by plugin and name (`plugin_summary` puts them together): counts summed;
+    # fractions and settings as sums weighted by prompts, and those weights; minima
+    plugin_counts: dict = attrs.Factory(dict)
+    plugin_mean_sums: dict = attrs.Factory(dict)
+    plugin_weights: dict = attrs.Factory(dict)
+    plugin_minima: dict = attrs.Factory(dict)
     flops: dict = attrs.Factory(dict)  # FLOPs by operation (reuse/flops.py), from the rows each layer computed
     loglikelihood_requests: int = 0
     loglikelihood_forwards: int = 0  # rows scored by the Monte Carlo estimate (each a full forward)
@@ -154,7 +183,8 @@ class DecodingStats:
         values = {}
         for name in parts[0]:
             column = [p[name] for p in parts]
-            values[name] = max(column) if name in self._MAX_FIELDS else _merge_values(column)
+            values[name] = (max(column) if name in self._MAX_FIELDS else least_values(column) if name in self._MIN_FIELDS
+                            else _merge_values(column))
         return attrs.evolve(self, **values)
 
     def add(self, stats, size: int, wall: float, cpu: float = 0.0) -> None:
@@ -168,10 +198,33 @@ class DecodingStats:
         self.decode_time_s += stats.wall_time_s
         self.wall_time_s += wall
         for name, counters in (stats.plugins or {}).items():
-            mine = self.plugins.setdefault(name, {})
             for key, value in (counters or {}).items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    mine[key] = mine.get(key, 0) + value
+                if not isinstance(value, (int, float)) or isinstance(value, bool):
+                    continue
+                if _is_minimum(key):
+                    least = self.plugin_minima.setdefault(name, {})
+                    least[key] = min(least.get(key, value), value)
+                elif _is_mean(key):
+                    sums = self.plugin_mean_sums.setdefault(name, {})
+                    sums[key] = sums.get(key, 0.0) + value * size
+                    weights = self.plugin_weights.setdefault(name, {})
+                    weights[key] = weights.get(key, 0) + size
+                else:
+                    counts = self.plugin_counts.setdefault(name, {})
+                    counts[key] = counts.get(key, 0) + value
+
+    def plugin_summary(self) -> dict:
+        """The plugins' numbers over the run: counts summed, fractions and settings averaged over
+        generations (weighted by prompts), `min_...` the least."""
+        out: dict = {}
+        for name, counts in self.plugin_counts.items():
+            out.setdefault(name, {}).update(counts)
+        for name, sums in self.plugin_mean_sums.items():
+            for key, total in sums.items():
+                out.setdefault(name, {})[key] = total / self.plugin_weights[name][key]
+        for name, least in self.plugin_minima.items():
+            out.setdefault(name, {}).update(least)
+        return out
 
     def to_dict(self) -> dict:
         n = max(self.requests, 1)
@@ -187,7 +240,7 @@ class DecodingStats:
             "decode_cpu_s": round(self.decode_cpu_s, 6),
             "wall_time_s": round(self.wall_time_s, 6),
             "tokens_per_second": round(self.generated_tokens / self.decode_time_s, 3) if self.decode_time_s else 0.0,
-            "plugins": self.plugins,
+            "plugins": self.plugin_summary(),
             "flops": dict(self.flops),
             "loglikelihood_requests": self.loglikelihood_requests,
             "loglikelihood_forwards": self.loglikelihood_forwards,

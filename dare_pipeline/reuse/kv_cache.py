@@ -5,8 +5,9 @@ A cache plugin subclasses `KVCacheFeeder` (its options have `refresh_every` and 
 implements `dare_plan_forward`; the base class keeps
 the store on, counts per step and reports under the plugin's name: refreshes, partial_forwards
 (forwards that did not feed every column), rows_recomputed and cached_rows_read (key/value rows
-computed by a forward / attended to without being recomputed, summed over layers, forwards and
-prompts; padding is never counted).
+of the columns a forward fed / of those it kept out and attended to from the store, summed over
+layers, forwards and prompts; padding is never counted). They say what the feeder did: a layer-row
+plugin stacked on it (DARE-KV) keeps some fed rows' K/V too, and reports those itself (rows_reused).
 """
 
 from __future__ import annotations

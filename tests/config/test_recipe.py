@@ -59,6 +59,14 @@ def test_unknown_top_level_key(tmp_path):
         Recipe.from_yaml(_write(tmp_path, "name: x\nmodle: default\n"))
 
 
+def test_the_loaders_own_fields_are_not_keys_of_a_file(tmp_path):
+    """`source` and `overridden` are set by the loader: in a file they are unknown keys, not dropped."""
+    with pytest.raises(ConfigError, match=r"r\.yaml: source: unknown key; allowed keys: \[(?!.*'overridden')(?!.*'source')"):
+        Recipe.from_yaml(_write(tmp_path, "source: elsewhere.yaml\n"))
+    with pytest.raises(ConfigError, match=r"r\.yaml: overridden: unknown key"):
+        Recipe.from_yaml(_write(tmp_path, "overridden: [gen_length]\n"))
+
+
 def test_unknown_generation_key(tmp_path):
     with pytest.raises(ConfigError, match=r"r\.yaml: generation\.gen_len: unknown key; allowed keys: .*'gen_length'"):
         Recipe.from_yaml(_write(tmp_path, "generation: {gen_len: 64}\n"))
@@ -127,6 +135,14 @@ def test_set_overrides_by_dotted_path_and_plugin_name():
         Recipe.from_dict({}, overrides=["plugins.nope.threshold=1"])
     with pytest.raises(ConfigError, match="expected KEY.PATH=VALUE"):
         Recipe.from_dict({}, overrides=["generation.steps"])
+
+
+def test_set_reaches_a_plugin_named_alone(tmp_path):
+    """`plugins: [policy_a]` names the plugin without options: --set gives it one."""
+    with registered(PolicyA):
+        recipe = Recipe.from_yaml(_write(tmp_path, "plugins: [policy_a]\n"),
+                                  overrides=["plugins.policy_a.threshold=0.25"])
+    assert recipe.plugins[0].options.threshold == 0.25
 
 
 def test_round_trip_through_dict():

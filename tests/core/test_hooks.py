@@ -197,6 +197,33 @@ def test_a_failing_release_neither_hides_the_error_nor_stops_the_other_releases(
                for note in caught.value.__notes__)
 
 
+class FailingEnd(Plugin):
+    name = "failing_end"
+
+    @hookimpl
+    def dare_generation_end(self, state):
+        raise OSError("cannot write the log")
+
+
+class FailingReport(Plugin):
+    name = "failing_report"
+
+    @hookimpl
+    def dare_report_stats(self, state):
+        raise ValueError("cannot report")
+
+
+@pytest.mark.parametrize("failing, message", [("failing_end", "cannot write the log"),
+                                              ("failing_report", "cannot report")])
+def test_a_failing_end_or_report_aborts_the_generation(failing, message):
+    """A plugin's generation end or report that raises still lets every plugin release what it holds."""
+    with registered(AbortRecorder, FailingEnd, FailingReport):
+        pipe = Pipeline(tiny_model(), {"generation": GEN, "plugins": ["abort_recorder", failing]})
+    with pytest.raises((OSError, ValueError), match=message):
+        pipe.generate([[1, 2, 3]])
+    assert [error for _, error in pipe.plugins[1].aborts] == [message]
+
+
 def test_progress_bar_closes_when_the_generation_aborts():
     import io
 

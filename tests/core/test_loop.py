@@ -115,3 +115,10 @@ def test_step_budget_guard_raises_instead_of_hanging():
     model._head = always_the_mask
     with pytest.raises(StepBudgetExceeded, match="block 0 still has 16 masked positions after 20 forwards"):
         _pipe(model, max_steps_per_block=20).generate([[1, 2, 3]])
+
+
+def test_a_step_budget_below_the_schedule_says_so():
+    """The baseline commits a block over its 16 scheduled steps: a bound of 4 is the cause, not the model."""
+    with pytest.raises(StepBudgetExceeded, match=r"after 4 forwards \(generation.max_steps_per_block\); it is below "
+                                                 r"the 16 steps the schedule gives a block .* at least 16"):
+        _pipe(tiny_model("llada", seed=0), max_steps_per_block=4).generate([[1, 2, 3]])

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -164,16 +165,34 @@ def test_padding_copies_are_found_by_identity():
 
 def test_stats_merge_sums_counts_and_takes_the_slowest_time():
     one = DecodingStats(requests=2, batches=2, nfe_total=64, nfe_request_sum=64, generated_tokens=10,
-                        decode_time_s=1.0, wall_time_s=1.5, plugins={"p": {"hits": 3}})
+                        decode_time_s=1.0, wall_time_s=1.5, plugin_counts={"p": {"hits": 3}},
+                        plugin_minima={"p": {"min_margin": 0.25}})
     two = DecodingStats(requests=1, batches=1, nfe_total=32, nfe_request_sum=32, generated_tokens=7,
-                        decode_time_s=2.0, wall_time_s=2.5, plugins={"p": {"hits": 1, "misses": 2}})
+                        decode_time_s=2.0, wall_time_s=2.5, plugin_counts={"p": {"hits": 1, "misses": 2}},
+                        plugin_minima={"p": {"min_margin": 0.125}})
     merged = one.merged([one.counters(), two.counters()])
     d = merged.to_dict()
     assert (d["requests"], d["batches"], d["nfe_total"], d["generated_tokens"]) == (3, 3, 96, 17)
     assert (d["decode_time_s"], d["wall_time_s"], d["ranks"]) == (2.0, 2.5, 2)
-    assert d["plugins"] == {"p": {"hits": 4, "misses": 2}}
+    assert d["plugins"] == {"p": {"hits": 4, "misses": 2, "min_margin": 0.125}}
     assert d["tokens_per_second"] == round(17 / 2.0, 3)
     assert one.requests == 2  # merged is a copy
+
+
+def test_plugin_numbers_are_summed_averaged_or_least_by_what_they_are():
+    """Over the batches of an eval: counts add up, fractions and settings are averaged per prompt (a
+    reuse fraction summed over 13 batches read above 1), a `min_...` is the least."""
+    stats = DecodingStats()
+    batches = [(2, {"rows_reused": 10, "reuse_fraction": 0.5, "threshold": 0.1, "row_budget": 0.25,
+                    "reused_over_budget": 3, "min_verify_margin": 0.03, "margin_listed": None}),
+               (1, {"rows_reused": 4, "reuse_fraction": 0.8, "threshold": 0.1, "row_budget": 0.25,
+                    "reused_over_budget": 1, "min_verify_margin": 0.01})]
+    for size, report in batches:
+        stats.add(SimpleNamespace(nfe=4, steps=4, total_generated=3, wall_time_s=0.5, plugins={"dare_o": report}),
+                  size, wall=0.5)
+    assert stats.to_dict()["plugins"] == {"dare_o": {
+        "rows_reused": 14, "reuse_fraction": pytest.approx((0.5 * 2 + 0.8) / 3), "threshold": pytest.approx(0.1),
+        "row_budget": pytest.approx(0.25), "reused_over_budget": 4, "min_verify_margin": 0.01}}
 
 
 def test_run_stats_merge_keeps_weighted_means_and_local_fields():

@@ -21,6 +21,7 @@ import logging
 import shutil
 from pathlib import Path
 
+from ..lm_eval_model import least_values
 from .results import append_record, read_records
 
 log = logging.getLogger(__name__)
@@ -65,14 +66,18 @@ def batch_key(contexts: list[str], gen_kwargs) -> str:
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=repr).encode()).hexdigest()
 
 
-def counters_delta(before: dict, after: dict) -> dict:
+def counters_delta(before: dict, after: dict, minima=()) -> dict:
     """What a batch added: `after - before` for numbers, key by key in dicts; other values left out.
     A number the batch brought in is kept though it is 0 (a plugin's reuse fraction of 0 is a value:
-    a run resumed wholly from its journal reports it)."""
+    a run resumed wholly from its journal reports it). Fields named in `minima` hold least values, not
+    sums: they are recorded whole (`add_counters` takes the least)."""
     out = {}
     for name, value in after.items():
         old = before.get(name)
-        if isinstance(value, dict):
+        if name in minima:
+            if value:
+                out[name] = value
+        elif isinstance(value, dict):
             inner = counters_delta(old if isinstance(old, dict) else {}, value)
             if inner:
                 out[name] = inner
@@ -94,10 +99,12 @@ def _plus(value, delta):  # not lm_eval_model._merge_values: that keeps the firs
 
 
 def add_counters(stats, delta: dict) -> None:
-    """Add a recorded batch's counters to `stats` (an attrs stats object); names it lacks are ignored."""
+    """Add a recorded batch's counters to `stats` (an attrs stats object); names it lacks are ignored,
+    those in its `_MIN_FIELDS` keep the least value."""
     for name, d in delta.items():
         if hasattr(stats, name):
-            setattr(stats, name, _plus(getattr(stats, name), d))
+            mine = getattr(stats, name)
+            setattr(stats, name, least_values([mine, d]) if name in stats._MIN_FIELDS else _plus(mine, d))
 
 
 def _entries(directory: Path) -> list[dict]:

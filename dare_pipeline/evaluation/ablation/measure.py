@@ -18,15 +18,6 @@ from ...reuse import flops as flops_mod
 from ..lm_eval_model import DareLM, DecodingStats
 from .journal import BatchJournal, add_counters, batch_key, counters_delta
 
-# plugin numbers whose name says they are a fraction, a rate or a setting (reuse_fraction, threshold,
-# interval): averaged over generations (weighted by prompts); every other number is a count and summed
-_MEAN_WORDS = ("fraction", "ratio", "rate", "mean", "avg", "threshold", "interval")
-
-
-def _is_mean(key: str) -> bool:
-    key = key.lower()
-    return any(w in key for w in _MEAN_WORDS) or key.endswith("reuse")
-
 
 def _is_fraction(key: str) -> bool:
     key = key.lower()
@@ -35,8 +26,7 @@ def _is_fraction(key: str) -> bool:
 
 @attrs.define
 class RunStats(DecodingStats):
-    """DecodingStats plus FLOPs, row counts against fed and full-canvas rows, and plugin counters
-    aggregated per generation (fractions averaged, counts summed)."""
+    """DecodingStats plus FLOPs and row counts against fed and full-canvas rows."""
 
     _LOCAL_FIELDS = ("config", "progress")
 
@@ -48,9 +38,6 @@ class RunStats(DecodingStats):
     rows_fed_layers: int = 0  # rows entering the model x layers
     canvas_rows_layers: int = 0  # full-canvas rows x layers (what plain forwards compute)
     head_rows: int = 0
-    plugin_counts: dict = attrs.Factory(dict)
-    plugin_mean_sums: dict = attrs.Factory(dict)
-    plugin_weights: dict = attrs.Factory(dict)
     resumed_requests: int = 0  # requests whose answers and counters came from the run's journal
 
     def add_generation(self, state) -> None:
@@ -69,32 +56,11 @@ class RunStats(DecodingStats):
 
     def add(self, stats, size: int, wall: float, cpu: float = 0.0) -> None:
         super().add(stats, size, wall, cpu)
-        for name, counters in (stats.plugins or {}).items():
-            for key, value in (counters or {}).items():
-                if not isinstance(value, (int, float)) or isinstance(value, bool):
-                    continue
-                if _is_mean(key):
-                    sums = self.plugin_mean_sums.setdefault(name, {})
-                    sums[key] = sums.get(key, 0.0) + value * size
-                    w = self.plugin_weights.setdefault(name, {})
-                    w[key] = w.get(key, 0) + size
-                else:
-                    counts = self.plugin_counts.setdefault(name, {})
-                    counts[key] = counts.get(key, 0) + value
         self.report_progress()
 
     def report_progress(self) -> None:
         if self.progress is not None:
             self.progress(self.requests, self.requests_expected or None)
-
-    def plugin_summary(self) -> dict:
-        out: dict = {}
-        for name, counts in self.plugin_counts.items():
-            out.setdefault(name, {}).update(counts)
-        for name, sums in self.plugin_mean_sums.items():
-            for key, s in sums.items():
-                out.setdefault(name, {})[key] = s / self.plugin_weights[name][key]
-        return out
 
     def plugin_reuse(self) -> dict:
         """Reuse fractions plugins report (numbers named like a fraction), plus the share of
@@ -167,7 +133,8 @@ class AblationLM(DareLM):
             return recorded["texts"]
         before = copy.deepcopy(self.stats.counters())
         texts = super()._decode_batch(contexts, gen_kwargs, gen, overrides, until)
-        self.journal.add(key, texts, counters_delta(before, self.stats.counters()), self.memory.stop()["peak_bytes"])
+        delta = counters_delta(before, self.stats.counters(), minima=self.stats._MIN_FIELDS)
+        self.journal.add(key, texts, delta, self.memory.stop()["peak_bytes"])
         return texts
 
     def memory_record(self) -> dict:

@@ -136,6 +136,20 @@ def test_counters_add_back_to_what_the_batch_counted():
     assert resumed.plugin_summary() == {"dare_o": {"rows_reused": 7, "reuse_fraction": 0.0}}
 
 
+def test_a_least_value_is_recorded_whole_and_resumes_as_the_least():
+    """A `min_...` plugin number is the least over the run's generations: a journal line keeps the
+    value (a difference of minima means nothing) and a resumed run takes the least of its lines."""
+    stats = RunStats(plugin_minima={"dllm_cache": {"min_verify_margin": 0.25}})
+    before = stats.counters()
+    stats.plugin_minima = {"dllm_cache": {"min_verify_margin": 0.125}}
+    delta = counters_delta(before, stats.counters(), minima=RunStats._MIN_FIELDS)
+    assert delta["plugin_minima"] == {"dllm_cache": {"min_verify_margin": 0.125}}
+    resumed = RunStats()
+    add_counters(resumed, {"plugin_minima": {"dllm_cache": {"min_verify_margin": 0.5}}})
+    add_counters(resumed, delta)
+    assert resumed.plugin_summary() == {"dllm_cache": {"min_verify_margin": 0.125}}
+
+
 def test_a_resumed_run_keeps_the_peak_memory_of_its_earlier_pieces(write_ablation, tmp_path, monkeypatch):
     path = write_ablation(name="peak", limit=2)
     abl = Ablation.from_yaml(path)
