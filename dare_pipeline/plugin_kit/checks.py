@@ -21,7 +21,8 @@ same functions, so there is one contract.
   and two generations with one Pipeline give identical outputs and plugin stats;
 - `check_counted_rows`: the rows the stats count per layer and sub-operation are the rows that
   entered the projections (counting hooks on them), so reported savings are real;
-- `check_batch_invariance`: a batch decodes each prompt exactly as alone;
+- `check_batch_invariance`: a batch decodes each prompt exactly as alone, under the default policy
+  and under every installed decoding policy (where a prompt whose block is done waits for the rest);
 - `check_abort_recovery`: after a generation that raised part-way, the Pipeline decodes as a new one.
 
 A plugin enters every check with its default options, or with what its `contract_options` returns
@@ -284,13 +285,20 @@ def check_counted_rows(name: str, family: str) -> None:
 
 
 def check_batch_invariance(name: str, family: str) -> None:
-    batch = prompts(3)
-    together, _ = _run(family, [entry(name, family)], batch)
-    for i, prompt in enumerate(batch):
-        alone, _ = _run(family, [entry(name, family)], [prompt])
-        assert together.sequences[i] == alone.sequences[0], f"{name}: prompt {i} decodes differently in a batch"
-        assert commit_order(together.unmask_step[i]) == commit_order(alone.unmask_step[0]), \
-            f"{name}: prompt {i} commits in another order in a batch"
+    """Under the default policy, where every prompt finishes a block together, and under every installed
+    decoding policy the plugin stacks on, where a prompt whose block is done waits for the rest of its
+    batch (its rows are fed meanwhile: alone it would not have had those forwards)."""
+    for policy in [None, *sorted({p for f, p in stacks(name) if f is None and p is not None})]:
+        plugins = [entry(p, family) for p in (policy,) if p] + [entry(name, family)]
+        where = f" under {policy}" if policy else ""
+        batch = prompts(3)
+        together, _ = _run(family, plugins, batch)
+        for i, prompt in enumerate(batch):
+            alone, _ = _run(family, plugins, [prompt])
+            assert together.sequences[i] == alone.sequences[0], \
+                f"{name}: prompt {i} decodes differently in a batch{where}"
+            assert commit_order(together.unmask_step[i]) == commit_order(alone.unmask_step[0]), \
+                f"{name}: prompt {i} commits in another order in a batch{where}"
 
 
 def check_abort_recovery(name: str, family: str) -> None:

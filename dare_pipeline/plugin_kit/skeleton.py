@@ -119,6 +119,9 @@ class _AttnReuse(LayerReuse):
             torch.linalg.vector_norm(ref, dim=-1).clamp_min(torch.finfo(h.dtype).tiny)
         reuse = cached & (drift < p.options.threshold)
         running = torch.ones_like(reuse) if call.run is None else call.run  # rows this element runs
+        # a prompt whose block is done only waits for its batch: alone it would not run this forward,
+        # so its rows are reused, neither written nor counted
+        running = running & p.decoding[:, None]
         real = p.real[:, cols] & running  # padding is never counted
         recompute = running & ~reuse
         store.write(REF, layer, cols, h, recompute)  # recomputed rows take h as their reference
@@ -143,6 +146,11 @@ class {cls}(Plugin):
         state.require_store()
         self.real = state.model_rows(state.attention_mask)  # (B, L) bool: not padding
         self.counts = torch.zeros(2, dtype=torch.long, device=self.real.device)  # eligible, reused
+
+    @hookimpl
+    def dare_step_start(self, state):
+        # (B,) which prompts decode this forward (a decoding policy may finish a prompt's block early)
+        self.decoding = torch.tensor(state.unfinished_model_rows, device=self.real.device)
 
     @hookimpl
     def dare_layer_reuse(self, state):
@@ -202,6 +210,19 @@ def test_a_loose_threshold_reuses_attention_rows_and_computes_fewer(family):
     assert 0 < report["rows_reused"] <= report["rows_eligible"]
     rows = out.stats.rows_by_layer()
     assert sum(r["attn"] for r in rows) < sum(r["q"] for r in rows)  # reused rows skipped attention
+
+
+@pytest.mark.parametrize("family", checks.FAMILIES)
+def test_a_prompt_waiting_for_its_batch_is_neither_counted_nor_changed(family):
+    """Threshold decoding finishes some prompts' blocks early; they wait, fed, for the rest of the batch.
+    Each prompt's rows are counted as alone, so the batch's counts are the sum of theirs."""
+    model, batch = checks.model(family), checks.prompts()
+    recipe = {{"generation": checks.GEN, "plugins": ["threshold_decoding", {{"name": "{name}", "threshold": 0.5}}]}}
+    together = Pipeline(model, recipe).generate(batch).stats
+    alone = [Pipeline(model, recipe).generate([prompt]).stats for prompt in batch]
+    assert together.nfe > min(s.nfe for s in alone)  # some prompt waited
+    for key in ("rows_eligible", "rows_reused"):
+        assert together.plugins["{name}"][key] == sum(s.plugins["{name}"][key] for s in alone), key
 '''
 
 

@@ -54,6 +54,9 @@ class _AttnReuse(LayerReuse):
             torch.linalg.vector_norm(ref, dim=-1).clamp_min(torch.finfo(h.dtype).tiny)
         reuse = cached & (drift < p.options.threshold)
         running = torch.ones_like(reuse) if call.run is None else call.run  # rows this element runs
+        # a prompt whose block is done only waits for its batch: alone it would not run this forward,
+        # so its rows are reused, neither written nor counted
+        running = running & p.decoding[:, None]
         real = p.real[:, cols] & running  # padding is never counted
         recompute = running & ~reuse
         store.write(REF, layer, cols, h, recompute)  # recomputed rows take h as their reference
@@ -78,6 +81,11 @@ class InputDrift(Plugin):
         state.require_store()
         self.real = state.model_rows(state.attention_mask)  # (B, L) bool: not padding
         self.counts = torch.zeros(2, dtype=torch.long, device=self.real.device)  # eligible, reused
+
+    @hookimpl
+    def dare_step_start(self, state):
+        # (B,) which prompts decode this forward (a decoding policy may finish a prompt's block early)
+        self.decoding = torch.tensor(state.unfinished_model_rows, device=self.real.device)
 
     @hookimpl
     def dare_layer_reuse(self, state):

@@ -27,3 +27,16 @@ def test_a_loose_threshold_reuses_attention_rows_and_computes_fewer(family):
     assert 0 < report["rows_reused"] <= report["rows_eligible"]
     rows = out.stats.rows_by_layer()
     assert sum(r["attn"] for r in rows) < sum(r["q"] for r in rows)  # reused rows skipped attention
+
+
+@pytest.mark.parametrize("family", checks.FAMILIES)
+def test_a_prompt_waiting_for_its_batch_is_neither_counted_nor_changed(family):
+    """Threshold decoding finishes some prompts' blocks early; they wait, fed, for the rest of the batch.
+    Each prompt's rows are counted as alone, so the batch's counts are the sum of theirs."""
+    model, batch = checks.model(family), checks.prompts()
+    recipe = {"generation": checks.GEN, "plugins": ["threshold_decoding", {"name": "input_drift", "threshold": 0.5}]}
+    together = Pipeline(model, recipe).generate(batch).stats
+    alone = [Pipeline(model, recipe).generate([prompt]).stats for prompt in batch]
+    assert together.nfe > min(s.nfe for s in alone)  # some prompt waited
+    for key in ("rows_eligible", "rows_reused"):
+        assert together.plugins["input_drift"][key] == sum(s.plugins["input_drift"][key] for s in alone), key
