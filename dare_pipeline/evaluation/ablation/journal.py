@@ -66,11 +66,16 @@ def batch_key(contexts: list[str], gen_kwargs) -> str:
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=repr).encode()).hexdigest()
 
 
-def counters_delta(before: dict, after: dict, minima=()) -> dict:
-    """What a batch added: `after - before` for numbers, key by key in dicts; other values left out.
-    A number the batch brought in is kept though it is 0 (a plugin's reuse fraction of 0 is a value:
-    a run resumed wholly from its journal reports it). Fields named in `minima` hold least values, not
-    sums: they are recorded whole (`add_counters` takes the least)."""
+def counters_delta(before: dict, stats) -> dict:
+    """What a batch added to `stats` (an attrs stats object) since its counters were `before`."""
+    return _difference(before, stats.counters(), stats._MIN_FIELDS)
+
+
+def _difference(before: dict, after: dict, minima=()) -> dict:
+    """`after - before` for numbers, key by key in dicts; other values left out. A number the batch
+    brought in is kept though it is 0 (a plugin's reuse fraction of 0 is a value: a run resumed wholly
+    from its journal reports it). Fields named in `minima` hold least values, not sums: they are
+    recorded whole (`add_counters` takes the least)."""
     out = {}
     for name, value in after.items():
         old = before.get(name)
@@ -78,7 +83,7 @@ def counters_delta(before: dict, after: dict, minima=()) -> dict:
             if value:
                 out[name] = value
         elif isinstance(value, dict):
-            inner = counters_delta(old if isinstance(old, dict) else {}, value)
+            inner = _difference(old if isinstance(old, dict) else {}, value)
             if inner:
                 out[name] = inner
         elif isinstance(value, (int, float)) and not isinstance(value, bool):

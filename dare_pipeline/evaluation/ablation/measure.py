@@ -133,7 +133,7 @@ class AblationLM(DareLM):
             return recorded["texts"]
         before = copy.deepcopy(self.stats.counters())
         texts = super()._decode_batch(contexts, gen_kwargs, gen, overrides, until)
-        delta = counters_delta(before, self.stats.counters(), minima=self.stats._MIN_FIELDS)
+        delta = counters_delta(before, self.stats)
         self.journal.add(key, texts, delta, self.memory.stop()["peak_bytes"])
         return texts
 

@@ -121,10 +121,12 @@ def test_counters_add_back_to_what_the_batch_counted():
     before = stats.counters()
     # a plugin's first reuse fraction is 0: a value the delta keeps (else a run resumed wholly from
     # its journal would report no reuse fraction at all)
-    after = dict(before, requests=3, flops={"total": 15.0, "ffn": 4.0, "attn": 1.0}, rows={"q": 5},
-                 plugin_counts={"dare_o": {"rows_reused": 7}}, ranks=1,
-                 plugin_mean_sums={"dare_o": {"reuse_fraction": 0.0}}, plugin_weights={"dare_o": {"reuse_fraction": 1}})
-    delta = counters_delta(before, after)
+    batch = RunStats(requests=3, flops={"total": 15.0, "ffn": 4.0, "attn": 1.0}, rows={"q": 5},
+                     plugin_counts={"dare_o": {"rows_reused": 7}}, ranks=1,
+                     plugin_mean_sums={"dare_o": {"reuse_fraction": 0.0}},
+                     plugin_weights={"dare_o": {"reuse_fraction": 1}})
+    after = batch.counters()
+    delta = counters_delta(before, batch)
     assert delta == {"requests": 1, "flops": {"total": 5.0, "attn": 1.0}, "rows": {"q": 2},
                      "plugin_counts": {"dare_o": {"rows_reused": 7}},
                      "plugin_mean_sums": {"dare_o": {"reuse_fraction": 0.0}},
@@ -142,7 +144,7 @@ def test_a_least_value_is_recorded_whole_and_resumes_as_the_least():
     stats = RunStats(plugin_minima={"dllm_cache": {"min_verify_margin": 0.25}})
     before = stats.counters()
     stats.plugin_minima = {"dllm_cache": {"min_verify_margin": 0.125}}
-    delta = counters_delta(before, stats.counters(), minima=RunStats._MIN_FIELDS)
+    delta = counters_delta(before, stats)
     assert delta["plugin_minima"] == {"dllm_cache": {"min_verify_margin": 0.125}}
     resumed = RunStats()
     add_counters(resumed, {"plugin_minima": {"dllm_cache": {"min_verify_margin": 0.5}}})
