@@ -78,7 +78,8 @@ def dare_select_commits(state, proposal):
 
 @hookspec
 def dare_step_end(state, committed):
-    """A step ended; `committed` is the bool (B, c) mask of columns committed this step."""
+    """A step ended; `committed` is the bool (B, c) mask of the block columns committed this step
+    (what the policy selected among the candidates)."""
 
 
 @hookspec

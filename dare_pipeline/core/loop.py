@@ -79,7 +79,7 @@ def _denoise_all_blocks(state: DecodeState, hooks) -> None:
                 committed[:, 0] = True
             else:
                 committed = hooks.dare_select_commits(state=state, proposal=proposal)
-            _commit(state, proposal, committed)
+            committed = _commit(state, proposal, committed)
             state.step += 1
             state.step_in_block += 1
             hooks.dare_step_end(state=state, committed=committed)
@@ -143,7 +143,9 @@ def _prediction_rows(shifted: bool, cols: slice, fed: slice, device) -> torch.Te
     return rows - fed.start
 
 
-def _commit(state: DecodeState, proposal, committed: torch.Tensor) -> None:
+def _commit(state: DecodeState, proposal, committed: torch.Tensor) -> torch.Tensor:
+    """Write the selected candidates into the canvas; returns what was committed (a selection may
+    name a column that is no candidate: the block head of a row already filled with EOS)."""
     if committed is None:
         raise RuntimeError("no plugin answered dare_select_commits (no decoding policy registered)")
     committed = committed & proposal.candidates
@@ -152,6 +154,7 @@ def _commit(state: DecodeState, proposal, committed: torch.Tensor) -> None:
     answer = slice(cols.start - state.prompt_end, cols.stop - state.prompt_end)
     state.unmask_step[:, answer] = torch.where(committed, state.step + 1, state.unmask_step[:, answer])
     state.stats.record_commits(committed.sum(-1))  # on the device; read once when the generation ends
+    return committed
 
 
 def _abort(hooks, state: DecodeState, error: BaseException) -> None:

@@ -35,8 +35,9 @@ class MostConfidentThenStop(Plugin):
         self.filled += int(state.fill_after_stop().sum())
 
 
-def _eos_model(column: int | None):
-    """A tiny model whose first-block forwards propose EOS at answer `column` above everything."""
+def _eos_model(column: int | None, rows=slice(None)):
+    """A tiny model whose first-block forwards propose EOS at answer `column` above everything (in
+    the batch rows `rows`)."""
     model = tiny_model("llada", seed=2)
     eos = model.config.eos_token_id
     original = model.lm_head.forward
@@ -44,7 +45,7 @@ def _eos_model(column: int | None):
     def head(hidden):
         logits = original(hidden).clone()
         if column is not None and logits.shape[1] == 8:  # the block's 8 rows (the loop's LM-head rows)
-            logits[:, column, eos] = 100.0
+            logits[rows, column, eos] = 100.0
         return logits
 
     model.lm_head.forward = head
@@ -78,3 +79,41 @@ def test_without_a_committed_stop_nothing_changes():
     eos = model.config.eos_token_id
     assert policy.filled == 0 and out.stats.nfe == GEN["gen_length"]
     assert all(eos not in seq[len(p):] for seq, p in zip(out.sequences, PROMPTS))
+
+
+class CommitWatcher(Plugin):
+    """Records, for every step, the columns dare_step_end was told were committed that were not
+    masked when the step began."""
+
+    name = "commit_watcher"
+
+    @hookimpl
+    def dare_generation_start(self, state):
+        self.phantom, self.told = [], 0
+
+    @hookimpl
+    def dare_step_start(self, state):
+        self.masked = state.masked[:, state.block_columns].clone()
+
+    @hookimpl
+    def dare_step_end(self, state, committed):
+        self.phantom.append((committed & ~self.masked).nonzero().tolist())
+        self.told += int(committed.sum())
+
+
+def test_step_end_is_told_only_what_was_committed():
+    """A row filled with EOS early waits for its batch; the next block's head commit (prefix cache's
+    `head_commit: on`) selects column 0 of every row, but that row has nothing to commit there."""
+    model = _eos_model(column=2, rows=slice(0, 1))
+    recipe = {"generation": GEN, "plugins": ["most_confident_then_stop", "commit_watcher",
+                                             {"name": "prefix_cache", "head_commit": "on"}]}
+    with registered(MostConfidentThenStop, CommitWatcher):
+        pipe = Pipeline(model, Recipe.from_dict(recipe))
+        out = pipe.generate(PROMPTS)
+    watcher = next(p for p in pipe.plugins if p.name == "commit_watcher")
+    eos_step = out.unmask_step[0][2]
+    assert out.sequences[0][len(PROMPTS[0]) + 2:] == [model.config.eos_token_id] * (GEN["gen_length"] - 2)
+    assert out.unmask_step[0][3:] == [eos_step] * (GEN["gen_length"] - 3)  # filled by the forward at the stop
+    assert model.config.eos_token_id not in out.sequences[1][len(PROMPTS[1]):]  # decoded to the end
+    assert watcher.phantom == [[]] * out.stats.nfe
+    assert watcher.told == 3 + GEN["gen_length"]  # row 0 to its stop, row 1 everything
