@@ -131,6 +131,12 @@ def least_values(values: list):
     return min(values)
 
 
+def _add_to(table: dict, name: str, key: str, value) -> None:
+    """table[name][key] += value, both levels created on first use."""
+    row = table.setdefault(name, {})
+    row[key] = row.get(key, 0) + value
+
+
 def _merge_values(values: list):
     """Sum numbers; dicts key by key (recursively); anything else: the first rank's."""
     first = values[0]
@@ -205,13 +211,10 @@ class DecodingStats:
                     least = self.plugin_minima.setdefault(name, {})
                     least[key] = min(least.get(key, value), value)
                 elif _is_mean(key):
-                    sums = self.plugin_mean_sums.setdefault(name, {})
-                    sums[key] = sums.get(key, 0.0) + value * size
-                    weights = self.plugin_weights.setdefault(name, {})
-                    weights[key] = weights.get(key, 0) + size
+                    _add_to(self.plugin_mean_sums, name, key, value * size)
+                    _add_to(self.plugin_weights, name, key, size)
                 else:
-                    counts = self.plugin_counts.setdefault(name, {})
-                    counts[key] = counts.get(key, 0) + value
+                    _add_to(self.plugin_counts, name, key, value)
 
     def plugin_summary(self) -> dict:
         """The plugins' numbers over the run: counts summed, fractions and settings averaged over
